@@ -1,0 +1,202 @@
+//! Model architecture: the presets and the JSON form saved beside every checkpoint.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Architecture of a selective-SSM + MoE language model (DESIGN.md section 2).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Preset this config started from (informational).
+    pub preset: String,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    /// SSM state size N per channel.
+    pub d_state: usize,
+    /// Causal depthwise convolution width.
+    pub d_conv: usize,
+    /// d_inner = expand * d_model.
+    pub expand: usize,
+    /// Rank of the dt projection.
+    pub dt_rank: usize,
+    pub n_experts: usize,
+    pub top_k: usize,
+    /// Hidden width of each SwiGLU expert.
+    pub expert_hidden: usize,
+    /// Indices of the layers that carry an MoE feed-forward after the mixer.
+    pub moe_layers: Vec<usize>,
+    /// Training context length (the recurrent step has no limit).
+    pub context: usize,
+    pub norm_eps: f64,
+}
+
+impl ModelConfig {
+    pub const PRESETS: [&'static str; 4] = ["tiny", "micro", "small", "medium"];
+
+    /// A named preset: `tiny` is the original Itera-Lite's shape.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (d_model, n_layers, d_state, expert_hidden) = match name {
+            "tiny" => (128, 4, 8, 128),
+            "micro" => (32, 2, 8, 64),
+            "small" => (256, 8, 16, 320),
+            "medium" => (512, 12, 16, 1024),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown preset `{other}`; expected one of {}",
+                    Self::PRESETS.join(", ")
+                )))
+            }
+        };
+        Ok(Self {
+            preset: name.to_string(),
+            vocab_size: 8000,
+            d_model,
+            n_layers,
+            d_state,
+            d_conv: 4,
+            expand: 2,
+            dt_rank: d_model.div_ceil(16),
+            n_experts: 4,
+            top_k: 2,
+            expert_hidden,
+            moe_layers: (0..n_layers).filter(|i| i % 2 == 1).collect(),
+            context: 128,
+            norm_eps: 1e-5,
+        })
+    }
+
+    pub fn d_inner(&self) -> usize {
+        self.expand * self.d_model
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.moe_layers.contains(&layer)
+    }
+
+    /// Checks that the numbers describe a buildable model; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("d_state", self.d_state),
+            ("d_conv", self.d_conv),
+            ("expand", self.expand),
+            ("dt_rank", self.dt_rank),
+            ("context", self.context),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("`{field}` must be > 0")));
+            }
+        }
+        if self.vocab_size > u32::MAX as usize / 2 {
+            return Err(Error::Config(format!(
+                "`vocab_size` {} is absurd",
+                self.vocab_size
+            )));
+        }
+        if !self.moe_layers.is_empty() {
+            if self.n_experts == 0 || self.expert_hidden == 0 {
+                return Err(Error::Config(
+                    "`n_experts` and `expert_hidden` must be > 0 when `moe_layers` is not empty"
+                        .into(),
+                ));
+            }
+            if self.top_k == 0 || self.top_k > self.n_experts {
+                return Err(Error::Config(format!(
+                    "`top_k` must be in 1..={} (n_experts), got {}",
+                    self.n_experts, self.top_k
+                )));
+            }
+        }
+        if let Some(&l) = self.moe_layers.iter().find(|&&l| l >= self.n_layers) {
+            return Err(Error::Config(format!(
+                "`moe_layers` names layer {l} but the model has {} layers",
+                self.n_layers
+            )));
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return Err(Error::Config(format!(
+                "`norm_eps` must be in (0, 1), got {}",
+                self.norm_eps
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("{origin}: not a valid model config: {e}")))?;
+        cfg.validate()
+            .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Parameter count by tensor group, in a stable order (embedding tied with the LM head).
+    pub fn parameter_groups(&self) -> Vec<(String, usize)> {
+        let (d, di, n, r, k) = (
+            self.d_model,
+            self.d_inner(),
+            self.d_state,
+            self.dt_rank,
+            self.d_conv,
+        );
+        let mixer =
+            2 * di * d + di * k + di + di * (r + 2 * n) + r * di + di + di * n + di + d * di;
+        let expert = 3 * d * self.expert_hidden;
+        let moe_count = self.moe_layers.len();
+        vec![
+            ("embedding (tied LM head)".into(), self.vocab_size * d),
+            ("mixer (SSM) x layers".into(), mixer * self.n_layers),
+            ("experts".into(), expert * self.n_experts * moe_count),
+            ("routers".into(), self.n_experts * d * moe_count),
+            ("norms".into(), d * (self.n_layers + moe_count + 1)),
+        ]
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.parameter_groups().iter().map(|(_, n)| n).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_tiny_matches_the_original_shape() {
+        for p in ModelConfig::PRESETS {
+            ModelConfig::preset(p).unwrap().validate().unwrap();
+        }
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        assert_eq!(
+            (tiny.vocab_size, tiny.d_model, tiny.n_layers, tiny.d_state),
+            (8000, 128, 4, 8)
+        );
+        assert_eq!((tiny.n_experts, tiny.top_k, tiny.context), (4, 2, 128));
+        let n = tiny.parameter_count();
+        assert!(
+            (1_500_000..=2_000_000).contains(&n),
+            "tiny has {n} parameters"
+        );
+        let micro = ModelConfig::preset("micro").unwrap().parameter_count();
+        assert!((100_000..=300_000).contains(&micro), "micro has {micro}");
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.top_k = 9;
+        assert!(c.validate().unwrap_err().to_string().contains("top_k"));
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.moe_layers = vec![7];
+        assert!(c.validate().unwrap_err().to_string().contains("moe_layers"));
+        assert!(ModelConfig::preset("huge").is_err());
+        assert!(ModelConfig::from_json("{", "x.json")
+            .unwrap_err()
+            .to_string()
+            .contains("x.json"));
+    }
+}

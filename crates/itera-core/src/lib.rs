@@ -1,0 +1,17 @@
+//! Itera-Lite core: model config, weights, the parallel forward (training, prefill) and the
+//! recurrent step (decoding), checkpoints, tokenizer, sampling, generation and evaluation.
+
+pub mod config;
+pub mod error;
+pub mod loss;
+pub mod model;
+pub mod rng;
+pub mod runtime;
+pub mod scan;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use model::Model;
+pub use runtime::{Runtime, State};
+pub use weights::Weights;

@@ -1,0 +1,164 @@
+//! The parallel forward pass over a batch of sequences, built from candle ops so that it trains.
+//! Decoding uses `runtime::Runtime::step`, which must agree with this to ~1e-5.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::loss::cross_entropy;
+use crate::scan::selective_scan;
+use crate::weights::Weights;
+
+/// A model view over named tensors (plain tensors for inference, `Var`-backed ones for training).
+pub struct Model<'a> {
+    pub cfg: &'a ModelConfig,
+    pub weights: &'a Weights,
+}
+
+/// What a forward pass returns: logits and the MoE load-balancing loss (mean over MoE layers).
+pub struct ForwardOutput {
+    /// [B * T, vocab]
+    pub logits: Tensor,
+    /// Scalar; zero when the model has no MoE layer.
+    pub aux_loss: Tensor,
+}
+
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    candle_nn::ops::rms_norm_slow(x, w, eps as f32)
+}
+
+fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
+    // relu(x) + log(1 + exp(-|x|)): exact and free of overflow.
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+impl<'a> Model<'a> {
+    pub fn new(cfg: &'a ModelConfig, weights: &'a Weights) -> Self {
+        Self { cfg, weights }
+    }
+
+    fn w(&self, name: &str) -> Result<&Tensor> {
+        self.weights.get(name)
+    }
+
+    /// tokens: u32 [B, T] -> logits [B*T, V].
+    pub fn forward(&self, tokens: &Tensor) -> Result<ForwardOutput> {
+        let (b, t) = tokens.dims2()?;
+        let cfg = self.cfg;
+        let embed = self.w("embed.weight")?;
+        let mut x = embed.index_select(&tokens.flatten_all()?, 0)?; // [B*T, d]
+        let mut aux_total = Tensor::zeros((), DType::F32, embed.device())?;
+        for l in 0..cfg.n_layers {
+            let p = format!("layers.{l}");
+            let h = rms_norm(&x, self.w(&format!("{p}.norm.weight"))?, cfg.norm_eps)?;
+            x = (x + self.mixer(&h, b, t, &p)?)?;
+            if cfg.is_moe_layer(l) {
+                let h = rms_norm(&x, self.w(&format!("{p}.moe_norm.weight"))?, cfg.norm_eps)?;
+                let (out, aux) = self.moe(&h, &p)?;
+                x = (x + out)?;
+                aux_total = (aux_total + aux)?;
+            }
+        }
+        let x = rms_norm(&x, self.w("norm_f.weight")?, cfg.norm_eps)?;
+        let logits = linear(&x, embed)?;
+        let aux_loss = (aux_total / cfg.moe_layers.len().max(1) as f64)?;
+        Ok(ForwardOutput { logits, aux_loss })
+    }
+
+    /// Mean next-token cross-entropy of `targets` [B, T] plus the aux loss, from one forward.
+    pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = self.forward(inputs)?;
+        let ce = cross_entropy(&out.logits, &targets.flatten_all()?)?;
+        Ok((ce, out.aux_loss))
+    }
+
+    /// Mamba-1 mixer on h [B*T, d] -> [B*T, d].
+    fn mixer(&self, h: &Tensor, b: usize, t: usize, p: &str) -> Result<Tensor> {
+        let cfg = self.cfg;
+        let (di, n, r, k) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank, cfg.d_conv);
+        let w = |s: &str| self.w(&format!("{p}.mixer.{s}"));
+        let xz = linear(h, w("in_proj.weight")?)?; // [BT, 2Di]
+        let xs = xz.narrow(1, 0, di)?.reshape((b, t, di))?;
+        let z = xz.narrow(1, di, di)?;
+        // Causal depthwise conv: out_t = bias + sum_j w[:, j] * x_{t - (k-1) + j}.
+        let conv_w = w("conv.weight")?;
+        let padded = xs.pad_with_zeros(1, k - 1, 0)?;
+        let mut conv = w("conv.bias")?.broadcast_as((b, t, di))?.contiguous()?;
+        for j in 0..k {
+            let tap = conv_w.narrow(1, j, 1)?.squeeze(1)?;
+            conv = (conv + padded.narrow(1, j, t)?.broadcast_mul(&tap)?)?;
+        }
+        let xc = conv.silu()?; // [B, T, Di]
+        let xc2 = xc.reshape((b * t, di))?;
+        let dbc = linear(&xc2, w("x_proj.weight")?)?; // [BT, R + 2N]
+        let dt_low = dbc.narrow(1, 0, r)?;
+        let bc = dbc.narrow(1, r, 2 * n)?.reshape((b, t, 2 * n))?;
+        let dt =
+            softplus(&linear(&dt_low, w("dt_proj.weight")?)?.broadcast_add(w("dt_proj.bias")?)?)?;
+        let a = w("A_log")?.exp()?.neg()?;
+        let y = selective_scan(&xc, &dt.reshape((b, t, di))?, &bc, &a)?.reshape((b * t, di))?;
+        let y = (y + xc2.broadcast_mul(w("D")?)?)?;
+        let y = (y * z.silu()?)?;
+        Ok(linear(&y, w("out_proj.weight")?)?)
+    }
+
+    /// Top-k MoE of SwiGLU experts on h [N, d]; returns (output [N, d], load-balancing loss).
+    fn moe(&self, h: &Tensor, p: &str) -> Result<(Tensor, Tensor)> {
+        let cfg = self.cfg;
+        let (n_tok, e_count, k) = (h.dim(0)?, cfg.n_experts, cfg.top_k);
+        let router = self.w(&format!("{p}.moe.router.weight"))?;
+        let probs = candle_nn::ops::softmax(&linear(h, router)?, D::Minus1)?; // [N, E]
+        let probs_v = probs.to_vec2::<f32>()?;
+        let mut mask = vec![0f32; n_tok * e_count];
+        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+        for (i, row) in probs_v.iter().enumerate() {
+            for e in top_k(row, k) {
+                mask[i * e_count + e] = 1.0;
+                routed[e].push(i as u32);
+            }
+        }
+        let mask = Tensor::from_vec(mask, (n_tok, e_count), h.device())?;
+        let gated = (&probs * &mask)?;
+        let gates = gated.broadcast_div(&gated.sum_keepdim(1)?)?;
+        let mut out = h.zeros_like()?;
+        for (e, idx) in routed.iter().enumerate() {
+            if idx.is_empty() {
+                continue;
+            }
+            let idx_t = Tensor::new(idx.as_slice(), h.device())?;
+            let xe = h.index_select(&idx_t, 0)?;
+            let ep = format!("{p}.moe.experts.{e}");
+            let g = linear(&xe, self.w(&format!("{ep}.gate.weight"))?)?.silu()?;
+            let u = linear(&xe, self.w(&format!("{ep}.up.weight"))?)?;
+            let ye = linear(&(g * u)?, self.w(&format!("{ep}.down.weight"))?)?;
+            let ge = gates.index_select(&idx_t, 0)?.narrow(1, e, 1)?;
+            out = out.index_add(&idx_t, &ye.broadcast_mul(&ge)?, 0)?;
+        }
+        // Switch load balancing: E * sum_e f_e * P_e, f_e = share of routed slots, P_e = mean prob.
+        let f: Vec<f32> = routed
+            .iter()
+            .map(|r| r.len() as f32 / (n_tok * k) as f32)
+            .collect();
+        let f = Tensor::from_vec(f, e_count, h.device())?;
+        let p_mean = probs.mean(0)?;
+        let aux = ((p_mean * f)?.sum_all()? * e_count as f64)?;
+        Ok((out, aux))
+    }
+}
+
+/// Indices of the k largest values, largest first; ties go to the lower index.
+pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| {
+        values[b]
+            .partial_cmp(&values[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx
+}

@@ -15,3 +15,13 @@ pub use error::{Error, Result};
 pub use model::Model;
 pub use runtime::{Runtime, State};
 pub use weights::Weights;
+pub mod checkpoint;
+pub mod eval;
+pub mod generate;
+pub mod sample;
+pub mod tokenizer;
+
+pub use checkpoint::ModelDir;
+pub use generate::Generator;
+pub use sample::SamplingParams;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,61 @@
+//! Held-out evaluation: mean NLL per token, perplexity, bits per byte, PTB word-level perplexity.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::loss::log_sum_exp;
+use crate::runtime::Runtime;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub tokens: usize,
+    pub bytes: usize,
+    pub words: usize,
+    pub lines: usize,
+    /// Mean negative log-likelihood per token, in nats.
+    pub mean_nll: f64,
+    pub token_perplexity: f64,
+    pub bits_per_byte: f64,
+    /// exp(total NLL / (words + lines)): PTB's convention, one end-of-sentence per line.
+    pub word_perplexity: f64,
+}
+
+/// Scores every token of `text` with the full preceding context (the recurrent state carries it all).
+/// The first token is conditioned on a newline, the boundary every line of a corpus follows.
+pub fn evaluate(
+    runtime: &Runtime,
+    tokenizer: &Tokenizer,
+    text: &str,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<EvalReport> {
+    if text.trim().is_empty() {
+        return Err(Error::Argument("evaluation text is empty".into()));
+    }
+    let ids = tokenizer.encode(text)?;
+    let start = tokenizer.encode("\n")?;
+    let (mut state, mut scratch) = (runtime.new_state(), runtime.new_scratch());
+    runtime.prefill(&start, &mut state, &mut scratch)?;
+    let mut total = 0.0f64;
+    for (i, &id) in ids.iter().enumerate() {
+        total += (log_sum_exp(&scratch.logits) - scratch.logits[id as usize]) as f64;
+        runtime.step(id, &mut state, &mut scratch)?;
+        if i % 1024 == 0 {
+            progress(i, ids.len());
+        }
+    }
+    progress(ids.len(), ids.len());
+    let words = text.split_whitespace().count();
+    let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
+    let mean_nll = total / ids.len() as f64;
+    Ok(EvalReport {
+        tokens: ids.len(),
+        bytes: text.len(),
+        words,
+        lines,
+        mean_nll,
+        token_perplexity: mean_nll.exp(),
+        bits_per_byte: total / (text.len() as f64 * std::f64::consts::LN_2),
+        word_perplexity: (total / (words + lines) as f64).exp(),
+    })
+}

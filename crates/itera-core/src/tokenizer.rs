@@ -1,0 +1,175 @@
+//! Byte-level BPE (the `tokenizers` crate, standard tokenizer.json): loading, training, and a
+//! streaming decoder that never emits half a UTF-8 character.
+
+use std::path::Path;
+
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::{ModelWrapper, TrainerWrapper};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::AddedToken;
+
+use crate::error::{Error, Result};
+
+/// Marks the end of a document; never produced from ordinary text.
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+/// PTB's unknown-word marker, kept as one token.
+pub const UNK: &str = "<unk>";
+
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| Error::Tokenizer(format!("{origin}: not a valid tokenizer.json: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    /// Trains a byte-level BPE of `vocab_size` tokens (specials included) on text files.
+    pub fn train(files: &[String], vocab_size: usize) -> Result<Self> {
+        if vocab_size < 256 + 2 {
+            return Err(Error::Argument(format!(
+                "vocab size {vocab_size} is below the 256 bytes + 2 special tokens"
+            )));
+        }
+        let mut inner = tokenizers::Tokenizer::new(ModelWrapper::BPE(BPE::default()));
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, true, true,
+        ))));
+        inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
+            false, true, true,
+        ))));
+        let mut trainer = TrainerWrapper::BpeTrainer(
+            BpeTrainerBuilder::new()
+                .vocab_size(vocab_size)
+                .min_frequency(2)
+                .show_progress(false)
+                .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+                .special_tokens(vec![
+                    AddedToken::from(END_OF_TEXT, true),
+                    AddedToken::from(UNK, false),
+                ])
+                .build(),
+        );
+        inner
+            .train_from_files(&mut trainer, files.to_vec())
+            .map_err(|e| Error::Tokenizer(format!("training on {files:?} failed: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        crate::checkpoint::write_atomic(path, json.as_bytes())
+    }
+
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encode failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(format!("decode failed: {e}")))
+    }
+}
+
+/// Turns a token stream into text pieces, holding back tokens that end inside a UTF-8 character.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    pending: Vec<u32>,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The text completed by this token, possibly empty.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.pending.push(id);
+        let text = self.tokenizer.decode(&self.pending)?;
+        if text.ends_with('\u{FFFD}') && self.pending.len() < 4 {
+            return Ok(String::new());
+        }
+        self.pending.clear();
+        Ok(text)
+    }
+
+    /// Whatever is still held back (only non-empty if generation stopped mid-character).
+    pub fn finish(&mut self) -> Result<String> {
+        let text = self.tokenizer.decode(&self.pending)?;
+        self.pending.clear();
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small tokenizer trained on a fixed English snippet (shared by tests).
+    pub fn fixture_tokenizer(vocab: usize) -> Tokenizer {
+        let dir = std::env::temp_dir().join(format!("itera-tok-{}-{vocab}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("text.txt");
+        let text =
+            "the cat sat on the mat. <unk> said the dog, héllo wörld — naïve café.\n".repeat(50);
+        std::fs::write(&f, text).unwrap();
+        Tokenizer::train(&[f.display().to_string()], vocab).unwrap()
+    }
+
+    #[test]
+    fn roundtrip_unk_and_streaming_utf8() {
+        let tok = fixture_tokenizer(300);
+        assert!(tok.vocab_size() <= 300);
+        let text = "the cat <unk> sat. naïve café — ok\n";
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+        let unk = tok.token_id(UNK).unwrap();
+        assert_eq!(tok.encode("<unk>").unwrap(), vec![unk]);
+        // Unseen multi-byte characters split into byte tokens; the stream must still be valid UTF-8.
+        let ids = tok.encode("日本").unwrap();
+        assert!(ids.len() > 2);
+        let mut dec = StreamDecoder::new(&tok);
+        let mut out = String::new();
+        for id in ids {
+            out.push_str(&dec.push(id).unwrap());
+        }
+        out.push_str(&dec.finish().unwrap());
+        assert_eq!(out, "日本");
+    }
+}

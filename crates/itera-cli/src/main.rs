@@ -1,1 +1,510 @@
-fn main() {}
+//! `itera`: a thin command line over itera-core and itera-train.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use itera_core::checkpoint::default_model_path;
+use itera_core::eval::evaluate;
+use itera_core::{Generator, ModelConfig, ModelDir, Runtime, SamplingParams, Tokenizer};
+use itera_train::corpora::{self, Event};
+use itera_train::data::{expand_inputs, Corpus};
+use itera_train::{Run, TrainEvent, TrainOptions};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "itera",
+    version,
+    about = "Train, evaluate and run small selective-SSM + MoE language models on a CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and prepare the English corpora (PTB, Brown, SOTU, Shakespeare, Austen) into a folder
+    Data(DataArgs),
+    /// Byte-level BPE tokenizer commands
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Train a model from scratch, or resume a run
+    Train(TrainArgs),
+    /// Generate text from a prompt (streams to stdout)
+    Generate(GenerateArgs),
+    /// Evaluate a model on held-out text: NLL, perplexity, bits per byte
+    Eval(EvalArgs),
+    /// Show a model's or preset's configuration and parameter counts
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// Where the text files go
+    #[arg(long, default_value = "data")]
+    dir: PathBuf,
+    /// Only these corpora (ptb, brown, sotu, shakespeare, austen); default all
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Print the manifest as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE on text files and write tokenizer.json
+    Train {
+        /// Text files or folders of .txt files
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// Vocabulary size, special tokens included
+        #[arg(long, default_value_t = 8000)]
+        vocab: usize,
+        #[arg(long, default_value = "tokenizer.json")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Architecture preset: tiny, micro, small, medium
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// A config.json overriding the preset
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training text files or folders (several allowed)
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Validation text; without it the last --holdout of each training file is held out
+    #[arg(long, num_args = 1..)]
+    valid: Vec<PathBuf>,
+    #[arg(long, default_value_t = 0.02)]
+    holdout: f64,
+    /// tokenizer.json to use; without it a BPE of the model's vocab size is trained on --data
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Total optimizer steps
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Alternatively, passes over the training tokens
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<f64>,
+    /// Run directory (checkpoints, metrics.jsonl, loss.png); default runs/<preset>
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint
+    #[arg(long, conflicts_with_all = ["preset", "config", "tokenizer", "epochs"])]
+    resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Training context in tokens (default: the config's context)
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Peak learning rate
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Weight of the MoE load-balancing loss
+    #[arg(long, default_value_t = 0.01)]
+    aux_weight: f64,
+    #[arg(long, default_value_t = 200)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 64)]
+    eval_windows: usize,
+    #[arg(long, default_value_t = 500)]
+    save_every: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the final validation as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// Model directory (default: the shipped models/itera-lite-tiny)
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn path(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(default_model_path)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0 = all)
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the smallest set of tokens with this much probability
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object instead of streaming text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Held-out text file
+    #[arg(long)]
+    data: PathBuf,
+    /// Also report word-level perplexity (PTB convention: words + one end-of-sentence per line)
+    #[arg(long)]
+    word_level: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Inspect a preset instead of a model
+    #[arg(long, conflicts_with = "model")]
+    preset: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(a) => cmd_data(a),
+        Command::Tokenizer {
+            command: TokenizerCommand::Train { data, vocab, out },
+        } => cmd_tokenizer_train(&data, vocab, &out),
+        Command::Train(a) => cmd_train(a),
+        Command::Generate(a) => cmd_generate(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Inspect(a) => cmd_inspect(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+fn cmd_data(a: DataArgs) -> Result<()> {
+    let pb = bar(corpora::CORPORA.len() as u64, "{bar:30} {pos}/{len} {msg}");
+    let manifest = corpora::prepare(&a.dir, &a.only, |e| match e {
+        Event::Skipped(c) => {
+            pb.println(format!("{:<12} already prepared", c.name));
+            pb.inc(1);
+        }
+        Event::Downloading(c) => pb.set_message(format!(
+            "{}: downloading {} `{}`",
+            c.name, c.registry, c.package
+        )),
+        Event::Extracting(c) => pb.set_message(format!("{}: extracting", c.name)),
+        Event::Done(c, files) => {
+            for (f, s) in files {
+                pb.println(format!(
+                    "{:<12} {f}: {} bytes, {} words, {} lines",
+                    c.name, s.bytes, s.words, s.lines
+                ));
+            }
+            pb.inc(1);
+        }
+    })?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        println!("corpora ready in {}", a.dir.display());
+    }
+    Ok(())
+}
+
+fn as_strings(files: &[PathBuf]) -> Vec<String> {
+    files.iter().map(|p| p.display().to_string()).collect()
+}
+
+fn cmd_tokenizer_train(data: &[PathBuf], vocab: usize, out: &Path) -> Result<()> {
+    let files = expand_inputs(data)?;
+    let t0 = Instant::now();
+    let tok = Tokenizer::train(&as_strings(&files), vocab)?;
+    tok.save(out)?;
+    println!(
+        "trained a {}-token byte-level BPE on {} file(s) in {:.1}s -> {}",
+        tok.vocab_size(),
+        files.len(),
+        t0.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let mut run = if let Some(dir) = &a.resume {
+        let run =
+            Run::resume(dir, a.steps).with_context(|| format!("resuming {}", dir.display()))?;
+        eprintln!(
+            "resuming {} at step {} of {}",
+            dir.display(),
+            run.step(),
+            run.options.steps
+        );
+        run
+    } else {
+        if a.data.is_empty() {
+            bail!("--data is required (text files or folders to train on)");
+        }
+        let mut config = match &a.config {
+            Some(p) => ModelConfig::from_json(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+                &p.display().to_string(),
+            )?,
+            None => ModelConfig::preset(&a.preset)?,
+        };
+        let tokenizer = match &a.tokenizer {
+            Some(p) => Tokenizer::from_file(p)?,
+            None => {
+                eprintln!(
+                    "training a {}-token BPE on the training data...",
+                    config.vocab_size
+                );
+                Tokenizer::train(&as_strings(&expand_inputs(&a.data)?), config.vocab_size)?
+            }
+        };
+        if tokenizer.vocab_size() < config.vocab_size {
+            eprintln!(
+                "note: the tokenizer has {} tokens; the model's vocab shrinks to match",
+                tokenizer.vocab_size()
+            );
+            config.vocab_size = tokenizer.vocab_size();
+        }
+        let mut o = TrainOptions::new(a.data.clone(), a.steps.unwrap_or(1000));
+        o.valid_files = a.valid.clone();
+        o.holdout = a.holdout;
+        o.batch_size = a.batch_size;
+        o.seq_len = a.seq_len.unwrap_or(config.context);
+        o.lr = a.lr;
+        o.warmup = a.warmup;
+        o.optimizer.weight_decay = a.weight_decay;
+        o.optimizer.grad_clip = a.grad_clip;
+        o.aux_weight = a.aux_weight;
+        o.eval_every = a.eval_every;
+        o.eval_windows = a.eval_windows;
+        o.save_every = a.save_every;
+        o.seed = a.seed;
+        let dir = a
+            .run
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&config.preset));
+        Run::create(&dir, config, tokenizer, o)?
+    };
+    eprintln!("tokenizing the training data...");
+    let o = run.options.clone();
+    let corpus = Corpus::load(&run.tokenizer, &o.train_files, &o.valid_files, o.holdout)?;
+    if let Some(epochs) = a.epochs {
+        run.options.steps = ((epochs * corpus.train.len() as f64)
+            / (o.batch_size * o.seq_len) as f64)
+            .ceil()
+            .max(1.0) as usize;
+    }
+    let pb = bar(
+        run.options.steps as u64,
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    );
+    pb.set_position(run.step() as u64);
+    let final_eval = run.train(&corpus, &mut |e| match e {
+        TrainEvent::Start { start_step, total_steps, train_tokens, valid_tokens, parameters } => pb.println(format!(
+            "{parameters} parameters; {train_tokens} training / {valid_tokens} validation tokens; steps {start_step}..{total_steps}"
+        )),
+        TrainEvent::Step(m) => {
+            pb.set_position(m.step as u64);
+            pb.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.ce, m.lr, m.tokens_per_s));
+        }
+        TrainEvent::Eval(e) => pb.println(format!("step {:>6}  val loss {:.4}  val bpb {:.4}", e.step, e.val_loss, e.val_bpb)),
+        TrainEvent::Saved(p) => pb.println(format!("step {:>6}  checkpoint -> {}", run_step_hint(p), p.display())),
+    })?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&final_eval)?);
+    } else {
+        println!(
+            "done: step {} val loss {:.4} val bpb {:.4}; model in {}/checkpoint (best in {}/best)",
+            final_eval.step,
+            final_eval.val_loss,
+            final_eval.val_bpb,
+            run.dir.display(),
+            run.dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_step_hint(p: &Path) -> String {
+    std::fs::read_to_string(p.join("train_state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["step"].as_u64())
+        .map_or_else(|| "?".into(), |s| s.to_string())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let path = a.model.path();
+    let generator =
+        Generator::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let t0 = Instant::now();
+    let mut stream = generator.stream(&a.prompt, a.max_tokens, params)?;
+    let mut text = String::new();
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        write!(out, "{}", a.prompt)?;
+        out.flush()?;
+    }
+    for piece in stream.by_ref() {
+        let piece = piece?;
+        if !a.json {
+            write!(out, "{piece}")?;
+            out.flush()?;
+        }
+        text.push_str(&piece);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let v = json!({"prompt": a.prompt, "text": text, "prompt_tokens": stream.prompt_tokens, "generated_tokens": stream.generated, "seconds": secs});
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let path = a.model.path();
+    let model =
+        ModelDir::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let text = itera_train::data::read_text(&a.data)?;
+    let runtime = Runtime::new(&model.config, &model.weights)?;
+    let pb = bar(
+        1,
+        "{bar:30} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]",
+    );
+    let t0 = Instant::now();
+    let r = evaluate(&runtime, &model.tokenizer, &text, |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = json!(path.display().to_string());
+        v["data"] = json!(a.data.display().to_string());
+        v["tokens_per_s"] = json!(r.tokens as f64 / secs);
+        if !a.word_level {
+            v.as_object_mut().unwrap().remove("word_perplexity");
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("model            {}", path.display());
+        println!(
+            "data             {} ({} bytes, {} tokens)",
+            a.data.display(),
+            r.bytes,
+            r.tokens
+        );
+        println!("mean NLL         {:.4} nats/token", r.mean_nll);
+        println!("token perplexity {:.3}", r.token_perplexity);
+        println!("bits per byte    {:.4}", r.bits_per_byte);
+        if a.word_level {
+            println!(
+                "word perplexity  {:.2}  ({} words + {} end-of-sentence)",
+                r.word_perplexity, r.words, r.lines
+            );
+        }
+        println!("speed            {:.0} tokens/s", r.tokens as f64 / secs);
+    }
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let (config, source, actual) = match &a.preset {
+        Some(p) => (ModelConfig::preset(p)?, format!("preset {p}"), None),
+        None => {
+            let path = a.model.path();
+            let m = ModelDir::load(&path)
+                .with_context(|| format!("loading model {}", path.display()))?;
+            let n = m.weights.parameter_count();
+            (m.config, path.display().to_string(), Some(n))
+        }
+    };
+    let groups = config.parameter_groups();
+    let total = actual.unwrap_or_else(|| config.parameter_count());
+    if a.json {
+        let g: serde_json::Map<String, serde_json::Value> =
+            groups.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"source": source, "config": config, "parameters": total, "groups": g})
+            )?
+        );
+        return Ok(());
+    }
+    println!("{source}");
+    println!(
+        "  d_model {}  layers {}  d_inner {}  d_state {}  dt_rank {}  conv {}  vocab {}  context {}",
+        config.d_model, config.n_layers, config.d_inner(), config.d_state, config.dt_rank, config.d_conv, config.vocab_size, config.context
+    );
+    println!(
+        "  MoE on layers {:?}: {} experts, top-{}, hidden {}",
+        config.moe_layers, config.n_experts, config.top_k, config.expert_hidden
+    );
+    for (name, n) in &groups {
+        println!(
+            "  {name:<28} {n:>10}  {:>5.1}%",
+            100.0 * *n as f64 / total as f64
+        );
+    }
+    println!("  {:<28} {total:>10}", "total");
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! The training loop: batches -> forward -> CE + aux loss -> backward -> clipped AdamW, with
+//! periodic validation, metrics.jsonl, loss.png and atomic checkpoints that resume exactly.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use itera_core::checkpoint::{load_tensors, save_tensors, write_atomic, ModelDir};
+use itera_core::weights::decays;
+use itera_core::{Model, ModelConfig, Tokenizer, Weights};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{batch_at, train_offsets, valid_offsets, Corpus};
+use crate::error::{Error, Result};
+use crate::optim::{learning_rate, AdamW, AdamWConfig};
+use crate::plot::plot_losses;
+
+/// Everything that defines a run besides the model; saved with each checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: usize,
+    /// Weight of the MoE load-balancing loss.
+    pub aux_weight: f64,
+    pub eval_every: usize,
+    /// Validation windows of seq_len tokens per evaluation.
+    pub eval_windows: usize,
+    pub save_every: usize,
+    pub seed: u64,
+    /// Fraction of each training file held out for validation when no valid files are given.
+    pub holdout: f64,
+    pub train_files: Vec<PathBuf>,
+    pub valid_files: Vec<PathBuf>,
+    pub optimizer: AdamWConfig,
+}
+
+impl TrainOptions {
+    pub fn new(train_files: Vec<PathBuf>, steps: usize) -> Self {
+        Self {
+            steps,
+            batch_size: 16,
+            seq_len: 128,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup: 100,
+            aux_weight: 0.01,
+            eval_every: 200,
+            eval_windows: 64,
+            save_every: 500,
+            seed: 1,
+            holdout: 0.02,
+            train_files,
+            valid_files: Vec::new(),
+            optimizer: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                grad_clip: 1.0,
+            },
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Train(m));
+        if self.steps == 0 || self.batch_size == 0 || self.seq_len < 2 {
+            return bad("steps and batch size must be > 0 and seq_len >= 2".into());
+        }
+        if !(self.lr > 0.0 && self.lr < 1.0) {
+            return bad(format!("learning rate must be in (0, 1), got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) || !(0.0..0.5).contains(&self.holdout) {
+            return bad("min_lr_ratio must be in [0, 1] and holdout in [0, 0.5)".into());
+        }
+        if self.eval_every == 0 || self.save_every == 0 {
+            return bad("eval_every and save_every must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Saved beside the weights so `--resume` knows where it stands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainState {
+    step: usize,
+    options: TrainOptions,
+    best_val_loss: Option<f64>,
+    elapsed_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub ce: f64,
+    pub aux: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalMetrics {
+    pub step: usize,
+    pub val_loss: f64,
+    pub val_bpb: f64,
+}
+
+pub enum TrainEvent<'a> {
+    Start {
+        start_step: usize,
+        total_steps: usize,
+        train_tokens: usize,
+        valid_tokens: usize,
+        parameters: usize,
+    },
+    Step(&'a StepMetrics),
+    Eval(&'a EvalMetrics),
+    Saved(&'a Path),
+}
+
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+pub const BEST_DIR: &str = "best";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "train_state.json";
+const METRICS_FILE: &str = "metrics.jsonl";
+
+pub struct Run {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub options: TrainOptions,
+    weights: Weights,
+    opt: AdamW,
+    step: usize,
+    best_val_loss: Option<f64>,
+    elapsed_s: f64,
+}
+
+fn vars_of(weights: &Weights) -> Result<(Weights, BTreeMap<String, Var>)> {
+    let mut vars = BTreeMap::new();
+    let mut tensors = BTreeMap::new();
+    for (name, t) in &weights.tensors {
+        let v = Var::from_tensor(t)?;
+        tensors.insert(name.clone(), v.as_tensor().clone());
+        vars.insert(name.clone(), v);
+    }
+    Ok((Weights { tensors }, vars))
+}
+
+impl Run {
+    /// A new run in `dir` (which must not hold a checkpoint already).
+    pub fn create(
+        dir: &Path,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        options: TrainOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        if dir.join(CHECKPOINT_DIR).exists() {
+            return Err(Error::file(dir, "already holds a checkpoint; use --resume to continue it or choose another run name"));
+        }
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(Error::Train(format!(
+                "tokenizer has {} tokens, the model only {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let init = Weights::init(&config, options.seed)?;
+        let (weights, vars) = vars_of(&init)?;
+        let opt = AdamW::new(options.optimizer.clone(), &vars, decays);
+        let _ = std::fs::remove_file(dir.join(METRICS_FILE));
+        Ok(Self {
+            dir: dir.into(),
+            config,
+            tokenizer,
+            options,
+            weights,
+            opt,
+            step: 0,
+            best_val_loss: None,
+            elapsed_s: 0.0,
+        })
+    }
+
+    /// Continues the run in `dir` from its last checkpoint; `steps` may extend the total.
+    pub fn resume(dir: &Path, steps: Option<usize>) -> Result<Self> {
+        let ck = checkpoint_path(dir)?;
+        let model = ModelDir::load(&ck)?;
+        let state_path = ck.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::file(&state_path, e))?;
+        let state: TrainState = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&state_path, format!("corrupt: {e}")))?;
+        let mut options = state.options;
+        if let Some(s) = steps {
+            options.steps = s;
+        }
+        if options.steps <= state.step {
+            return Err(Error::Train(format!(
+                "run is already at step {} of {}; pass a larger --steps",
+                state.step, options.steps
+            )));
+        }
+        let (weights, vars) = vars_of(&model.weights)?;
+        let mut opt = AdamW::new(options.optimizer.clone(), &vars, decays);
+        let opt_path = ck.join(OPTIMIZER_FILE);
+        opt.load_state(
+            &load_tensors(&opt_path)?,
+            state.step as u64,
+            &opt_path.display().to_string(),
+        )?;
+        let run = Self {
+            dir: dir.into(),
+            config: model.config,
+            tokenizer: model.tokenizer,
+            options,
+            weights,
+            opt,
+            step: state.step,
+            best_val_loss: state.best_val_loss,
+            elapsed_s: state.elapsed_s,
+        };
+        run.truncate_metrics()?;
+        Ok(run)
+    }
+
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Drops metric lines past the checkpoint so a resumed run's log has no duplicates.
+    fn truncate_metrics(&self) -> Result<()> {
+        let path = self.dir.join(METRICS_FILE);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= self.step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())?;
+        Ok(())
+    }
+
+    fn log(&self, value: &impl Serialize) -> Result<()> {
+        let path = self.dir.join(METRICS_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::file(&path, e))?;
+        writeln!(
+            f,
+            "{}",
+            serde_json::to_string(value).expect("metrics serialise")
+        )
+        .map_err(|e| Error::file(&path, e))
+    }
+
+    /// Mean validation cross-entropy over fixed windows (no gradients).
+    pub fn validate(&self, corpus: &Corpus) -> Result<EvalMetrics> {
+        let o = &self.options;
+        let offsets = valid_offsets(corpus.valid.len(), o.seq_len, o.eval_windows);
+        if offsets.is_empty() {
+            return Err(Error::Train(format!(
+                "validation text has {} tokens, fewer than one window of {}",
+                corpus.valid.len(),
+                o.seq_len + 1
+            )));
+        }
+        let detached = Weights {
+            tensors: self
+                .weights
+                .tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), t.detach()))
+                .collect(),
+        };
+        let model = Model::new(&self.config, &detached);
+        let mut total = 0.0;
+        for chunk in offsets.chunks(o.batch_size) {
+            let (x, y) = batch_at(&corpus.valid, chunk, o.seq_len)?;
+            let (ce, _) = model.loss(&x, &y)?;
+            total += ce.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        }
+        let val_loss = total / offsets.len() as f64;
+        let val_bpb = val_loss / (corpus.valid_bytes_per_token * std::f64::consts::LN_2);
+        Ok(EvalMetrics {
+            step: self.step,
+            val_loss,
+            val_bpb,
+        })
+    }
+
+    /// Trains until `options.steps`, reporting through `on_event`; returns the final validation.
+    pub fn train(
+        &mut self,
+        corpus: &Corpus,
+        on_event: &mut dyn FnMut(TrainEvent),
+    ) -> Result<EvalMetrics> {
+        let o = self.options.clone();
+        if corpus.train.len() <= o.seq_len + 1 {
+            return Err(Error::Train(format!(
+                "training text has {} tokens, fewer than one window of {}",
+                corpus.train.len(),
+                o.seq_len + 1
+            )));
+        }
+        if let Some(&bad) = corpus
+            .train
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(Error::Train(format!(
+                "token id {bad} is outside the model's vocab of {}",
+                self.config.vocab_size
+            )));
+        }
+        on_event(TrainEvent::Start {
+            start_step: self.step,
+            total_steps: o.steps,
+            train_tokens: corpus.train.len(),
+            valid_tokens: corpus.valid.len(),
+            parameters: self.weights.parameter_count(),
+        });
+        let started = Instant::now();
+        let base_elapsed = self.elapsed_s;
+        let mut last = None;
+        while self.step < o.steps {
+            let t0 = Instant::now();
+            let offsets = train_offsets(
+                corpus.train.len(),
+                o.seq_len,
+                o.batch_size,
+                o.seed,
+                self.step,
+            );
+            let (x, y) = batch_at(&corpus.train, &offsets, o.seq_len)?;
+            let model = Model::new(&self.config, &self.weights);
+            let (ce, aux) = model.loss(&x, &y)?;
+            let loss = (&ce + (&aux * o.aux_weight)?)?;
+            let grads = loss.backward()?;
+            let lr = learning_rate(self.step, o.steps, o.warmup, o.lr, o.min_lr_ratio);
+            let grad_norm = self.opt.step(&grads, lr)?;
+            self.step += 1;
+            self.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
+            let m = StepMetrics {
+                step: self.step,
+                loss: loss.to_scalar::<f32>()? as f64,
+                ce: ce.to_scalar::<f32>()? as f64,
+                aux: aux.to_scalar::<f32>()? as f64,
+                lr,
+                grad_norm,
+                tokens_per_s: (o.batch_size * o.seq_len) as f64 / t0.elapsed().as_secs_f64(),
+                elapsed_s: self.elapsed_s,
+            };
+            if !m.loss.is_finite() {
+                return Err(Error::Train(format!(
+                    "loss became {} at step {}; lower the learning rate",
+                    m.loss, self.step
+                )));
+            }
+            self.log(&m)?;
+            on_event(TrainEvent::Step(&m));
+            let at_end = self.step == o.steps;
+            if self.step % o.eval_every == 0 || at_end {
+                let e = self.validate(corpus)?;
+                self.log(&e)?;
+                on_event(TrainEvent::Eval(&e));
+                if self.best_val_loss.is_none_or(|b| e.val_loss < b) {
+                    self.best_val_loss = Some(e.val_loss);
+                    self.save_model_to(BEST_DIR, false)?;
+                }
+                self.plot()?;
+                last = Some(e);
+            }
+            if self.step % o.save_every == 0 || at_end {
+                let path = self.save_model_to(CHECKPOINT_DIR, true)?;
+                on_event(TrainEvent::Saved(&path));
+            }
+        }
+        last.map_or_else(|| self.validate(corpus), Ok)
+    }
+
+    /// Writes a model directory (plus optimizer and run state when `full`) under a temporary
+    /// name, then swaps it in: a crash leaves the previous one intact.
+    fn save_model_to(&self, name: &str, full: bool) -> Result<PathBuf> {
+        let final_dir = self.dir.join(name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let old = self.dir.join(format!("{name}.old"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        ModelDir::save(&tmp, &self.config, &self.weights, &self.tokenizer)?;
+        if full {
+            save_tensors(&self.opt.state_tensors()?, &tmp.join(OPTIMIZER_FILE))?;
+            let state = TrainState {
+                step: self.step,
+                options: self.options.clone(),
+                best_val_loss: self.best_val_loss,
+                elapsed_s: self.elapsed_s,
+            };
+            write_atomic(
+                &tmp.join(STATE_FILE),
+                serde_json::to_string_pretty(&state)
+                    .expect("state serialises")
+                    .as_bytes(),
+            )?;
+        }
+        let _ = std::fs::remove_dir_all(&old);
+        if final_dir.exists() {
+            std::fs::rename(&final_dir, &old).map_err(|e| Error::file(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::file(&tmp, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(final_dir)
+    }
+
+    /// Redraws loss.png from metrics.jsonl.
+    pub fn plot(&self) -> Result<()> {
+        let text = std::fs::read_to_string(self.dir.join(METRICS_FILE)).unwrap_or_default();
+        let (mut train, mut valid) = (Vec::new(), Vec::new());
+        for v in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let step = v["step"].as_f64().unwrap_or(0.0);
+            if let Some(l) = v["ce"].as_f64() {
+                train.push((step, l));
+            }
+            if let Some(l) = v["val_loss"].as_f64() {
+                valid.push((step, l));
+            }
+        }
+        // Smooth the noisy per-step loss over a window of ~1% of the run.
+        let w = (train.len() / 100).max(1);
+        let smooth: Vec<(f64, f64)> = train
+            .chunks(w)
+            .map(|c| {
+                (
+                    c[c.len() - 1].0,
+                    c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64,
+                )
+            })
+            .collect();
+        plot_losses(
+            &self.dir.join("loss.png"),
+            &[
+                ("train", [31, 119, 180], smooth),
+                ("valid", [214, 39, 40], valid),
+            ],
+        )
+    }
+
+    /// Snapshot of the current weights as plain tensors (e.g. for a test or an export).
+    pub fn weights(&self) -> Weights {
+        Weights {
+            tensors: self
+                .weights
+                .tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), t.detach()))
+                .collect::<BTreeMap<String, Tensor>>(),
+        }
+    }
+}
+
+/// The run's checkpoint directory, falling back to the previous one if a swap was interrupted.
+pub fn checkpoint_path(dir: &Path) -> Result<PathBuf> {
+    for name in [CHECKPOINT_DIR.to_string(), format!("{CHECKPOINT_DIR}.old")] {
+        let p = dir.join(name);
+        if p.join(STATE_FILE).is_file() {
+            return Ok(p);
+        }
+    }
+    Err(Error::file(
+        dir,
+        "holds no checkpoint to resume (expected checkpoint/train_state.json)",
+    ))
+}

@@ -3,7 +3,9 @@
 
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod loss;
+pub mod math;
 pub mod model;
 pub mod rng;
 pub mod runtime;

@@ -13,8 +13,7 @@ fn rows(logits: &Tensor) -> candle_core::Result<(usize, usize)> {
 /// log(sum(exp(row))) computed stably.
 pub fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-    max + sum.ln()
+    max + crate::math::sum_exp(row, max).ln()
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -73,7 +72,7 @@ impl CustomOp2 for CrossEntropy {
             .for_each(|((gr, row), &tt)| {
                 let lse = log_sum_exp(row);
                 for (o, &x) in gr.iter_mut().zip(row) {
-                    *o = (x - lse).exp() * scale;
+                    *o = crate::math::exp(x - lse) * scale;
                 }
                 gr[tt as usize] -= scale;
             });

@@ -5,8 +5,9 @@ use candle_core::{DType, Tensor, D};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::fused::{causal_conv_silu, rms_norm};
 use crate::loss::cross_entropy;
-use crate::scan::selective_scan;
+use crate::scan::ssm_core;
 use crate::weights::Weights;
 
 /// A model view over named tensors (plain tensors for inference, `Var`-backed ones for training).
@@ -25,15 +26,6 @@ pub struct ForwardOutput {
 
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    candle_nn::ops::rms_norm_slow(x, w, eps as f32)
-}
-
-fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
-    // relu(x) + log(1 + exp(-|x|)): exact and free of overflow.
-    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
 impl<'a> Model<'a> {
@@ -79,30 +71,25 @@ impl<'a> Model<'a> {
     /// Mamba-1 mixer on h [B*T, d] -> [B*T, d].
     fn mixer(&self, h: &Tensor, b: usize, t: usize, p: &str) -> Result<Tensor> {
         let cfg = self.cfg;
-        let (di, n, r, k) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank, cfg.d_conv);
+        let (di, n, r) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank);
         let w = |s: &str| self.w(&format!("{p}.mixer.{s}"));
         let xz = linear(h, w("in_proj.weight")?)?; // [BT, 2Di]
         let xs = xz.narrow(1, 0, di)?.reshape((b, t, di))?;
-        let z = xz.narrow(1, di, di)?;
-        // Causal depthwise conv: out_t = bias + sum_j w[:, j] * x_{t - (k-1) + j}.
-        let conv_w = w("conv.weight")?;
-        let padded = xs.pad_with_zeros(1, k - 1, 0)?;
-        let mut conv = w("conv.bias")?.broadcast_as((b, t, di))?.contiguous()?;
-        for j in 0..k {
-            let tap = conv_w.narrow(1, j, 1)?.squeeze(1)?;
-            conv = (conv + padded.narrow(1, j, t)?.broadcast_mul(&tap)?)?;
-        }
-        let xc = conv.silu()?; // [B, T, Di]
-        let xc2 = xc.reshape((b * t, di))?;
-        let dbc = linear(&xc2, w("x_proj.weight")?)?; // [BT, R + 2N]
-        let dt_low = dbc.narrow(1, 0, r)?;
+        let z = xz.narrow(1, di, di)?.reshape((b, t, di))?;
+        let xc = causal_conv_silu(&xs, w("conv.weight")?, w("conv.bias")?)?; // [B, T, Di]
+        let dbc = linear(&xc.reshape((b * t, di))?, w("x_proj.weight")?)?; // [BT, R + 2N]
+        let dt_raw = linear(&dbc.narrow(1, 0, r)?, w("dt_proj.weight")?)?.reshape((b, t, di))?;
         let bc = dbc.narrow(1, r, 2 * n)?.reshape((b, t, 2 * n))?;
-        let dt =
-            softplus(&linear(&dt_low, w("dt_proj.weight")?)?.broadcast_add(w("dt_proj.bias")?)?)?;
-        let a = w("A_log")?.exp()?.neg()?;
-        let y = selective_scan(&xc, &dt.reshape((b, t, di))?, &bc, &a)?.reshape((b * t, di))?;
-        let y = (y + xc2.broadcast_mul(w("D")?)?)?;
-        let y = (y * z.silu()?)?;
+        let y = ssm_core(
+            &xc,
+            &dt_raw,
+            &z,
+            &bc,
+            w("A_log")?,
+            w("D")?,
+            w("dt_proj.bias")?,
+        )?;
+        let y = y.reshape((b * t, di))?;
         Ok(linear(&y, w("out_proj.weight")?)?)
     }
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::top_k;
-use crate::scan::scan_step;
+use crate::scan::{scan_step, silu, softplus};
 use crate::weights::Weights;
 
 /// y[r] = sum_c w[r, c] * x[c] for a row-major matrix w [rows, x.len()].
@@ -39,16 +39,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = v * inv * g;
     }
-}
-
-#[inline]
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
-}
-
-#[inline]
-fn softplus(v: f32) -> f32 {
-    v.max(0.0) + (-v.abs()).exp().ln_1p()
 }
 
 struct Expert {

@@ -27,7 +27,7 @@ pub fn scan_step(
         let ad = &a[d * n..(d + 1) * n];
         let mut acc = 0.0f32;
         for i in 0..n {
-            let v = (dtd * ad[i]).exp() * hd[i] + dx * b[i];
+            let v = crate::math::exp(dtd * ad[i]) * hd[i] + dx * b[i];
             hd[i] = v;
             acc += c[i] * v;
         }
@@ -35,21 +35,41 @@ pub fn scan_step(
     }
 }
 
-/// Fused scan over `[batch, time]`.
-/// Inputs: `xd` [B, T, 2*Di] = (x, dt) concatenated; `bc` [B, T, 2*N] = (B, C); `a` [Di, N].
-/// Output: y [B, T, Di].
-pub struct SelectiveScan;
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("selective_scan: `{what}` must be f32"),
+        _ => candle_core::bail!("`{what}` must be f32"),
     };
     if !l.is_contiguous() {
-        candle_core::bail!("selective_scan: `{what}` must be contiguous");
+        candle_core::bail!("`{what}` must be contiguous");
     }
     Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
+
+#[inline]
+pub fn softplus(v: f32) -> f32 {
+    v.max(0.0) + (-v.abs()).exp().ln_1p()
+}
+
+#[inline]
+pub fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + crate::math::exp(-v))
+}
+
+#[inline]
+pub fn silu(v: f32) -> f32 {
+    v * sigmoid(v)
+}
+
+/// The whole SSM core of a Mamba mixer between the projections, fused:
+///   dt = softplus(dt_raw + dt_bias); y = scan(x, dt, A = -exp(A_log), B, C) + D * x; out = y * silu(z)
+/// Inputs: `u` [B, T, 3*Di] = (x, dt_raw, z); `bc` [B, T, 2N] = (B, C);
+/// `p` [Di, N + 2] = (A_log, D, dt_bias). Output [B, T, Di].
+pub struct SsmCore;
 
 struct Dims {
     b: usize,
@@ -58,48 +78,72 @@ struct Dims {
     n: usize,
 }
 
-fn dims(xd: &Shape, bc: &Shape, a: &Shape) -> candle_core::Result<Dims> {
-    let (b, t, di2) = xd.dims3()?;
+fn dims(u: &Shape, bc: &Shape, p: &Shape) -> candle_core::Result<Dims> {
+    let (b, t, di3) = u.dims3()?;
     let (b2, t2, n2) = bc.dims3()?;
-    let (di, n) = a.dims2()?;
-    if b2 != b || t2 != t || di2 != 2 * di || n2 != 2 * n {
-        candle_core::bail!("selective_scan: shapes disagree: xd {xd:?}, bc {bc:?}, A {a:?}");
+    let (di, n_plus) = p.dims2()?;
+    if b2 != b || t2 != t || di3 != 3 * di || n_plus < 2 || n2 != 2 * (n_plus - 2) {
+        candle_core::bail!("ssm_core: shapes disagree: u {u:?}, bc {bc:?}, p {p:?}");
     }
-    Ok(Dims { b, t, di, n })
+    Ok(Dims {
+        b,
+        t,
+        di,
+        n: n_plus - 2,
+    })
 }
 
-/// Runs the scan for one sequence; when `states` is given it receives h after every step.
-fn scan_sequence(
-    xd: &[f32],
+/// Unpacks `p` into (A, D, dt_bias).
+fn params(p: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = d.n + 2;
+    let a = (0..d.di * d.n)
+        .map(|k| -p[(k / d.n) * w + k % d.n].exp())
+        .collect();
+    let dd = (0..d.di).map(|i| p[i * w + d.n]).collect();
+    let bias = (0..d.di).map(|i| p[i * w + d.n + 1]).collect();
+    (a, dd, bias)
+}
+
+/// Forward over one sequence. Fills `out`; optionally records h_t, dt_t and the pre-gate y_t.
+#[allow(clippy::too_many_arguments)]
+fn core_sequence(
+    u: &[f32],
     bc: &[f32],
     a: &[f32],
+    d_skip: &[f32],
+    bias: &[f32],
     d: &Dims,
-    y: &mut [f32],
-    mut states: Option<&mut [f32]>,
+    out: &mut [f32],
+    mut record: Option<(&mut [f32], &mut [f32], &mut [f32])>,
 ) {
     let (di, n) = (d.di, d.n);
     let mut h = vec![0.0f32; di * n];
+    let mut dt = vec![0.0f32; di];
+    let mut y = vec![0.0f32; di];
     for t in 0..d.t {
-        let xt = &xd[t * 2 * di..(t + 1) * 2 * di];
+        let ut = &u[t * 3 * di..(t + 1) * 3 * di];
+        let (x, rest) = ut.split_at(di);
+        let (raw, z) = rest.split_at(di);
+        for i in 0..di {
+            dt[i] = softplus(raw[i] + bias[i]);
+        }
         let bct = &bc[t * 2 * n..(t + 1) * 2 * n];
-        scan_step(
-            &xt[..di],
-            &xt[di..],
-            a,
-            &bct[..n],
-            &bct[n..],
-            &mut h,
-            &mut y[t * di..(t + 1) * di],
-        );
-        if let Some(s) = states.as_deref_mut() {
-            s[t * di * n..(t + 1) * di * n].copy_from_slice(&h);
+        scan_step(x, &dt, a, &bct[..n], &bct[n..], &mut h, &mut y);
+        for i in 0..di {
+            y[i] += d_skip[i] * x[i];
+            out[t * di + i] = y[i] * silu(z[i]);
+        }
+        if let Some((hs, dts, ys)) = record.as_mut() {
+            hs[t * di * n..(t + 1) * di * n].copy_from_slice(&h);
+            dts[t * di..(t + 1) * di].copy_from_slice(&dt);
+            ys[t * di..(t + 1) * di].copy_from_slice(&y);
         }
     }
 }
 
-impl CustomOp3 for SelectiveScan {
+impl CustomOp3 for SsmCore {
     fn name(&self) -> &'static str {
-        "selective_scan"
+        "ssm_core"
     }
 
     fn cpu_fwd(
@@ -112,116 +156,146 @@ impl CustomOp3 for SelectiveScan {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = dims(l1.shape(), l2.shape(), l3.shape())?;
-        let (xd, bc, a) = (
-            f32_slice(s1, l1, "xd")?,
+        let (u, bc, p) = (
+            f32_slice(s1, l1, "u")?,
             f32_slice(s2, l2, "bc")?,
-            f32_slice(s3, l3, "A")?,
+            f32_slice(s3, l3, "p")?,
         );
-        let mut y = vec![0.0f32; d.b * d.t * d.di];
-        y.par_chunks_mut(d.t * d.di)
+        let (a, d_skip, bias) = params(p, &d);
+        let mut out = vec![0.0f32; d.b * d.t * d.di];
+        out.par_chunks_mut(d.t * d.di)
             .enumerate()
-            .for_each(|(bi, yb)| {
-                let xb = &xd[bi * d.t * 2 * d.di..(bi + 1) * d.t * 2 * d.di];
+            .for_each(|(bi, ob)| {
+                let ub = &u[bi * d.t * 3 * d.di..(bi + 1) * d.t * 3 * d.di];
                 let bcb = &bc[bi * d.t * 2 * d.n..(bi + 1) * d.t * 2 * d.n];
-                scan_sequence(xb, bcb, a, &d, yb, None);
+                core_sequence(ub, bcb, &a, &d_skip, &bias, &d, ob, None);
             });
-        Ok((CpuStorage::F32(y), Shape::from((d.b, d.t, d.di))))
+        Ok((CpuStorage::F32(out), Shape::from((d.b, d.t, d.di))))
     }
 
     fn bwd(
         &self,
-        xd: &Tensor,
+        u: &Tensor,
         bc: &Tensor,
-        a: &Tensor,
+        p: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = dims(xd.shape(), bc.shape(), a.shape())?;
-        let xd_v = xd.flatten_all()?.to_vec1::<f32>()?;
+        let d = dims(u.shape(), bc.shape(), p.shape())?;
+        let u_v = u.flatten_all()?.to_vec1::<f32>()?;
         let bc_v = bc.flatten_all()?.to_vec1::<f32>()?;
-        let a_v = a.flatten_all()?.to_vec1::<f32>()?;
+        let p_v = p.flatten_all()?.to_vec1::<f32>()?;
         let g_v = grad.flatten_all()?.to_vec1::<f32>()?;
+        let (a, d_skip, bias) = params(&p_v, &d);
         let (t_len, di, n) = (d.t, d.di, d.n);
-        let mut g_xd = vec![0.0f32; xd_v.len()];
+        let mut g_u = vec![0.0f32; u_v.len()];
         let mut g_bc = vec![0.0f32; bc_v.len()];
-        let g_a_parts: Vec<Vec<f32>> = g_xd
-            .par_chunks_mut(t_len * 2 * di)
+        // Per-sequence partial gradients of (A, D, dt_bias), summed afterwards.
+        let parts: Vec<Vec<f32>> = g_u
+            .par_chunks_mut(t_len * 3 * di)
             .zip(g_bc.par_chunks_mut(t_len * 2 * n))
             .enumerate()
-            .map(|(bi, (gx, gbc))| {
-                let xb = &xd_v[bi * t_len * 2 * di..(bi + 1) * t_len * 2 * di];
+            .map(|(bi, (gu, gbc))| {
+                let ub = &u_v[bi * t_len * 3 * di..(bi + 1) * t_len * 3 * di];
                 let bcb = &bc_v[bi * t_len * 2 * n..(bi + 1) * t_len * 2 * n];
-                let gy = &g_v[bi * t_len * di..(bi + 1) * t_len * di];
-                // Recompute the forward states: h_t for every t.
-                let mut states = vec![0.0f32; t_len * di * n];
-                let mut y = vec![0.0f32; t_len * di];
-                scan_sequence(xb, bcb, &a_v, &d, &mut y, Some(&mut states));
+                let gout = &g_v[bi * t_len * di..(bi + 1) * t_len * di];
+                let mut hs = vec![0.0f32; t_len * di * n];
+                let mut dts = vec![0.0f32; t_len * di];
+                let mut ys = vec![0.0f32; t_len * di];
+                let mut out = vec![0.0f32; t_len * di];
+                core_sequence(
+                    ub,
+                    bcb,
+                    &a,
+                    &d_skip,
+                    &bias,
+                    &d,
+                    &mut out,
+                    Some((&mut hs, &mut dts, &mut ys)),
+                );
                 let mut g_a = vec![0.0f32; di * n];
-                // gh carries dL/dh_t backwards through h_{t+1} = a_{t+1} * h_t + ...
+                let mut g_d = vec![0.0f32; di];
+                let mut g_bias = vec![0.0f32; di];
+                // gh carries dL/dh_t backwards through h_{t+1} = decay_{t+1} * h_t + ...
                 let mut gh = vec![0.0f32; di * n];
                 for t in (0..t_len).rev() {
-                    let xt = &xb[t * 2 * di..t * 2 * di + di];
-                    let dtt = &xb[t * 2 * di + di..(t + 1) * 2 * di];
+                    let ut = &ub[t * 3 * di..(t + 1) * 3 * di];
                     let bt = &bcb[t * 2 * n..t * 2 * n + n];
                     let ct = &bcb[t * 2 * n + n..(t + 1) * 2 * n];
-                    let h_t = &states[t * di * n..(t + 1) * di * n];
-                    let gyt = &gy[t * di..(t + 1) * di];
-                    let (gx_t, gdt_t) = gx[t * 2 * di..(t + 1) * 2 * di].split_at_mut(di);
+                    let h_t = &hs[t * di * n..(t + 1) * di * n];
+                    let gut = &mut gu[t * 3 * di..(t + 1) * 3 * di];
                     let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
                     for dd in 0..di {
-                        let (x, dt) = (xt[dd], dtt[dd]);
-                        let (mut gx_acc, mut gdt_acc) = (0.0f32, 0.0f32);
+                        let (x, raw, z) = (ut[dd], ut[di + dd], ut[2 * di + dd]);
+                        let dt = dts[t * di + dd];
+                        let sz = sigmoid(z);
+                        let g_out = gout[t * di + dd];
+                        // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
+                        gut[2 * di + dd] = g_out * ys[t * di + dd] * sz * (1.0 + z * (1.0 - sz));
+                        let gy = g_out * z * sz;
+                        g_d[dd] += gy * x;
+                        let (mut gx_acc, mut gdt_acc) = (gy * d_skip[dd], 0.0f32);
                         for i in 0..n {
                             let k = dd * n + i;
-                            let h_prev = if t > 0 {
-                                states[(t - 1) * di * n + k]
-                            } else {
-                                0.0
-                            };
-                            gc_t[i] += gyt[dd] * h_t[k];
-                            // gh_t = (carried from t+1) + dy_t/dh_t
-                            let g = gh[k] + gyt[dd] * ct[i];
-                            let a_da = a_v[k];
-                            let decay = (dt * a_da).exp();
-                            // h_t = decay * h_prev + dt * B * x
+                            let h_prev = if t > 0 { hs[(t - 1) * di * n + k] } else { 0.0 };
+                            gc_t[i] += gy * h_t[k];
+                            let g = gh[k] + gy * ct[i];
+                            let decay = crate::math::exp(dt * a[k]);
                             let g_decay = g * h_prev * decay; // dL/d(dt*A)
-                            gdt_acc += g_decay * a_da + g * bt[i] * x;
+                            gdt_acc += g_decay * a[k] + g * bt[i] * x;
                             g_a[k] += g_decay * dt;
                             gb_t[i] += g * dt * x;
                             gx_acc += g * dt * bt[i];
                             gh[k] = g * decay;
                         }
-                        gx_t[dd] = gx_acc;
-                        gdt_t[dd] = gdt_acc;
+                        gut[dd] = gx_acc;
+                        let g_raw = gdt_acc * sigmoid(raw + bias[dd]);
+                        gut[di + dd] = g_raw;
+                        g_bias[dd] += g_raw;
                     }
                 }
-                g_a
+                // Pack as p's layout: d/dA_log = d/dA * A.
+                let mut gp = vec![0.0f32; di * (n + 2)];
+                for dd in 0..di {
+                    for i in 0..n {
+                        gp[dd * (n + 2) + i] = g_a[dd * n + i] * a[dd * n + i];
+                    }
+                    gp[dd * (n + 2) + n] = g_d[dd];
+                    gp[dd * (n + 2) + n + 1] = g_bias[dd];
+                }
+                gp
             })
             .collect();
-        let mut g_a = vec![0.0f32; di * n];
-        for part in g_a_parts {
-            for (acc, v) in g_a.iter_mut().zip(part) {
+        let mut g_p = vec![0.0f32; di * (n + 2)];
+        for part in parts {
+            for (acc, v) in g_p.iter_mut().zip(part) {
                 *acc += v;
             }
         }
-        let dev = xd.device();
+        let dev = u.device();
         Ok((
-            Some(Tensor::from_vec(g_xd, xd.shape(), dev)?),
+            Some(Tensor::from_vec(g_u, u.shape(), dev)?),
             Some(Tensor::from_vec(g_bc, bc.shape(), dev)?),
-            Some(Tensor::from_vec(g_a, a.shape(), dev)?),
+            Some(Tensor::from_vec(g_p, p.shape(), dev)?),
         ))
     }
 }
 
-/// y = selective_scan(x, dt, A, B, C) with x, dt [B, T, Di], bc [B, T, 2N], a [Di, N].
-pub fn selective_scan(
+/// out = (scan(x, softplus(dt_raw + dt_bias), -exp(A_log), B, C) + D x) * silu(z).
+/// x, dt_raw, z: [B, T, Di]; bc: [B, T, 2N]; a_log: [Di, N]; d_skip, dt_bias: [Di].
+pub fn ssm_core(
     x: &Tensor,
-    dt: &Tensor,
+    dt_raw: &Tensor,
+    z: &Tensor,
     bc: &Tensor,
-    a: &Tensor,
+    a_log: &Tensor,
+    d_skip: &Tensor,
+    dt_bias: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let xd = Tensor::cat(&[x, dt], 2)?.contiguous()?;
-    xd.apply_op3(&bc.contiguous()?, &a.contiguous()?, SelectiveScan)
+    let u = Tensor::cat(&[x, dt_raw, z], 2)?.contiguous()?;
+    let p =
+        Tensor::cat(&[a_log, &d_skip.unsqueeze(1)?, &dt_bias.unsqueeze(1)?], 1)?.contiguous()?;
+    u.apply_op3(&bc.contiguous()?, &p, SsmCore)
 }
 
 #[cfg(test)]
@@ -230,33 +304,37 @@ mod tests {
     use crate::rng::Rng;
     use candle_core::{Device, Var};
 
-    /// Independent f64 reference of the same recurrence, for finite differences.
-    fn reference_loss(
-        x: &[f64],
-        dt: &[f64],
-        bc: &[f64],
-        a: &[f64],
-        r: &[f64],
+    struct Case {
         b: usize,
         t: usize,
         di: usize,
         n: usize,
-    ) -> f64 {
+    }
+
+    /// Independent f64 reference of the fused computation, for finite differences.
+    /// inputs: [x, raw, z, bc, a_log, d, bias, r]
+    fn reference_loss(v: &[Vec<f64>], c: &Case) -> f64 {
+        let (x, raw, z, bc, a_log, dsk, bias, r) =
+            (&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]);
+        let (n, di) = (c.n, c.di);
+        let sp = |v: f64| (1.0 + v.exp()).ln();
         let mut loss = 0.0;
-        for bi in 0..b {
+        for bi in 0..c.b {
             let mut h = vec![0.0f64; di * n];
-            for ti in 0..t {
+            for ti in 0..c.t {
+                let row = bi * c.t + ti;
                 for d in 0..di {
-                    let idx = (bi * t + ti) * di + d;
+                    let idx = row * di + d;
+                    let dt = sp(raw[idx] + bias[d]);
                     let mut y = 0.0;
                     for i in 0..n {
-                        let bb = bc[(bi * t + ti) * 2 * n + i];
-                        let cc = bc[(bi * t + ti) * 2 * n + n + i];
+                        let a = -a_log[d * n + i].exp();
                         h[d * n + i] =
-                            (dt[idx] * a[d * n + i]).exp() * h[d * n + i] + dt[idx] * bb * x[idx];
-                        y += cc * h[d * n + i];
+                            (dt * a).exp() * h[d * n + i] + dt * bc[row * 2 * n + i] * x[idx];
+                        y += bc[row * 2 * n + n + i] * h[d * n + i];
                     }
-                    loss += y * r[idx];
+                    let zz = z[idx];
+                    loss += (y + dsk[d] * x[idx]) * zz / (1.0 + (-zz).exp()) * r[idx];
                 }
             }
         }
@@ -265,72 +343,84 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let (b, t, di, n) = (2, 7, 3, 4);
+        let c = Case {
+            b: 2,
+            t: 6,
+            di: 3,
+            n: 4,
+        };
         let mut rng = Rng::new(7);
         let mut gen = |len: usize, lo: f64, hi: f64| -> Vec<f64> {
             (0..len).map(|_| lo + (hi - lo) * rng.uniform()).collect()
         };
-        let x = gen(b * t * di, -1.0, 1.0);
-        let dt = gen(b * t * di, 0.05, 0.6);
-        let bc = gen(b * t * 2 * n, -1.0, 1.0);
-        let a = gen(di * n, -2.0, -0.2);
-        let r = gen(b * t * di, -1.0, 1.0);
+        let btd = c.b * c.t * c.di;
+        let inputs = vec![
+            gen(btd, -1.0, 1.0),
+            gen(btd, -2.0, 0.5),
+            gen(btd, -2.0, 2.0),
+            gen(c.b * c.t * 2 * c.n, -1.0, 1.0),
+            gen(c.di * c.n, -1.0, 1.0),
+            gen(c.di, -1.0, 1.0),
+            gen(c.di, -1.0, 1.0),
+            gen(btd, -1.0, 1.0),
+        ];
+        let shapes: Vec<Vec<usize>> = vec![
+            vec![c.b, c.t, c.di],
+            vec![c.b, c.t, c.di],
+            vec![c.b, c.t, c.di],
+            vec![c.b, c.t, 2 * c.n],
+            vec![c.di, c.n],
+            vec![c.di],
+            vec![c.di],
+            vec![c.b, c.t, c.di],
+        ];
         let dev = Device::Cpu;
-        let to_var = |v: &[f64], s: &[usize]| {
-            Var::from_tensor(
-                &Tensor::from_vec(v.iter().map(|&f| f as f32).collect::<Vec<_>>(), s, &dev)
+        let vars: Vec<Var> = inputs
+            .iter()
+            .zip(&shapes)
+            .map(|(v, s)| {
+                Var::from_tensor(
+                    &Tensor::from_vec(
+                        v.iter().map(|&f| f as f32).collect::<Vec<_>>(),
+                        s.as_slice(),
+                        &dev,
+                    )
                     .unwrap(),
-            )
-            .unwrap()
-        };
-        let (xv, dtv) = (to_var(&x, &[b, t, di]), to_var(&dt, &[b, t, di]));
-        let (bcv, av) = (to_var(&bc, &[b, t, 2 * n]), to_var(&a, &[di, n]));
-        let rt = Tensor::from_vec(
-            r.iter().map(|&f| f as f32).collect::<Vec<_>>(),
-            (b, t, di),
-            &dev,
-        )
-        .unwrap();
-        let y = selective_scan(
-            xv.as_tensor(),
-            dtv.as_tensor(),
-            bcv.as_tensor(),
-            av.as_tensor(),
-        )
-        .unwrap();
-        let loss = (y * &rt).unwrap().sum_all().unwrap();
-        let analytic = loss.to_scalar::<f32>().unwrap() as f64;
-        assert!((analytic - reference_loss(&x, &dt, &bc, &a, &r, b, t, di, n)).abs() < 1e-4);
+                )
+                .unwrap()
+            })
+            .collect();
+        let tv: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let out = ssm_core(tv[0], tv[1], tv[2], tv[3], tv[4], tv[5], tv[6]).unwrap();
+        let loss = (out * tv[7]).unwrap().sum_all().unwrap();
+        let value = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (value - reference_loss(&inputs, &c)).abs() < 1e-4,
+            "forward {value}"
+        );
         let grads = loss.backward().unwrap();
         let eps = 1e-6;
-        let mut checked = 0;
-        let inputs: [(&Var, &[f64]); 4] = [(&xv, &x), (&dtv, &dt), (&bcv, &bc), (&av, &a)];
-        for (which, (var, base)) in inputs.iter().enumerate() {
+        for which in 0..7 {
             let g = grads
-                .get(var.as_tensor())
+                .get(tv[which])
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            for i in 0..base.len() {
-                let mut plus = [x.clone(), dt.clone(), bc.clone(), a.clone()];
-                let mut minus = plus.clone();
+            for i in 0..inputs[which].len() {
+                let (mut plus, mut minus) = (inputs.clone(), inputs.clone());
                 plus[which][i] += eps;
                 minus[which][i] -= eps;
-                let fp = reference_loss(&plus[0], &plus[1], &plus[2], &plus[3], &r, b, t, di, n);
-                let fm =
-                    reference_loss(&minus[0], &minus[1], &minus[2], &minus[3], &r, b, t, di, n);
-                let numeric = (fp - fm) / (2.0 * eps);
+                let numeric =
+                    (reference_loss(&plus, &c) - reference_loss(&minus, &c)) / (2.0 * eps);
                 let err = (numeric - g[i] as f64).abs();
                 assert!(
                     err < 1e-3 * (1.0 + numeric.abs()),
                     "input {which} elem {i}: numeric {numeric} analytic {}",
                     g[i]
                 );
-                checked += 1;
             }
         }
-        assert_eq!(checked, 2 * (b * t * di) + b * t * 2 * n + di * n);
     }
 }

@@ -89,6 +89,8 @@ pub struct Corpus {
     pub train: Vec<u32>,
     pub valid: Vec<u32>,
     pub valid_bytes_per_token: f64,
+    /// The held-out text of each training file (file name, text) when no valid files are given.
+    pub heldout: Vec<(String, String)>,
 }
 
 impl Corpus {
@@ -100,6 +102,7 @@ impl Corpus {
         holdout: f64,
     ) -> Result<Self> {
         let (mut tr, mut va, mut va_bytes) = (Vec::new(), Vec::new(), 0usize);
+        let mut heldout = Vec::new();
         for f in expand_inputs(train)? {
             let text = read_text(&f)?;
             if valid.is_empty() {
@@ -109,6 +112,10 @@ impl Corpus {
                 tr.extend(encode_large(tok, &text[..cut])?);
                 va.extend(encode_large(tok, &text[cut..])?);
                 va_bytes += text.len() - cut;
+                let name = f
+                    .file_name()
+                    .map_or_else(|| "text".into(), |n| n.to_string_lossy().to_string());
+                heldout.push((name, text[cut..].to_string()));
             } else {
                 tr.extend(encode_large(tok, &text)?);
             }

@@ -1,0 +1,287 @@
+//! Fused training ops with hand-written backward passes, each replacing a chain of small candle
+//! ops: causal depthwise conv + SiLU, and RMSNorm.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::scan::{f32_slice, sigmoid};
+
+/// out[b, t, d] = silu(bias[d] + sum_j w[d, j] * x[b, t - (K-1) + j, d]), zero before t = 0.
+/// Inputs: x [B, T, Di]; wb [Di, K + 1] = (taps, bias).
+struct CausalConvSilu;
+
+fn conv_pre(x: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, t: usize, d: usize) -> f32 {
+    let mut acc = wb[d * (k + 1) + k];
+    for j in 0..k {
+        if let Some(src) = (t + j).checked_sub(k - 1) {
+            acc += wb[d * (k + 1) + j] * x[src * di + d];
+        }
+    }
+    debug_assert!(t < t_len);
+    acc
+}
+
+impl CustomOp2 for CausalConvSilu {
+    fn name(&self) -> &'static str {
+        "causal_conv_silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t_len, di) = l1.shape().dims3()?;
+        let (di2, k1) = l2.shape().dims2()?;
+        if di2 != di || k1 < 2 {
+            candle_core::bail!(
+                "causal_conv_silu: x {:?} and weights {:?} disagree",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let (x, wb) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "conv weights")?);
+        let mut out = vec![0.0f32; b * t_len * di];
+        out.par_chunks_mut(t_len * di)
+            .enumerate()
+            .for_each(|(bi, ob)| {
+                let xb = &x[bi * t_len * di..(bi + 1) * t_len * di];
+                for t in 0..t_len {
+                    for d in 0..di {
+                        let v = conv_pre(xb, wb, t_len, di, k1 - 1, t, d);
+                        ob[t * di + d] = v * sigmoid(v);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, t_len, di) = x.dims3()?;
+        let k = wb.dim(1)? - 1;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let wv = wb.flatten_all()?.to_vec1::<f32>()?;
+        let gv = grad.flatten_all()?.to_vec1::<f32>()?;
+        let mut gx = vec![0.0f32; xv.len()];
+        let parts: Vec<Vec<f32>> = gx
+            .par_chunks_mut(t_len * di)
+            .enumerate()
+            .map(|(bi, gxb)| {
+                let xb = &xv[bi * t_len * di..(bi + 1) * t_len * di];
+                let gb = &gv[bi * t_len * di..(bi + 1) * t_len * di];
+                let mut gw = vec![0.0f32; di * (k + 1)];
+                for t in 0..t_len {
+                    for d in 0..di {
+                        let v = conv_pre(xb, &wv, t_len, di, k, t, d);
+                        let s = sigmoid(v);
+                        let gpre = gb[t * di + d] * s * (1.0 + v * (1.0 - s));
+                        gw[d * (k + 1) + k] += gpre;
+                        for j in 0..k {
+                            if let Some(src) = (t + j).checked_sub(k - 1) {
+                                gw[d * (k + 1) + j] += gpre * xb[src * di + d];
+                                gxb[src * di + d] += gpre * wv[d * (k + 1) + j];
+                            }
+                        }
+                    }
+                }
+                gw
+            })
+            .collect();
+        let mut gw = vec![0.0f32; di * (k + 1)];
+        for p in parts {
+            for (a, v) in gw.iter_mut().zip(p) {
+                *a += v;
+            }
+        }
+        let _ = b;
+        Ok((
+            Some(Tensor::from_vec(gx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(gw, wb.shape(), wb.device())?),
+        ))
+    }
+}
+
+/// silu(causal depthwise conv(x) + bias); x [B, T, Di], weight [Di, K], bias [Di].
+pub fn causal_conv_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let wb = Tensor::cat(&[weight, &bias.unsqueeze(1)?], 1)?.contiguous()?;
+    x.contiguous()?.apply_op2(&wb, CausalConvSilu)
+}
+
+/// y = x / sqrt(mean(x^2) + eps) * w over the last dim of x [R, d].
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    1.0 / (row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, d) = l1.shape().dims2()?;
+        if l2.shape().dims1()? != d {
+            candle_core::bail!(
+                "rms_norm: x {:?} and weight {:?} disagree",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let (x, w) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "norm weight")?);
+        let mut out = vec![0.0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let r = inv_rms(row, self.eps);
+                for i in 0..d {
+                    o[i] = row[i] * r * w[i];
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = w.dim(0)?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let wv = w.to_vec1::<f32>()?;
+        let gv = grad.flatten_all()?.to_vec1::<f32>()?;
+        let mut gx = vec![0.0f32; xv.len()];
+        let gw = gx
+            .par_chunks_mut(d)
+            .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
+            .fold(
+                || vec![0.0f32; d],
+                |mut gw, (gxr, (row, g))| {
+                    let r = inv_rms(row, self.eps);
+                    // gx = r * (g w - xhat * mean(g w xhat))
+                    let mut dotp = 0.0f32;
+                    for i in 0..d {
+                        let xhat = row[i] * r;
+                        gw[i] += g[i] * xhat;
+                        dotp += g[i] * wv[i] * xhat;
+                    }
+                    let mean = dotp / d as f32;
+                    for i in 0..d {
+                        gxr[i] = r * (g[i] * wv[i] - row[i] * r * mean);
+                    }
+                    gw
+                },
+            )
+            .reduce(
+                || vec![0.0f32; d],
+                |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+            );
+        Ok((
+            Some(Tensor::from_vec(gx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(gw, d, w.device())?),
+        ))
+    }
+}
+
+/// RMSNorm over the last dim of a [rows, d] tensor.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn var(shape: &[usize], seed: u64) -> Var {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor) {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    /// Fused op and candle's composite autograd give the same values and gradients.
+    fn compare(
+        inputs: &[Var],
+        fused: impl Fn(&[&Tensor]) -> Tensor,
+        composite: impl Fn(&[&Tensor]) -> Tensor,
+    ) {
+        let t: Vec<&Tensor> = inputs.iter().map(|v| v.as_tensor()).collect();
+        let r = var(fused(&t).dims(), 99);
+        let (a, b) = (fused(&t), composite(&t));
+        close(&a, &b);
+        let ga = (a * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (b * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in &t {
+            close(ga.get(v).unwrap(), gb.get(v).unwrap());
+        }
+    }
+
+    #[test]
+    fn conv_matches_composite() {
+        let (b, t, di, k) = (2, 7, 5, 4);
+        compare(
+            &[var(&[b, t, di], 1), var(&[di, k], 2), var(&[di], 3)],
+            |v| causal_conv_silu(v[0], v[1], v[2]).unwrap(),
+            |v| {
+                let padded = v[0].pad_with_zeros(1, k - 1, 0).unwrap();
+                let mut acc = v[2].broadcast_as((b, t, di)).unwrap().contiguous().unwrap();
+                for j in 0..k {
+                    let tap = v[1].narrow(1, j, 1).unwrap().squeeze(1).unwrap();
+                    acc = (acc + padded.narrow(1, j, t).unwrap().broadcast_mul(&tap).unwrap())
+                        .unwrap();
+                }
+                acc.silu().unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_composite() {
+        compare(
+            &[var(&[6, 8], 4), var(&[8], 5)],
+            |v| rms_norm(v[0], v[1], 1e-5).unwrap(),
+            |v| candle_nn::ops::rms_norm_slow(v[0], v[1], 1e-5).unwrap(),
+        );
+    }
+}

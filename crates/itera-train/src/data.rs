@@ -131,6 +131,7 @@ impl Corpus {
             valid_bytes_per_token: va_bytes as f64 / va.len().max(1) as f64,
             train: tr,
             valid: va,
+            heldout,
         })
     }
 }

@@ -243,11 +243,20 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     pb
 }
 
+/// A progress line that survives when stderr is not a terminal (indicatif then hides the bar).
+fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
 fn cmd_data(a: DataArgs) -> Result<()> {
     let pb = bar(corpora::CORPORA.len() as u64, "{bar:30} {pos}/{len} {msg}");
     let manifest = corpora::prepare(&a.dir, &a.only, |e| match e {
         Event::Skipped(c) => {
-            pb.println(format!("{:<12} already prepared", c.name));
+            say(&pb, format!("{:<12} already prepared", c.name));
             pb.inc(1);
         }
         Event::Downloading(c) => pb.set_message(format!(
@@ -257,10 +266,13 @@ fn cmd_data(a: DataArgs) -> Result<()> {
         Event::Extracting(c) => pb.set_message(format!("{}: extracting", c.name)),
         Event::Done(c, files) => {
             for (f, s) in files {
-                pb.println(format!(
-                    "{:<12} {f}: {} bytes, {} words, {} lines",
-                    c.name, s.bytes, s.words, s.lines
-                ));
+                say(
+                    &pb,
+                    format!(
+                        "{:<12} {f}: {} bytes, {} words, {} lines",
+                        c.name, s.bytes, s.words, s.lines
+                    ),
+                );
             }
             pb.inc(1);
         }
@@ -375,15 +387,15 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     );
     pb.set_position(run.step() as u64);
     let final_eval = run.train(&corpus, &mut |e| match e {
-        TrainEvent::Start { start_step, total_steps, train_tokens, valid_tokens, parameters } => pb.println(format!(
+        TrainEvent::Start { start_step, total_steps, train_tokens, valid_tokens, parameters } => say(&pb, format!(
             "{parameters} parameters; {train_tokens} training / {valid_tokens} validation tokens; steps {start_step}..{total_steps}"
         )),
         TrainEvent::Step(m) => {
             pb.set_position(m.step as u64);
             pb.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.ce, m.lr, m.tokens_per_s));
         }
-        TrainEvent::Eval(e) => pb.println(format!("step {:>6}  val loss {:.4}  val bpb {:.4}", e.step, e.val_loss, e.val_bpb)),
-        TrainEvent::Saved(p) => pb.println(format!("step {:>6}  checkpoint -> {}", run_step_hint(p), p.display())),
+        TrainEvent::Eval(e) => say(&pb, format!("step {:>6}  val loss {:.4}  val bpb {:.4}", e.step, e.val_loss, e.val_bpb)),
+        TrainEvent::Saved(p) => say(&pb, format!("step {:>6}  checkpoint -> {}", run_step_hint(p), p.display())),
     })?;
     pb.finish_and_clear();
     if a.json {

@@ -313,7 +313,19 @@ impl Run {
         corpus: &Corpus,
         on_event: &mut dyn FnMut(TrainEvent),
     ) -> Result<EvalMetrics> {
+        self.train_until(corpus, self.options.steps, on_event)
+    }
+
+    /// Trains up to `stop_at` (at most `options.steps`) and checkpoints there, as an interrupted
+    /// run would; the schedule still spans `options.steps`, so a resume continues exactly.
+    pub fn train_until(
+        &mut self,
+        corpus: &Corpus,
+        stop_at: usize,
+        on_event: &mut dyn FnMut(TrainEvent),
+    ) -> Result<EvalMetrics> {
         let o = self.options.clone();
+        let stop_at = stop_at.min(o.steps);
         if corpus.train.len() <= o.seq_len + 1 {
             return Err(Error::Train(format!(
                 "training text has {} tokens, fewer than one window of {}",
@@ -341,7 +353,7 @@ impl Run {
         let started = Instant::now();
         let base_elapsed = self.elapsed_s;
         let mut last = None;
-        while self.step < o.steps {
+        while self.step < stop_at {
             let t0 = Instant::now();
             let offsets = train_offsets(
                 corpus.train.len(),
@@ -377,7 +389,7 @@ impl Run {
             }
             self.log(&m)?;
             on_event(TrainEvent::Step(&m));
-            let at_end = self.step == o.steps;
+            let at_end = self.step == stop_at;
             if self.step % o.eval_every == 0 || at_end {
                 let e = self.validate(corpus)?;
                 self.log(&e)?;
@@ -490,4 +502,83 @@ pub fn checkpoint_path(dir: &Path) -> Result<PathBuf> {
         dir,
         "holds no checkpoint to resume (expected checkpoint/train_state.json)",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/english.txt")
+    }
+
+    fn setup(dir: &Path) -> (ModelConfig, Tokenizer, TrainOptions) {
+        let _ = std::fs::remove_dir_all(dir);
+        let tok = Tokenizer::train(&[fixture().display().to_string()], 400).unwrap();
+        let mut cfg = ModelConfig::preset("micro").unwrap();
+        cfg.vocab_size = tok.vocab_size();
+        let mut o = TrainOptions::new(vec![fixture()], 20);
+        (
+            o.batch_size,
+            o.seq_len,
+            o.warmup,
+            o.eval_every,
+            o.save_every,
+            o.eval_windows,
+        ) = (4, 32, 5, 10, 10, 8);
+        o.holdout = 0.1;
+        (cfg, tok, o)
+    }
+
+    fn losses(dir: &Path) -> Vec<f64> {
+        std::fs::read_to_string(dir.join(METRICS_FILE))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ce"].as_f64())
+            .collect()
+    }
+
+    #[test]
+    fn loss_decreases_and_resume_matches_a_straight_run() {
+        let tmp = std::env::temp_dir().join(format!("itera-train-{}", std::process::id()));
+        let (a_dir, b_dir) = (tmp.join("a"), tmp.join("b"));
+        let (cfg, tok, o) = setup(&a_dir);
+        let corpus = Corpus::load(&tok, &o.train_files, &[], o.holdout).unwrap();
+        let mut a = Run::create(&a_dir, cfg.clone(), tok.clone(), o.clone()).unwrap();
+        let first_val = a.validate(&corpus).unwrap().val_loss;
+        let last_val = a.train(&corpus, &mut |_| {}).unwrap().val_loss;
+        assert!(
+            last_val < first_val - 0.25,
+            "validation loss {first_val} -> {last_val}"
+        );
+
+        let _ = std::fs::remove_dir_all(&b_dir);
+        let mut b = Run::create(&b_dir, cfg, tok, o).unwrap();
+        b.train_until(&corpus, 10, &mut |_| {}).unwrap();
+        drop(b);
+        let mut b = Run::resume(&b_dir, None).unwrap();
+        assert_eq!(b.step(), 10);
+        b.train(&corpus, &mut |_| {}).unwrap();
+        let (la, lb) = (losses(&a_dir), losses(&b_dir));
+        assert_eq!(la.len(), 20);
+        assert_eq!(lb.len(), 20);
+        for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-5,
+                "step {}: straight {x} vs resumed {y}",
+                i + 1
+            );
+        }
+        assert!(dir_has_model(&a_dir.join(CHECKPOINT_DIR)) && dir_has_model(&a_dir.join(BEST_DIR)));
+        assert!(a_dir.join("loss.png").is_file());
+        // A finished run refuses to resume without more steps; a second create refuses to overwrite.
+        assert!(Run::resume(&a_dir, None).is_err());
+        let (cfg, tok, o) = (a.config.clone(), a.tokenizer.clone(), a.options.clone());
+        assert!(Run::create(&a_dir, cfg, tok, o).is_err());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    fn dir_has_model(p: &Path) -> bool {
+        ModelDir::load(p).is_ok()
+    }
 }

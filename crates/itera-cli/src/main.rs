@@ -386,11 +386,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
     );
     pb.set_position(run.step() as u64);
+    let mut speeds = Vec::new();
     let final_eval = run.train(&corpus, &mut |e| match e {
         TrainEvent::Start { start_step, total_steps, train_tokens, valid_tokens, parameters } => say(&pb, format!(
             "{parameters} parameters; {train_tokens} training / {valid_tokens} validation tokens; steps {start_step}..{total_steps}"
         )),
         TrainEvent::Step(m) => {
+            speeds.push(m.tokens_per_s);
             pb.set_position(m.step as u64);
             pb.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.ce, m.lr, m.tokens_per_s));
         }
@@ -398,9 +400,20 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         TrainEvent::Saved(p) => say(&pb, format!("step {:>6}  checkpoint -> {}", run_step_hint(p), p.display())),
     })?;
     pb.finish_and_clear();
+    // Median over the steps of this invocation, skipping the first few (allocation warm-up).
+    let mut steady: Vec<f64> = speeds.iter().skip(speeds.len().min(5)).copied().collect();
+    steady.sort_by(|a, b| a.total_cmp(b));
+    let median_speed = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&final_eval)?);
+        let mut v = serde_json::to_value(&final_eval)?;
+        v["train_tokens_per_s_median"] = json!(median_speed);
+        v["threads"] = json!(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        println!(
+            "training speed: median {median_speed:.0} tokens/s over {} steps",
+            steady.len()
+        );
         println!(
             "done: step {} val loss {:.4} val bpb {:.4}; model in {}/checkpoint (best in {}/best)",
             final_eval.step,

@@ -136,7 +136,12 @@ pub fn plot_losses(path: &Path, series: &[(&str, [u8; 3], Vec<(f64, f64)>)]) -> 
         );
         let x = LEFT as f64 + f * pw;
         cv.line((x, TOP as f64 + ph), (x, TOP as f64 + ph + 5.0), black, 1);
-        let label = tick_label(f * x_max);
+        let step = (f * x_max).round();
+        let label = if step >= 10_000.0 {
+            tick_label(step)
+        } else {
+            format!("{step:.0}")
+        };
         cv.text(
             (x as usize).saturating_sub(label.len() * 3),
             H - BOTTOM + 10,

@@ -6,6 +6,7 @@ pub mod error;
 pub mod fused;
 pub mod loss;
 pub mod math;
+pub mod matmul;
 pub mod model;
 pub mod rng;
 pub mod runtime;

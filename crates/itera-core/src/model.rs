@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, D};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::fused::{causal_conv_silu, rms_norm};
-use crate::loss::cross_entropy;
+use crate::loss::lm_head_loss;
 use crate::scan::ssm_core;
 use crate::weights::Weights;
 
@@ -16,10 +16,11 @@ pub struct Model<'a> {
     pub weights: &'a Weights,
 }
 
-/// What a forward pass returns: logits and the MoE load-balancing loss (mean over MoE layers).
+/// What a forward pass returns: the final hidden states and the MoE load-balancing loss (mean over
+/// MoE layers). Logits are `hidden · embed^T` (see `logits`; training fuses this with the loss).
 pub struct ForwardOutput {
-    /// [B * T, vocab]
-    pub logits: Tensor,
+    /// [B * T, d_model], after the final norm.
+    pub hidden: Tensor,
     /// Scalar; zero when the model has no MoE layer.
     pub aux_loss: Tensor,
 }
@@ -37,7 +38,7 @@ impl<'a> Model<'a> {
         self.weights.get(name)
     }
 
-    /// tokens: u32 [B, T] -> logits [B*T, V].
+    /// tokens: u32 [B, T] -> final hidden states [B*T, d].
     pub fn forward(&self, tokens: &Tensor) -> Result<ForwardOutput> {
         let (b, t) = tokens.dims2()?;
         let cfg = self.cfg;
@@ -55,16 +56,26 @@ impl<'a> Model<'a> {
                 aux_total = (aux_total + aux)?;
             }
         }
-        let x = rms_norm(&x, self.w("norm_f.weight")?, cfg.norm_eps)?;
-        let logits = linear(&x, embed)?;
+        let hidden = rms_norm(&x, self.w("norm_f.weight")?, cfg.norm_eps)?;
         let aux_loss = (aux_total / cfg.moe_layers.len().max(1) as f64)?;
-        Ok(ForwardOutput { logits, aux_loss })
+        Ok(ForwardOutput { hidden, aux_loss })
+    }
+
+    /// tokens: u32 [B, T] -> logits [B*T, V] (and the aux loss).
+    pub fn logits(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = self.forward(tokens)?;
+        Ok((linear(&out.hidden, self.w("embed.weight")?)?, out.aux_loss))
     }
 
     /// Mean next-token cross-entropy of `targets` [B, T] plus the aux loss, from one forward.
+    /// The LM head and the loss are fused, so the [B*T, vocab] logits are never materialised.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
         let out = self.forward(inputs)?;
-        let ce = cross_entropy(&out.logits, &targets.flatten_all()?)?;
+        let ce = lm_head_loss(
+            &out.hidden,
+            self.w("embed.weight")?,
+            &targets.flatten_all()?,
+        )?;
         Ok((ce, out.aux_loss))
     }
 

@@ -330,9 +330,9 @@ mod tests {
             .reshape((1, len))
             .unwrap();
         let logits = Model::new(&cfg, &w)
-            .forward(&t)
+            .logits(&t)
             .unwrap()
-            .logits
+            .0
             .to_vec2::<f32>()
             .unwrap();
         let rt = Runtime::new(&cfg, &w).unwrap();

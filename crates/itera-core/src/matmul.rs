@@ -1,0 +1,117 @@
+//! A bounds-checked front for the `gemm` crate (the same kernels candle uses), for fused ops that
+//! multiply slices directly.
+
+/// A read-only matrix view: element (i, j) is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major [rows, cols] matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, without copying.
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn check(&self, what: &str) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
+            assert!(
+                last < self.data.len(),
+                "matmul: `{what}` view exceeds its slice"
+            );
+        }
+    }
+}
+
+/// c [a.rows, b.cols] (row-major) = a · b, or c += a · b when `accumulate`.
+pub fn matmul(c: &mut [f32], a: View, b: View, accumulate: bool) {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    assert_eq!(
+        c.len(),
+        a.rows * b.cols,
+        "matmul: output has the wrong size"
+    );
+    a.check("a");
+    b.check("b");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if m * n * k > 1 << 18 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index gemm touches lies inside the slices: checked above for a and b, and c is
+    // a contiguous row-major [m, n] buffer of exactly m * n elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_naive_with_transposes_and_accumulation() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect(); // b stored as [n, k]
+        let mut c = vec![1.0f32; m * n];
+        matmul(
+            &mut c,
+            View::rows(&a, m, k),
+            View::rows(&bt, n, k).t(),
+            true,
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want = 1.0 + (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum::<f32>();
+                assert!((c[i * n + j] - want).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -36,7 +36,7 @@ enum Command {
         command: TokenizerCommand,
     },
     /// Train a model from scratch, or resume a run
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Generate text from a prompt (streams to stdout)
     Generate(GenerateArgs),
     /// Evaluate a model on held-out text: NLL, perplexity, bits per byte
@@ -222,7 +222,7 @@ fn main() {
         Command::Tokenizer {
             command: TokenizerCommand::Train { data, vocab, out },
         } => cmd_tokenizer_train(&data, vocab, &out),
-        Command::Train(a) => cmd_train(a),
+        Command::Train(a) => cmd_train(*a),
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Inspect(a) => cmd_inspect(a),

@@ -209,6 +209,8 @@ impl Runtime {
     }
 
     /// Consumes one token; on return `scratch.logits` holds the next-token logits.
+    // Channel loops index several per-channel arrays at once; iterator zips would hide that.
+    #[allow(clippy::needless_range_loop)]
     pub fn step(&self, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
         let c = &self.cfg;
         let (d, di, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);

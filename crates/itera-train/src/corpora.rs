@@ -319,7 +319,7 @@ fn extract(c: &Corpus, archive: &Path) -> Result<Vec<String>> {
             ptb_splits(&src).map_err(|m| Error::file(archive, m))
         }
         "brown" => {
-            let files = read_tar_gz(archive, |n| is_brown_file(n))?;
+            let files = read_tar_gz(archive, is_brown_file)?;
             let mut out = String::new();
             for bytes in files.into_values() {
                 // The tagged files are Latin-1.

@@ -65,7 +65,7 @@ pub fn encode_large(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     let mut chunks = Vec::new();
     let mut start = 0;
     while start < text.len() {
-        let mut end = (start + 1 << 16).min(text.len());
+        let mut end = (start + (1 << 16)).min(text.len());
         while end < text.len() && !text.is_char_boundary(end) {
             end += 1;
         }
@@ -174,6 +174,6 @@ pub fn train_offsets(
 pub fn valid_offsets(len: usize, seq_len: usize, max_windows: usize) -> Vec<usize> {
     let available = len.saturating_sub(1) / seq_len;
     let n = available.min(max_windows);
-    let stride = if n == 0 { 0 } else { available / n };
+    let stride = available.checked_div(n).unwrap_or(0);
     (0..n).map(|i| i * stride * seq_len).collect()
 }

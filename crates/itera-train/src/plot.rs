@@ -98,8 +98,11 @@ fn tick_label(v: f64) -> String {
     }
 }
 
-/// Draws the series (name, colour, points) and writes the PNG atomically.
-pub fn plot_losses(path: &Path, series: &[(&str, [u8; 3], Vec<(f64, f64)>)]) -> Result<()> {
+/// One line of the plot: legend name, RGB colour, (step, loss) points.
+pub type Series<'a> = (&'a str, [u8; 3], Vec<(f64, f64)>);
+
+/// Draws the series and writes the PNG atomically.
+pub fn plot_losses(path: &Path, series: &[Series]) -> Result<()> {
     let pts = series.iter().flat_map(|s| s.2.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in pts {

@@ -390,7 +390,7 @@ impl Run {
             self.log(&m)?;
             on_event(TrainEvent::Step(&m));
             let at_end = self.step == stop_at;
-            if self.step % o.eval_every == 0 || at_end {
+            if self.step.is_multiple_of(o.eval_every) || at_end {
                 let e = self.validate(corpus)?;
                 self.log(&e)?;
                 on_event(TrainEvent::Eval(&e));
@@ -401,7 +401,7 @@ impl Run {
                 self.plot()?;
                 last = Some(e);
             }
-            if self.step % o.save_every == 0 || at_end {
+            if self.step.is_multiple_of(o.save_every) || at_end {
                 let path = self.save_model_to(CHECKPOINT_DIR, true)?;
                 on_event(TrainEvent::Saved(&path));
             }

@@ -10,6 +10,7 @@ use crate::scan::{f32_slice, sigmoid};
 /// Inputs: x [B, T, Di]; wb [Di, K + 1] = (taps, bias).
 struct CausalConvSilu;
 
+#[inline(always)]
 fn conv_pre(x: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, t: usize, d: usize) -> f32 {
     let mut acc = wb[d * (k + 1) + k];
     for j in 0..k {
@@ -19,6 +20,40 @@ fn conv_pre(x: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, t: usize, 
     }
     debug_assert!(t < t_len);
     acc
+}
+
+crate::multiversion! {
+    /// One sequence of the conv forward: out = silu(conv(x)).
+    fn conv_forward_sequence(xb: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, ob: &mut [f32]) {
+        for t in 0..t_len {
+            for d in 0..di {
+                let v = conv_pre(xb, wb, t_len, di, k, t, d);
+                ob[t * di + d] = v * sigmoid(v);
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// One sequence of the conv backward: fills dL/dx, returns this sequence's share of dL/d(taps, bias).
+    fn conv_backward_sequence(xb: &[f32], gb: &[f32], wv: &[f32], t_len: usize, di: usize, k: usize, gxb: &mut [f32]) -> Vec<f32> {
+        let mut gw = vec![0.0f32; di * (k + 1)];
+        for t in 0..t_len {
+            for d in 0..di {
+                let v = conv_pre(xb, wv, t_len, di, k, t, d);
+                let s = sigmoid(v);
+                let gpre = gb[t * di + d] * s * (1.0 + v * (1.0 - s));
+                gw[d * (k + 1) + k] += gpre;
+                for j in 0..k {
+                    if let Some(src) = (t + j).checked_sub(k - 1) {
+                        gw[d * (k + 1) + j] += gpre * xb[src * di + d];
+                        gxb[src * di + d] += gpre * wv[d * (k + 1) + j];
+                    }
+                }
+            }
+        }
+        gw
+    }
 }
 
 impl CustomOp2 for CausalConvSilu {
@@ -48,12 +83,7 @@ impl CustomOp2 for CausalConvSilu {
             .enumerate()
             .for_each(|(bi, ob)| {
                 let xb = &x[bi * t_len * di..(bi + 1) * t_len * di];
-                for t in 0..t_len {
-                    for d in 0..di {
-                        let v = conv_pre(xb, wb, t_len, di, k1 - 1, t, d);
-                        ob[t * di + d] = v * sigmoid(v);
-                    }
-                }
+                conv_forward_sequence(xb, wb, t_len, di, k1 - 1, ob);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -77,22 +107,7 @@ impl CustomOp2 for CausalConvSilu {
             .map(|(bi, gxb)| {
                 let xb = &xv[bi * t_len * di..(bi + 1) * t_len * di];
                 let gb = &gv[bi * t_len * di..(bi + 1) * t_len * di];
-                let mut gw = vec![0.0f32; di * (k + 1)];
-                for t in 0..t_len {
-                    for d in 0..di {
-                        let v = conv_pre(xb, &wv, t_len, di, k, t, d);
-                        let s = sigmoid(v);
-                        let gpre = gb[t * di + d] * s * (1.0 + v * (1.0 - s));
-                        gw[d * (k + 1) + k] += gpre;
-                        for j in 0..k {
-                            if let Some(src) = (t + j).checked_sub(k - 1) {
-                                gw[d * (k + 1) + j] += gpre * xb[src * di + d];
-                                gxb[src * di + d] += gpre * wv[d * (k + 1) + j];
-                            }
-                        }
-                    }
-                }
-                gw
+                conv_backward_sequence(xb, gb, &wv, t_len, di, k, gxb)
             })
             .collect();
         let mut gw = vec![0.0f32; di * (k + 1)];
@@ -120,6 +135,7 @@ struct RmsNorm {
     eps: f32,
 }
 
+#[inline(always)]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32 + eps).sqrt()
 }

@@ -11,6 +11,7 @@ pub mod model;
 pub mod rng;
 pub mod runtime;
 pub mod scan;
+pub mod simd;
 pub mod weights;
 
 pub use config::ModelConfig;

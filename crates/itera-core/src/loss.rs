@@ -13,6 +13,7 @@ fn rows(logits: &Tensor) -> candle_core::Result<(usize, usize)> {
 }
 
 /// log(sum(exp(row))) computed stably.
+#[inline(always)]
 pub fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     max + crate::math::sum_exp(row, max).ln()
@@ -89,6 +90,24 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<T
         .apply_op2(&targets.contiguous()?, CrossEntropy)
 }
 
+crate::multiversion! {
+    /// -log softmax(row)[target].
+    fn row_nll(row: &[f32], target: usize) -> f64 {
+        (log_sum_exp(row) - row[target]) as f64
+    }
+}
+
+crate::multiversion! {
+    /// Replaces logits by d loss / d logits = (softmax - one_hot(target)) * scale.
+    fn softmax_grad_row(row: &mut [f32], target: usize, scale: f32) {
+        let lse = log_sum_exp(row);
+        for x in row.iter_mut() {
+            *x = crate::math::exp(*x - lse) * scale;
+        }
+        row[target] -= scale;
+    }
+}
+
 /// Rows of the LM head processed at once: [rows, vocab] logits stay a few MB instead of the
 /// whole batch's [B*T, vocab].
 const HEAD_CHUNK: usize = 256;
@@ -160,7 +179,7 @@ impl CustomOp3 for LmHeadLoss {
             total += logits[..rows * v]
                 .par_chunks(v)
                 .zip(targets[r0..r0 + rows].par_iter())
-                .map(|(row, &t)| (log_sum_exp(row) - row[t as usize]) as f64)
+                .map(|(row, &t)| row_nll(row, t as usize))
                 .sum::<f64>();
         }
         Ok((
@@ -193,13 +212,7 @@ impl CustomOp3 for LmHeadLoss {
             probs[..rows * v]
                 .par_chunks_mut(v)
                 .zip(tv[r0..r0 + rows].par_iter())
-                .for_each(|(row, &t)| {
-                    let lse = log_sum_exp(row);
-                    for x in row.iter_mut() {
-                        *x = crate::math::exp(*x - lse) * scale;
-                    }
-                    row[t as usize] -= scale;
-                });
+                .for_each(|(row, &t)| softmax_grad_row(row, t as usize, scale));
             let p = View::rows(&probs[..rows * v], rows, v);
             matmul(
                 &mut gh[r0 * d..(r0 + rows) * d],

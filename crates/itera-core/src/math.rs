@@ -19,7 +19,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// sum_i e^(v_i - shift), in 8 independent lanes so it vectorises.
-#[inline]
+#[inline(always)]
 pub fn sum_exp(values: &[f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = values.chunks_exact(8);

@@ -10,7 +10,7 @@ use crate::scan::{scan_step, silu, softplus};
 use crate::weights::Weights;
 
 /// y[r] = sum_c w[r, c] * x[c] for a row-major matrix w [rows, x.len()].
-#[inline]
+#[inline(always)]
 pub fn matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
     let cols = x.len();
     for (row, out) in w.chunks_exact(cols).zip(y.iter_mut()) {
@@ -19,7 +19,7 @@ pub fn matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
 }
 
 /// Dot product in 8 independent lanes so the compiler vectorises it.
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -33,6 +33,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+#[inline(always)]
 fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (ms + eps as f32).sqrt();
@@ -209,9 +210,14 @@ impl Runtime {
     }
 
     /// Consumes one token; on return `scratch.logits` holds the next-token logits.
+    pub fn step(&self, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
+        step_fast(self, token, state, s)
+    }
+
     // Channel loops index several per-channel arrays at once; iterator zips would hide that.
     #[allow(clippy::needless_range_loop)]
-    pub fn step(&self, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
+    #[inline(always)]
+    fn step_kernel(&self, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
         let c = &self.cfg;
         let (d, di, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);
         let tok = token as usize;
@@ -276,6 +282,7 @@ impl Runtime {
         Ok(())
     }
 
+    #[inline(always)]
     fn moe_step(&self, moe: &Moe, s: &mut Scratch) {
         let c = &self.cfg;
         rms_norm(&s.x, &moe.norm, c.norm_eps, &mut s.h);
@@ -312,6 +319,12 @@ impl Runtime {
             self.step(t, state, s)?;
         }
         Ok(())
+    }
+}
+
+crate::multiversion! {
+    fn step_fast(rt: &Runtime, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
+        rt.step_kernel(token, state, s)
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// One timestep of the scan for all channels: updates `h` [D*N] in place and writes `y` [D].
-#[inline]
+#[inline(always)]
 pub fn scan_step(
     x: &[f32],
     dt: &[f32],
@@ -50,17 +50,17 @@ pub(crate) fn f32_slice<'a>(
     Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
-#[inline]
+#[inline(always)]
 pub fn softplus(v: f32) -> f32 {
     v.max(0.0) + (-v.abs()).exp().ln_1p()
 }
 
-#[inline]
+#[inline(always)]
 pub fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + crate::math::exp(-v))
 }
 
-#[inline]
+#[inline(always)]
 pub fn silu(v: f32) -> f32 {
     v * sigmoid(v)
 }
@@ -106,6 +106,7 @@ fn params(p: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 
 /// Forward over one sequence. Fills `out`; optionally records h_t, dt_t and the pre-gate y_t.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn core_sequence(
     u: &[f32],
     bc: &[f32],
@@ -141,6 +142,112 @@ fn core_sequence(
     }
 }
 
+/// Gradients of one sequence: fills dL/du and dL/dbc, returns this sequence's share of dL/dp.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn core_backward(
+    ub: &[f32],
+    bcb: &[f32],
+    gout: &[f32],
+    a: &[f32],
+    d_skip: &[f32],
+    bias: &[f32],
+    d: &Dims,
+    gu: &mut [f32],
+    gbc: &mut [f32],
+) -> Vec<f32> {
+    let (t_len, di, n) = (d.t, d.di, d.n);
+    let mut hs = vec![0.0f32; t_len * di * n];
+    let mut dts = vec![0.0f32; t_len * di];
+    let mut ys = vec![0.0f32; t_len * di];
+    let mut out = vec![0.0f32; t_len * di];
+    core_sequence(
+        ub,
+        bcb,
+        a,
+        d_skip,
+        bias,
+        d,
+        &mut out,
+        Some((&mut hs, &mut dts, &mut ys)),
+    );
+    let mut g_a = vec![0.0f32; di * n];
+    let mut g_d = vec![0.0f32; di];
+    let mut g_bias = vec![0.0f32; di];
+    // gh carries dL/dh_t backwards through h_{t+1} = decay_{t+1} * h_t + ...
+    let mut gh = vec![0.0f32; di * n];
+    for t in (0..t_len).rev() {
+        let ut = &ub[t * 3 * di..(t + 1) * 3 * di];
+        let bt = &bcb[t * 2 * n..t * 2 * n + n];
+        let ct = &bcb[t * 2 * n + n..(t + 1) * 2 * n];
+        let h_t = &hs[t * di * n..(t + 1) * di * n];
+        let gut = &mut gu[t * 3 * di..(t + 1) * 3 * di];
+        let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
+        for dd in 0..di {
+            let (x, raw, z) = (ut[dd], ut[di + dd], ut[2 * di + dd]);
+            let dt = dts[t * di + dd];
+            let sz = sigmoid(z);
+            let g_out = gout[t * di + dd];
+            // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
+            gut[2 * di + dd] = g_out * ys[t * di + dd] * sz * (1.0 + z * (1.0 - sz));
+            let gy = g_out * z * sz;
+            g_d[dd] += gy * x;
+            let (mut gx_acc, mut gdt_acc) = (gy * d_skip[dd], 0.0f32);
+            for i in 0..n {
+                let k = dd * n + i;
+                let h_prev = if t > 0 { hs[(t - 1) * di * n + k] } else { 0.0 };
+                gc_t[i] += gy * h_t[k];
+                let g = gh[k] + gy * ct[i];
+                let decay = crate::math::exp(dt * a[k]);
+                let g_decay = g * h_prev * decay; // dL/d(dt*A)
+                gdt_acc += g_decay * a[k] + g * bt[i] * x;
+                g_a[k] += g_decay * dt;
+                gb_t[i] += g * dt * x;
+                gx_acc += g * dt * bt[i];
+                gh[k] = g * decay;
+            }
+            gut[dd] = gx_acc;
+            let g_raw = gdt_acc * sigmoid(raw + bias[dd]);
+            gut[di + dd] = g_raw;
+            g_bias[dd] += g_raw;
+        }
+    }
+    // Pack as p's layout: d/dA_log = d/dA * A.
+    let mut gp = vec![0.0f32; di * (n + 2)];
+    for dd in 0..di {
+        for i in 0..n {
+            gp[dd * (n + 2) + i] = g_a[dd * n + i] * a[dd * n + i];
+        }
+        gp[dd * (n + 2) + n] = g_d[dd];
+        gp[dd * (n + 2) + n + 1] = g_bias[dd];
+    }
+    gp
+}
+
+crate::multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn core_sequence_fast(u: &[f32], bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
+        core_sequence(u, bc, a, d_skip, bias, d, out, None)
+    }
+}
+
+crate::multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn core_backward_fast(
+        ub: &[f32],
+        bcb: &[f32],
+        gout: &[f32],
+        a: &[f32],
+        d_skip: &[f32],
+        bias: &[f32],
+        d: &Dims,
+        gu: &mut [f32],
+        gbc: &mut [f32],
+    ) -> Vec<f32> {
+        core_backward(ub, bcb, gout, a, d_skip, bias, d, gu, gbc)
+    }
+}
+
 impl CustomOp3 for SsmCore {
     fn name(&self) -> &'static str {
         "ssm_core"
@@ -168,7 +275,7 @@ impl CustomOp3 for SsmCore {
             .for_each(|(bi, ob)| {
                 let ub = &u[bi * d.t * 3 * d.di..(bi + 1) * d.t * 3 * d.di];
                 let bcb = &bc[bi * d.t * 2 * d.n..(bi + 1) * d.t * 2 * d.n];
-                core_sequence(ub, bcb, &a, &d_skip, &bias, &d, ob, None);
+                core_sequence_fast(ub, bcb, &a, &d_skip, &bias, &d, ob);
             });
         Ok((CpuStorage::F32(out), Shape::from((d.b, d.t, d.di))))
     }
@@ -199,71 +306,7 @@ impl CustomOp3 for SsmCore {
                 let ub = &u_v[bi * t_len * 3 * di..(bi + 1) * t_len * 3 * di];
                 let bcb = &bc_v[bi * t_len * 2 * n..(bi + 1) * t_len * 2 * n];
                 let gout = &g_v[bi * t_len * di..(bi + 1) * t_len * di];
-                let mut hs = vec![0.0f32; t_len * di * n];
-                let mut dts = vec![0.0f32; t_len * di];
-                let mut ys = vec![0.0f32; t_len * di];
-                let mut out = vec![0.0f32; t_len * di];
-                core_sequence(
-                    ub,
-                    bcb,
-                    &a,
-                    &d_skip,
-                    &bias,
-                    &d,
-                    &mut out,
-                    Some((&mut hs, &mut dts, &mut ys)),
-                );
-                let mut g_a = vec![0.0f32; di * n];
-                let mut g_d = vec![0.0f32; di];
-                let mut g_bias = vec![0.0f32; di];
-                // gh carries dL/dh_t backwards through h_{t+1} = decay_{t+1} * h_t + ...
-                let mut gh = vec![0.0f32; di * n];
-                for t in (0..t_len).rev() {
-                    let ut = &ub[t * 3 * di..(t + 1) * 3 * di];
-                    let bt = &bcb[t * 2 * n..t * 2 * n + n];
-                    let ct = &bcb[t * 2 * n + n..(t + 1) * 2 * n];
-                    let h_t = &hs[t * di * n..(t + 1) * di * n];
-                    let gut = &mut gu[t * 3 * di..(t + 1) * 3 * di];
-                    let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
-                    for dd in 0..di {
-                        let (x, raw, z) = (ut[dd], ut[di + dd], ut[2 * di + dd]);
-                        let dt = dts[t * di + dd];
-                        let sz = sigmoid(z);
-                        let g_out = gout[t * di + dd];
-                        // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
-                        gut[2 * di + dd] = g_out * ys[t * di + dd] * sz * (1.0 + z * (1.0 - sz));
-                        let gy = g_out * z * sz;
-                        g_d[dd] += gy * x;
-                        let (mut gx_acc, mut gdt_acc) = (gy * d_skip[dd], 0.0f32);
-                        for i in 0..n {
-                            let k = dd * n + i;
-                            let h_prev = if t > 0 { hs[(t - 1) * di * n + k] } else { 0.0 };
-                            gc_t[i] += gy * h_t[k];
-                            let g = gh[k] + gy * ct[i];
-                            let decay = crate::math::exp(dt * a[k]);
-                            let g_decay = g * h_prev * decay; // dL/d(dt*A)
-                            gdt_acc += g_decay * a[k] + g * bt[i] * x;
-                            g_a[k] += g_decay * dt;
-                            gb_t[i] += g * dt * x;
-                            gx_acc += g * dt * bt[i];
-                            gh[k] = g * decay;
-                        }
-                        gut[dd] = gx_acc;
-                        let g_raw = gdt_acc * sigmoid(raw + bias[dd]);
-                        gut[di + dd] = g_raw;
-                        g_bias[dd] += g_raw;
-                    }
-                }
-                // Pack as p's layout: d/dA_log = d/dA * A.
-                let mut gp = vec![0.0f32; di * (n + 2)];
-                for dd in 0..di {
-                    for i in 0..n {
-                        gp[dd * (n + 2) + i] = g_a[dd * n + i] * a[dd * n + i];
-                    }
-                    gp[dd * (n + 2) + n] = g_d[dd];
-                    gp[dd * (n + 2) + n + 1] = g_bias[dd];
-                }
-                gp
+                core_backward_fast(ub, bcb, gout, &a, &d_skip, &bias, &d, gu, gbc)
             })
             .collect();
         let mut g_p = vec![0.0f32; di * (n + 2)];

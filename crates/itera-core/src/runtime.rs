@@ -18,20 +18,7 @@ pub fn matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Dot product in 8 independent lanes so the compiler vectorises it.
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
+pub use crate::math::dot;
 
 #[inline(always)]
 fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {

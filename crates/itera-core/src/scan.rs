@@ -25,13 +25,11 @@ pub fn scan_step(
         let (dtd, dx) = (dt[d], dt[d] * x[d]);
         let hd = &mut h[d * n..(d + 1) * n];
         let ad = &a[d * n..(d + 1) * n];
-        let mut acc = 0.0f32;
-        for i in 0..n {
-            let v = crate::math::exp(dtd * ad[i]) * hd[i] + dx * b[i];
-            hd[i] = v;
-            acc += c[i] * v;
+        // Element-wise update (vectorises over N), then a lane-wise dot for y.
+        for ((hv, &av), &bv) in hd.iter_mut().zip(ad).zip(b) {
+            *hv = crate::math::exp(dtd * av) * *hv + dx * bv;
         }
-        y[d] = acc;
+        y[d] = crate::math::dot(c, hd);
     }
 }
 
@@ -176,6 +174,9 @@ fn core_backward(
     let mut g_bias = vec![0.0f32; di];
     // gh carries dL/dh_t backwards through h_{t+1} = decay_{t+1} * h_t + ...
     let mut gh = vec![0.0f32; di * n];
+    // Per-state terms of the dt and x gradients, summed after each element-wise pass.
+    let (mut dt_terms, mut x_terms) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let zeros = vec![0.0f32; n];
     for t in (0..t_len).rev() {
         let ut = &ub[t * 3 * di..(t + 1) * 3 * di];
         let bt = &bcb[t * 2 * n..t * 2 * n + n];
@@ -192,21 +193,27 @@ fn core_backward(
             gut[2 * di + dd] = g_out * ys[t * di + dd] * sz * (1.0 + z * (1.0 - sz));
             let gy = g_out * z * sz;
             g_d[dd] += gy * x;
-            let (mut gx_acc, mut gdt_acc) = (gy * d_skip[dd], 0.0f32);
+            let row = dd * n..(dd + 1) * n;
+            let h_prev = if t > 0 {
+                &hs[(t - 1) * di * n..t * di * n][row.clone()]
+            } else {
+                &zeros[..]
+            };
+            let (h_now, a_d) = (&h_t[row.clone()], &a[row.clone()]);
+            let (gh_d, ga_d) = (&mut gh[row.clone()], &mut g_a[row]);
             for i in 0..n {
-                let k = dd * n + i;
-                let h_prev = if t > 0 { hs[(t - 1) * di * n + k] } else { 0.0 };
-                gc_t[i] += gy * h_t[k];
-                let g = gh[k] + gy * ct[i];
-                let decay = crate::math::exp(dt * a[k]);
-                let g_decay = g * h_prev * decay; // dL/d(dt*A)
-                gdt_acc += g_decay * a[k] + g * bt[i] * x;
-                g_a[k] += g_decay * dt;
+                gc_t[i] += gy * h_now[i];
+                let g = gh_d[i] + gy * ct[i];
+                let decay = crate::math::exp(dt * a_d[i]);
+                let g_decay = g * h_prev[i] * decay; // dL/d(dt*A)
+                dt_terms[i] = g_decay * a_d[i] + g * bt[i] * x;
+                ga_d[i] += g_decay * dt;
                 gb_t[i] += g * dt * x;
-                gx_acc += g * dt * bt[i];
-                gh[k] = g * decay;
+                x_terms[i] = g * bt[i];
+                gh_d[i] = g * decay;
             }
-            gut[dd] = gx_acc;
+            let gdt_acc = crate::math::sum(&dt_terms);
+            gut[dd] = gy * d_skip[dd] + dt * crate::math::sum(&x_terms);
             let g_raw = gdt_acc * sigmoid(raw + bias[dd]);
             gut[di + dd] = g_raw;
             g_bias[dd] += g_raw;

@@ -95,7 +95,7 @@ impl CustomOp2 for CausalConvSilu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, t_len, di) = x.dims3()?;
+        let (_, t_len, di) = x.dims3()?;
         let k = wb.dim(1)? - 1;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
         let wv = wb.flatten_all()?.to_vec1::<f32>()?;
@@ -116,7 +116,6 @@ impl CustomOp2 for CausalConvSilu {
                 *a += v;
             }
         }
-        let _ = b;
         Ok((
             Some(Tensor::from_vec(gx, x.shape(), x.device())?),
             Some(Tensor::from_vec(gw, wb.shape(), wb.device())?),

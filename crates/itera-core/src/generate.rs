@@ -93,7 +93,7 @@ impl TokenStream<'_> {
             if self.done {
                 return Ok(None);
             }
-            if self.remaining == 0 || self.scratch.logits.is_empty() {
+            if self.remaining == 0 {
                 self.done = true;
                 let rest = self.decoder.finish()?;
                 return Ok(if rest.is_empty() { None } else { Some(rest) });

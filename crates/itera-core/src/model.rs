@@ -150,7 +150,15 @@ impl<'a> Model<'a> {
 
 /// Indices of the k largest values, largest first; ties go to the lower index.
 pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
+    let mut idx = Vec::with_capacity(values.len());
+    top_k_into(values, k, &mut idx);
+    idx
+}
+
+/// `top_k` into a reused buffer (no allocation once it has grown to `values.len()`).
+pub fn top_k_into(values: &[f32], k: usize, idx: &mut Vec<usize>) {
+    idx.clear();
+    idx.extend(0..values.len());
     idx.sort_by(|&a, &b| {
         values[b]
             .partial_cmp(&values[a])
@@ -158,5 +166,4 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
             .then(a.cmp(&b))
     });
     idx.truncate(k);
-    idx
 }

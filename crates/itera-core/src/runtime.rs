@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::top_k;
+use crate::model::top_k_into;
 use crate::scan::{scan_step, silu, softplus};
 use crate::weights::Weights;
 
@@ -93,6 +93,7 @@ pub struct Scratch {
     y: Vec<f32>,
     out: Vec<f32>,
     probs: Vec<f32>,
+    chosen: Vec<usize>,
     hid_g: Vec<f32>,
     hid_u: Vec<f32>,
     pub logits: Vec<f32>,
@@ -172,6 +173,7 @@ impl Runtime {
             y: vec![0.0; di],
             out: vec![0.0; d],
             probs: vec![0.0; c.n_experts],
+            chosen: Vec::with_capacity(c.n_experts),
             hid_g: vec![0.0; c.expert_hidden],
             hid_u: vec![0.0; c.expert_hidden],
             logits: vec![0.0; c.vocab_size],
@@ -283,9 +285,9 @@ impl Runtime {
         for p in s.probs.iter_mut() {
             *p /= sum;
         }
-        let chosen = top_k(&s.probs, c.top_k);
-        let norm: f32 = chosen.iter().map(|&e| s.probs[e]).sum();
-        for &e in &chosen {
+        top_k_into(&s.probs, c.top_k, &mut s.chosen);
+        let norm: f32 = s.chosen.iter().map(|&e| s.probs[e]).sum();
+        for &e in &s.chosen {
             let ex = &moe.experts[e];
             matvec(&ex.gate, &s.h, &mut s.hid_g);
             matvec(&ex.up, &s.h, &mut s.hid_u);

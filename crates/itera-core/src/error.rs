@@ -10,6 +10,8 @@ pub enum Error {
     Tensor { name: String, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("format: {0}")]
+    Format(String),
     #[error("invalid argument: {0}")]
     Argument(String),
     #[error(transparent)]

@@ -4,10 +4,12 @@
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod kernels;
 pub mod loss;
 pub mod math;
 pub mod matmul;
 pub mod model;
+pub mod quant;
 pub mod rng;
 pub mod runtime;
 pub mod scan;

@@ -1,0 +1,567 @@
+//! One weight-matrix type for every storage format, and the one matmul per format that the runtime
+//! (decode, batched decode, prefill) calls. Dispatch happens here, once per call: AVX-512 VNNI
+//! integer kernels where the CPU has them, else portable code compiled for AVX2 + FMA or baseline.
+//!
+//! Block formats compute in integers: the activations are quantized to int8 per block of 32
+//! (`QuantizedRows`), and every block format is `w = scale * code + bias` with unsigned codes
+//! (`quant::block_codes`), so one kernel shape serves Q8_0, Q5_0, Q4_0, Q4_1 and NF4:
+//! `sum_i w_i x_i = scale * dx * sum_i code_i q_i + bias * dx * sum_i q_i`.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::math::dot;
+use crate::matmul::{matmul as gemm_matmul, View};
+use crate::quant::{self, DType, BLOCK};
+
+/// A [rows, cols] weight matrix, row-major, in its storage format, packed for the kernels.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+    data: Data,
+}
+
+enum Data {
+    F32(Vec<f32>),
+    /// f16 or bf16 bits.
+    Half(Vec<u16>),
+    Blocks(Blocks),
+}
+
+/// Block formats repacked for SIMD: per row, codes of 8 bits (Q8_0) or 4 bits in "pair order"
+/// (for each 64 elements, byte j holds element j in its low nibble and element j + 32 in its high
+/// one, so one shift and mask give 64 codes in order); a trailing odd block keeps ggml's order.
+struct Blocks {
+    codes: Vec<u8>,
+    /// Q5_0's fifth bit, one u32 per block (bit j = element j).
+    high: Vec<u32>,
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+    table: Option<[u8; 16]>,
+    nibbles: bool,
+}
+
+impl Blocks {
+    /// Codes of block `blk` of `row` (with Q5_0's high bit and NF4's table applied).
+    #[inline(always)]
+    fn block(&self, row: usize, nb: usize, blk: usize) -> [u8; BLOCK] {
+        let mut q = [0u8; BLOCK];
+        if !self.nibbles {
+            let o = (row * nb + blk) * BLOCK;
+            q.copy_from_slice(&self.codes[o..o + BLOCK]);
+        } else {
+            let base = row * nb * BLOCK / 2;
+            if blk / 2 * 2 + 1 < nb {
+                let bytes = &self.codes[base + blk / 2 * 32..][..32];
+                let shift = if blk % 2 == 0 { 0 } else { 4 };
+                for (c, b) in q.iter_mut().zip(bytes) {
+                    *c = (b >> shift) & 0x0F;
+                }
+            } else {
+                let bytes = &self.codes[base + blk / 2 * 32..][..16];
+                for j in 0..16 {
+                    q[j] = bytes[j] & 0x0F;
+                    q[j + 16] = bytes[j] >> 4;
+                }
+            }
+        }
+        if !self.high.is_empty() {
+            let h = self.high[row * nb + blk];
+            for (j, c) in q.iter_mut().enumerate() {
+                *c |= (((h >> j) & 1) as u8) << 4;
+            }
+        }
+        if let Some(t) = &self.table {
+            q = q.map(|c| t[c as usize]);
+        }
+        q
+    }
+}
+
+/// Activation rows quantized to int8 per block of 32: values, scale and scale * sum of values.
+#[derive(Default)]
+pub struct QuantizedRows {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+crate::multiversion! {
+    fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows) {
+        let blocks = x.len() / BLOCK;
+        out.q.resize(x.len(), 0);
+        out.d.resize(blocks, 0.0);
+        out.s.resize(blocks, 0.0);
+        debug_assert_eq!(cols % BLOCK, 0);
+        for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(out.q.chunks_exact_mut(BLOCK)).enumerate() {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                let r = (v * id).round() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            out.d[b] = d;
+            out.s[b] = d * sum as f32;
+        }
+    }
+}
+
+crate::multiversion! {
+    /// Portable block dot product (also the AVX-512 kernel's odd trailing block).
+    fn dot_blocks_portable(m: &Blocks, row: usize, nb: usize, first: usize, xq: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
+        let mut acc = 0.0f32;
+        for blk in first..nb {
+            let codes = m.block(row, nb, blk);
+            let xb = &xq[blk * BLOCK..(blk + 1) * BLOCK];
+            let mut isum = 0i32;
+            for i in 0..BLOCK {
+                isum += codes[i] as i32 * xb[i] as i32;
+            }
+            acc += m.scale[row * nb + blk] * xd[blk] * isum as f32;
+        }
+        for blk in 0..nb {
+            acc += m.bias[row * nb + blk] * xs[blk];
+        }
+        acc
+    }
+}
+
+/// The AVX-512 VNNI kernel: 64 codes (two blocks) per `vpdpbusd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_blocks_avx512(
+    m: &Blocks,
+    row: usize,
+    nb: usize,
+    xq: &[i8],
+    xd: &[f32],
+    xs: &[f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let pairs = nb / 2;
+    let sb = row * nb;
+    let (scale, high) = (&m.scale[sb..sb + nb], &m.high);
+    let mut acc = _mm512_setzero_ps();
+    let low = _mm256_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(0x10);
+    let table = m
+        .table
+        .map(|t| _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i)));
+    for p in 0..pairs {
+        let mut u = if m.nibbles {
+            let ptr = m.codes.as_ptr().add(row * nb * BLOCK / 2 + p * 32);
+            let v = _mm256_loadu_si256(ptr as *const __m256i);
+            let lo = _mm256_and_si256(v, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+        } else {
+            _mm512_loadu_si512(m.codes.as_ptr().add((row * nb + 2 * p) * BLOCK) as *const _)
+        };
+        if !high.is_empty() {
+            let mask = high[sb + 2 * p] as u64 | (high[sb + 2 * p + 1] as u64) << 32;
+            u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(mask, sixteen));
+        }
+        if let Some(t) = table {
+            u = _mm512_shuffle_epi8(t, u);
+        }
+        let x = _mm512_loadu_si512(xq.as_ptr().add(p * 64) as *const _);
+        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);
+        let s = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(scale[2 * p] * xd[2 * p]),
+            _mm512_set1_ps(scale[2 * p + 1] * xd[2 * p + 1]),
+        );
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc);
+    }
+    let mut total = _mm512_reduce_add_ps(acc);
+    // The trailing odd block and the bias terms (one per block) in portable code.
+    total += dot_blocks_portable(m, row, nb, pairs * 2, xq, xd, xs);
+    total
+}
+
+fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::env::var_os("ITERA_NO_AVX512").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The instruction set the block kernels use on this machine, for reports.
+pub fn level() -> &'static str {
+    if has_avx512_vnni() {
+        "avx512-vnni"
+    } else {
+        crate::simd::level()
+    }
+}
+
+#[inline(always)]
+fn dot_blocks(m: &Blocks, row: usize, nb: usize, x: &QuantizedRows, xrow: usize) -> f32 {
+    let (xq, xd, xs) = (
+        &x.q[xrow * nb * BLOCK..(xrow + 1) * nb * BLOCK],
+        &x.d[xrow * nb..(xrow + 1) * nb],
+        &x.s[xrow * nb..(xrow + 1) * nb],
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_vnni() {
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); all loads are inside the row's slices.
+        return unsafe { dot_blocks_avx512(m, row, nb, xq, xd, xs) };
+    }
+    dot_blocks_portable(m, row, nb, 0, xq, xd, xs)
+}
+
+crate::multiversion! {
+    fn dot_half(bits: &[u16], x: &[f32], bf16: bool) -> f32 {
+        let mut acc = [0.0f32; 8];
+        for (w, v) in bits.chunks_exact(8).zip(x.chunks_exact(8)) {
+            for i in 0..8 {
+                let f = if bf16 { f32::from_bits((w[i] as u32) << 16) } else { f16::from_bits(w[i]).to_f32() };
+                acc[i] += f * v[i];
+            }
+        }
+        acc.iter().sum()
+    }
+}
+
+/// Rows of weight processed together so that they stay in L1 while every activation row passes.
+const ROW_TILE: usize = 32;
+/// Below this many multiply-adds a call runs on the calling thread.
+const PARALLEL_WORK: usize = 1 << 18;
+
+impl Matrix {
+    pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Result<Self> {
+        if values.len() != rows * cols {
+            return Err(Error::Argument(format!(
+                "matrix [{rows}, {cols}] needs {} values, got {}",
+                rows * cols,
+                values.len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            dtype: DType::F32,
+            data: Data::F32(values),
+        })
+    }
+
+    /// Packs a tensor stored in `dtype`'s ggml byte layout (as read from GGUF).
+    pub fn from_ggml(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let n = rows * cols;
+        if cols % dtype.block_len() != 0 || bytes.len() != dtype.bytes_for(n)? {
+            return Err(Error::Format(format!(
+                "{} matrix [{rows}, {cols}] needs rows that are whole blocks and {} bytes, got {}",
+                dtype.name(),
+                dtype.bytes_for(n).unwrap_or(0),
+                bytes.len()
+            )));
+        }
+        let data = match dtype {
+            DType::F32 => Data::F32(quant::dequantize(dtype, bytes, n)?),
+            DType::F16 | DType::BF16 => Data::Half(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            _ => Data::Blocks(repack(dtype, rows, cols, bytes)),
+        };
+        Ok(Self {
+            rows,
+            cols,
+            dtype,
+            data,
+        })
+    }
+
+    /// Quantizes f32 values (row-major [rows, cols]) into `dtype`.
+    pub fn quantize(dtype: DType, rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        if dtype == DType::F32 {
+            return Self::from_f32(rows, cols, values.to_vec());
+        }
+        Self::from_ggml(dtype, rows, cols, &quant::quantize(dtype, values)?)
+    }
+
+    /// Bytes the packed weights occupy in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(v) => v.len() * 4,
+            Data::Half(v) => v.len() * 2,
+            Data::Blocks(b) => {
+                b.codes.len() + 4 * (b.high.len() + b.scale.len() + b.bias.len())
+            }
+        }
+    }
+
+    /// Row `r` decoded to f32 (embedding lookup).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols;
+        match &self.data {
+            Data::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
+            Data::Half(v) => {
+                let bf = self.dtype == DType::BF16;
+                for (o, &b) in out.iter_mut().zip(&v[r * c..(r + 1) * c]) {
+                    *o = if bf {
+                        f32::from_bits((b as u32) << 16)
+                    } else {
+                        f16::from_bits(b).to_f32()
+                    };
+                }
+            }
+            Data::Blocks(b) => {
+                let nb = c / BLOCK;
+                for blk in 0..nb {
+                    let (s, bias) = (b.scale[r * nb + blk], b.bias[r * nb + blk]);
+                    for (o, &q) in out[blk * BLOCK..].iter_mut().zip(&b.block(r, nb, blk)) {
+                        *o = s * q as f32 + bias;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix decoded to f32 (for analysis and tests, not for inference).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row_into(r, o);
+        }
+        out
+    }
+
+    /// y [n, rows] = x [n, cols] · selfᵀ, for n activation rows. `q` is a reusable buffer.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32], q: &mut QuantizedRows) {
+        let (rows, cols) = (self.rows, self.cols);
+        let n = x.len() / cols;
+        assert_eq!(x.len(), n * cols, "matmul: x is not whole rows of {cols}");
+        assert_eq!(y.len(), n * rows, "matmul: y must be [{n}, {rows}]");
+        if n == 0 {
+            return;
+        }
+        if let Data::F32(w) = &self.data {
+            if n >= 4 {
+                gemm_matmul(y, View::rows(x, n, cols), View::rows(w, rows, cols).t(), false);
+                return;
+            }
+        }
+        if let Data::Blocks(_) = &self.data {
+            quantize_rows(x, cols, q);
+        }
+        let q = &*q;
+        let parallel = n * rows * cols >= PARALLEL_WORK && rayon::current_num_threads() > 1;
+        if !parallel {
+            self.rows_range(x, 0, y, q);
+        } else if n == 1 {
+            // One activation row: split the weight rows between threads.
+            let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(ROW_TILE);
+            y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
+                self.rows_range(x, i * chunk, ys, q);
+            });
+        } else {
+            // Several activation rows: split them, each thread sweeping all weight rows.
+            let per = n.div_ceil(rayon::current_num_threads());
+            y.par_chunks_mut(per * rows)
+                .zip(x.par_chunks(per * cols))
+                .enumerate()
+                .for_each(|(i, (ys, xs))| self.rows_tiled(xs, i * per, ys, q));
+        }
+    }
+
+    /// y[j] = row (first + j) · x for one activation row.
+    fn rows_range(&self, x: &[f32], first: usize, y: &mut [f32], q: &QuantizedRows) {
+        let n = x.len() / self.cols;
+        if n > 1 {
+            return self.rows_tiled(x, 0, y, q);
+        }
+        let c = self.cols;
+        match &self.data {
+            Data::F32(w) => {
+                for (j, out) in y.iter_mut().enumerate() {
+                    let r = first + j;
+                    *out = dot_f32(&w[r * c..(r + 1) * c], x);
+                }
+            }
+            Data::Half(w) => {
+                let bf = self.dtype == DType::BF16;
+                for (j, out) in y.iter_mut().enumerate() {
+                    let r = first + j;
+                    *out = dot_half(&w[r * c..(r + 1) * c], x, bf);
+                }
+            }
+            Data::Blocks(b) => {
+                let nb = c / BLOCK;
+                for (j, out) in y.iter_mut().enumerate() {
+                    *out = dot_blocks(b, first + j, nb, q, 0);
+                }
+            }
+        }
+    }
+
+    /// All weight rows against activation rows `x` (rows `x_first..` of `q`), tiled for L1.
+    fn rows_tiled(&self, x: &[f32], x_first: usize, y: &mut [f32], q: &QuantizedRows) {
+        let (rows, c) = (self.rows, self.cols);
+        let n = x.len() / c;
+        let mut wrow = Vec::new();
+        for t in (0..rows).step_by(ROW_TILE) {
+            let end = (t + ROW_TILE).min(rows);
+            for i in 0..n {
+                let xi = &x[i * c..(i + 1) * c];
+                let yi = &mut y[i * rows..(i + 1) * rows];
+                for r in t..end {
+                    yi[r] = match &self.data {
+                        Data::F32(w) => dot_f32(&w[r * c..(r + 1) * c], xi),
+                        Data::Half(_) => {
+                            wrow.resize(c, 0.0);
+                            self.row_into(r, &mut wrow);
+                            dot_f32(&wrow, xi)
+                        }
+                        Data::Blocks(b) => dot_blocks(b, r, c / BLOCK, q, x_first + i),
+                    };
+                }
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+}
+
+/// ggml blocks -> the kernels' layout (see `Blocks`).
+fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
+    let nb = cols / BLOCK;
+    let nibbles = dtype != DType::Q8_0;
+    let mut b = Blocks {
+        codes: Vec::with_capacity(rows * cols / if nibbles { 2 } else { 1 }),
+        high: Vec::new(),
+        scale: Vec::with_capacity(rows * nb),
+        bias: Vec::with_capacity(rows * nb),
+        table: quant::code_table(dtype),
+        nibbles,
+    };
+    let mut row_codes = vec![0u8; cols];
+    for row in bytes.chunks_exact(nb * dtype.block_bytes()) {
+        for (blk, raw) in row.chunks_exact(dtype.block_bytes()).enumerate() {
+            let (q, s, bias) = quant::block_codes(dtype, raw);
+            b.scale.push(s);
+            b.bias.push(bias);
+            if dtype == DType::Q5_0 {
+                b.high.push(
+                    q.iter()
+                        .enumerate()
+                        .fold(0u32, |h, (j, &c)| h | (((c >> 4) as u32) << j)),
+                );
+            }
+            row_codes[blk * BLOCK..(blk + 1) * BLOCK].copy_from_slice(&q);
+        }
+        if !nibbles {
+            b.codes.extend_from_slice(&row_codes);
+            continue;
+        }
+        for pair in 0..nb / 2 {
+            let e = &row_codes[pair * 64..pair * 64 + 64];
+            b.codes
+                .extend((0..32).map(|j| (e[j] & 0x0F) | ((e[j + 32] & 0x0F) << 4)));
+        }
+        if nb % 2 == 1 {
+            let e = &row_codes[(nb - 1) * BLOCK..];
+            b.codes
+                .extend((0..16).map(|j| (e[j] & 0x0F) | ((e[j + 16] & 0x0F) << 4)));
+        }
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// Every format's matmul equals the f32 product of its own decoded weights, up to the int8
+    /// rounding of the activations (block formats) or summation order (float formats).
+    #[test]
+    fn matmul_matches_decoded_weights_for_every_format() {
+        // 96 columns = 3 blocks: exercises a full pair and the odd trailing block.
+        for &(rows, cols) in &[(40usize, 96usize), (300, 128)] {
+            let w = random(rows * cols, 1);
+            for &n in &[1usize, 3, 9] {
+                let x = random(n * cols, 2);
+                for dtype in DType::ALL {
+                    let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
+                    let dec = m.to_f32();
+                    let mut y = vec![0.0; n * rows];
+                    m.matmul(&x, &mut y, &mut QuantizedRows::default());
+                    for i in 0..n {
+                        let xi = &x[i * cols..(i + 1) * cols];
+                        let norm = xi.iter().map(|v| v * v).sum::<f32>().sqrt();
+                        for r in 0..rows {
+                            let want: f32 = dec[r * cols..(r + 1) * cols]
+                                .iter()
+                                .zip(xi)
+                                .map(|(a, b)| a * b)
+                                .sum();
+                            let wn = dec[r * cols..(r + 1) * cols]
+                                .iter()
+                                .map(|v| v * v)
+                                .sum::<f32>()
+                                .sqrt();
+                            let tol = if m.dtype.block_len() == 1 { 1e-4 } else { 1e-2 } * norm * wn;
+                            let got = y[i * rows + r];
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{dtype:?} [{rows}x{cols}] n={n}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 kernel and the portable one give the same sums.
+    #[test]
+    fn simd_and_portable_block_kernels_agree() {
+        let (rows, cols) = (16, 160);
+        let w = random(rows * cols, 3);
+        let x = random(cols, 4);
+        let mut q = QuantizedRows::default();
+        quantize_rows(&x, cols, &mut q);
+        for dtype in DType::ALL.into_iter().filter(|d| d.block_len() > 1) {
+            let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
+            let Data::Blocks(b) = &m.data else { panic!() };
+            for r in 0..rows {
+                let fast = dot_blocks(b, r, cols / BLOCK, &q, 0);
+                let slow = dot_blocks_portable(b, r, cols / BLOCK, 0, &q.q, &q.d, &q.s);
+                assert!((fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()), "{dtype:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        assert!(Matrix::from_f32(2, 3, vec![0.0; 5]).is_err());
+        assert!(Matrix::from_ggml(DType::Q8_0, 2, 32, &[0u8; 67]).is_err());
+        assert!(Matrix::from_ggml(DType::Q4_0, 1, 48, &[0u8; 27]).is_err());
+    }
+}

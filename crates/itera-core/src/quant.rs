@@ -1,0 +1,387 @@
+//! Weight formats: ggml's block layouts (what a GGUF file stores) and their reference quantize /
+//! dequantize. The runtime repacks these blocks for its kernels (`kernels.rs`); this module is the
+//! byte-exact definition both the GGUF writer and the tests rely on.
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+
+/// Elements per quantization block (all our block formats use 32, so rows of 128 fit).
+pub const BLOCK: usize = 32;
+
+/// A tensor's storage type. Ids are ggml's (`GGMLQuantizationType`), except NF4 (not a ggml type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q5_0,
+    Q4_0,
+    Q4_1,
+    /// QLoRA's 4-bit NormalFloat codebook, in blocks of 32 with an f16 absmax scale.
+    NF4,
+}
+
+/// NF4 code values (quantiles of a standard normal, scaled to [-1, 1]), from the QLoRA paper.
+pub const NF4_VALUES: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// The NF4 codebook on the int8 grid the integer kernels use (value * 127, rounded).
+pub fn nf4_i8() -> [i8; 16] {
+    NF4_VALUES.map(|v| (v * 127.0).round() as i8)
+}
+
+impl DType {
+    pub const ALL: [DType; 8] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q5_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::NF4,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q5_0 => "q5_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::NF4 => "nf4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| {
+                Error::Argument(format!(
+                    "unknown tensor type `{s}` (expected one of: {})",
+                    Self::ALL.map(|d| d.name()).join(", ")
+                ))
+            })
+    }
+
+    /// The GGUF / ggml type id. NF4 has none in ggml; we use an id far above ggml's range.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q8_0 => 8,
+            DType::BF16 => 30,
+            DType::NF4 => 1_000,
+        }
+    }
+
+    pub fn from_ggml_id(id: u32) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.ggml_id() == id)
+            .ok_or_else(|| Error::Format(format!("unsupported ggml tensor type id {id}")))
+    }
+
+    /// Elements per block (1 for the float types).
+    pub fn block_len(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            _ => BLOCK,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 2 + 32,
+            DType::Q5_0 => 2 + 4 + 16,
+            DType::Q4_0 | DType::NF4 => 2 + 16,
+            DType::Q4_1 => 2 + 2 + 16,
+        }
+    }
+
+    pub fn bits_per_weight(self) -> f64 {
+        (self.block_bytes() * 8) as f64 / self.block_len() as f64
+    }
+
+    /// Bytes of a tensor with `n` elements; errors when `n` is not a whole number of blocks.
+    pub fn bytes_for(self, n: usize) -> Result<usize> {
+        if n % self.block_len() != 0 {
+            return Err(Error::Argument(format!(
+                "{n} elements are not a multiple of {}'s block of {}",
+                self.name(),
+                self.block_len()
+            )));
+        }
+        Ok(n / self.block_len() * self.block_bytes())
+    }
+}
+
+fn put_f16(out: &mut Vec<u8>, v: f32) {
+    out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+}
+
+fn get_f16(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// The element of largest magnitude, with its sign (ggml's choice of scale for Q4_0 / Q5_0).
+fn signed_absmax(x: &[f32]) -> f32 {
+    x.iter()
+        .copied()
+        .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m })
+}
+
+/// Packs 32 4-bit codes ggml's way: byte j = code[j] | code[j + 16] << 4.
+fn pack_nibbles(q: &[u8; BLOCK], out: &mut Vec<u8>) {
+    for j in 0..16 {
+        out.push(q[j] | (q[j + 16] << 4));
+    }
+}
+
+fn unpack_nibbles(b: &[u8]) -> [u8; BLOCK] {
+    let mut q = [0u8; BLOCK];
+    for j in 0..16 {
+        q[j] = b[j] & 0x0F;
+        q[j + 16] = b[j] >> 4;
+    }
+    q
+}
+
+/// Encodes f32 values into `dtype`'s ggml byte layout.
+pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(dtype.bytes_for(x.len())?);
+    match dtype {
+        DType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F16 => x.iter().for_each(|&v| put_f16(&mut out, v)),
+        DType::BF16 => x
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        _ => {
+            for b in x.chunks_exact(BLOCK) {
+                quantize_block(dtype, b, &mut out);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn quantize_block(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
+    let mut q = [0u8; BLOCK];
+    match dtype {
+        DType::Q8_0 => {
+            let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            put_f16(out, d);
+            out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
+        }
+        DType::Q4_0 | DType::Q5_0 => {
+            let levels = if dtype == DType::Q4_0 { 8.0 } else { 16.0 };
+            let d = signed_absmax(x) / -levels;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let top = (2.0 * levels - 1.0) as u8;
+            for (c, v) in q.iter_mut().zip(x) {
+                *c = ((v * id + levels + 0.5) as u8).min(top);
+            }
+            put_f16(out, d);
+            if dtype == DType::Q5_0 {
+                let qh = q
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |h, (j, &c)| h | (((c >> 4) as u32) << j));
+                out.extend_from_slice(&qh.to_le_bytes());
+                q.iter_mut().for_each(|c| *c &= 0x0F);
+            }
+            pack_nibbles(&q, out);
+        }
+        DType::Q4_1 => {
+            let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (c, v) in q.iter_mut().zip(x) {
+                *c = (((v - min) * id + 0.5) as u8).min(15);
+            }
+            put_f16(out, d);
+            put_f16(out, min);
+            pack_nibbles(&q, out);
+        }
+        DType::NF4 => {
+            let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let id = if amax > 0.0 { 1.0 / amax } else { 0.0 };
+            for (c, v) in q.iter_mut().zip(x) {
+                let t = v * id;
+                *c = (0..16)
+                    .min_by(|&a, &b| {
+                        (NF4_VALUES[a] - t)
+                            .abs()
+                            .total_cmp(&(NF4_VALUES[b] - t).abs())
+                    })
+                    .unwrap() as u8;
+            }
+            put_f16(out, amax);
+            pack_nibbles(&q, out);
+        }
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("float types are not blocked"),
+    }
+}
+
+/// One block's weights as (codes, scale, bias): w[i] = scale * value(code[i]) + bias, where
+/// `value` is the identity except for NF4 (see `code_value`). Every block format reduces to this,
+/// which is what the integer kernels compute with: codes are unsigned (Q8_0's int8 offset by 128).
+pub fn block_codes(dtype: DType, b: &[u8]) -> ([u8; BLOCK], f32, f32) {
+    let d = get_f16(b);
+    match dtype {
+        DType::Q8_0 => {
+            let mut q = [0u8; BLOCK];
+            for (c, &v) in q.iter_mut().zip(&b[2..34]) {
+                *c = (v as i8 as i16 + 128) as u8;
+            }
+            (q, d, -128.0 * d)
+        }
+        DType::Q4_0 => (unpack_nibbles(&b[2..18]), d, -8.0 * d),
+        DType::Q5_0 => {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let mut q = unpack_nibbles(&b[6..22]);
+            for (j, c) in q.iter_mut().enumerate() {
+                *c |= (((qh >> j) & 1) as u8) << 4;
+            }
+            (q, d, -16.0 * d)
+        }
+        DType::Q4_1 => (unpack_nibbles(&b[4..20]), d, get_f16(&b[2..4])),
+        DType::NF4 => (unpack_nibbles(&b[2..18]), d / 127.0, -128.0 * d / 127.0),
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("float types are not blocked"),
+    }
+}
+
+/// NF4's code -> unsigned value table (int8 codebook + 128); None for the linear formats.
+pub fn code_table(dtype: DType) -> Option<[u8; 16]> {
+    (dtype == DType::NF4).then(|| nf4_i8().map(|v| (v as i16 + 128) as u8))
+}
+
+/// Decodes `dtype`'s ggml bytes back to f32 (`n` values).
+pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    let need = dtype.bytes_for(n)?;
+    if bytes.len() != need {
+        return Err(Error::Format(format!(
+            "{} data of {n} elements must be {need} bytes, found {}",
+            dtype.name(),
+            bytes.len()
+        )));
+    }
+    Ok(match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes.chunks_exact(2).map(get_f16).collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => {
+            let mut out = Vec::with_capacity(n);
+            for b in bytes.chunks_exact(dtype.block_bytes()) {
+                let (q, scale, bias) = block_codes(dtype, b);
+                let table = code_table(dtype);
+                out.extend(q.iter().map(|&c| {
+                    let v = table.map_or(c, |t| t[c as usize]);
+                    scale * v as f32 + bias
+                }));
+            }
+            out
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn sample(n: usize) -> Vec<f32> {
+        let mut rng = Rng::new(7);
+        (0..n).map(|_| rng.normal() as f32 * 0.05).collect()
+    }
+
+    /// Round-trip error per element stays within half a quantization step of each block.
+    #[test]
+    fn round_trip_error_is_bounded_by_the_step() {
+        let x = sample(32 * 64);
+        for dtype in DType::ALL {
+            let bytes = quantize(dtype, &x).unwrap();
+            assert_eq!(bytes.len(), dtype.bytes_for(x.len()).unwrap());
+            let y = dequantize(dtype, &bytes, x.len()).unwrap();
+            for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let range = xb.iter().cloned().fold(f32::MIN, f32::max)
+                    - xb.iter().cloned().fold(f32::MAX, f32::min);
+                let bound = match dtype {
+                    DType::F32 => 0.0,
+                    DType::F16 => amax * 1e-3,
+                    DType::BF16 => amax * 4e-3,
+                    DType::Q8_0 => amax / 127.0 * 0.51 + amax * 1e-3,
+                    // ggml's symmetric formats put the largest magnitude on code 0, so values of
+                    // the opposite sign near -max clamp to the top code: up to one full step.
+                    DType::Q5_0 => amax / 16.0 * 1.01 + amax * 2e-3,
+                    DType::Q4_0 => amax / 8.0 * 1.01 + amax * 2e-3,
+                    DType::Q4_1 => range / 15.0 * 0.51 + amax * 2e-3,
+                    // Widest gap between NF4 codes is 0.304 (at the ends), plus the int8 grid.
+                    DType::NF4 => amax * (0.304 / 2.0 + 0.01),
+                };
+                for (a, b) in xb.iter().zip(yb) {
+                    assert!((a - b).abs() <= bound, "{dtype:?}: {a} vs {b} (bound {bound})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_bytes_match_ggml_layout() {
+        let mut x = vec![0.0f32; 32];
+        x[0] = 1.27;
+        x[1] = -0.635;
+        let b = quantize(DType::Q8_0, &x).unwrap();
+        assert_eq!(b.len(), 34);
+        assert_eq!(get_f16(&b[..2]), f16::from_f32(0.01).to_f32());
+        assert_eq!(b[2] as i8, 127);
+        assert_eq!(b[3] as i8, -64);
+    }
+
+    #[test]
+    fn bad_sizes_and_names_are_errors() {
+        assert!(quantize(DType::Q4_0, &[0.0; 33]).is_err());
+        assert!(dequantize(DType::Q4_0, &[0u8; 17], 32).is_err());
+        assert!(DType::parse("q3_k").is_err());
+        assert_eq!(DType::parse("Q8_0").unwrap(), DType::Q8_0);
+        assert!(DType::from_ggml_id(12).is_err());
+    }
+}

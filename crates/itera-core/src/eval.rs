@@ -21,6 +21,9 @@ pub struct EvalReport {
     pub word_perplexity: f64,
 }
 
+/// Tokens per prefill call during evaluation.
+const EVAL_CHUNK: usize = 256;
+
 /// Scores every token of `text` with the full preceding context (the recurrent state carries it all).
 /// The first token is conditioned on a newline, the boundary every line of a corpus follows.
 pub fn evaluate(
@@ -36,13 +39,24 @@ pub fn evaluate(
     let start = tokenizer.encode("\n")?;
     let (mut state, mut scratch) = (runtime.new_state(), runtime.new_scratch());
     runtime.prefill(&start, &mut state, &mut scratch)?;
+    let vocab = runtime.cfg.vocab_size;
+    // Logits that predict the next unscored token; chunks of the text then run as prefills that
+    // return every position's logits (exactly the token-by-token result, a matmul per chunk).
+    let mut next = scratch.logits[..vocab].to_vec();
     let mut total = 0.0f64;
-    for (i, &id) in ids.iter().enumerate() {
-        total += (log_sum_exp(&scratch.logits) - scratch.logits[id as usize]) as f64;
-        runtime.step(id, &mut state, &mut scratch)?;
-        if i % 1024 == 0 {
-            progress(i, ids.len());
+    for (c, chunk) in ids.chunks(EVAL_CHUNK).enumerate() {
+        runtime.prefill_all(chunk, &mut state, &mut scratch)?;
+        for (j, &id) in chunk.iter().enumerate() {
+            let logits = if j == 0 {
+                &next[..]
+            } else {
+                &scratch.logits[(j - 1) * vocab..j * vocab]
+            };
+            total += (log_sum_exp(logits) - logits[id as usize]) as f64;
         }
+        let last = chunk.len() - 1;
+        next.copy_from_slice(&scratch.logits[last * vocab..(last + 1) * vocab]);
+        progress(c * EVAL_CHUNK, ids.len());
     }
     progress(ids.len(), ids.len());
     let words = text.split_whitespace().count();

@@ -1,73 +1,85 @@
-//! Recurrent decoding: O(1) work per token over packed f32 weights, no graph and no allocation
-//! per token. `step` must agree with `Model::forward` (tested to 1e-4 on logits).
+//! The inference runtime: packed weights in any storage format (`kernels::Matrix`), a recurrent
+//! state per stream, and one forward over "rows" that serves every inference path:
+//! - decode: one row (one token of one stream);
+//! - batched decode: one row per stream;
+//! - prefill / evaluation: the tokens of one or more sequences, in time order per stream.
+//!
+//! Projections run as one matmul over all rows (weights read once per call); only the causal conv
+//! and the selective scan walk the rows in order, updating each stream's state in place. No graph
+//! and no allocation per token once the scratch buffers have grown. Must agree with
+//! `Model::forward` (tested to 1e-4 on logits for every preset).
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kernels::{Matrix, QuantizedRows};
 use crate::model::top_k_into;
+use crate::quant::DType;
 use crate::scan::{scan_step, silu, softplus};
 use crate::weights::Weights;
 
-/// y[r] = sum_c w[r, c] * x[c] for a row-major matrix w [rows, x.len()].
-#[inline(always)]
-pub fn matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
-    let cols = x.len();
-    for (row, out) in w.chunks_exact(cols).zip(y.iter_mut()) {
-        *out = dot(row, x);
+/// Where the runtime's tensors come from (safetensors weights, a GGUF file, ...).
+pub trait TensorSource {
+    /// A 2-D weight [rows, cols] in whatever format it is stored in.
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix>;
+
+    /// A small tensor (norm, bias, A_log, conv kernel) as f32 values.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.matrix(name, 1, len)?.to_f32())
     }
 }
 
-pub use crate::math::dot;
-
-#[inline(always)]
-fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (ms + eps as f32).sqrt();
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = v * inv * g;
+impl TensorSource for Weights {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let v = self.values(name)?;
+        Matrix::from_f32(rows, cols, v).map_err(|e| Error::Tensor {
+            name: name.into(),
+            message: e.to_string(),
+        })
     }
 }
 
 struct Expert {
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    down: Vec<f32>,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
 }
 
 struct Moe {
     norm: Vec<f32>,
-    router: Vec<f32>,
+    router: Matrix,
     experts: Vec<Expert>,
 }
 
 struct Layer {
     norm: Vec<f32>,
-    in_proj: Vec<f32>,
+    in_proj: Matrix,
     conv_w: Vec<f32>,
     conv_b: Vec<f32>,
-    x_proj: Vec<f32>,
-    dt_w: Vec<f32>,
+    x_proj: Matrix,
+    dt_proj: Matrix,
     dt_b: Vec<f32>,
     /// A = -exp(A_log), precomputed.
     a: Vec<f32>,
     d_skip: Vec<f32>,
-    out_proj: Vec<f32>,
+    out_proj: Matrix,
     moe: Option<Moe>,
 }
 
-/// Packed weights for the recurrent step.
+/// Packed weights for inference.
 pub struct Runtime {
     pub cfg: ModelConfig,
-    embed: Vec<f32>,
+    /// Token embedding, also the (tied) LM head.
+    embed: Matrix,
     layers: Vec<Layer>,
     norm_f: Vec<f32>,
 }
 
-/// Per-layer recurrent state: the last d_conv-1 conv inputs (a ring) and the SSM state.
+/// Per-layer recurrent state: the last d_conv-1 conv inputs and the SSM state.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LayerState {
-    /// [(d_conv - 1) * d_inner], slot `ring_pos` is the oldest input.
+    /// [(d_conv - 1) * d_inner], oldest input first.
     pub conv: Vec<f32>,
     /// [d_inner * d_state]
     pub ssm: Vec<f32>,
@@ -77,73 +89,248 @@ pub struct LayerState {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct State {
     pub layers: Vec<LayerState>,
-    pub ring_pos: usize,
     /// Tokens consumed so far.
     pub position: usize,
 }
 
-/// Work buffers reused across steps.
+impl State {
+    /// Bytes of f32 state (what a prompt cache entry costs).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 4 * (l.conv.len() + l.ssm.len()))
+            .sum()
+    }
+}
+
+/// Work buffers, grown on demand and reused across calls. After a call, `logits` holds one row
+/// of `vocab_size` logits per requested row.
+#[derive(Default)]
 pub struct Scratch {
     x: Vec<f32>,
     h: Vec<f32>,
     xz: Vec<f32>,
     xc: Vec<f32>,
     dbc: Vec<f32>,
+    dt_low: Vec<f32>,
     dt: Vec<f32>,
     y: Vec<f32>,
     out: Vec<f32>,
-    probs: Vec<f32>,
+    router: Vec<f32>,
     chosen: Vec<usize>,
-    hid_g: Vec<f32>,
-    hid_u: Vec<f32>,
+    expert_rows: Vec<Vec<(usize, f32)>>,
+    eh: Vec<f32>,
+    eg: Vec<f32>,
+    eu: Vec<f32>,
+    eo: Vec<f32>,
+    q: QuantizedRows,
     pub logits: Vec<f32>,
 }
 
+fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
+}
+
+#[inline(always)]
+fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let ms = crate::math::dot(x, x) / x.len() as f32;
+    let inv = 1.0 / (ms + eps as f32).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+crate::multiversion! {
+    fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+        let d = w.len();
+        for (xr, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            rms_norm(xr, w, eps, o);
+        }
+    }
+}
+
+crate::multiversion! {
+    /// Causal depthwise conv + SiLU over the rows, in order, each row against its stream's state.
+    fn conv_rows(layer: &Layer, li: usize, xz: &[f32], streams: &[usize], states: &mut [State], xc: &mut [f32], di: usize, k: usize) {
+        for (i, &st) in streams.iter().enumerate() {
+            let xs = &xz[i * 2 * di..i * 2 * di + di];
+            let conv = &mut states[st].layers[li].conv;
+            let out = &mut xc[i * di..(i + 1) * di];
+            out.copy_from_slice(&layer.conv_b);
+            for j in 0..k - 1 {
+                let past = &conv[j * di..(j + 1) * di];
+                for ch in 0..di {
+                    out[ch] += layer.conv_w[ch * k + j] * past[ch];
+                }
+            }
+            for ch in 0..di {
+                out[ch] = silu(out[ch] + layer.conv_w[ch * k + k - 1] * xs[ch]);
+            }
+            if k > 1 {
+                conv.copy_within(di.., 0);
+                conv[(k - 2) * di..].copy_from_slice(xs);
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// softplus(dt) then the selective scan, D skip and SiLU(z) gate, row by row.
+    fn scan_rows(layer: &Layer, li: usize, xz: &[f32], dbc: &[f32], streams: &[usize], states: &mut [State], xc: &[f32], dt: &mut [f32], y: &mut [f32], di: usize, n: usize, r: usize) {
+        let width = r + 2 * n;
+        for (i, &st) in streams.iter().enumerate() {
+            let dti = &mut dt[i * di..(i + 1) * di];
+            for (v, b) in dti.iter_mut().zip(&layer.dt_b) {
+                *v = softplus(*v + b);
+            }
+            let bc = &dbc[i * width + r..(i + 1) * width];
+            let (xci, yi) = (&xc[i * di..(i + 1) * di], &mut y[i * di..(i + 1) * di]);
+            scan_step(xci, dti, &layer.a, &bc[..n], &bc[n..], &mut states[st].layers[li].ssm, yi);
+            let z = &xz[i * 2 * di + di..(i + 1) * 2 * di];
+            for ch in 0..di {
+                yi[ch] = (yi[ch] + layer.d_skip[ch] * xci[ch]) * silu(z[ch]);
+            }
+        }
+    }
+}
+
 impl Runtime {
+    /// Packs f32 weights (a safetensors checkpoint).
     pub fn new(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
+        Self::from_source(cfg, w)
+    }
+
+    /// Packs weights from any source; each matrix keeps its storage format.
+    pub fn from_source(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Self> {
+        let (d, di, n, r, k) = (
+            cfg.d_model,
+            cfg.d_inner(),
+            cfg.d_state,
+            cfg.dt_rank,
+            cfg.d_conv,
+        );
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
-            let m = |s: &str| w.values(&format!("{p}.mixer.{s}"));
+            let mat = |s: &str, rows, cols| src.matrix(&format!("{p}.{s}"), rows, cols);
+            let vec = |s: &str, len| src.vector(&format!("{p}.{s}"), len);
             let moe = if cfg.is_moe_layer(l) {
+                let h = cfg.expert_hidden;
                 let experts = (0..cfg.n_experts)
                     .map(|e| {
-                        let ep = format!("{p}.moe.experts.{e}");
+                        let ep = format!("moe.experts.{e}");
                         Ok(Expert {
-                            gate: w.values(&format!("{ep}.gate.weight"))?,
-                            up: w.values(&format!("{ep}.up.weight"))?,
-                            down: w.values(&format!("{ep}.down.weight"))?,
+                            gate: mat(&format!("{ep}.gate.weight"), h, d)?,
+                            up: mat(&format!("{ep}.up.weight"), h, d)?,
+                            down: mat(&format!("{ep}.down.weight"), d, h)?,
                         })
                     })
                     .collect::<Result<_>>()?;
                 Some(Moe {
-                    norm: w.values(&format!("{p}.moe_norm.weight"))?,
-                    router: w.values(&format!("{p}.moe.router.weight"))?,
+                    norm: vec("moe_norm.weight", d)?,
+                    router: mat("moe.router.weight", cfg.n_experts, d)?,
                     experts,
                 })
             } else {
                 None
             };
             layers.push(Layer {
-                norm: w.values(&format!("{p}.norm.weight"))?,
-                in_proj: m("in_proj.weight")?,
-                conv_w: m("conv.weight")?,
-                conv_b: m("conv.bias")?,
-                x_proj: m("x_proj.weight")?,
-                dt_w: m("dt_proj.weight")?,
-                dt_b: m("dt_proj.bias")?,
-                a: m("A_log")?.iter().map(|v| -v.exp()).collect(),
-                d_skip: m("D")?,
-                out_proj: m("out_proj.weight")?,
+                norm: vec("norm.weight", d)?,
+                in_proj: mat("mixer.in_proj.weight", 2 * di, d)?,
+                conv_w: vec("mixer.conv.weight", di * k)?,
+                conv_b: vec("mixer.conv.bias", di)?,
+                x_proj: mat("mixer.x_proj.weight", r + 2 * n, di)?,
+                dt_proj: mat("mixer.dt_proj.weight", di, r)?,
+                dt_b: vec("mixer.dt_proj.bias", di)?,
+                a: vec("mixer.A_log", di * n)?
+                    .iter()
+                    .map(|v| -v.exp())
+                    .collect(),
+                d_skip: vec("mixer.D", di)?,
+                out_proj: mat("mixer.out_proj.weight", d, di)?,
                 moe,
             });
         }
         Ok(Self {
             cfg: cfg.clone(),
-            embed: w.values("embed.weight")?,
+            embed: src.matrix("embed.weight", cfg.vocab_size, d)?,
             layers,
-            norm_f: w.values("norm_f.weight")?,
+            norm_f: src.vector("norm_f.weight", d)?,
         })
+    }
+
+    /// Every weight matrix with its name, in file order (for reports).
+    pub fn matrices(&self) -> Vec<(String, &Matrix)> {
+        let mut out = vec![("embed.weight".to_string(), &self.embed)];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("layers.{l}.mixer");
+            out.push((format!("{p}.in_proj.weight"), &layer.in_proj));
+            out.push((format!("{p}.x_proj.weight"), &layer.x_proj));
+            out.push((format!("{p}.dt_proj.weight"), &layer.dt_proj));
+            out.push((format!("{p}.out_proj.weight"), &layer.out_proj));
+            if let Some(moe) = &layer.moe {
+                out.push((format!("layers.{l}.moe.router.weight"), &moe.router));
+                for (e, ex) in moe.experts.iter().enumerate() {
+                    let ep = format!("layers.{l}.moe.experts.{e}");
+                    out.push((format!("{ep}.gate.weight"), &ex.gate));
+                    out.push((format!("{ep}.up.weight"), &ex.up));
+                    out.push((format!("{ep}.down.weight"), &ex.down));
+                }
+            }
+        }
+        out
+    }
+
+    /// Bytes of packed weights in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let small: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                4 * (l.norm.len()
+                    + l.conv_w.len()
+                    + l.conv_b.len()
+                    + l.dt_b.len()
+                    + l.a.len()
+                    + l.d_skip.len()
+                    + l.moe.as_ref().map_or(0, |m| m.norm.len()))
+            })
+            .sum();
+        self.matrices().iter().map(|(_, m)| m.bytes()).sum::<usize>() + small + 4 * self.norm_f.len()
+    }
+
+    /// The storage format of most weights (for reports): the most common by element count.
+    pub fn main_dtype(&self) -> DType {
+        let mut counts: Vec<(DType, usize)> = Vec::new();
+        for (_, m) in self.matrices() {
+            match counts.iter_mut().find(|(d, _)| *d == m.dtype) {
+                Some((_, c)) => *c += m.rows * m.cols,
+                None => counts.push((m.dtype, m.rows * m.cols)),
+            }
+        }
+        counts.into_iter().max_by_key(|c| c.1).map_or(DType::F32, |c| c.0)
+    }
+
+    /// Multiply-adds per token in the weight matmuls (LM head included, top-k experts only).
+    pub fn macs_per_token(&self) -> usize {
+        let c = &self.cfg;
+        let mut macs = c.vocab_size * c.d_model;
+        for layer in &self.layers {
+            macs += [&layer.in_proj, &layer.x_proj, &layer.dt_proj, &layer.out_proj]
+                .iter()
+                .map(|m| m.rows * m.cols)
+                .sum::<usize>();
+            if let Some(moe) = &layer.moe {
+                let ex = &moe.experts[0];
+                macs += moe.router.rows * moe.router.cols
+                    + c.top_k
+                        * (ex.gate.rows * ex.gate.cols
+                            + ex.up.rows * ex.up.cols
+                            + ex.down.rows * ex.down.cols);
+            }
+        }
+        macs
     }
 
     pub fn new_state(&self) -> State {
@@ -155,36 +342,18 @@ impl Runtime {
                     ssm: vec![0.0; di * n],
                 })
                 .collect(),
-            ring_pos: 0,
             position: 0,
         }
     }
 
     pub fn new_scratch(&self) -> Scratch {
-        let c = &self.cfg;
-        let (d, di) = (c.d_model, c.d_inner());
-        Scratch {
-            x: vec![0.0; d],
-            h: vec![0.0; d],
-            xz: vec![0.0; 2 * di],
-            xc: vec![0.0; di],
-            dbc: vec![0.0; c.dt_rank + 2 * c.d_state],
-            dt: vec![0.0; di],
-            y: vec![0.0; di],
-            out: vec![0.0; d],
-            probs: vec![0.0; c.n_experts],
-            chosen: Vec::with_capacity(c.n_experts),
-            hid_g: vec![0.0; c.expert_hidden],
-            hid_u: vec![0.0; c.expert_hidden],
-            logits: vec![0.0; c.vocab_size],
-        }
+        Scratch::default()
     }
 
     /// Checks that a state (e.g. one deserialised from disk) fits this model.
     pub fn check_state(&self, s: &State) -> Result<()> {
         let fresh = self.new_state();
         let ok = s.layers.len() == fresh.layers.len()
-            && s.ring_pos < self.cfg.d_conv.max(2) - 1
             && s.layers
                 .iter()
                 .zip(&fresh.layers)
@@ -200,120 +369,164 @@ impl Runtime {
 
     /// Consumes one token; on return `scratch.logits` holds the next-token logits.
     pub fn step(&self, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
-        step_fast(self, token, state, s)
+        self.forward_rows(&[token], &[0], std::slice::from_mut(state), &[0], s)
     }
 
-    // Channel loops index several per-channel arrays at once; iterator zips would hide that.
-    #[allow(clippy::needless_range_loop)]
-    #[inline(always)]
-    fn step_kernel(&self, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
+    /// One token for each of several streams; `scratch.logits` holds one row per stream.
+    pub fn step_batch(&self, tokens: &[u32], states: &mut [State], s: &mut Scratch) -> Result<()> {
+        if tokens.len() != states.len() {
+            return Err(Error::Argument(format!(
+                "{} tokens for {} streams",
+                tokens.len(),
+                states.len()
+            )));
+        }
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        self.forward_rows(tokens, &rows, states, &rows, s)
+    }
+
+    /// Runs a token sequence through the state; `scratch.logits` holds the logits after the last.
+    pub fn prefill(&self, tokens: &[u32], state: &mut State, s: &mut Scratch) -> Result<()> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let streams = vec![0; tokens.len()];
+        self.forward_rows(
+            tokens,
+            &streams,
+            std::slice::from_mut(state),
+            &[tokens.len() - 1],
+            s,
+        )
+    }
+
+    /// Like `prefill`, but `scratch.logits` holds the logits after every token ([len, vocab]).
+    pub fn prefill_all(&self, tokens: &[u32], state: &mut State, s: &mut Scratch) -> Result<()> {
+        let streams = vec![0; tokens.len()];
+        let all: Vec<usize> = (0..tokens.len()).collect();
+        self.forward_rows(tokens, &streams, std::slice::from_mut(state), &all, s)
+    }
+
+    /// The general forward: row i is token `tokens[i]` of stream `streams[i]` (rows of one stream in
+    /// time order); `logit_rows` lists the rows whose logits are wanted, in the order returned.
+    pub fn forward_rows(
+        &self,
+        tokens: &[u32],
+        streams: &[usize],
+        states: &mut [State],
+        logit_rows: &[usize],
+        s: &mut Scratch,
+    ) -> Result<()> {
         let c = &self.cfg;
         let (d, di, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);
-        let tok = token as usize;
-        if tok >= c.vocab_size {
+        let rows = tokens.len();
+        if streams.len() != rows {
+            return Err(Error::Argument("one stream index per token is needed".into()));
+        }
+        if let Some(&bad) = streams.iter().find(|&&st| st >= states.len()) {
             return Err(Error::Argument(format!(
-                "token id {tok} out of range for vocab {}",
+                "stream {bad} out of range for {} states",
+                states.len()
+            )));
+        }
+        if let Some(&bad) = logit_rows.iter().find(|&&i| i >= rows) {
+            return Err(Error::Argument(format!("logit row {bad} out of range")));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Argument(format!(
+                "token id {bad} out of range for vocab {}",
                 c.vocab_size
             )));
         }
-        s.x.copy_from_slice(&self.embed[tok * d..(tok + 1) * d]);
-        let ring = state.ring_pos;
-        for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
-            rms_norm(&s.x, &layer.norm, c.norm_eps, &mut s.h);
-            matvec(&layer.in_proj, &s.h, &mut s.xz);
-            let (xs, z) = s.xz.split_at(di);
-            // Conv over [oldest .. newest stored inputs, current input].
-            for ch in 0..di {
-                let wrow = &layer.conv_w[ch * k..(ch + 1) * k];
-                let mut acc = layer.conv_b[ch];
-                for j in 0..k - 1 {
-                    let slot = (ring + j) % (k - 1);
-                    acc += wrow[j] * ls.conv[slot * di + ch];
-                }
-                acc += wrow[k - 1] * xs[ch];
-                s.xc[ch] = silu(acc);
+        let x = grow(&mut s.x, rows * d);
+        for (xr, &t) in x.chunks_exact_mut(d).zip(tokens) {
+            self.embed.row_into(t as usize, xr);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = grow(&mut s.h, rows * d);
+            rms_norm_rows(&s.x, &layer.norm, c.norm_eps, h);
+            let xz = grow(&mut s.xz, rows * 2 * di);
+            layer.in_proj.matmul(h, xz, &mut s.q);
+            let xc = grow(&mut s.xc, rows * di);
+            conv_rows(layer, li, xz, streams, states, xc, di, k);
+            let dbc = grow(&mut s.dbc, rows * (r + 2 * n));
+            layer.x_proj.matmul(xc, dbc, &mut s.q);
+            let dt_low = grow(&mut s.dt_low, rows * r);
+            for (lo, row) in dt_low.chunks_exact_mut(r).zip(dbc.chunks_exact(r + 2 * n)) {
+                lo.copy_from_slice(&row[..r]);
             }
-            if k > 1 {
-                ls.conv[ring * di..(ring + 1) * di].copy_from_slice(xs);
-            }
-            matvec(&layer.x_proj, &s.xc, &mut s.dbc);
-            let (dt_low, bc) = s.dbc.split_at(r);
-            matvec(&layer.dt_w, dt_low, &mut s.dt);
-            for (v, b) in s.dt.iter_mut().zip(&layer.dt_b) {
-                *v = softplus(*v + b);
-            }
-            scan_step(
-                &s.xc,
-                &s.dt,
-                &layer.a,
-                &bc[..n],
-                &bc[n..],
-                &mut ls.ssm,
-                &mut s.y,
-            );
-            for ch in 0..di {
-                s.y[ch] = (s.y[ch] + layer.d_skip[ch] * s.xc[ch]) * silu(z[ch]);
-            }
-            matvec(&layer.out_proj, &s.y, &mut s.out);
-            for (a, b) in s.x.iter_mut().zip(&s.out) {
+            let dt = grow(&mut s.dt, rows * di);
+            layer.dt_proj.matmul(dt_low, dt, &mut s.q);
+            let y = grow(&mut s.y, rows * di);
+            scan_rows(layer, li, xz, dbc, streams, states, xc, dt, y, di, n, r);
+            let out = grow(&mut s.out, rows * d);
+            layer.out_proj.matmul(y, out, &mut s.q);
+            for (a, b) in s.x.iter_mut().zip(out.iter()) {
                 *a += b;
             }
             if let Some(moe) = &layer.moe {
-                self.moe_step(moe, s);
+                self.moe_rows(moe, rows, s);
             }
         }
-        rms_norm(&s.x, &self.norm_f, c.norm_eps, &mut s.h);
-        matvec(&self.embed, &s.h, &mut s.logits);
-        if k > 1 {
-            state.ring_pos = (ring + 1) % (k - 1);
+        for st in streams {
+            states[*st].position += 1;
         }
-        state.position += 1;
+        let h = grow(&mut s.h, logit_rows.len() * d);
+        for (hr, &i) in h.chunks_exact_mut(d).zip(logit_rows) {
+            rms_norm(&s.x[i * d..(i + 1) * d], &self.norm_f, c.norm_eps, hr);
+        }
+        let logits = grow(&mut s.logits, logit_rows.len() * c.vocab_size);
+        self.embed.matmul(h, logits, &mut s.q);
         Ok(())
     }
 
-    #[inline(always)]
-    fn moe_step(&self, moe: &Moe, s: &mut Scratch) {
+    /// MoE over all rows: route, then one matmul per expert over the rows it was given.
+    fn moe_rows(&self, moe: &Moe, rows: usize, s: &mut Scratch) {
         let c = &self.cfg;
-        rms_norm(&s.x, &moe.norm, c.norm_eps, &mut s.h);
-        matvec(&moe.router, &s.h, &mut s.probs);
-        let max = s.probs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for p in s.probs.iter_mut() {
-            *p = (*p - max).exp();
-            sum += *p;
+        let (d, e, hid) = (c.d_model, c.n_experts, c.expert_hidden);
+        let h = grow(&mut s.h, rows * d);
+        rms_norm_rows(&s.x, &moe.norm, c.norm_eps, h);
+        let router = grow(&mut s.router, rows * e);
+        moe.router.matmul(h, router, &mut s.q);
+        s.expert_rows.resize_with(e, Vec::new);
+        s.expert_rows.iter_mut().for_each(|v| v.clear());
+        for (i, p) in router.chunks_exact_mut(e).enumerate() {
+            let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for v in p.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            p.iter_mut().for_each(|v| *v /= sum);
+            top_k_into(p, c.top_k, &mut s.chosen);
+            let norm: f32 = s.chosen.iter().map(|&j| p[j]).sum();
+            for &j in &s.chosen {
+                s.expert_rows[j].push((i, p[j] / norm));
+            }
         }
-        for p in s.probs.iter_mut() {
-            *p /= sum;
-        }
-        top_k_into(&s.probs, c.top_k, &mut s.chosen);
-        let norm: f32 = s.chosen.iter().map(|&e| s.probs[e]).sum();
-        for &e in &s.chosen {
-            let ex = &moe.experts[e];
-            matvec(&ex.gate, &s.h, &mut s.hid_g);
-            matvec(&ex.up, &s.h, &mut s.hid_u);
-            for (g, u) in s.hid_g.iter_mut().zip(&s.hid_u) {
+        for (ex, assigned) in moe.experts.iter().zip(&s.expert_rows) {
+            let m = assigned.len();
+            if m == 0 {
+                continue;
+            }
+            let eh = grow(&mut s.eh, m * d);
+            for (dst, &(i, _)) in eh.chunks_exact_mut(d).zip(assigned) {
+                dst.copy_from_slice(&h[i * d..(i + 1) * d]);
+            }
+            let (eg, eu) = (grow(&mut s.eg, m * hid), grow(&mut s.eu, m * hid));
+            ex.gate.matmul(eh, eg, &mut s.q);
+            ex.up.matmul(eh, eu, &mut s.q);
+            for (g, u) in eg.iter_mut().zip(eu.iter()) {
                 *g = silu(*g) * u;
             }
-            matvec(&ex.down, &s.hid_g, &mut s.out);
-            let gate = s.probs[e] / norm;
-            for (a, b) in s.x.iter_mut().zip(&s.out) {
-                *a += gate * b;
+            let eo = grow(&mut s.eo, m * d);
+            ex.down.matmul(eg, eo, &mut s.q);
+            for (o, &(i, gate)) in eo.chunks_exact(d).zip(assigned) {
+                for (a, b) in s.x[i * d..(i + 1) * d].iter_mut().zip(o) {
+                    *a += gate * b;
+                }
             }
         }
-    }
-
-    /// Runs a whole token sequence through the state; returns the logits after the last one.
-    pub fn prefill(&self, tokens: &[u32], state: &mut State, s: &mut Scratch) -> Result<()> {
-        for &t in tokens {
-            self.step(t, state, s)?;
-        }
-        Ok(())
-    }
-}
-
-crate::multiversion! {
-    fn step_fast(rt: &Runtime, token: u32, state: &mut State, s: &mut Scratch) -> Result<()> {
-        rt.step_kernel(token, state, s)
     }
 }
 
@@ -324,43 +537,127 @@ mod tests {
     use crate::rng::Rng;
     use candle_core::{Device, Tensor};
 
-    fn max_diff_forward_vs_step(preset: &str, len: usize) -> f32 {
-        let cfg = ModelConfig::preset(preset).unwrap();
-        let w = Weights::init(&cfg, 3).unwrap();
-        let mut rng = Rng::new(11);
-        let tokens: Vec<u32> = (0..len).map(|_| rng.below(cfg.vocab_size) as u32).collect();
-        let t = Tensor::new(tokens.as_slice(), &Device::Cpu)
+    fn random_tokens(cfg: &ModelConfig, len: usize, seed: u64) -> Vec<u32> {
+        let mut rng = Rng::new(seed);
+        (0..len).map(|_| rng.below(cfg.vocab_size) as u32).collect()
+    }
+
+    fn reference_logits(cfg: &ModelConfig, w: &Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
+        let t = Tensor::new(tokens, &Device::Cpu)
             .unwrap()
-            .reshape((1, len))
+            .reshape((1, tokens.len()))
             .unwrap();
-        let logits = Model::new(&cfg, &w)
+        Model::new(cfg, w)
             .logits(&t)
             .unwrap()
             .0
             .to_vec2::<f32>()
+            .unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    /// Decode (one row per call) and prefill (all rows in one call) both match the reference.
+    #[test]
+    fn step_and_prefill_agree_with_forward_for_every_preset() {
+        for preset in ["micro", "tiny", "small", "medium"] {
+            let cfg = ModelConfig::preset(preset).unwrap();
+            let w = Weights::init(&cfg, 3).unwrap();
+            let tokens = random_tokens(&cfg, 128, 11);
+            let want = reference_logits(&cfg, &w, &tokens);
+            let rt = Runtime::new(&cfg, &w).unwrap();
+            let (mut st, mut sc) = (rt.new_state(), rt.new_scratch());
+            let mut worst = 0f32;
+            for (i, &tok) in tokens.iter().enumerate() {
+                rt.step(tok, &mut st, &mut sc).unwrap();
+                worst = worst.max(max_diff(&sc.logits, &want[i]));
+            }
+            assert!(worst < 1e-4, "{preset} step: max |logit diff| {worst}");
+            let mut st = rt.new_state();
+            rt.prefill_all(&tokens, &mut st, &mut sc).unwrap();
+            let v = cfg.vocab_size;
+            let worst = (0..tokens.len())
+                .map(|i| max_diff(&sc.logits[i * v..(i + 1) * v], &want[i]))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{preset} prefill: max |logit diff| {worst}");
+        }
+    }
+
+    /// Streams decoded together give the same logits as each decoded alone, and prefill in
+    /// chunks continues exactly where the previous chunk stopped.
+    #[test]
+    fn batched_streams_match_single_streams() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let rt = Runtime::new(&cfg, &Weights::init(&cfg, 5).unwrap()).unwrap();
+        let streams = 9;
+        let seqs: Vec<Vec<u32>> = (0..streams)
+            .map(|i| random_tokens(&cfg, 12, 100 + i as u64))
+            .collect();
+        let mut sc = rt.new_scratch();
+        let mut single = Vec::new();
+        for seq in &seqs {
+            let mut st = rt.new_state();
+            rt.prefill(&seq[..4], &mut st, &mut sc).unwrap();
+            rt.prefill(&seq[4..8], &mut st, &mut sc).unwrap();
+            let mut rows = Vec::new();
+            for &t in &seq[8..] {
+                rt.step(t, &mut st, &mut sc).unwrap();
+                rows.push(sc.logits.clone());
+            }
+            single.push(rows);
+        }
+        let mut states: Vec<State> = (0..streams).map(|_| rt.new_state()).collect();
+        // Prefill all streams' first 8 tokens in one call (rows grouped by stream).
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s[..8].to_vec()).collect();
+        let owners: Vec<usize> = (0..streams).flat_map(|i| [i; 8]).collect();
+        rt.forward_rows(&tokens, &owners, &mut states, &[7], &mut sc)
             .unwrap();
-        let rt = Runtime::new(&cfg, &w).unwrap();
-        let (mut st, mut sc) = (rt.new_state(), rt.new_scratch());
-        let mut worst = 0f32;
-        for (i, &tok) in tokens.iter().enumerate() {
-            rt.step(tok, &mut st, &mut sc).unwrap();
-            for (a, b) in sc.logits.iter().zip(&logits[i]) {
-                worst = worst.max((a - b).abs());
+        let v = cfg.vocab_size;
+        for step in 0..4 {
+            let toks: Vec<u32> = seqs.iter().map(|s| s[8 + step]).collect();
+            rt.step_batch(&toks, &mut states, &mut sc).unwrap();
+            for (i, rows) in single.iter().enumerate() {
+                let diff = max_diff(&sc.logits[i * v..(i + 1) * v], &rows[step]);
+                assert!(diff < 1e-4, "stream {i} step {step}: {diff}");
             }
         }
-        worst
+        assert!(states.iter().all(|s| s.position == 12));
     }
 
     #[test]
-    fn step_agrees_with_forward_for_every_preset() {
-        for preset in ["micro", "tiny", "small", "medium"] {
-            let diff = max_diff_forward_vs_step(preset, 128);
-            assert!(diff < 1e-4, "{preset}: max |logit diff| {diff}");
+    fn quantized_runtime_stays_close_to_f32() {
+        let cfg = ModelConfig::preset("micro").unwrap();
+        let w = Weights::init(&cfg, 8).unwrap();
+        let tokens = random_tokens(&cfg, 32, 3);
+        let rt = Runtime::new(&cfg, &w).unwrap();
+        let (mut st, mut sc) = (rt.new_state(), rt.new_scratch());
+        rt.prefill_all(&tokens, &mut st, &mut sc).unwrap();
+        let want = sc.logits.clone();
+        struct Quantized<'a>(&'a Weights, DType);
+        impl TensorSource for Quantized<'_> {
+            fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+                let v = self.0.values(name)?;
+                let dt = if cols % 32 == 0 && rows > 1 { self.1 } else { DType::F32 };
+                Matrix::quantize(dt, rows, cols, &v)
+            }
+        }
+        for dtype in [DType::Q8_0, DType::Q4_0, DType::F16] {
+            let q = Runtime::from_source(&cfg, &Quantized(&w, dtype)).unwrap();
+            assert_eq!(q.main_dtype(), dtype);
+            assert!(q.weight_bytes() < rt.weight_bytes());
+            let mut st = q.new_state();
+            q.prefill_all(&tokens, &mut st, &mut sc).unwrap();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_diff(&sc.logits, &want);
+            let bound = if dtype == DType::Q4_0 { 0.2 } else { 0.03 } * scale;
+            assert!(diff < bound, "{dtype:?}: {diff} (logit scale {scale})");
         }
     }
 
     #[test]
-    fn state_roundtrips_and_resumes_identically() {
+    fn state_roundtrips_and_bad_input_is_an_error() {
         let cfg = ModelConfig::preset("micro").unwrap();
         let rt = Runtime::new(&cfg, &Weights::init(&cfg, 5).unwrap()).unwrap();
         let (mut st, mut sc) = (rt.new_state(), rt.new_scratch());
@@ -372,6 +669,10 @@ mod tests {
         let a = sc.logits.clone();
         rt.step(9, &mut restored, &mut sc).unwrap();
         assert_eq!(a, sc.logits);
-        assert!(rt.step(8000, &mut st, &mut sc).is_err());
+        assert!(rt.step(cfg.vocab_size as u32, &mut st, &mut sc).is_err());
+        assert!(rt.step_batch(&[1, 2], &mut [st.clone()], &mut sc).is_err());
+        assert!(rt
+            .forward_rows(&[1], &[3], &mut [st.clone()], &[0], &mut sc)
+            .is_err());
     }
 }

@@ -9,11 +9,13 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use itera_core::checkpoint::default_model_path;
 use itera_core::eval::evaluate;
-use itera_core::{Generator, ModelConfig, ModelDir, Runtime, SamplingParams, Tokenizer};
+use itera_core::{Generator, ModelConfig, ModelDir, SamplingParams, Tokenizer};
 use itera_train::corpora::{self, Event};
 use itera_train::data::{expand_inputs, Corpus};
 use itera_train::{Run, TrainEvent, TrainOptions};
 use serde_json::json;
+
+mod bench;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +43,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Evaluate a model on held-out text: NLL, perplexity, bits per byte
     Eval(EvalArgs),
+    /// Measure inference speed (prefill, decode, batched decode), start-up time and memory
+    Bench(BenchArgs),
     /// Show a model's or preset's configuration and parameter counts
     Inspect(InspectArgs),
 }
@@ -186,6 +190,20 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Short runs with one repeat (a smoke test, not a measurement)
+    #[arg(long)]
+    quick: bool,
+    /// Only these measurements: peak, prefill, eval, decode, batched, startup (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     #[command(flatten)]
     model: ModelArg,
@@ -225,6 +243,14 @@ fn main() {
         Command::Train(a) => cmd_train(*a),
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(a) => cmd_eval(a),
+        Command::Bench(a) => bench::run(
+            &a.model.path(),
+            bench::Options {
+                json: a.json,
+                quick: a.quick,
+                only: a.only,
+            },
+        ),
         Command::Inspect(a) => cmd_inspect(a),
     };
     if let Err(e) = result {
@@ -473,15 +499,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let path = a.model.path();
     let model =
-        ModelDir::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+        Generator::load(&path).with_context(|| format!("loading model {}", path.display()))?;
     let text = itera_train::data::read_text(&a.data)?;
-    let runtime = Runtime::new(&model.config, &model.weights)?;
+    let runtime = &model.runtime;
     let pb = bar(
         1,
         "{bar:30} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]",
     );
     let t0 = Instant::now();
-    let r = evaluate(&runtime, &model.tokenizer, &text, |done, total| {
+    let r = evaluate(runtime, &model.tokenizer, &text, |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;

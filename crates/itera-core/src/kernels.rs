@@ -12,7 +12,6 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::math::dot;
-use crate::matmul::{matmul as gemm_matmul, View};
 use crate::quant::{self, DType, BLOCK};
 
 /// A [rows, cols] weight matrix, row-major, in its storage format, packed for the kernels.
@@ -24,6 +23,8 @@ pub struct Matrix {
 }
 
 enum Data {
+    /// f32 in panels of `PANEL` rows, k-major: panel p holds rows 32p..32p+32 as [cols][32]
+    /// (zero-padded), so a kernel broadcasts one activation and multiplies 32 rows at once.
     F32(Vec<f32>),
     /// f16 or bf16 bits.
     Half(Vec<u16>),
@@ -255,7 +256,7 @@ impl Matrix {
             rows,
             cols,
             dtype: DType::F32,
-            data: Data::F32(values),
+            data: Data::F32(pack_panels(rows, cols, &values)),
         })
     }
 
@@ -271,7 +272,7 @@ impl Matrix {
             )));
         }
         let data = match dtype {
-            DType::F32 => Data::F32(quant::dequantize(dtype, bytes, n)?),
+            DType::F32 => Data::F32(pack_panels(rows, cols, &quant::dequantize(dtype, bytes, n)?)),
             DType::F16 | DType::BF16 => Data::Half(
                 bytes
                     .chunks_exact(2)
@@ -311,7 +312,12 @@ impl Matrix {
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let c = self.cols;
         match &self.data {
-            Data::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
+            Data::F32(v) => {
+                let panel = &v[r / PANEL * PANEL * c..];
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = panel[k * PANEL + r % PANEL];
+                }
+            }
             Data::Half(v) => {
                 let bf = self.dtype == DType::BF16;
                 for (o, &b) in out.iter_mut().zip(&v[r * c..(r + 1) * c]) {
@@ -353,10 +359,7 @@ impl Matrix {
             return;
         }
         if let Data::F32(w) = &self.data {
-            if n >= 4 {
-                gemm_matmul(y, View::rows(x, n, cols), View::rows(w, rows, cols).t(), false);
-                return;
-            }
+            return panel_matmul(w, rows, cols, x, y);
         }
         if let Data::Blocks(_) = &self.data {
             quantize_rows(x, cols, q);
@@ -389,12 +392,7 @@ impl Matrix {
         }
         let c = self.cols;
         match &self.data {
-            Data::F32(w) => {
-                for (j, out) in y.iter_mut().enumerate() {
-                    let r = first + j;
-                    *out = dot_f32(&w[r * c..(r + 1) * c], x);
-                }
-            }
+            Data::F32(_) => unreachable!("f32 runs in panel_matmul"),
             Data::Half(w) => {
                 let bf = self.dtype == DType::BF16;
                 for (j, out) in y.iter_mut().enumerate() {
@@ -423,7 +421,7 @@ impl Matrix {
                 let yi = &mut y[i * rows..(i + 1) * rows];
                 for r in t..end {
                     yi[r] = match &self.data {
-                        Data::F32(w) => dot_f32(&w[r * c..(r + 1) * c], xi),
+                        Data::F32(_) => unreachable!("f32 runs in panel_matmul"),
                         Data::Half(_) => {
                             wrow.resize(c, 0.0);
                             self.row_into(r, &mut wrow);
@@ -441,6 +439,147 @@ crate::multiversion! {
     fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         dot(a, b)
     }
+}
+
+/// Weight rows per f32 panel: two AVX-512 registers.
+const PANEL: usize = 32;
+/// Activation rows per f32 micro-tile (6 x 2 accumulators + 2 weight registers + 1 broadcast).
+const MR: usize = 6;
+
+fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
+    let panels = rows.div_ceil(PANEL);
+    let mut out = vec![0.0; panels * cols * PANEL];
+    for r in 0..rows {
+        let panel = &mut out[r / PANEL * PANEL * cols..];
+        for k in 0..cols {
+            panel[k * PANEL + r % PANEL] = w[r * cols + k];
+        }
+    }
+    out
+}
+
+/// y [n, rows] = x [n, cols] · Wᵀ over the panel layout: threads split the activation rows (or,
+/// for a single row, the panels); each thread walks panels outermost so a panel stays in L1.
+fn panel_matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    let n = x.len() / cols;
+    let threads = rayon::current_num_threads();
+    if n * rows * cols < PARALLEL_WORK || threads == 1 {
+        return panel_rows(w, rows, cols, x, y, 0, rows);
+    }
+    if n == 1 {
+        let chunk = rows.div_ceil(threads * 2).next_multiple_of(PANEL);
+        y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
+            panel_rows(w, rows, cols, x, ys, i * chunk, i * chunk + ys.len())
+        });
+    } else {
+        let per = n.div_ceil(threads);
+        y.par_chunks_mut(per * rows)
+            .zip(x.par_chunks(per * cols))
+            .for_each(|(ys, xs)| panel_rows(w, rows, cols, xs, ys, 0, rows));
+    }
+}
+
+/// Weight rows [r0, r1) (r0 a multiple of PANEL) for all activation rows of `x`; `y` holds
+/// columns r0..r1 when x is one row, else full rows of `rows`.
+fn panel_rows(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], r0: usize, r1: usize) {
+    let n = x.len() / cols;
+    let (ystride, yoff) = if n == 1 { (0, r0) } else { (rows, 0) };
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        for p in r0 / PANEL..r1.div_ceil(PANEL) {
+            let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
+            let width = (rows - p * PANEL).min(PANEL);
+            let mut i = 0;
+            while i < n {
+                let mr = (n - i).min(MR);
+                let ypos = i * ystride + p * PANEL - yoff;
+                assert!(ypos + (mr - 1) * ystride + width <= y.len());
+                // SAFETY: AVX-512F is present; the tile reads `mr` rows of x and one panel inside
+                // their slices and writes `mr` rows of `width` outputs inside `y` (asserted).
+                unsafe {
+                    let (xp, yp) = (x.as_ptr().add(i * cols), y.as_mut_ptr().add(ypos));
+                    match mr {
+                        6 => tile_avx512::<6>(panel, cols, xp, yp, ystride, width),
+                        5 => tile_avx512::<5>(panel, cols, xp, yp, ystride, width),
+                        4 => tile_avx512::<4>(panel, cols, xp, yp, ystride, width),
+                        3 => tile_avx512::<3>(panel, cols, xp, yp, ystride, width),
+                        2 => tile_avx512::<2>(panel, cols, xp, yp, ystride, width),
+                        _ => tile_avx512::<1>(panel, cols, xp, yp, ystride, width),
+                    }
+                }
+                i += mr;
+            }
+        }
+        return;
+    }
+    panel_rows_portable(w, rows, cols, x, y, r0, r1, ystride, yoff);
+}
+
+crate::multiversion! {
+    fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], r0: usize, r1: usize, ystride: usize, yoff: usize) {
+        let n = x.len() / cols;
+        for p in r0 / PANEL..r1.div_ceil(PANEL) {
+            let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
+            let width = (rows - p * PANEL).min(PANEL);
+            for i in 0..n {
+                let mut acc = [0.0f32; PANEL];
+                for (k, wk) in panel.chunks_exact(PANEL).enumerate() {
+                    let a = x[i * cols + k];
+                    for j in 0..PANEL {
+                        acc[j] += a * wk[j];
+                    }
+                }
+                let at = i * ystride + p * PANEL - yoff;
+                y[at..at + width].copy_from_slice(&acc[..width]);
+            }
+        }
+    }
+}
+
+/// An MR x 32 tile of y: for each k, two panel loads and MR broadcasts feed 2 * MR FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const R: usize>(
+    panel: &[f32],
+    cols: usize,
+    x: *const f32,
+    y: *mut f32,
+    ystride: usize,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let wp = panel.as_ptr();
+    for k in 0..cols {
+        let b0 = _mm512_loadu_ps(wp.add(k * PANEL));
+        let b1 = _mm512_loadu_ps(wp.add(k * PANEL + 16));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let v = _mm512_set1_ps(*x.add(r * cols + k));
+            a[0] = _mm512_fmadd_ps(v, b0, a[0]);
+            a[1] = _mm512_fmadd_ps(v, b1, a[1]);
+        }
+    }
+    let m0 = if width >= 16 { 0xFFFF } else { (1u32 << width) as u16 - 1 };
+    let m1 = if width >= 32 { 0xFFFF } else if width > 16 { (1u32 << (width - 16)) as u16 - 1 } else { 0 };
+    for (r, a) in acc.iter().enumerate() {
+        let out = y.add(r * ystride);
+        _mm512_mask_storeu_ps(out, m0, a[0]);
+        _mm512_mask_storeu_ps(out.add(16), m1, a[1]);
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::env::var_os("ITERA_NO_AVX512").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// ggml blocks -> the kernels' layout (see `Blocks`).

@@ -1,9 +1,11 @@
 //! Itera-Lite core: model config, weights, the parallel forward (training, prefill) and the
 //! recurrent step (decoding), checkpoints, tokenizer, sampling, generation and evaluation.
 
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod gguf;
 pub mod kernels;
 pub mod loss;
 pub mod math;

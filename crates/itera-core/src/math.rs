@@ -18,6 +18,29 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
+/// Natural log for positive normal x, to ~1 ulp, branch-free so loops over it vectorise:
+/// x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m - 1) / (m + 1).
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xFF) as i32 - 127;
+    let mut m = f32::from_bits((bits & 0x007F_FFFF) | 0x3F80_0000);
+    let big = m > std::f32::consts::SQRT_2;
+    m = if big { m * 0.5 } else { m };
+    e += big as i32;
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let p = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
+    2.0 * s * p + e as f32 * std::f32::consts::LN_2
+}
+
+/// ln(1 + v) for v >= 0, accurate also for tiny v (the rounding of 1 + v is corrected).
+#[inline(always)]
+pub fn ln_1p(v: f32) -> f32 {
+    let u = 1.0 + v;
+    ln(u) - ((u - 1.0) - v) / u
+}
+
 /// sum_i e^(v_i - shift), in 8 independent lanes so it vectorises.
 #[inline(always)]
 pub fn sum_exp(values: &[f32], shift: f32) -> f32 {
@@ -78,5 +101,25 @@ mod tests {
         }
         assert!(worst < 5e-7, "max relative error {worst}");
         assert_eq!(super::exp(-1000.0), super::exp(-87.0));
+    }
+
+    #[test]
+    fn ln_and_ln_1p_are_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = 1e-30f32;
+        while x < 1e30 {
+            let (a, b) = (super::ln(x) as f64, (x as f64).ln());
+            worst = worst.max((a - b).abs() / b.abs().max(1.0));
+            x *= 1.0123;
+        }
+        assert!(worst < 3e-7, "ln: max error {worst}");
+        let mut worst = 0.0f64;
+        let mut v = 1e-12f32;
+        while v <= 1.0 {
+            let (a, b) = (super::ln_1p(v) as f64, (v as f64).ln_1p());
+            worst = worst.max(((a - b) / b).abs());
+            v *= 1.01;
+        }
+        assert!(worst < 1e-6, "ln_1p: max relative error {worst}");
     }
 }

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{Matrix, QuantizedRows};
 use crate::model::top_k_into;
 use crate::quant::DType;
-use crate::scan::{scan_step, silu, softplus};
+use crate::scan::{silu, softplus};
 use crate::weights::Weights;
 
 /// Where the runtime's tensors come from (safetensors weights, a GGUF file, ...).
@@ -55,13 +55,14 @@ struct Moe {
 struct Layer {
     norm: Vec<f32>,
     in_proj: Matrix,
-    conv_w: Vec<f32>,
+    /// Conv kernel transposed to [d_conv][d_inner] (tap-major, so channel loops vectorise).
+    conv_t: Vec<f32>,
     conv_b: Vec<f32>,
     x_proj: Matrix,
     dt_proj: Matrix,
     dt_b: Vec<f32>,
-    /// A = -exp(A_log), precomputed.
-    a: Vec<f32>,
+    /// A = -exp(A_log), transposed to [N][d_inner] like the state.
+    a_t: Vec<f32>,
     d_skip: Vec<f32>,
     out_proj: Matrix,
     moe: Option<Moe>,
@@ -81,7 +82,7 @@ pub struct Runtime {
 pub struct LayerState {
     /// [(d_conv - 1) * d_inner], oldest input first.
     pub conv: Vec<f32>,
-    /// [d_inner * d_state]
+    /// [d_state][d_inner]
     pub ssm: Vec<f32>,
 }
 
@@ -124,7 +125,20 @@ pub struct Scratch {
     eu: Vec<f32>,
     eo: Vec<f32>,
     q: QuantizedRows,
+    conv_ptrs: Vec<Shared>,
+    ssm_ptrs: Vec<Shared>,
     pub logits: Vec<f32>,
+}
+
+/// [rows, cols] -> [cols, rows].
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = v[i * cols + j];
+        }
+    }
+    out
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -150,49 +164,120 @@ crate::multiversion! {
     }
 }
 
+/// A raw pointer handed to the threads that each own a disjoint channel range of it.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: threads only touch disjoint channel ranges through it (see `mixer_split`).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// # Safety
+    /// The range must lie inside the allocation and no other live slice may overlap it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// What the conv and scan passes of one layer read and write, as shared pointers: rows of the
+/// activations and one state pointer per stream.
+#[derive(Clone, Copy)]
+struct MixerIo<'a> {
+    layer: &'a Layer,
+    streams: &'a [usize],
+    conv: &'a [Shared],
+    ssm: &'a [Shared],
+    xz: &'a [f32],
+    dbc: &'a [f32],
+    xc: Shared,
+    dt: Shared,
+    y: Shared,
+    di: usize,
+    n: usize,
+    r: usize,
+    k: usize,
+}
+
 crate::multiversion! {
-    /// Causal depthwise conv + SiLU over the rows, in order, each row against its stream's state.
-    fn conv_rows(layer: &Layer, li: usize, xz: &[f32], streams: &[usize], states: &mut [State], xc: &mut [f32], di: usize, k: usize) {
-        for (i, &st) in streams.iter().enumerate() {
-            let xs = &xz[i * 2 * di..i * 2 * di + di];
-            let conv = &mut states[st].layers[li].conv;
-            let out = &mut xc[i * di..(i + 1) * di];
-            out.copy_from_slice(&layer.conv_b);
+    /// Causal depthwise conv + SiLU for channels c0..c1 of every row, in row order.
+    fn conv_range(io: MixerIo, c0: usize, c1: usize) {
+        let (di, k, w) = (io.di, io.k, c1 - c0);
+        let layer = io.layer;
+        for (i, &st) in io.streams.iter().enumerate() {
+            let xs = &io.xz[i * 2 * di + c0..i * 2 * di + c1];
+            // SAFETY: this call owns channels c0..c1 of every row and state (disjoint ranges).
+            let out = unsafe { io.xc.slice(i * di + c0, w) };
+            out.copy_from_slice(&layer.conv_b[c0..c1]);
             for j in 0..k - 1 {
-                let past = &conv[j * di..(j + 1) * di];
-                for ch in 0..di {
-                    out[ch] += layer.conv_w[ch * k + j] * past[ch];
+                let past = unsafe { io.conv[st].slice(j * di + c0, w) };
+                let wj = &layer.conv_t[j * di + c0..j * di + c1];
+                for ch in 0..w {
+                    out[ch] += wj[ch] * past[ch];
                 }
             }
-            for ch in 0..di {
-                out[ch] = silu(out[ch] + layer.conv_w[ch * k + k - 1] * xs[ch]);
+            let wl = &layer.conv_t[(k - 1) * di + c0..(k - 1) * di + c1];
+            for ch in 0..w {
+                out[ch] = silu(out[ch] + wl[ch] * xs[ch]);
+            }
+            for j in 0..k.saturating_sub(2) {
+                let next = unsafe { io.conv[st].slice((j + 1) * di + c0, w) };
+                unsafe { io.conv[st].slice(j * di + c0, w) }.copy_from_slice(next);
             }
             if k > 1 {
-                conv.copy_within(di.., 0);
-                conv[(k - 2) * di..].copy_from_slice(xs);
+                unsafe { io.conv[st].slice((k - 2) * di + c0, w) }.copy_from_slice(xs);
             }
         }
     }
 }
 
 crate::multiversion! {
-    /// softplus(dt) then the selective scan, D skip and SiLU(z) gate, row by row.
-    fn scan_rows(layer: &Layer, li: usize, xz: &[f32], dbc: &[f32], streams: &[usize], states: &mut [State], xc: &[f32], dt: &mut [f32], y: &mut [f32], di: usize, n: usize, r: usize) {
+    /// softplus(dt), the selective scan (state [N][d_inner], vectorised over channels), the D skip
+    /// and the SiLU(z) gate, for channels c0..c1 of every row, in row order.
+    fn scan_range(io: MixerIo, c0: usize, c1: usize) {
+        let (di, n, r, w) = (io.di, io.n, io.r, c1 - c0);
+        let layer = io.layer;
         let width = r + 2 * n;
-        for (i, &st) in streams.iter().enumerate() {
-            let dti = &mut dt[i * di..(i + 1) * di];
-            for (v, b) in dti.iter_mut().zip(&layer.dt_b) {
+        for (i, &st) in io.streams.iter().enumerate() {
+            // SAFETY: this call owns channels c0..c1 of every row and state (disjoint ranges).
+            let dt = unsafe { io.dt.slice(i * di + c0, w) };
+            let y = unsafe { io.y.slice(i * di + c0, w) };
+            let x = unsafe { io.xc.slice(i * di + c0, w) };
+            for (v, b) in dt.iter_mut().zip(&layer.dt_b[c0..c1]) {
                 *v = softplus(*v + b);
             }
-            let bc = &dbc[i * width + r..(i + 1) * width];
-            let (xci, yi) = (&xc[i * di..(i + 1) * di], &mut y[i * di..(i + 1) * di]);
-            scan_step(xci, dti, &layer.a, &bc[..n], &bc[n..], &mut states[st].layers[li].ssm, yi);
-            let z = &xz[i * 2 * di + di..(i + 1) * 2 * di];
-            for ch in 0..di {
-                yi[ch] = (yi[ch] + layer.d_skip[ch] * xci[ch]) * silu(z[ch]);
+            let bc = &io.dbc[i * width + r..(i + 1) * width];
+            y.fill(0.0);
+            for j in 0..n {
+                let h = unsafe { io.ssm[st].slice(j * di + c0, w) };
+                let a = &layer.a_t[j * di + c0..j * di + c1];
+                let (b, c) = (bc[j], bc[n + j]);
+                for ch in 0..w {
+                    h[ch] = crate::math::exp(dt[ch] * a[ch]) * h[ch] + dt[ch] * x[ch] * b;
+                    y[ch] += c * h[ch];
+                }
+            }
+            let z = &io.xz[i * 2 * di + di + c0..i * 2 * di + di + c1];
+            let dskip = &layer.d_skip[c0..c1];
+            for ch in 0..w {
+                y[ch] = (y[ch] + dskip[ch] * x[ch]) * silu(z[ch]);
             }
         }
     }
+}
+
+/// Runs a channel-range pass over all channels: split between threads when there is enough work.
+fn mixer_split(io: MixerIo, pass: fn(MixerIo, usize, usize)) {
+    let threads = rayon::current_num_threads();
+    if io.streams.len() < 8 || threads == 1 {
+        return pass(io, 0, io.di);
+    }
+    let chunk = io.di.div_ceil(threads).next_multiple_of(16);
+    rayon::scope(|s| {
+        for c0 in (0..io.di).step_by(chunk) {
+            s.spawn(move |_| pass(io, c0, (c0 + chunk).min(io.di)));
+        }
+    });
 }
 
 impl Runtime {
@@ -238,15 +323,19 @@ impl Runtime {
             layers.push(Layer {
                 norm: vec("norm.weight", d)?,
                 in_proj: mat("mixer.in_proj.weight", 2 * di, d)?,
-                conv_w: vec("mixer.conv.weight", di * k)?,
+                conv_t: transpose(&vec("mixer.conv.weight", di * k)?, di, k),
                 conv_b: vec("mixer.conv.bias", di)?,
                 x_proj: mat("mixer.x_proj.weight", r + 2 * n, di)?,
                 dt_proj: mat("mixer.dt_proj.weight", di, r)?,
                 dt_b: vec("mixer.dt_proj.bias", di)?,
-                a: vec("mixer.A_log", di * n)?
-                    .iter()
-                    .map(|v| -v.exp())
-                    .collect(),
+                a_t: transpose(
+                    &vec("mixer.A_log", di * n)?
+                        .iter()
+                        .map(|v| -v.exp())
+                        .collect::<Vec<_>>(),
+                    di,
+                    n,
+                ),
                 d_skip: vec("mixer.D", di)?,
                 out_proj: mat("mixer.out_proj.weight", d, di)?,
                 moe,
@@ -289,10 +378,10 @@ impl Runtime {
             .iter()
             .map(|l| {
                 4 * (l.norm.len()
-                    + l.conv_w.len()
+                    + l.conv_t.len()
                     + l.conv_b.len()
                     + l.dt_b.len()
-                    + l.a.len()
+                    + l.a_t.len()
                     + l.d_skip.len()
                     + l.moe.as_ref().map_or(0, |m| m.norm.len()))
             })
@@ -447,18 +536,45 @@ impl Runtime {
             rms_norm_rows(&s.x, &layer.norm, c.norm_eps, h);
             let xz = grow(&mut s.xz, rows * 2 * di);
             layer.in_proj.matmul(h, xz, &mut s.q);
+            s.conv_ptrs.clear();
+            s.ssm_ptrs.clear();
+            for st in states.iter_mut() {
+                let ls = &mut st.layers[li];
+                s.conv_ptrs.push(Shared(ls.conv.as_mut_ptr()));
+                s.ssm_ptrs.push(Shared(ls.ssm.as_mut_ptr()));
+            }
             let xc = grow(&mut s.xc, rows * di);
-            conv_rows(layer, li, xz, streams, states, xc, di, k);
+            let dt = grow(&mut s.dt, rows * di);
+            let y = grow(&mut s.y, rows * di);
             let dbc = grow(&mut s.dbc, rows * (r + 2 * n));
+            let mut io = MixerIo {
+                layer,
+                streams,
+                conv: &s.conv_ptrs,
+                ssm: &s.ssm_ptrs,
+                xz,
+                dbc: &[],
+                xc: Shared(xc.as_mut_ptr()),
+                dt: Shared(dt.as_mut_ptr()),
+                y: Shared(y.as_mut_ptr()),
+                di,
+                n,
+                r,
+                k,
+            };
+            mixer_split(io, conv_range);
             layer.x_proj.matmul(xc, dbc, &mut s.q);
             let dt_low = grow(&mut s.dt_low, rows * r);
             for (lo, row) in dt_low.chunks_exact_mut(r).zip(dbc.chunks_exact(r + 2 * n)) {
                 lo.copy_from_slice(&row[..r]);
             }
-            let dt = grow(&mut s.dt, rows * di);
             layer.dt_proj.matmul(dt_low, dt, &mut s.q);
-            let y = grow(&mut s.y, rows * di);
-            scan_rows(layer, li, xz, dbc, streams, states, xc, dt, y, di, n, r);
+            // Fresh pointers: the matmuls above wrote through the slices themselves.
+            io.dbc = dbc;
+            io.xc = Shared(xc.as_mut_ptr());
+            io.dt = Shared(dt.as_mut_ptr());
+            io.y = Shared(y.as_mut_ptr());
+            mixer_split(io, scan_range);
             let out = grow(&mut s.out, rows * d);
             layer.out_proj.matmul(y, out, &mut s.q);
             for (a, b) in s.x.iter_mut().zip(out.iter()) {

@@ -50,7 +50,7 @@ pub(crate) fn f32_slice<'a>(
 
 #[inline(always)]
 pub fn softplus(v: f32) -> f32 {
-    v.max(0.0) + (-v.abs()).exp().ln_1p()
+    v.max(0.0) + crate::math::ln_1p(crate::math::exp(-v.abs()))
 }
 
 #[inline(always)]

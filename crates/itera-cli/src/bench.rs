@@ -1,0 +1,216 @@
+//! `itera bench`: the runtime's speeds, each as a fraction of the machine's peak f32 FLOP/s
+//! measured in the same run, plus start-up time and memory of a real `itera generate` process.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use itera_core::bench::{self, median};
+use itera_core::Generator;
+use serde_json::{json, Value};
+
+pub struct Options {
+    pub json: bool,
+    /// Fewer repeats and shorter runs (for smoke tests).
+    pub quick: bool,
+    /// Only these parts (peak, prefill, eval, decode, batched, startup); empty = all.
+    pub only: Vec<String>,
+}
+
+pub fn run(model: &Path, opts: Options) -> Result<()> {
+    let generator =
+        Generator::load(model).with_context(|| format!("loading model {}", model.display()))?;
+    let rt = &generator.runtime;
+    let reps = if opts.quick { 1 } else { 5 };
+    let note = |what: &str| {
+        if !opts.json {
+            eprintln!("measuring {what}...");
+        }
+    };
+    let want = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
+    note("peak FLOP/s");
+    let (peak, threads, isa) = if want("peak") {
+        bench::peak_flops()
+    } else {
+        (f64::NAN, 0, "skipped")
+    };
+    let flops_per_token = 2.0 * rt.macs_per_token() as f64;
+    let frac = |tps: f64| tps * flops_per_token / peak;
+    note("prefill");
+    let (seqs, len) = if opts.quick { (2, 128) } else { (16, 128) };
+    let prefill = skip(want("prefill"), || bench::prefill_tokens_per_s(rt, seqs, len, reps))?;
+    note("evaluation");
+    let eval = skip(want("eval"), || {
+        bench::eval_tokens_per_s(rt, if opts.quick { 512 } else { 4096 }, reps.min(3))
+    })?;
+    note("single-stream decode");
+    let decode = if want("decode") {
+        bench::decode(rt, if opts.quick { 32 } else { 256 }, reps)?
+    } else {
+        bench::DecodeReport {
+            tokens_per_s: f64::NAN,
+            latency_p50_us: f64::NAN,
+            latency_p99_us: f64::NAN,
+        }
+    };
+    let mut batched = serde_json::Map::new();
+    for streams in [1usize, 8, 64] {
+        note(&format!("batched decode, {streams} streams"));
+        let steps = if opts.quick { 4 } else { 64 };
+        let tps = skip(want("batched"), || {
+            bench::batched_decode_tokens_per_s(rt, streams, steps, reps.min(3))
+        })?;
+        batched.insert(
+            streams.to_string(),
+            json!({"tokens_per_s": tps, "fraction_of_peak": frac(tps)}),
+        );
+    }
+    note("process start to first token");
+    let (first_token_ms, child_rss) = if want("startup") {
+        first_token(model, if opts.quick { 1 } else { 5 })?
+    } else {
+        (f64::NAN, 0)
+    };
+    let file_bytes = if model.is_dir() {
+        std::fs::metadata(model.join(itera_core::checkpoint::WEIGHTS_FILE))?.len()
+    } else {
+        std::fs::metadata(model)?.len()
+    };
+    let report = json!({
+        "model": model.display().to_string(),
+        "format": rt.main_dtype().name(),
+        "file_bytes": file_bytes,
+        "weight_bytes_in_memory": rt.weight_bytes(),
+        "parameters": rt.cfg.parameter_count(),
+        "threads": rayon_threads(),
+        "kernels": itera_core::kernels::level(),
+        "peak_flops": peak,
+        "peak_threads": threads,
+        "peak_isa": isa,
+        "flops_per_token": flops_per_token,
+        "prefill": {"sequences": seqs, "length": len, "tokens_per_s": prefill, "fraction_of_peak": frac(prefill)},
+        "eval": {"tokens_per_s": eval, "fraction_of_peak": frac(eval)},
+        "decode": {"tokens_per_s": decode.tokens_per_s, "latency_p50_us": decode.latency_p50_us,
+                   "latency_p99_us": decode.latency_p99_us, "fraction_of_peak": frac(decode.tokens_per_s)},
+        "batched_decode": batched,
+        "start_to_first_token_ms": first_token_ms,
+        "generate_peak_rss_bytes": child_rss,
+        "bench_peak_rss_bytes": own_peak_rss(),
+    });
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+/// Runs a measurement only when it was asked for (NaN otherwise: JSON null).
+fn skip(wanted: bool, f: impl FnOnce() -> itera_core::Result<f64>) -> Result<f64> {
+    Ok(if wanted { f()? } else { f64::NAN })
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `itera generate --max-tokens 1` as a fresh process `runs` times: median wall time from
+/// spawn to exit (an upper bound on start-to-first-token), and the children's peak RSS.
+fn first_token(model: &Path, runs: usize) -> Result<(f64, u64)> {
+    let exe = std::env::current_exe()?;
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let out = Command::new(&exe)
+            .args(["generate", "--prompt", "Once upon a time", "--max-tokens", "1"])
+            .arg("--model")
+            .arg(model)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        if !out.status.success() {
+            bail!(
+                "`itera generate` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok((median(&times), children_peak_rss()))
+}
+
+/// Peak resident set of the largest child process waited for, in bytes.
+fn children_peak_rss() -> u64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    u.ru_maxrss as u64 * 1024
+}
+
+fn own_peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn print_report(r: &Value) {
+    let pct = |v: &Value| format!("{:5.1}% of peak", v.as_f64().unwrap_or(0.0) * 100.0);
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    println!("model                 {} ({})", r["model"].as_str().unwrap_or(""), r["format"].as_str().unwrap_or(""));
+    println!(
+        "size                  {:.2} MB file, {:.2} MB weights in memory, {} parameters",
+        f(&r["file_bytes"]) / 1e6,
+        f(&r["weight_bytes_in_memory"]) / 1e6,
+        r["parameters"]
+    );
+    println!(
+        "machine peak          {:.1} GFLOP/s f32 ({} threads, {}); kernels: {}",
+        f(&r["peak_flops"]) / 1e9,
+        r["peak_threads"],
+        r["peak_isa"].as_str().unwrap_or(""),
+        r["kernels"].as_str().unwrap_or("")
+    );
+    println!("FLOPs per token       {:.2} M", f(&r["flops_per_token"]) / 1e6);
+    println!(
+        "prefill               {:>10.0} tokens/s  {}  ({} x {} tokens)",
+        f(&r["prefill"]["tokens_per_s"]),
+        pct(&r["prefill"]["fraction_of_peak"]),
+        r["prefill"]["sequences"],
+        r["prefill"]["length"]
+    );
+    println!(
+        "eval (one stream)     {:>10.0} tokens/s  {}",
+        f(&r["eval"]["tokens_per_s"]),
+        pct(&r["eval"]["fraction_of_peak"])
+    );
+    println!(
+        "decode, 1 stream      {:>10.0} tokens/s  {}  p50 {:.1} us, p99 {:.1} us per token",
+        f(&r["decode"]["tokens_per_s"]),
+        pct(&r["decode"]["fraction_of_peak"]),
+        f(&r["decode"]["latency_p50_us"]),
+        f(&r["decode"]["latency_p99_us"])
+    );
+    for s in ["1", "8", "64"] {
+        let b = &r["batched_decode"][s];
+        println!(
+            "batched decode, {s:>2}    {:>10.0} tokens/s  {}",
+            f(&b["tokens_per_s"]),
+            pct(&b["fraction_of_peak"])
+        );
+    }
+    println!(
+        "start to first token  {:.1} ms (process spawn to exit, `itera generate --max-tokens 1`)",
+        f(&r["start_to_first_token_ms"])
+    );
+    println!(
+        "peak RSS              {:.1} MB (generate process), {:.1} MB (this benchmark)",
+        f(&r["generate_peak_rss_bytes"]) / 1e6,
+        f(&r["bench_peak_rss_bytes"]) / 1e6
+    );
+}

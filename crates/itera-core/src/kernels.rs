@@ -87,6 +87,8 @@ pub struct QuantizedRows {
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    /// f32 activations packed into micro-tiles (`pack_tiles`).
+    packed: Vec<f32>,
 }
 
 crate::multiversion! {
@@ -132,27 +134,29 @@ crate::multiversion! {
     }
 }
 
-/// The AVX-512 VNNI kernel: 64 codes (two blocks) per `vpdpbusd`.
+/// The AVX-512 VNNI kernel: one weight row against X activation rows; each pair of blocks is
+/// unpacked once and feeds X `vpdpbusd`s (64 codes each). Writes the X dot products to `out`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_blocks_avx512(
+unsafe fn dot_blocks_avx512<const X: usize>(
     m: &Blocks,
     row: usize,
     nb: usize,
-    xq: &[i8],
-    xd: &[f32],
-    xs: &[f32],
-) -> f32 {
+    x: &QuantizedRows,
+    x_first: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let pairs = nb / 2;
     let sb = row * nb;
-    let (scale, high) = (&m.scale[sb..sb + nb], &m.high);
-    let mut acc = _mm512_setzero_ps();
+    let (scale, bias, high) = (&m.scale[sb..sb + nb], &m.bias[sb..sb + nb], &m.high);
+    let mut acc = [_mm512_setzero_ps(); X];
     let low = _mm256_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(0x10);
     let table = m
         .table
         .map(|t| _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i)));
+    let xrow = |j: usize| x_first + j;
     for p in 0..pairs {
         let mut u = if m.nibbles {
             let ptr = m.codes.as_ptr().add(row * nb * BLOCK / 2 + p * 32);
@@ -170,19 +174,35 @@ unsafe fn dot_blocks_avx512(
         if let Some(t) = table {
             u = _mm512_shuffle_epi8(t, u);
         }
-        let x = _mm512_loadu_si512(xq.as_ptr().add(p * 64) as *const _);
-        let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);
-        let s = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(scale[2 * p] * xd[2 * p]),
-            _mm512_set1_ps(scale[2 * p + 1] * xd[2 * p + 1]),
-        );
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc);
+        let (s0, s1) = (scale[2 * p], scale[2 * p + 1]);
+        for (j, a) in acc.iter_mut().enumerate() {
+            let (qo, bo) = (xrow(j) * nb * BLOCK + p * 64, xrow(j) * nb + 2 * p);
+            let xv = _mm512_loadu_si512(x.q.as_ptr().add(qo) as *const _);
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+            let sv = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(s0 * *x.d.get_unchecked(bo)),
+                _mm512_set1_ps(s1 * *x.d.get_unchecked(bo + 1)),
+            );
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sv, *a);
+        }
     }
-    let mut total = _mm512_reduce_add_ps(acc);
-    // The trailing odd block and the bias terms (one per block) in portable code.
-    total += dot_blocks_portable(m, row, nb, pairs * 2, xq, xd, xs);
-    total
+    for (j, a) in acc.iter().enumerate() {
+        let xs = &x.s[xrow(j) * nb..(xrow(j) + 1) * nb];
+        let mut total = _mm512_reduce_add_ps(*a);
+        for b in 0..nb {
+            total += bias[b] * xs[b];
+        }
+        if nb % 2 == 1 {
+            // The odd trailing block, in portable code (its bias is already counted above).
+            let blk = nb - 1;
+            let codes = m.block(row, nb, blk);
+            let xb = &x.q[(xrow(j) * nb + blk) * BLOCK..][..BLOCK];
+            let isum: i32 = codes.iter().zip(xb).map(|(&c, &q)| c as i32 * q as i32).sum();
+            total += scale[blk] * x.d[xrow(j) * nb + blk] * isum as f32;
+        }
+        out[j] = total;
+    }
 }
 
 fn has_avx512_vnni() -> bool {
@@ -190,12 +210,7 @@ fn has_avx512_vnni() -> bool {
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::env::var_os("ITERA_NO_AVX512").is_none()
-        })
+        *HAS.get_or_init(|| has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -210,19 +225,39 @@ pub fn level() -> &'static str {
     }
 }
 
+/// Dot products of weight row `row` with activation rows x_first.. (as many as `out` holds).
 #[inline(always)]
-fn dot_blocks(m: &Blocks, row: usize, nb: usize, x: &QuantizedRows, xrow: usize) -> f32 {
-    let (xq, xd, xs) = (
-        &x.q[xrow * nb * BLOCK..(xrow + 1) * nb * BLOCK],
-        &x.d[xrow * nb..(xrow + 1) * nb],
-        &x.s[xrow * nb..(xrow + 1) * nb],
-    );
+fn dot_blocks(m: &Blocks, row: usize, nb: usize, x: &QuantizedRows, x_first: usize, out: &mut [f32]) {
+    assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
     #[cfg(target_arch = "x86_64")]
     if has_avx512_vnni() {
-        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); all loads are inside the row's slices.
-        return unsafe { dot_blocks_avx512(m, row, nb, xq, xd, xs) };
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the asserted bounds keep every load
+        // inside the row's codes and the activation rows' slices.
+        unsafe {
+            let mut j = 0;
+            while j + 4 <= out.len() {
+                dot_blocks_avx512::<4>(m, row, nb, x, x_first + j, &mut out[j..j + 4]);
+                j += 4;
+            }
+            while j < out.len() {
+                dot_blocks_avx512::<1>(m, row, nb, x, x_first + j, &mut out[j..j + 1]);
+                j += 1;
+            }
+        }
+        return;
     }
-    dot_blocks_portable(m, row, nb, 0, xq, xd, xs)
+    for (j, o) in out.iter_mut().enumerate() {
+        let xr = x_first + j;
+        *o = dot_blocks_portable(
+            m,
+            row,
+            nb,
+            0,
+            &x.q[xr * nb * BLOCK..(xr + 1) * nb * BLOCK],
+            &x.d[xr * nb..(xr + 1) * nb],
+            &x.s[xr * nb..(xr + 1) * nb],
+        );
+    }
 }
 
 crate::multiversion! {
@@ -238,10 +273,16 @@ crate::multiversion! {
     }
 }
 
-/// Rows of weight processed together so that they stay in L1 while every activation row passes.
-const ROW_TILE: usize = 32;
-/// Below this many multiply-adds a call runs on the calling thread.
-const PARALLEL_WORK: usize = 1 << 18;
+/// Below this many multiply-adds a call runs on the calling thread. A single row (decode) is
+/// memory-bound and waking a second thread costs more than it saves below ~2M weights (`tiny`'s
+/// 1M-weight LM head ran 10% slower on two threads than on one, `cargo bench` on this machine).
+fn parallel_work(n: usize) -> usize {
+    if n == 1 {
+        1 << 21
+    } else {
+        1 << 18
+    }
+}
 
 impl Matrix {
     pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Result<Self> {
@@ -359,18 +400,18 @@ impl Matrix {
             return;
         }
         if let Data::F32(w) = &self.data {
-            return panel_matmul(w, rows, cols, x, y);
+            return panel_matmul(w, rows, cols, x, y, &mut q.packed);
         }
         if let Data::Blocks(_) = &self.data {
             quantize_rows(x, cols, q);
         }
         let q = &*q;
-        let parallel = n * rows * cols >= PARALLEL_WORK && rayon::current_num_threads() > 1;
+        let parallel = n * rows * cols >= parallel_work(n) && rayon::current_num_threads() > 1;
         if !parallel {
             self.rows_range(x, 0, y, q);
         } else if n == 1 {
             // One activation row: split the weight rows between threads.
-            let chunk = rows.div_ceil(rayon::current_num_threads() * 4).max(ROW_TILE);
+            let chunk = rows.div_ceil(rayon::current_num_threads() * 2).max(32);
             y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
                 self.rows_range(x, i * chunk, ys, q);
             });
@@ -403,32 +444,37 @@ impl Matrix {
             Data::Blocks(b) => {
                 let nb = c / BLOCK;
                 for (j, out) in y.iter_mut().enumerate() {
-                    *out = dot_blocks(b, first + j, nb, q, 0);
+                    dot_blocks(b, first + j, nb, q, 0, std::slice::from_mut(out));
                 }
             }
         }
     }
 
-    /// All weight rows against activation rows `x` (rows `x_first..` of `q`), tiled for L1.
+    /// All weight rows against activation rows `x` (rows `x_first..` of `q`): each weight row is
+    /// decoded (half) or unpacked (blocks) once per group of activation rows.
     fn rows_tiled(&self, x: &[f32], x_first: usize, y: &mut [f32], q: &QuantizedRows) {
+        const GROUP: usize = 64;
         let (rows, c) = (self.rows, self.cols);
         let n = x.len() / c;
-        let mut wrow = Vec::new();
-        for t in (0..rows).step_by(ROW_TILE) {
-            let end = (t + ROW_TILE).min(rows);
-            for i in 0..n {
-                let xi = &x[i * c..(i + 1) * c];
-                let yi = &mut y[i * rows..(i + 1) * rows];
-                for r in t..end {
-                    yi[r] = match &self.data {
-                        Data::F32(_) => unreachable!("f32 runs in panel_matmul"),
-                        Data::Half(_) => {
-                            wrow.resize(c, 0.0);
-                            self.row_into(r, &mut wrow);
-                            dot_f32(&wrow, xi)
+        let mut wrow = vec![0.0; c];
+        let mut out = [0.0f32; GROUP];
+        for r in 0..rows {
+            if let Data::Half(_) = &self.data {
+                self.row_into(r, &mut wrow);
+            }
+            for i0 in (0..n).step_by(GROUP) {
+                let len = (n - i0).min(GROUP);
+                match &self.data {
+                    Data::F32(_) => unreachable!("f32 runs in panel_matmul"),
+                    Data::Half(_) => {
+                        for (j, o) in out[..len].iter_mut().enumerate() {
+                            *o = dot_f32(&wrow, &x[(i0 + j) * c..(i0 + j + 1) * c]);
                         }
-                        Data::Blocks(b) => dot_blocks(b, r, c / BLOCK, q, x_first + i),
-                    };
+                    }
+                    Data::Blocks(b) => dot_blocks(b, r, c / BLOCK, q, x_first + i0, &mut out[..len]),
+                }
+                for (j, &v) in out[..len].iter().enumerate() {
+                    y[(i0 + j) * rows + r] = v;
                 }
             }
         }
@@ -443,8 +489,9 @@ crate::multiversion! {
 
 /// Weight rows per f32 panel: two AVX-512 registers.
 const PANEL: usize = 32;
-/// Activation rows per f32 micro-tile (6 x 2 accumulators + 2 weight registers + 1 broadcast).
-const MR: usize = 6;
+/// Activation rows per f32 micro-tile: 12 x 2 accumulators + 2 weight registers + 1 broadcast
+/// fit AVX-512's 32 registers, and 24 FMAs per 14 loads keep both FMA ports busy.
+const MR: usize = 12;
 
 fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
     let panels = rows.div_ceil(PANEL);
@@ -458,91 +505,133 @@ fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
     out
 }
 
-/// y [n, rows] = x [n, cols] · Wᵀ over the panel layout: threads split the activation rows (or,
-/// for a single row, the panels); each thread walks panels outermost so a panel stays in L1.
-fn panel_matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+/// Activation rows -> tiles of MR rows, k-major ([tile][k][MR], zero-padded), so a micro-tile
+/// broadcasts from consecutive addresses.
+fn pack_tiles(x: &[f32], cols: usize, out: &mut [f32]) {
     let n = x.len() / cols;
-    let threads = rayon::current_num_threads();
-    if n * rows * cols < PARALLEL_WORK || threads == 1 {
-        return panel_rows(w, rows, cols, x, y, 0, rows);
-    }
-    if n == 1 {
-        let chunk = rows.div_ceil(threads * 2).next_multiple_of(PANEL);
-        y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
-            panel_rows(w, rows, cols, x, ys, i * chunk, i * chunk + ys.len())
-        });
-    } else {
-        let per = n.div_ceil(threads);
-        y.par_chunks_mut(per * rows)
-            .zip(x.par_chunks(per * cols))
-            .for_each(|(ys, xs)| panel_rows(w, rows, cols, xs, ys, 0, rows));
+    for (t, tile) in out.chunks_exact_mut(MR * cols).enumerate() {
+        for r in 0..MR {
+            let row = t * MR + r;
+            if row < n {
+                for (k, &v) in x[row * cols..(row + 1) * cols].iter().enumerate() {
+                    tile[k * MR + r] = v;
+                }
+            } else {
+                (0..cols).for_each(|k| tile[k * MR + r] = 0.0);
+            }
+        }
     }
 }
 
-/// Weight rows [r0, r1) (r0 a multiple of PANEL) for all activation rows of `x`; `y` holds
-/// columns r0..r1 when x is one row, else full rows of `rows`.
-fn panel_rows(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], r0: usize, r1: usize) {
+/// y [n, rows] = x [n, cols] · Wᵀ over the panel layout. One row (decode): threads split the
+/// panels. Several: threads split the activation tiles, pack them, and walk panels outermost so
+/// a panel stays in L1 while every tile passes.
+fn panel_matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], pack: &mut Vec<f32>) {
     let n = x.len() / cols;
-    let (ystride, yoff) = if n == 1 { (0, r0) } else { (rows, 0) };
+    let threads = rayon::current_num_threads();
+    let parallel = n * rows * cols >= parallel_work(n) && threads > 1;
+    if n == 1 {
+        if !parallel {
+            return panel_rows(w, rows, cols, x, 1, 1, y, 0, 0, rows);
+        }
+        let chunk = rows.div_ceil(threads * 2).next_multiple_of(PANEL);
+        y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
+            panel_rows(w, rows, cols, x, 1, 1, ys, 0, i * chunk, i * chunk + ys.len())
+        });
+        return;
+    }
+    let tiles = n.div_ceil(MR);
+    pack.resize(tiles * MR * cols, 0.0);
+    let per = if parallel { tiles.div_ceil(threads) } else { tiles };
+    let work = |(xp, (ys, xs)): (&mut [f32], (&mut [f32], &[f32]))| {
+        pack_tiles(xs, cols, xp);
+        panel_rows(w, rows, cols, xp, xs.len() / cols, MR, ys, rows, 0, rows);
+    };
+    if parallel {
+        pack.par_chunks_mut(per * MR * cols)
+            .zip(y.par_chunks_mut(per * MR * rows).zip(x.par_chunks(per * MR * cols)))
+            .for_each(work);
+    } else {
+        work((&mut pack[..], (y, x)));
+    }
+}
+
+/// Weight rows [r0, r1) (r0 a multiple of PANEL) for `n` activation rows packed with stride `xs`
+/// (element (i, k) at `xp[(i / xs) * xs * cols + k * xs + i % xs]`). Output (i, r) goes to
+/// `y[i * ystride + r - r0]` (ystride 0 for a single row).
+#[allow(clippy::too_many_arguments)]
+fn panel_rows(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    xp: &[f32],
+    n: usize,
+    xs: usize,
+    y: &mut [f32],
+    ystride: usize,
+    r0: usize,
+    r1: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         for p in r0 / PANEL..r1.div_ceil(PANEL) {
             let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
             let width = (rows - p * PANEL).min(PANEL);
-            let mut i = 0;
-            while i < n {
-                let mr = (n - i).min(MR);
-                let ypos = i * ystride + p * PANEL - yoff;
-                assert!(ypos + (mr - 1) * ystride + width <= y.len());
-                // SAFETY: AVX-512F is present; the tile reads `mr` rows of x and one panel inside
-                // their slices and writes `mr` rows of `width` outputs inside `y` (asserted).
+            for t in 0..n.div_ceil(xs) {
+                let mr = (n - t * xs).min(xs);
+                let ypos = t * xs * ystride + p * PANEL - r0;
+                let tile = &xp[t * xs * cols..(t * xs + mr.min(xs)) * cols];
+                assert!(ypos + (mr - 1) * ystride + width <= y.len() && tile.len() >= cols * mr);
+                // SAFETY: AVX-512F is present; the tile reads `mr` packed rows and one panel
+                // inside their slices and writes `mr` rows of `width` outputs inside `y` (asserted).
                 unsafe {
-                    let (xp, yp) = (x.as_ptr().add(i * cols), y.as_mut_ptr().add(ypos));
-                    match mr {
-                        6 => tile_avx512::<6>(panel, cols, xp, yp, ystride, width),
-                        5 => tile_avx512::<5>(panel, cols, xp, yp, ystride, width),
-                        4 => tile_avx512::<4>(panel, cols, xp, yp, ystride, width),
-                        3 => tile_avx512::<3>(panel, cols, xp, yp, ystride, width),
-                        2 => tile_avx512::<2>(panel, cols, xp, yp, ystride, width),
-                        _ => tile_avx512::<1>(panel, cols, xp, yp, ystride, width),
+                    let yp = y.as_mut_ptr().add(ypos);
+                    macro_rules! tile {
+                        ($($r:literal)*) => {
+                            match mr {
+                                $($r => tile_avx512::<$r>(panel, cols, tile.as_ptr(), xs, yp, ystride, width),)*
+                                _ => unreachable!(),
+                            }
+                        };
                     }
+                    tile!(1 2 3 4 5 6 7 8 9 10 11 12);
                 }
-                i += mr;
             }
         }
         return;
     }
-    panel_rows_portable(w, rows, cols, x, y, r0, r1, ystride, yoff);
+    panel_rows_portable(w, rows, cols, xp, n, xs, y, ystride, r0, r1);
 }
 
 crate::multiversion! {
-    fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], r0: usize, r1: usize, ystride: usize, yoff: usize) {
-        let n = x.len() / cols;
+    fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, xp: &[f32], n: usize, xs: usize, y: &mut [f32], ystride: usize, r0: usize, r1: usize) {
         for p in r0 / PANEL..r1.div_ceil(PANEL) {
             let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
             let width = (rows - p * PANEL).min(PANEL);
             for i in 0..n {
+                let (t, r) = (i / xs, i % xs);
                 let mut acc = [0.0f32; PANEL];
                 for (k, wk) in panel.chunks_exact(PANEL).enumerate() {
-                    let a = x[i * cols + k];
+                    let a = xp[t * xs * cols + k * xs + r];
                     for j in 0..PANEL {
                         acc[j] += a * wk[j];
                     }
                 }
-                let at = i * ystride + p * PANEL - yoff;
+                let at = i * ystride + p * PANEL - r0;
                 y[at..at + width].copy_from_slice(&acc[..width]);
             }
         }
     }
 }
 
-/// An MR x 32 tile of y: for each k, two panel loads and MR broadcasts feed 2 * MR FMAs.
+/// An R x 32 tile of y: for each k, two panel loads and R broadcasts feed 2R FMAs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512<const R: usize>(
     panel: &[f32],
     cols: usize,
     x: *const f32,
+    xs: usize,
     y: *mut f32,
     ystride: usize,
     width: usize,
@@ -553,14 +642,21 @@ unsafe fn tile_avx512<const R: usize>(
     for k in 0..cols {
         let b0 = _mm512_loadu_ps(wp.add(k * PANEL));
         let b1 = _mm512_loadu_ps(wp.add(k * PANEL + 16));
+        let xk = x.add(k * xs);
         for (r, a) in acc.iter_mut().enumerate() {
-            let v = _mm512_set1_ps(*x.add(r * cols + k));
+            let v = _mm512_set1_ps(*xk.add(r));
             a[0] = _mm512_fmadd_ps(v, b0, a[0]);
             a[1] = _mm512_fmadd_ps(v, b1, a[1]);
         }
     }
     let m0 = if width >= 16 { 0xFFFF } else { (1u32 << width) as u16 - 1 };
-    let m1 = if width >= 32 { 0xFFFF } else if width > 16 { (1u32 << (width - 16)) as u16 - 1 } else { 0 };
+    let m1 = if width >= 32 {
+        0xFFFF
+    } else if width > 16 {
+        (1u32 << (width - 16)) as u16 - 1
+    } else {
+        0
+    };
     for (r, a) in acc.iter().enumerate() {
         let out = y.add(r * ystride);
         _mm512_mask_storeu_ps(out, m0, a[0]);
@@ -568,19 +664,7 @@ unsafe fn tile_avx512<const R: usize>(
     }
 }
 
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::env::var_os("ITERA_NO_AVX512").is_none()
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
+use crate::simd::has_avx512;
 
 /// ggml blocks -> the kernels' layout (see `Blocks`).
 fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
@@ -644,7 +728,7 @@ mod tests {
         // 96 columns = 3 blocks: exercises a full pair and the odd trailing block.
         for &(rows, cols) in &[(40usize, 96usize), (300, 128)] {
             let w = random(rows * cols, 1);
-            for &n in &[1usize, 3, 9] {
+            for &n in &[1usize, 3, 9, 30] {
                 let x = random(n * cols, 2);
                 for dtype in DType::ALL {
                     let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
@@ -690,10 +774,27 @@ mod tests {
             let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
             let Data::Blocks(b) = &m.data else { panic!() };
             for r in 0..rows {
-                let fast = dot_blocks(b, r, cols / BLOCK, &q, 0);
+                let mut fast = 0.0;
+                dot_blocks(b, r, cols / BLOCK, &q, 0, std::slice::from_mut(&mut fast));
                 let slow = dot_blocks_portable(b, r, cols / BLOCK, 0, &q.q, &q.d, &q.s);
                 assert!((fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()), "{dtype:?}");
             }
+        }
+    }
+
+    /// The AVX-512 f32 micro-tiles and the portable panel loop give the same products.
+    #[test]
+    fn simd_and_portable_panel_kernels_agree() {
+        let (rows, cols, n) = (70, 40, 29);
+        let w = pack_panels(rows, cols, &random(rows * cols, 5));
+        let x = random(n * cols, 6);
+        let mut xp = vec![0.0; n.div_ceil(MR) * MR * cols];
+        pack_tiles(&x, cols, &mut xp);
+        let (mut a, mut b) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+        panel_rows(&w, rows, cols, &xp, n, MR, &mut a, rows, 0, rows);
+        panel_rows_portable(&w, rows, cols, &xp, n, MR, &mut b, rows, 0, rows);
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()));
         }
     }
 

@@ -8,14 +8,18 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest by adding and removing 1.5 * 2^23 (plain SSE2; floor() would be a libm call).
+    // The sum's low mantissa bits then hold k as an integer, so 2^k is built with integer ops only
+    // (a float-to-int `as` cast saturates, which LLVM cannot vectorise).
     const SHIFT: f32 = 12_582_912.0;
-    let k = (x * LOG2E + SHIFT) - SHIFT;
+    let shifted = x * LOG2E + SHIFT;
+    let k = shifted - SHIFT;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    let two_k = shifted.to_bits().wrapping_sub(SHIFT.to_bits() - 127) << 23;
+    p * f32::from_bits(two_k)
 }
 
 /// Natural log for positive normal x, to ~1 ulp, branch-free so loops over it vectorise:

@@ -1,0 +1,37 @@
+//! Kernel benchmarks: the one matmul per weight format at the shapes of `tiny`'s LM head and
+//! in_proj, for one row (decode), 64 rows (batched decode) and 2,048 rows (prefill).
+//! Run with `cargo bench -p itera-core`; throughput is reported in multiply-adds per second.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use itera_core::kernels::{Matrix, QuantizedRows};
+use itera_core::quant::DType;
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+        .collect()
+}
+
+fn matmul(c: &mut Criterion) {
+    for &(name, rows, cols) in &[("lm_head", 8000usize, 128usize), ("in_proj", 512, 128)] {
+        let w = values(rows * cols, 1);
+        let mut group = c.benchmark_group(format!("matmul/{name}"));
+        group.sample_size(10);
+        for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::NF4] {
+            let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
+            for &n in &[1usize, 64, 2048] {
+                let x = values(n * cols, 2);
+                let mut y = vec![0.0; n * rows];
+                let mut q = QuantizedRows::default();
+                group.throughput(Throughput::Elements((n * rows * cols) as u64));
+                group.bench_with_input(BenchmarkId::new(dtype.name(), n), &n, |b, _| {
+                    b.iter(|| m.matmul(&x, &mut y, &mut q))
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, matmul);
+criterion_main!(benches);

@@ -39,7 +39,9 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
     let frac = |tps: f64| tps * flops_per_token / peak;
     note("prefill");
     let (seqs, len) = if opts.quick { (2, 128) } else { (16, 128) };
-    let prefill = skip(want("prefill"), || bench::prefill_tokens_per_s(rt, seqs, len, reps))?;
+    let prefill = skip(want("prefill"), || {
+        bench::prefill_tokens_per_s(rt, seqs, len, reps)
+    })?;
     note("evaluation");
     let eval = skip(want("eval"), || {
         bench::eval_tokens_per_s(rt, if opts.quick { 512 } else { 4096 }, reps.min(3))
@@ -123,7 +125,13 @@ fn first_token(model: &Path, runs: usize) -> Result<(f64, u64)> {
     for _ in 0..runs {
         let t0 = Instant::now();
         let out = Command::new(&exe)
-            .args(["generate", "--prompt", "Once upon a time", "--max-tokens", "1"])
+            .args([
+                "generate",
+                "--prompt",
+                "Once upon a time",
+                "--max-tokens",
+                "1",
+            ])
             .arg("--model")
             .arg(model)
             .stdout(Stdio::piped())
@@ -162,7 +170,11 @@ fn own_peak_rss() -> u64 {
 fn print_report(r: &Value) {
     let pct = |v: &Value| format!("{:5.1}% of peak", v.as_f64().unwrap_or(0.0) * 100.0);
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    println!("model                 {} ({})", r["model"].as_str().unwrap_or(""), r["format"].as_str().unwrap_or(""));
+    println!(
+        "model                 {} ({})",
+        r["model"].as_str().unwrap_or(""),
+        r["format"].as_str().unwrap_or("")
+    );
     println!(
         "size                  {:.2} MB file, {:.2} MB weights in memory, {} parameters",
         f(&r["file_bytes"]) / 1e6,
@@ -176,7 +188,10 @@ fn print_report(r: &Value) {
         r["peak_isa"].as_str().unwrap_or(""),
         r["kernels"].as_str().unwrap_or("")
     );
-    println!("FLOPs per token       {:.2} M", f(&r["flops_per_token"]) / 1e6);
+    println!(
+        "FLOPs per token       {:.2} M",
+        f(&r["flops_per_token"]) / 1e6
+    );
     println!(
         "prefill               {:>10.0} tokens/s  {}  ({} x {} tokens)",
         f(&r["prefill"]["tokens_per_s"]),

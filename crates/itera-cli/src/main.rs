@@ -16,6 +16,7 @@ use itera_train::{Run, TrainEvent, TrainOptions};
 use serde_json::json;
 
 mod bench;
+mod compress;
 
 #[derive(Parser)]
 #[command(
@@ -45,7 +46,11 @@ enum Command {
     Eval(EvalArgs),
     /// Measure inference speed (prefill, decode, batched decode), start-up time and memory
     Bench(BenchArgs),
-    /// Show a model's or preset's configuration and parameter counts
+    /// Write a quantized model as one GGUF file (f16, bf16, q8_0, q5_0, q4_0, q4_1, nf4 or a mix)
+    Quantize(QuantizeArgs),
+    /// Measure each tensor's sensitivity to each quantized type (KL to f32 on validation text)
+    Sensitivity(SensitivityArgs),
+    /// Show a model's, GGUF file's or preset's configuration, tensor types and parameter counts
     Inspect(InspectArgs),
 }
 
@@ -140,7 +145,7 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct ModelArg {
-    /// Model directory (default: the shipped models/itera-lite-tiny)
+    /// Model directory or .gguf file (default: the shipped models/itera-lite-tiny)
     #[arg(long)]
     model: Option<PathBuf>,
 }
@@ -204,6 +209,55 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct QuantizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// f32, f16, bf16, q8_0, q5_0, q4_0, q4_1, nf4, or mixed (per-tensor types from measured sensitivity)
+    #[arg(long)]
+    scheme: String,
+    /// Output .gguf file
+    #[arg(long)]
+    out: PathBuf,
+    /// mixed: average bits per weight over the whole model
+    #[arg(long)]
+    bits: Option<f64>,
+    /// mixed: use this plan (JSON from an earlier run) instead of choosing one
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// mixed: a report from `itera sensitivity` instead of measuring again
+    #[arg(long)]
+    sensitivity: Option<PathBuf>,
+    /// mixed: validation text to measure sensitivity on
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Tokens of validation text to measure on
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SensitivityArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Validation text
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens of validation text to measure on
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    /// Where the JSON report goes
+    #[arg(long, default_value = "sensitivity.json")]
+    out: PathBuf,
+    /// Also choose a mixed plan at this average bits per weight (saved as JSON and PNG)
+    #[arg(long)]
+    bits: Option<f64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     #[command(flatten)]
     model: ModelArg,
@@ -251,6 +305,25 @@ fn main() {
                 only: a.only,
             },
         ),
+        Command::Quantize(a) => compress::quantize(compress::QuantizeArgs {
+            model: a.model.path(),
+            scheme: a.scheme,
+            out: a.out,
+            bits: a.bits,
+            plan: a.plan,
+            sensitivity: a.sensitivity,
+            data: a.data,
+            tokens: a.tokens,
+            json: a.json,
+        }),
+        Command::Sensitivity(a) => compress::sensitivity_cmd(compress::SensitivityArgs {
+            model: a.model.path(),
+            data: a.data,
+            tokens: a.tokens,
+            out: a.out,
+            bits: a.bits,
+            json: a.json,
+        }),
         Command::Inspect(a) => cmd_inspect(a),
     };
     if let Err(e) = result {
@@ -545,6 +618,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    if a.preset.is_none() && a.model.path().is_file() {
+        return compress::inspect_gguf(&a.model.path(), a.json);
+    }
     let (config, source, actual) = match &a.preset {
         Some(p) => (ModelConfig::preset(p)?, format!("preset {p}"), None),
         None => {

@@ -8,7 +8,10 @@ use itera_core::quant::DType;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
-        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0
+                - 0.5
+        })
         .collect()
 }
 
@@ -17,7 +20,15 @@ fn matmul(c: &mut Criterion) {
         let w = values(rows * cols, 1);
         let mut group = c.benchmark_group(format!("matmul/{name}"));
         group.sample_size(10);
-        for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::NF4] {
+        for dtype in [
+            DType::F32,
+            DType::F16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::NF4,
+        ] {
             let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
             for &n in &[1usize, 64, 2048] {
                 let x = values(n * cols, 2);

@@ -23,7 +23,9 @@ pub fn percentile(v: &[f64], q: f64) -> f64 {
 
 fn random_tokens(rt: &Runtime, n: usize, seed: u64) -> Vec<u32> {
     let mut rng = Rng::new(seed);
-    (0..n).map(|_| rng.below(rt.cfg.vocab_size) as u32).collect()
+    (0..n)
+        .map(|_| rng.below(rt.cfg.vocab_size) as u32)
+        .collect()
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -37,7 +39,9 @@ fn argmax(v: &[f32]) -> u32 {
 /// the logits of every position, as in scoring or training; median over `repeats` after a warm-up.
 pub fn prefill_tokens_per_s(rt: &Runtime, seqs: usize, len: usize, repeats: usize) -> Result<f64> {
     let tokens = random_tokens(rt, seqs * len, 1);
-    let owners: Vec<usize> = (0..seqs).flat_map(|s| std::iter::repeat_n(s, len)).collect();
+    let owners: Vec<usize> = (0..seqs)
+        .flat_map(|s| std::iter::repeat_n(s, len))
+        .collect();
     let all: Vec<usize> = (0..seqs * len).collect();
     let mut scratch = rt.new_scratch();
     let mut rates = Vec::new();
@@ -191,7 +195,9 @@ unsafe fn fma_avx512(iters: u64) -> (f32, u64) {
             *v = _mm512_fmadd_ps(*v, b, c);
         }
     }
-    let s = a.iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+    let s = a
+        .iter()
+        .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
     (_mm512_reduce_add_ps(s), iters * 12 * 16 * 2)
 }
 
@@ -207,7 +213,9 @@ unsafe fn fma_avx2(iters: u64) -> (f32, u64) {
         }
     }
     let mut out = [0f32; 8];
-    let s = a.iter().fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, *v));
+    let s = a
+        .iter()
+        .fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, *v));
     _mm256_storeu_ps(out.as_mut_ptr(), s);
     (out.iter().sum(), iters * 12 * 8 * 2)
 }

@@ -136,7 +136,10 @@ impl TensorSource for SafetensorsSource<'_> {
         let t = self.0.tensor(name).map_err(|_| err("missing".into()))?;
         let n: usize = t.shape().iter().product();
         if n != rows * cols || (rows > 1 && t.shape().last() != Some(&cols)) {
-            return Err(err(format!("shape {:?}, expected [{rows}, {cols}]", t.shape())));
+            return Err(err(format!(
+                "shape {:?}, expected [{rows}, {cols}]",
+                t.shape()
+            )));
         }
         let dtype = match t.dtype() {
             safetensors::Dtype::F32 => DType::F32,

@@ -250,7 +250,11 @@ impl GgufFile {
 
 /// Metadata for a model: the keys llama.cpp-style tools look at plus our full config and the
 /// tokenizer.json.
-pub fn model_metadata(cfg: &ModelConfig, tokenizer_json: &str, name: &str) -> BTreeMap<String, Value> {
+pub fn model_metadata(
+    cfg: &ModelConfig,
+    tokenizer_json: &str,
+    name: &str,
+) -> BTreeMap<String, Value> {
     let a = ARCHITECTURE;
     let mut m = BTreeMap::new();
     let mut put = |k: &str, v: Value| {
@@ -260,23 +264,55 @@ pub fn model_metadata(cfg: &ModelConfig, tokenizer_json: &str, name: &str) -> BT
     put("general.name", Value::Str(name.into()));
     put("general.alignment", Value::U32(ALIGNMENT as u32));
     put("general.quantization_version", Value::U32(2));
-    put(&format!("{a}.context_length"), Value::U32(cfg.context as u32));
-    put(&format!("{a}.embedding_length"), Value::U32(cfg.d_model as u32));
+    put(
+        &format!("{a}.context_length"),
+        Value::U32(cfg.context as u32),
+    );
+    put(
+        &format!("{a}.embedding_length"),
+        Value::U32(cfg.d_model as u32),
+    );
     put(&format!("{a}.block_count"), Value::U32(cfg.n_layers as u32));
-    put(&format!("{a}.vocab_size"), Value::U32(cfg.vocab_size as u32));
-    put(&format!("{a}.ssm.conv_kernel"), Value::U32(cfg.d_conv as u32));
-    put(&format!("{a}.ssm.inner_size"), Value::U32(cfg.d_inner() as u32));
-    put(&format!("{a}.ssm.state_size"), Value::U32(cfg.d_state as u32));
-    put(&format!("{a}.ssm.time_step_rank"), Value::U32(cfg.dt_rank as u32));
-    put(&format!("{a}.expert_count"), Value::U32(cfg.n_experts as u32));
-    put(&format!("{a}.expert_used_count"), Value::U32(cfg.top_k as u32));
+    put(
+        &format!("{a}.vocab_size"),
+        Value::U32(cfg.vocab_size as u32),
+    );
+    put(
+        &format!("{a}.ssm.conv_kernel"),
+        Value::U32(cfg.d_conv as u32),
+    );
+    put(
+        &format!("{a}.ssm.inner_size"),
+        Value::U32(cfg.d_inner() as u32),
+    );
+    put(
+        &format!("{a}.ssm.state_size"),
+        Value::U32(cfg.d_state as u32),
+    );
+    put(
+        &format!("{a}.ssm.time_step_rank"),
+        Value::U32(cfg.dt_rank as u32),
+    );
+    put(
+        &format!("{a}.expert_count"),
+        Value::U32(cfg.n_experts as u32),
+    );
+    put(
+        &format!("{a}.expert_used_count"),
+        Value::U32(cfg.top_k as u32),
+    );
     put(
         &format!("{a}.expert_feed_forward_length"),
         Value::U32(cfg.expert_hidden as u32),
     );
     put(
         &format!("{a}.moe_layers"),
-        Value::Array(cfg.moe_layers.iter().map(|&l| Value::U32(l as u32)).collect()),
+        Value::Array(
+            cfg.moe_layers
+                .iter()
+                .map(|&l| Value::U32(l as u32))
+                .collect(),
+        ),
     );
     put(
         &format!("{a}.attention.layer_norm_rms_epsilon"),
@@ -287,7 +323,10 @@ pub fn model_metadata(cfg: &ModelConfig, tokenizer_json: &str, name: &str) -> BT
         Value::Str(serde_json::to_string(cfg).expect("config serialises")),
     );
     put("tokenizer.ggml.model", Value::Str("gpt2".into()));
-    put("tokenizer.huggingface.json", Value::Str(tokenizer_json.into()));
+    put(
+        "tokenizer.huggingface.json",
+        Value::Str(tokenizer_json.into()),
+    );
     m
 }
 
@@ -338,7 +377,9 @@ impl Reader<'_> {
     fn count(&mut self, what: &str) -> Result<usize> {
         let n = self.u64()?;
         if n > self.bytes.len() as u64 {
-            return Err(Error::Format(format!("{what} {n} is impossible for this file")));
+            return Err(Error::Format(format!(
+                "{what} {n} is impossible for this file"
+            )));
         }
         Ok(n as usize)
     }
@@ -417,7 +458,10 @@ mod tests {
         assert_eq!(g.metadata, f.metadata);
         assert_eq!(g.config().unwrap(), ModelConfig::preset("micro").unwrap());
         for (a, b) in f.tensors.iter().zip(&g.tensors) {
-            assert_eq!((&a.name, &a.shape, a.dtype, &a.bytes), (&b.name, &b.shape, b.dtype, &b.bytes));
+            assert_eq!(
+                (&a.name, &a.shape, a.dtype, &a.bytes),
+                (&b.name, &b.shape, b.dtype, &b.bytes)
+            );
         }
         let m = g.matrix("a", 64, 32).unwrap();
         assert_eq!(m.dtype, DType::Q4_0);

@@ -198,7 +198,11 @@ unsafe fn dot_blocks_avx512<const X: usize>(
             let blk = nb - 1;
             let codes = m.block(row, nb, blk);
             let xb = &x.q[(xrow(j) * nb + blk) * BLOCK..][..BLOCK];
-            let isum: i32 = codes.iter().zip(xb).map(|(&c, &q)| c as i32 * q as i32).sum();
+            let isum: i32 = codes
+                .iter()
+                .zip(xb)
+                .map(|(&c, &q)| c as i32 * q as i32)
+                .sum();
             total += scale[blk] * x.d[xrow(j) * nb + blk] * isum as f32;
         }
         out[j] = total;
@@ -227,7 +231,14 @@ pub fn level() -> &'static str {
 
 /// Dot products of weight row `row` with activation rows x_first.. (as many as `out` holds).
 #[inline(always)]
-fn dot_blocks(m: &Blocks, row: usize, nb: usize, x: &QuantizedRows, x_first: usize, out: &mut [f32]) {
+fn dot_blocks(
+    m: &Blocks,
+    row: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    out: &mut [f32],
+) {
     assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
     #[cfg(target_arch = "x86_64")]
     if has_avx512_vnni() {
@@ -313,7 +324,11 @@ impl Matrix {
             )));
         }
         let data = match dtype {
-            DType::F32 => Data::F32(pack_panels(rows, cols, &quant::dequantize(dtype, bytes, n)?)),
+            DType::F32 => Data::F32(pack_panels(
+                rows,
+                cols,
+                &quant::dequantize(dtype, bytes, n)?,
+            )),
             DType::F16 | DType::BF16 => Data::Half(
                 bytes
                     .chunks_exact(2)
@@ -343,9 +358,7 @@ impl Matrix {
         match &self.data {
             Data::F32(v) => v.len() * 4,
             Data::Half(v) => v.len() * 2,
-            Data::Blocks(b) => {
-                b.codes.len() + 4 * (b.high.len() + b.scale.len() + b.bias.len())
-            }
+            Data::Blocks(b) => b.codes.len() + 4 * (b.high.len() + b.scale.len() + b.bias.len()),
         }
     }
 
@@ -399,8 +412,11 @@ impl Matrix {
         if n == 0 {
             return;
         }
-        if let Data::F32(w) = &self.data {
-            return panel_matmul(w, rows, cols, x, y, &mut q.packed);
+        match &self.data {
+            Data::F32(w) if n == 1 => return panel_matvec(w, rows, cols, x, y),
+            Data::F32(_) => return self.panel_matmul(x, y, &mut q.packed),
+            _ if n >= DECODE_PANELS_FROM => return self.panel_matmul(x, y, &mut q.packed),
+            _ => {}
         }
         if let Data::Blocks(_) = &self.data {
             quantize_rows(x, cols, q);
@@ -422,6 +438,66 @@ impl Matrix {
                 .zip(x.par_chunks(per * cols))
                 .enumerate()
                 .for_each(|(i, (ys, xs))| self.rows_tiled(xs, i * per, ys, q));
+        }
+    }
+
+    /// Several activation rows through the f32 micro-tiles: threads split the activation tiles,
+    /// pack them, and walk the weight panels outermost (f32 panels are read in place; other
+    /// formats decode one panel into an L1-sized buffer), so a panel stays in L1 while every tile
+    /// passes.
+    fn panel_matmul(&self, x: &[f32], y: &mut [f32], pack: &mut Vec<f32>) {
+        let (rows, cols) = (self.rows, self.cols);
+        let n = x.len() / cols;
+        let threads = rayon::current_num_threads();
+        let parallel = n * rows * cols >= parallel_work(n) && threads > 1;
+        let tiles = n.div_ceil(MR);
+        pack.resize(tiles * MR * cols, 0.0);
+        let per = if parallel {
+            tiles.div_ceil(threads)
+        } else {
+            tiles
+        };
+        let work = |(xp, (ys, xs)): (&mut [f32], (&mut [f32], &[f32]))| {
+            pack_tiles(xs, cols, xp);
+            let m = xs.len() / cols;
+            if let Data::F32(w) = &self.data {
+                return panel_rows(w, rows, cols, xp, m, MR, ys, rows, 0, rows);
+            }
+            let mut panel = vec![0.0f32; PANEL * cols];
+            let mut row = vec![0.0f32; cols];
+            for p in 0..rows.div_ceil(PANEL) {
+                let width = (rows - p * PANEL).min(PANEL);
+                for j in 0..width {
+                    self.row_into(p * PANEL + j, &mut row);
+                    for (k, &v) in row.iter().enumerate() {
+                        panel[k * PANEL + j] = v;
+                    }
+                }
+                let yp = &mut ys[p * PANEL..];
+                let len = (m - 1) * rows + width;
+                panel_rows(
+                    &panel,
+                    width,
+                    cols,
+                    xp,
+                    m,
+                    MR,
+                    &mut yp[..len],
+                    rows,
+                    0,
+                    width,
+                );
+            }
+        };
+        if parallel {
+            pack.par_chunks_mut(per * MR * cols)
+                .zip(
+                    y.par_chunks_mut(per * MR * rows)
+                        .zip(x.par_chunks(per * MR * cols)),
+                )
+                .for_each(work);
+        } else {
+            work((&mut pack[..], (y, x)));
         }
     }
 
@@ -471,7 +547,9 @@ impl Matrix {
                             *o = dot_f32(&wrow, &x[(i0 + j) * c..(i0 + j + 1) * c]);
                         }
                     }
-                    Data::Blocks(b) => dot_blocks(b, r, c / BLOCK, q, x_first + i0, &mut out[..len]),
+                    Data::Blocks(b) => {
+                        dot_blocks(b, r, c / BLOCK, q, x_first + i0, &mut out[..len])
+                    }
                 }
                 for (j, &v) in out[..len].iter().enumerate() {
                     y[(i0 + j) * rows + r] = v;
@@ -526,35 +604,31 @@ fn pack_tiles(x: &[f32], cols: usize, out: &mut [f32]) {
 /// y [n, rows] = x [n, cols] · Wᵀ over the panel layout. One row (decode): threads split the
 /// panels. Several: threads split the activation tiles, pack them, and walk panels outermost so
 /// a panel stays in L1 while every tile passes.
-fn panel_matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], pack: &mut Vec<f32>) {
-    let n = x.len() / cols;
+fn panel_matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     let threads = rayon::current_num_threads();
-    let parallel = n * rows * cols >= parallel_work(n) && threads > 1;
-    if n == 1 {
-        if !parallel {
-            return panel_rows(w, rows, cols, x, 1, 1, y, 0, 0, rows);
-        }
-        let chunk = rows.div_ceil(threads * 2).next_multiple_of(PANEL);
-        y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
-            panel_rows(w, rows, cols, x, 1, 1, ys, 0, i * chunk, i * chunk + ys.len())
-        });
-        return;
+    if rows * cols < parallel_work(1) || threads == 1 {
+        return panel_rows(w, rows, cols, x, 1, 1, y, 0, 0, rows);
     }
-    let tiles = n.div_ceil(MR);
-    pack.resize(tiles * MR * cols, 0.0);
-    let per = if parallel { tiles.div_ceil(threads) } else { tiles };
-    let work = |(xp, (ys, xs)): (&mut [f32], (&mut [f32], &[f32]))| {
-        pack_tiles(xs, cols, xp);
-        panel_rows(w, rows, cols, xp, xs.len() / cols, MR, ys, rows, 0, rows);
-    };
-    if parallel {
-        pack.par_chunks_mut(per * MR * cols)
-            .zip(y.par_chunks_mut(per * MR * rows).zip(x.par_chunks(per * MR * cols)))
-            .for_each(work);
-    } else {
-        work((&mut pack[..], (y, x)));
-    }
+    let chunk = rows.div_ceil(threads * 2).next_multiple_of(PANEL);
+    y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
+        panel_rows(
+            w,
+            rows,
+            cols,
+            x,
+            1,
+            1,
+            ys,
+            0,
+            i * chunk,
+            i * chunk + ys.len(),
+        )
+    });
 }
+
+/// Activation rows from which a block or half matrix runs through the f32 micro-tiles, one
+/// decoded 32-row panel at a time (in L1; never the whole matrix), instead of integer dots.
+const DECODE_PANELS_FROM: usize = 32;
 
 /// Weight rows [r0, r1) (r0 a multiple of PANEL) for `n` activation rows packed with stride `xs`
 /// (element (i, k) at `xp[(i / xs) * xs * cols + k * xs + i % xs]`). Output (i, r) goes to
@@ -649,7 +723,11 @@ unsafe fn tile_avx512<const R: usize>(
             a[1] = _mm512_fmadd_ps(v, b1, a[1]);
         }
     }
-    let m0 = if width >= 16 { 0xFFFF } else { (1u32 << width) as u16 - 1 };
+    let m0 = if width >= 16 {
+        0xFFFF
+    } else {
+        (1u32 << width) as u16 - 1
+    };
     let m1 = if width >= 32 {
         0xFFFF
     } else if width > 16 {
@@ -728,7 +806,7 @@ mod tests {
         // 96 columns = 3 blocks: exercises a full pair and the odd trailing block.
         for &(rows, cols) in &[(40usize, 96usize), (300, 128)] {
             let w = random(rows * cols, 1);
-            for &n in &[1usize, 3, 9, 30] {
+            for &n in &[1usize, 3, 9, 30, 40] {
                 let x = random(n * cols, 2);
                 for dtype in DType::ALL {
                     let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
@@ -749,7 +827,8 @@ mod tests {
                                 .map(|v| v * v)
                                 .sum::<f32>()
                                 .sqrt();
-                            let tol = if m.dtype.block_len() == 1 { 1e-4 } else { 1e-2 } * norm * wn;
+                            let tol =
+                                if m.dtype.block_len() == 1 { 1e-4 } else { 1e-2 } * norm * wn;
                             let got = y[i * rows + r];
                             assert!(
                                 (got - want).abs() <= tol,
@@ -777,7 +856,10 @@ mod tests {
                 let mut fast = 0.0;
                 dot_blocks(b, r, cols / BLOCK, &q, 0, std::slice::from_mut(&mut fast));
                 let slow = dot_blocks_portable(b, r, cols / BLOCK, 0, &q.q, &q.d, &q.s);
-                assert!((fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()), "{dtype:?}");
+                assert!(
+                    (fast - slow).abs() <= 1e-4 * (1.0 + slow.abs()),
+                    "{dtype:?}"
+                );
             }
         }
     }

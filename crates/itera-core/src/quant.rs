@@ -179,7 +179,9 @@ fn unpack_nibbles(b: &[u8]) -> [u8; BLOCK] {
 pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(dtype.bytes_for(x.len())?);
     match dtype {
-        DType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::F32 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F16 => x.iter().for_each(|&v| put_f16(&mut out, v)),
         DType::BF16 => x
             .iter()
@@ -358,7 +360,10 @@ mod tests {
                     DType::NF4 => amax * (0.304 / 2.0 + 0.01),
                 };
                 for (a, b) in xb.iter().zip(yb) {
-                    assert!((a - b).abs() <= bound, "{dtype:?}: {a} vs {b} (bound {bound})");
+                    assert!(
+                        (a - b).abs() <= bound,
+                        "{dtype:?}: {a} vs {b} (bound {bound})"
+                    );
                 }
             }
         }

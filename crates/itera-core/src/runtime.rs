@@ -386,7 +386,12 @@ impl Runtime {
                     + l.moe.as_ref().map_or(0, |m| m.norm.len()))
             })
             .sum();
-        self.matrices().iter().map(|(_, m)| m.bytes()).sum::<usize>() + small + 4 * self.norm_f.len()
+        self.matrices()
+            .iter()
+            .map(|(_, m)| m.bytes())
+            .sum::<usize>()
+            + small
+            + 4 * self.norm_f.len()
     }
 
     /// The storage format of most weights (for reports): the most common by element count.
@@ -398,7 +403,10 @@ impl Runtime {
                 None => counts.push((m.dtype, m.rows * m.cols)),
             }
         }
-        counts.into_iter().max_by_key(|c| c.1).map_or(DType::F32, |c| c.0)
+        counts
+            .into_iter()
+            .max_by_key(|c| c.1)
+            .map_or(DType::F32, |c| c.0)
     }
 
     /// Multiply-adds per token in the weight matmuls (LM head included, top-k experts only).
@@ -406,10 +414,15 @@ impl Runtime {
         let c = &self.cfg;
         let mut macs = c.vocab_size * c.d_model;
         for layer in &self.layers {
-            macs += [&layer.in_proj, &layer.x_proj, &layer.dt_proj, &layer.out_proj]
-                .iter()
-                .map(|m| m.rows * m.cols)
-                .sum::<usize>();
+            macs += [
+                &layer.in_proj,
+                &layer.x_proj,
+                &layer.dt_proj,
+                &layer.out_proj,
+            ]
+            .iter()
+            .map(|m| m.rows * m.cols)
+            .sum::<usize>();
             if let Some(moe) = &layer.moe {
                 let ex = &moe.experts[0];
                 macs += moe.router.rows * moe.router.cols
@@ -510,7 +523,9 @@ impl Runtime {
         let (d, di, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);
         let rows = tokens.len();
         if streams.len() != rows {
-            return Err(Error::Argument("one stream index per token is needed".into()));
+            return Err(Error::Argument(
+                "one stream index per token is needed".into(),
+            ));
         }
         if let Some(&bad) = streams.iter().find(|&&st| st >= states.len()) {
             return Err(Error::Argument(format!(
@@ -755,7 +770,11 @@ mod tests {
         impl TensorSource for Quantized<'_> {
             fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
                 let v = self.0.values(name)?;
-                let dt = if cols % 32 == 0 && rows > 1 { self.1 } else { DType::F32 };
+                let dt = if cols % 32 == 0 && rows > 1 {
+                    self.1
+                } else {
+                    DType::F32
+                };
                 Matrix::quantize(dt, rows, cols, &v)
             }
         }

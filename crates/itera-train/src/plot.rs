@@ -42,6 +42,20 @@ fn glyph(c: char) -> [u8; 7] {
         's' => [0, 0, 15, 16, 14, 1, 30],
         't' => [8, 8, 28, 8, 8, 9, 6],
         'v' => [0, 0, 17, 17, 17, 10, 4],
+        'b' => [16, 16, 22, 25, 17, 17, 30],
+        'f' => [6, 9, 8, 28, 8, 8, 8],
+        'q' => [0, 0, 13, 19, 15, 1, 1],
+        'y' => [0, 0, 17, 17, 15, 1, 14],
+        'x' => [0, 0, 17, 10, 4, 10, 17],
+        'w' => [0, 0, 17, 17, 21, 21, 10],
+        'g' => [0, 0, 15, 17, 15, 1, 14],
+        'h' => [16, 16, 22, 25, 17, 17, 17],
+        'm' => [0, 0, 26, 21, 21, 17, 17],
+        'u' => [0, 0, 17, 17, 17, 19, 13],
+        'c' => [0, 0, 14, 16, 16, 17, 14],
+        '_' => [0, 0, 0, 0, 0, 0, 31],
+        '-' => [0, 0, 0, 31, 0, 0, 0],
+        ' ' => [0; 7],
         _ => [0; 7],
     }
 }
@@ -183,17 +197,80 @@ pub fn plot_losses(path: &Path, series: &[Series]) -> Result<()> {
         );
         cv.text(W - 108, ly, name, black);
     }
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(|e| Error::file(path, e))?;
-        let flat: Vec<u8> = cv.px.iter().flatten().copied().collect();
-        writer
-            .write_image_data(&flat)
-            .map_err(|e| Error::file(path, e))?;
+    cv.save(path)
+}
+
+impl Canvas {
+    fn save(&self, path: &Path) -> Result<()> {
+        let cv = self;
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut writer = enc.write_header().map_err(|e| Error::file(path, e))?;
+            let flat: Vec<u8> = cv.px.iter().flatten().copied().collect();
+            writer
+                .write_image_data(&flat)
+                .map_err(|e| Error::file(path, e))?;
+        }
+        itera_core::checkpoint::write_atomic(path, &bytes)?;
+        Ok(())
     }
-    itera_core::checkpoint::write_atomic(path, &bytes)?;
-    Ok(())
+}
+
+/// A bar chart: one bar per item (value, colour) in order, a legend, and a y-axis label; written
+/// atomically as PNG. Used for per-tensor bit allocations.
+pub fn plot_bars(
+    path: &Path,
+    bars: &[(f64, [u8; 3])],
+    legend: &[(&str, [u8; 3])],
+    y_label: &str,
+) -> Result<()> {
+    let y_max = bars.iter().map(|b| b.0).fold(1.0f64, f64::max) * 1.1;
+    let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
+    let mut cv = Canvas::new();
+    let (black, grey) = ([0, 0, 0], [220, 220, 220]);
+    for i in 0..=5 {
+        let f = i as f64 / 5.0;
+        let y = TOP as f64 + f * ph;
+        cv.line((LEFT as f64, y), (LEFT as f64 + pw, y), grey, 1);
+        cv.text(4, y as usize - 3, &tick_label(y_max * (1.0 - f)), black);
+    }
+    let slot = pw / bars.len().max(1) as f64;
+    for (i, &(v, colour)) in bars.iter().enumerate() {
+        let x0 = LEFT as f64 + i as f64 * slot + slot * 0.15;
+        let height = (v / y_max * ph).max(1.0);
+        let top = TOP as f64 + ph - height;
+        let mut x = x0;
+        while x < x0 + slot * 0.7 {
+            cv.line((x, top), (x, TOP as f64 + ph), colour, 1);
+            x += 1.0;
+        }
+    }
+    cv.line(
+        (LEFT as f64, TOP as f64 + ph),
+        (LEFT as f64 + pw, TOP as f64 + ph),
+        black,
+        1,
+    );
+    cv.line(
+        (LEFT as f64, TOP as f64),
+        (LEFT as f64, TOP as f64 + ph),
+        black,
+        1,
+    );
+    cv.text(4, 4, y_label, black);
+    cv.text(W / 2 - 36, H - 18, "tensors in file order", black);
+    for (k, (name, colour)) in legend.iter().enumerate() {
+        let ly = TOP + 10 + k * 14;
+        cv.line(
+            ((W - 140) as f64, ly as f64 + 3.0),
+            ((W - 115) as f64, ly as f64 + 3.0),
+            *colour,
+            3,
+        );
+        cv.text(W - 108, ly, name, black);
+    }
+    cv.save(path)
 }

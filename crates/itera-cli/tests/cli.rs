@@ -236,7 +236,7 @@ fn bad_input_gives_clear_errors() {
         fixture().to_str().unwrap(),
     ]);
     assert!(
-        err.contains("shape") && err.contains("embed.weight"),
+        err.contains("shape") && err.contains("tensor `") && err.contains("expected"),
         "{err}"
     );
     // Unreadable data: missing, invalid UTF-8, empty.
@@ -267,4 +267,245 @@ fn bad_input_gives_clear_errors() {
     ])
     .contains("unknown preset"));
     assert!(fails(&["train", "--resume", dir.join("no-run").to_str().unwrap()]).contains("no-run"));
+}
+
+/// Every scheme writes a GGUF that `inspect`, `eval` and `generate` accept like a model directory;
+/// q8_0 stays within 1% of f32 bits per byte; broken files give clear errors.
+#[test]
+fn quantized_gguf_models_run_everywhere() {
+    let m = model().to_str().unwrap();
+    let dir = tmp();
+    let f = fixture();
+    let eval = |model: &str| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(&ok(&[
+            "eval",
+            "--model",
+            model,
+            "--data",
+            f.to_str().unwrap(),
+            "--json",
+        ]))
+        .unwrap();
+        v["bits_per_byte"].as_f64().unwrap()
+    };
+    let base = eval(m);
+    for scheme in ["f32", "f16", "bf16", "q8_0", "q5_0", "q4_0", "q4_1", "nf4"] {
+        let out = dir.join(format!("m-{scheme}.gguf"));
+        let o = out.to_str().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ok(&[
+            "quantize", "--model", m, "--scheme", scheme, "--out", o, "--json",
+        ]))
+        .unwrap();
+        let bits = v["bits_per_weight"].as_f64().unwrap();
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", "--model", o, "--json"])).unwrap();
+        assert!((info["bits_per_weight"].as_f64().unwrap() - bits).abs() < 1e-9);
+        let types: Vec<&str> = info["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["type"].as_str().unwrap())
+            .collect();
+        assert!(types.contains(&scheme), "{scheme}: {types:?}");
+        let bpb = eval(o);
+        let bound = match scheme {
+            "f32" => 1e-6,
+            "f16" | "bf16" | "q8_0" => 0.01,
+            _ => 0.08,
+        };
+        assert!(
+            (bpb - base).abs() / base < bound,
+            "{scheme}: {bpb} vs f32 {base}"
+        );
+        let text = ok(&[
+            "generate",
+            "--model",
+            o,
+            "--prompt",
+            "It was",
+            "--max-tokens",
+            "5",
+        ]);
+        assert!(text.starts_with("It was"));
+    }
+    // The f32 GGUF scores exactly like the directory it came from.
+    assert!((eval(dir.join("m-f32.gguf").to_str().unwrap()) - base).abs() < 1e-6);
+    // Truncated and foreign files.
+    let bytes = std::fs::read(dir.join("m-q4_0.gguf")).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&[
+        "eval",
+        "--model",
+        cut.to_str().unwrap(),
+        "--data",
+        f.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+    let err = fails(&["generate", "--model", f.to_str().unwrap(), "--prompt", "x"]);
+    assert!(err.contains("not a GGUF"), "{err}");
+    let err = fails(&[
+        "quantize", "--model", m, "--scheme", "q3_k", "--out", "x.gguf",
+    ]);
+    assert!(err.contains("unknown scheme"), "{err}");
+    let err = fails(&[
+        "quantize", "--model", m, "--scheme", "mixed", "--out", "x.gguf",
+    ]);
+    assert!(err.contains("--bits"), "{err}");
+}
+
+/// Sensitivity measures every quantizable tensor; a mixed plan meets its bit budget, is saved as
+/// JSON and PNG, and a plan naming a missing tensor is refused.
+#[test]
+fn sensitivity_drives_a_mixed_plan() {
+    let m = model().to_str().unwrap();
+    let dir = tmp();
+    let f = fixture();
+    let report = dir.join("sens.json");
+    ok(&[
+        "sensitivity",
+        "--model",
+        m,
+        "--data",
+        f.to_str().unwrap(),
+        "--tokens",
+        "200",
+        "--out",
+        report.to_str().unwrap(),
+        "--bits",
+        "6",
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let entries = r["entries"].as_array().unwrap();
+    assert!(entries.iter().all(|e| e["kl"].as_f64().unwrap() >= -1e-6));
+    // More bits, less damage: q8_0's KL is below q4_0's for the embedding.
+    let kl = |t: &str| {
+        entries
+            .iter()
+            .find(|e| e["tensor"] == "embed.weight" && e["dtype"] == t)
+            .unwrap()["kl"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(kl("q8_0") < kl("q4_0"));
+    assert!(dir.join("sens.plan.json").is_file() && dir.join("sens.plan.png").is_file());
+    let out = dir.join("mixed.gguf");
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "quantize",
+        "--model",
+        m,
+        "--scheme",
+        "mixed",
+        "--bits",
+        "6",
+        "--sensitivity",
+        report.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert!(v["bits_per_weight"].as_f64().unwrap() <= 6.0 + 1e-9);
+    let plan = dir.join("bad-plan.json");
+    std::fs::write(&plan, r#"{"types": {"layers.7.nope.weight": "q8_0"}}"#).unwrap();
+    let err = fails(&[
+        "quantize",
+        "--model",
+        m,
+        "--scheme",
+        "mixed",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("layers.7.nope.weight"), "{err}");
+}
+
+/// An independent reader: the Python `gguf` package (installed from PyPI by this test) sees our
+/// names, shapes, types and metadata.
+#[test]
+fn python_gguf_reads_our_files() {
+    let m = model().to_str().unwrap();
+    let dir = tmp();
+    let out = dir.join("py-q4_0.gguf");
+    ok(&[
+        "quantize",
+        "--model",
+        m,
+        "--scheme",
+        "q4_0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let lib = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pylib");
+    if !lib.join("gguf").is_dir() {
+        let st = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&lib)
+            .args(["gguf==0.17.1", "numpy<3"])
+            .status()
+            .expect("python3 -m pip runs (the test needs Python 3 with pip)");
+        assert!(st.success(), "pip install gguf failed");
+    }
+    let script = r#"
+import sys, json
+from gguf import GGUFReader
+r = GGUFReader(sys.argv[1])
+def field(k):
+    f = r.fields[k]
+    v = f.parts[f.data[0]]
+    return bytes(v).decode() if f.types[0].name == "STRING" else v.tolist()[0]
+print(json.dumps({
+  "arch": field("general.architecture"),
+  "layers": field("itera-lite.block_count"),
+  "config": json.loads(field("itera-lite.config")),
+  "tensors": {t.name: [t.tensor_type.name, [int(x) for x in t.shape]] for t in r.tensors},
+}))
+"#;
+    let o = Command::new("python3")
+        .env("PYTHONPATH", &lib)
+        .args(["-c", script])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["arch"], "itera-lite");
+    let cfg = &v["config"];
+    assert_eq!(v["layers"], cfg["n_layers"]);
+    let t = &v["tensors"];
+    // gguf-py reports shapes in ggml order (innermost first).
+    let (vocab, d) = (
+        cfg["vocab_size"].as_u64().unwrap(),
+        cfg["d_model"].as_u64().unwrap(),
+    );
+    assert_eq!(t["embed.weight"], serde_json::json!(["Q4_0", [d, vocab]]));
+    assert_eq!(t["layers.0.mixer.A_log"][0], "F32");
+    assert_eq!(t["norm_f.weight"], serde_json::json!(["F32", [d]]));
+    assert_eq!(t["layers.0.mixer.in_proj.weight"][0], "Q4_0");
+}
+
+#[test]
+fn bench_reports_every_measurement() {
+    let m = model().to_str().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["bench", "--model", m, "--quick", "--json"])).unwrap();
+    for path in [
+        &v["peak_flops"],
+        &v["prefill"]["tokens_per_s"],
+        &v["eval"]["tokens_per_s"],
+        &v["decode"]["tokens_per_s"],
+        &v["decode"]["latency_p99_us"],
+        &v["batched_decode"]["64"]["tokens_per_s"],
+        &v["start_to_first_token_ms"],
+        &v["generate_peak_rss_bytes"],
+    ] {
+        assert!(path.as_f64().unwrap() > 0.0, "{v}");
+    }
+    assert!(v["flops_per_token"].as_f64().unwrap() > 0.0);
 }

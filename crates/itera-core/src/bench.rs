@@ -142,7 +142,7 @@ pub fn batched_decode_tokens_per_s(
 /// core at once, best of three ~0.2 s runs. Returns (FLOP/s, threads, instruction set).
 pub fn peak_flops() -> (f64, usize, &'static str) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (kernel, isa): (fn(u64) -> (f32, u64), &str) = fma_kernel();
+    let (kernel, isa) = fma_kernel();
     // Calibrate the iteration count to ~0.2 s on one thread.
     let mut iters = 1u64 << 16;
     loop {
@@ -168,7 +168,10 @@ pub fn peak_flops() -> (f64, usize, &'static str) {
     (best, threads, isa)
 }
 
-fn fma_kernel() -> (fn(u64) -> (f32, u64), &'static str) {
+/// A timed FMA loop: iterations -> (a result to keep, FLOPs done).
+type FmaKernel = fn(u64) -> (f32, u64);
+
+fn fma_kernel() -> (FmaKernel, &'static str) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::kernels::Matrix;
 use crate::quant::DType;
-use crate::runtime::{Runtime, Scratch, State, TensorSource};
+use crate::runtime::{expected_shape, Runtime, Scratch, State, TensorSource};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer, END_OF_TEXT};
 
@@ -137,8 +137,9 @@ impl TensorSource for SafetensorsSource<'_> {
         let n: usize = t.shape().iter().product();
         if n != rows * cols || (rows > 1 && t.shape().last() != Some(&cols)) {
             return Err(err(format!(
-                "shape {:?}, expected [{rows}, {cols}]",
-                t.shape()
+                "shape {:?}, expected {}",
+                t.shape(),
+                expected_shape(rows, cols)
             )));
         }
         let dtype = match t.dtype() {

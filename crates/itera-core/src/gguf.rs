@@ -336,7 +336,11 @@ impl TensorSource for GgufFile {
         if t.elements() != rows * cols || (rows > 1 && t.shape.last() != Some(&cols)) {
             return Err(Error::Tensor {
                 name: name.into(),
-                message: format!("shape {:?}, expected [{rows}, {cols}]", t.shape),
+                message: format!(
+                    "shape {:?}, expected {}",
+                    t.shape,
+                    crate::runtime::expected_shape(rows, cols)
+                ),
             });
         }
         Matrix::from_ggml(t.dtype, rows, cols, &t.bytes).map_err(|e| Error::Tensor {

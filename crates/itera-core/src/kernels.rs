@@ -56,7 +56,7 @@ impl Blocks {
             let base = row * nb * BLOCK / 2;
             if blk / 2 * 2 + 1 < nb {
                 let bytes = &self.codes[base + blk / 2 * 32..][..32];
-                let shift = if blk % 2 == 0 { 0 } else { 4 };
+                let shift = if blk.is_multiple_of(2) { 0 } else { 4 };
                 for (c, b) in q.iter_mut().zip(bytes) {
                     *c = (b >> shift) & 0x0F;
                 }
@@ -127,8 +127,8 @@ crate::multiversion! {
             }
             acc += m.scale[row * nb + blk] * xd[blk] * isum as f32;
         }
-        for blk in 0..nb {
-            acc += m.bias[row * nb + blk] * xs[blk];
+        for (b, s) in m.bias[row * nb..(row + 1) * nb].iter().zip(xs) {
+            acc += b * s;
         }
         acc
     }
@@ -234,7 +234,13 @@ pub fn level() -> &'static str {
 /// call so the set-up is paid once per matrix, not per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn matvec_blocks_avx512(m: &Blocks, first: usize, nb: usize, x: &QuantizedRows, out: &mut [f32]) {
+unsafe fn matvec_blocks_avx512(
+    m: &Blocks,
+    first: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let pairs = nb / 2;
     let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -250,7 +256,8 @@ unsafe fn matvec_blocks_avx512(m: &Blocks, first: usize, nb: usize, x: &Quantize
         let mut acc = _mm512_setzero_ps();
         for p in 0..pairs {
             let mut u = if m.nibbles {
-                let v = _mm256_loadu_si256(codes.add(row * nb * BLOCK / 2 + p * 32) as *const __m256i);
+                let v =
+                    _mm256_loadu_si256(codes.add(row * nb * BLOCK / 2 + p * 32) as *const __m256i);
                 let lo = _mm256_and_si256(v, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                 _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
@@ -372,7 +379,7 @@ impl Matrix {
     /// Packs a tensor stored in `dtype`'s ggml byte layout (as read from GGUF).
     pub fn from_ggml(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
         let n = rows * cols;
-        if cols % dtype.block_len() != 0 || bytes.len() != dtype.bytes_for(n)? {
+        if !cols.is_multiple_of(dtype.block_len()) || bytes.len() != dtype.bytes_for(n)? {
             return Err(Error::Format(format!(
                 "{} matrix [{rows}, {cols}] needs rows that are whole blocks and {} bytes, got {}",
                 dtype.name(),

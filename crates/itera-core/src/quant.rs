@@ -133,7 +133,7 @@ impl DType {
 
     /// Bytes of a tensor with `n` elements; errors when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Result<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return Err(Error::Argument(format!(
                 "{n} elements are not a multiple of {}'s block of {}",
                 self.name(),

@@ -19,6 +19,15 @@ use crate::quant::DType;
 use crate::scan::{silu, softplus};
 use crate::weights::Weights;
 
+/// How a requested shape reads in errors: [rows, cols], or a plain length for 1-D requests.
+pub fn expected_shape(rows: usize, cols: usize) -> String {
+    if rows == 1 {
+        format!("{cols} values")
+    } else {
+        format!("[{rows}, {cols}]")
+    }
+}
+
 /// Where the runtime's tensors come from (safetensors weights, a GGUF file, ...).
 pub trait TensorSource {
     /// A 2-D weight [rows, cols] in whatever format it is stored in.
@@ -770,7 +779,7 @@ mod tests {
         impl TensorSource for Quantized<'_> {
             fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
                 let v = self.0.values(name)?;
-                let dt = if cols % 32 == 0 && rows > 1 {
+                let dt = if cols.is_multiple_of(32) && rows > 1 {
                     self.1
                 } else {
                     DType::F32

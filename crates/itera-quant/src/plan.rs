@@ -44,7 +44,9 @@ impl Scheme {
 /// for Mamba's small tensors and routers.
 pub fn quantizable(name: &str, shape: &[usize]) -> bool {
     let small = ["norm", "conv", "A_log", ".D", "bias", "dt_proj", "router"];
-    shape.len() == 2 && shape[1] % quant::BLOCK == 0 && !small.iter().any(|s| name.contains(s))
+    shape.len() == 2
+        && shape[1].is_multiple_of(quant::BLOCK)
+        && !small.iter().any(|s| name.contains(s))
 }
 
 /// A storage type per tensor name (tensors not listed stay f32).

@@ -157,7 +157,23 @@ impl SensitivityReport {
             let plan = plan_of(&choice);
             let avg = plan.bits_per_weight(weights);
             if avg <= bits + 1e-9 {
-                return Ok(plan);
+                // The last step may have overshot: spend what is left of the budget on the
+                // upgrades that remove the most KL, while they fit.
+                loop {
+                    let spare = (bits - plan_of(&choice).bits_per_weight(weights)) * total as f64;
+                    let best = choice
+                        .iter()
+                        .filter(|(_, &i)| i > 0)
+                        .filter(|(n, &i)| {
+                            (options[**n][i - 1].0 - options[**n][i].0) * params(n) as f64 <= spare + 1e-6
+                        })
+                        .map(|(n, &i)| (*n, options[*n][i].1 - options[*n][i - 1].1))
+                        .max_by(|a, b| a.1.total_cmp(&b.1));
+                    match best {
+                        Some((n, gain)) if gain > 0.0 => *choice.get_mut(n).unwrap() -= 1,
+                        _ => return Ok(plan_of(&choice)),
+                    }
+                }
             }
             let best = choice
                 .iter()

@@ -242,10 +242,11 @@ pub fn plot_bars(
         let x0 = LEFT as f64 + i as f64 * slot + slot * 0.15;
         let height = (v / y_max * ph).max(1.0);
         let top = TOP as f64 + ph - height;
-        let mut x = x0;
-        while x < x0 + slot * 0.7 {
-            cv.line((x, top), (x, TOP as f64 + ph), colour, 1);
-            x += 1.0;
+        let x1 = (x0 + (slot * 0.7).max(1.0)).round() as i64;
+        for x in x0.round() as i64..x1 {
+            for y in top.round() as i64..(TOP as f64 + ph).round() as i64 {
+                cv.dot(x, y, colour);
+            }
         }
     }
     cv.line(
@@ -261,7 +262,7 @@ pub fn plot_bars(
         1,
     );
     cv.text(4, 4, y_label, black);
-    cv.text(W / 2 - 36, H - 18, "tensors in file order", black);
+    cv.text(W / 2 - 60, H - 18, "quantizable tensors in file order", black);
     for (k, (name, colour)) in legend.iter().enumerate() {
         let ly = TOP + 10 + k * 14;
         cv.line(

@@ -46,6 +46,8 @@ enum Command {
     Eval(EvalArgs),
     /// Measure inference speed (prefill, decode, batched decode), start-up time and memory
     Bench(BenchArgs),
+    /// Serve the model over HTTP: OpenAI-style /v1/completions (streaming), /health, /metrics, playground at /
+    Serve(ServeArgs),
     /// Write a quantized model as one GGUF file (f16, bf16, q8_0, q5_0, q4_0, q4_1, nf4 or a mix)
     Quantize(QuantizeArgs),
     /// Measure each tensor's sensitivity to each quantized type (KL to f32 on validation text)
@@ -209,6 +211,35 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Address to listen on (loopback by default; use 0.0.0.0 to accept other machines)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* (or set ITERA_API_KEY)
+    #[arg(long, env = "ITERA_API_KEY")]
+    api_key: Option<String>,
+    /// Streams decoded together at most (continuous batching)
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Requests that may wait for the batch; beyond it the server answers 503 with Retry-After
+    #[arg(long, default_value_t = 256)]
+    queue: usize,
+    /// Largest max_tokens a request may ask for
+    #[arg(long, default_value_t = 4096)]
+    max_tokens_cap: usize,
+    /// Prompt-state cache size in MB
+    #[arg(long, default_value_t = 64)]
+    cache_mb: usize,
+    /// Largest request body in KB
+    #[arg(long, default_value_t = 1024)]
+    body_limit_kb: usize,
+}
+
+#[derive(Args)]
 struct QuantizeArgs {
     #[command(flatten)]
     model: ModelArg,
@@ -305,6 +336,7 @@ fn main() {
                 only: a.only,
             },
         ),
+        Command::Serve(a) => cmd_serve(a),
         Command::Quantize(a) => compress::quantize(compress::QuantizeArgs {
             model: a.model.path(),
             scheme: a.scheme,
@@ -615,6 +647,34 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         println!("speed            {:.0} tokens/s", r.tokens as f64 / secs);
     }
     Ok(())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let model = a.model.path();
+    let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .with_context(|| format!("invalid --host/--port {}:{}", a.host, a.port))?;
+    let name = model
+        .file_stem()
+        .map_or("itera-lite".into(), |n| n.to_string_lossy().to_string());
+    let cfg = itera_serve::ServeConfig {
+        model,
+        model_name: name,
+        api_key: a.api_key,
+        max_batch: a.max_batch,
+        queue: a.queue,
+        max_tokens_cap: a.max_tokens_cap,
+        cache_bytes: a.cache_mb << 20,
+        body_limit: a.body_limit_kb << 10,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(itera_serve::serve(addr, cfg, |bound| {
+        eprintln!("listening on http://{bound}");
+    }))
+    .with_context(|| format!("serving on {addr}"))
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {

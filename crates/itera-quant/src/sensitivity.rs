@@ -165,7 +165,8 @@ impl SensitivityReport {
                         .iter()
                         .filter(|(_, &i)| i > 0)
                         .filter(|(n, &i)| {
-                            (options[**n][i - 1].0 - options[**n][i].0) * params(n) as f64 <= spare + 1e-6
+                            (options[**n][i - 1].0 - options[**n][i].0) * params(n) as f64
+                                <= spare + 1e-6
                         })
                         .map(|(n, &i)| (*n, options[*n][i].1 - options[*n][i - 1].1))
                         .max_by(|a, b| a.1.total_cmp(&b.1));

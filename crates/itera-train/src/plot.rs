@@ -262,7 +262,12 @@ pub fn plot_bars(
         1,
     );
     cv.text(4, 4, y_label, black);
-    cv.text(W / 2 - 60, H - 18, "quantizable tensors in file order", black);
+    cv.text(
+        W / 2 - 60,
+        H - 18,
+        "quantizable tensors in file order",
+        black,
+    );
     for (k, (name, colour)) in legend.iter().enumerate() {
         let ly = TOP + 10 + k * 14;
         cv.line(

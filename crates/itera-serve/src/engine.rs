@@ -1,0 +1,274 @@
+//! The decode engine: one thread runs one batched decode loop for every active stream
+//! (continuous batching). Requests wait in a bounded queue; each new request's prompt is processed
+//! once (continuing from the longest cached prompt prefix), then it joins the batch; a finished or
+//! cancelled stream leaves it at the next step.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use itera_core::generate::Generator;
+use itera_core::runtime::State;
+use itera_core::sample::{Sampler, SamplingParams};
+use itera_core::tokenizer::{StreamDecoder, END_OF_TEXT};
+use tokio::sync::mpsc;
+
+use crate::cache::PromptCache;
+
+/// What a request asks the engine for (already validated and tokenized).
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// What the engine sends back for a job, in order: text pieces, then one `Done` (or `Error`).
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// Counters for /metrics (monotonic unless named as a gauge).
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub rejected: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub cancelled: AtomicU64,
+    /// Gauge: streams in the decode batch.
+    pub active: AtomicU64,
+    /// Gauge: generated tokens per second over the last second (f64 bits).
+    pub tokens_per_s: AtomicU64,
+}
+
+pub struct EngineConfig {
+    pub max_batch: usize,
+    pub cache_bytes: usize,
+}
+
+struct Active<'a> {
+    job: Job,
+    sampler: Sampler,
+    decoder: StreamDecoder<'a>,
+    logits: Vec<f32>,
+    generated: usize,
+    /// Text produced so far, kept only while stop strings need checking.
+    text: String,
+    /// Bytes of `text` already sent.
+    sent: usize,
+}
+
+/// Runs the loop until the job channel closes. Call on a dedicated thread.
+pub fn run(
+    generator: Arc<Generator>,
+    mut jobs: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+    cfg: EngineConfig,
+) {
+    let rt = &generator.runtime;
+    let tokenizer = &generator.tokenizer;
+    let vocab = rt.cfg.vocab_size;
+    let end_id = tokenizer.token_id(END_OF_TEXT);
+    let mut cache = PromptCache::new(cfg.cache_bytes);
+    let mut active: Vec<Active> = Vec::new();
+    let mut states: Vec<State> = Vec::new();
+    let mut scratch = rt.new_scratch();
+    let mut tokens: Vec<u32> = Vec::new();
+    let (mut window_start, mut window_tokens) = (Instant::now(), 0u64);
+    loop {
+        // Admit queued jobs (block only when there is nothing to decode).
+        while active.len() < cfg.max_batch {
+            let job = if active.is_empty() {
+                match jobs.blocking_recv() {
+                    Some(j) => j,
+                    None => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            if job.events.is_closed() {
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let sampler = match Sampler::new(job.params.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = job.events.send(Event::Error(e.to_string()));
+                    continue;
+                }
+            };
+            let (mut state, logits, reused) = match cache.lookup(&job.prompt) {
+                Some((state, logits, n)) if n == job.prompt.len() => (state, logits, n),
+                Some((state, _, n)) => (state, Vec::new(), n),
+                None => (rt.new_state(), Vec::new(), 0),
+            };
+            let logits = if reused == job.prompt.len() {
+                logits
+            } else {
+                if let Err(e) = rt.prefill(&job.prompt[reused..], &mut state, &mut scratch) {
+                    let _ = job.events.send(Event::Error(e.to_string()));
+                    continue;
+                }
+                let l = scratch.logits[..vocab].to_vec();
+                cache.insert(job.prompt.clone(), state.clone(), l.clone());
+                l
+            };
+            if reused > 0 {
+                metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .cached_tokens
+                    .fetch_add(reused as u64, Ordering::Relaxed);
+            } else {
+                metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
+            }
+            metrics
+                .prompt_tokens
+                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            active.push(Active {
+                job,
+                sampler,
+                decoder: StreamDecoder::new(tokenizer),
+                logits,
+                generated: 0,
+                text: String::new(),
+                sent: 0,
+            });
+            states.push(state);
+        }
+        // Sample one token per stream; finished or cancelled streams leave the batch.
+        tokens.clear();
+        let mut i = 0;
+        while i < active.len() {
+            match advance(&mut active[i], end_id) {
+                Some(t) => {
+                    tokens.push(t);
+                    i += 1;
+                }
+                None => {
+                    if active[i].job.events.is_closed() {
+                        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    metrics
+                        .generated_tokens
+                        .fetch_add(active[i].generated as u64, Ordering::Relaxed);
+                    active.swap_remove(i);
+                    states.swap_remove(i);
+                }
+            }
+        }
+        metrics.active.store(active.len() as u64, Ordering::Relaxed);
+        if active.is_empty() {
+            continue;
+        }
+        if let Err(e) = rt.step_batch(&tokens, &mut states, &mut scratch) {
+            for a in active.drain(..) {
+                let _ = a.job.events.send(Event::Error(e.to_string()));
+            }
+            states.clear();
+            continue;
+        }
+        for (a, row) in active.iter_mut().zip(scratch.logits.chunks_exact(vocab)) {
+            a.logits.copy_from_slice(row);
+        }
+        window_tokens += tokens.len() as u64;
+        let elapsed = window_start.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            let rate = window_tokens as f64 / elapsed;
+            metrics
+                .tokens_per_s
+                .store(rate.to_bits(), Ordering::Relaxed);
+            (window_start, window_tokens) = (Instant::now(), 0);
+        }
+    }
+}
+
+/// Samples the next token of one stream and sends its text. Returns the token to feed back, or
+/// None when the stream is finished (its `Done` sent) or its client is gone.
+fn advance(a: &mut Active, end_id: Option<u32>) -> Option<u32> {
+    if a.job.events.is_closed() {
+        return None;
+    }
+    let finish = |a: &mut Active, reason: &'static str| {
+        let rest = a.decoder.finish().unwrap_or_default();
+        a.text.push_str(&rest);
+        flush(a, a.text.len());
+        let _ = a.job.events.send(Event::Done {
+            finish_reason: reason,
+            prompt_tokens: a.job.prompt.len(),
+            completion_tokens: a.generated,
+        });
+        None
+    };
+    if a.generated >= a.job.max_tokens {
+        return finish(a, "length");
+    }
+    let id = a.sampler.sample(&a.logits);
+    if Some(id) == end_id {
+        return finish(a, "stop");
+    }
+    a.generated += 1;
+    let piece = match a.decoder.push(id) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = a.job.events.send(Event::Error(e.to_string()));
+            return None;
+        }
+    };
+    a.text.push_str(&piece);
+    // A stop string can only end in the new piece, so search from just before the unsent tail.
+    let longest = a.job.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut from = a.sent.saturating_sub(longest);
+    while !a.text.is_char_boundary(from) {
+        from -= 1;
+    }
+    if let Some(cut) = a
+        .job
+        .stop
+        .iter()
+        .filter_map(|s| a.text[from..].find(s.as_str()))
+        .min()
+    {
+        let cut = from + cut;
+        a.text.truncate(cut);
+        flush(a, cut);
+        let _ = a.job.events.send(Event::Done {
+            finish_reason: "stop",
+            prompt_tokens: a.job.prompt.len(),
+            completion_tokens: a.generated,
+        });
+        return None;
+    }
+    // Hold back a tail that could still become a stop string.
+    let hold = a.job.stop.iter().map(|s| s.len() - 1).max().unwrap_or(0);
+    let mut upto = a.text.len().saturating_sub(hold);
+    while !a.text.is_char_boundary(upto) {
+        upto -= 1;
+    }
+    flush(a, upto.max(a.sent));
+    Some(id)
+}
+
+fn flush(a: &mut Active, upto: usize) {
+    if upto > a.sent {
+        let _ = a
+            .job
+            .events
+            .send(Event::Text(a.text[a.sent..upto].to_string()));
+        a.sent = upto;
+    }
+}

@@ -1,101 +1,15 @@
 //! The server end to end: started in-process on an ephemeral loopback port with the shipped
 //! model, driven over real TCP with a minimal HTTP/1.1 client.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::{http, server, shipped_model, start};
 use itera_serve::ServeConfig;
 use serde_json::{json, Value};
-
-fn shipped_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/itera-lite-tiny")
-}
-
-/// Starts a server on 127.0.0.1:0 and waits until /health says ready.
-fn start(cfg: ServeConfig) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(itera_serve::serve(
-            "127.0.0.1:0".parse().unwrap(),
-            cfg,
-            |a| tx.send(a).unwrap(),
-        ))
-        .unwrap();
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let t0 = Instant::now();
-    while http(addr, "GET", "/health", &[], "").0 != 200 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "server never became ready"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    addr
-}
-
-fn server() -> SocketAddr {
-    start(ServeConfig {
-        model: shipped_model(),
-        ..ServeConfig::default()
-    })
-}
-
-/// One HTTP/1.1 request with `Connection: close`: (status, raw headers, body).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, head.to_string(), body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n..];
-        s = s.strip_prefix("\r\n").unwrap_or(s);
-    }
-    out
-}
 
 fn complete(addr: SocketAddr, body: Value) -> (u16, Value) {
     let (status, _, text) = http(addr, "POST", "/v1/completions", &[], &body.to_string());

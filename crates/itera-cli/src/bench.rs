@@ -19,6 +19,14 @@ pub struct Options {
 }
 
 pub fn run(model: &Path, opts: Options) -> Result<()> {
+    let want = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
+    // First, while this process is still small: a child forked from a large parent would count
+    // the parent's pages in its peak RSS until it execs.
+    let (first_token_ms, child_rss) = if want("startup") {
+        first_token(model, if opts.quick { 1 } else { 5 })?
+    } else {
+        (f64::NAN, 0)
+    };
     let generator =
         Generator::load(model).with_context(|| format!("loading model {}", model.display()))?;
     let rt = &generator.runtime;
@@ -28,7 +36,6 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
             eprintln!("measuring {what}...");
         }
     };
-    let want = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
     note("peak FLOP/s");
     let (peak, threads, isa) = if want("peak") {
         bench::peak_flops()
@@ -68,12 +75,6 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
             json!({"tokens_per_s": tps, "fraction_of_peak": frac(tps)}),
         );
     }
-    note("process start to first token");
-    let (first_token_ms, child_rss) = if want("startup") {
-        first_token(model, if opts.quick { 1 } else { 5 })?
-    } else {
-        (f64::NAN, 0)
-    };
     let file_bytes = if model.is_dir() {
         std::fs::metadata(model.join(itera_core::checkpoint::WEIGHTS_FILE))?.len()
     } else {

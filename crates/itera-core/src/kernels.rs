@@ -136,9 +136,11 @@ crate::multiversion! {
 
 /// The AVX-512 VNNI kernel: one weight row against X activation rows; each pair of blocks is
 /// unpacked once and feeds X `vpdpbusd`s (64 codes each). Writes the X dot products to `out`.
+/// Not itself a `target_feature` function: it is always inlined into the AVX-512 entry points
+/// below (`block_rows_avx512`, `block_matmul_avx512`), so the loops over weight rows carry no
+/// call per row. Only call it from such a function.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[inline]
+#[inline(always)]
 unsafe fn dot_blocks_avx512<const X: usize>(
     m: &Blocks,
     row: usize,
@@ -293,6 +295,69 @@ unsafe fn matvec_blocks_avx512(
     }
 }
 
+/// One weight row against activation rows x_first..x_first + out.len(), four at a time (the
+/// unpacked codes are reused for four activation rows).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block_rows_avx512(
+    m: &Blocks,
+    row: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    out: &mut [f32],
+) {
+    assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
+    let mut j = 0;
+    while j + 4 <= out.len() {
+        dot_blocks_avx512::<4>(m, row, nb, x, x_first + j, &mut out[j..j + 4]);
+        j += 4;
+    }
+    while j < out.len() {
+        dot_blocks_avx512::<1>(m, row, nb, x, x_first + j, &mut out[j..j + 1]);
+        j += 1;
+    }
+}
+
+/// All weight rows against `n` activation rows (x_first..): y [n, rows], in one call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block_matmul_avx512(
+    m: &Blocks,
+    rows: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    n: usize,
+    y: &mut [f32],
+) {
+    assert!((x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows);
+    let mut out = [0.0f32; 4];
+    for r in 0..rows {
+        let mut j = 0;
+        while j + 4 <= n {
+            dot_blocks_avx512::<4>(m, r, nb, x, x_first + j, &mut out);
+            for (k, &v) in out.iter().enumerate() {
+                *y.get_unchecked_mut((j + k) * rows + r) = v;
+            }
+            j += 4;
+        }
+        while j < n {
+            dot_blocks_avx512::<1>(m, r, nb, x, x_first + j, &mut out[..1]);
+            *y.get_unchecked_mut(j * rows + r) = out[0];
+            j += 1;
+        }
+    }
+}
+
+/// Scatters one weight row's results for activation rows i0.. into y [n, rows].
+#[inline(always)]
+fn continue_store(out: &[f32], y: &mut [f32], i0: usize, rows: usize, r: usize) {
+    for (j, &v) in out.iter().enumerate() {
+        y[(i0 + j) * rows + r] = v;
+    }
+}
+
 /// Dot products of weight row `row` with activation rows x_first.. (as many as `out` holds).
 #[inline(always)]
 fn dot_blocks(
@@ -308,17 +373,7 @@ fn dot_blocks(
     if has_avx512_vnni() {
         // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the asserted bounds keep every load
         // inside the row's codes and the activation rows' slices.
-        unsafe {
-            let mut j = 0;
-            while j + 4 <= out.len() {
-                dot_blocks_avx512::<4>(m, row, nb, x, x_first + j, &mut out[j..j + 4]);
-                j += 4;
-            }
-            while j < out.len() {
-                dot_blocks_avx512::<1>(m, row, nb, x, x_first + j, &mut out[j..j + 1]);
-                j += 1;
-            }
-        }
+        unsafe { block_rows_avx512(m, row, nb, x, x_first, out) };
         return;
     }
     for (j, o) in out.iter_mut().enumerate() {
@@ -335,6 +390,19 @@ fn dot_blocks(
     }
 }
 
+/// f16 dot product with the hardware conversion (`vcvtph2ps`), 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f16_avx512(w: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm512_setzero_ps();
+    for (wc, xc) in w.chunks_exact(16).zip(x.chunks_exact(16)) {
+        let h = _mm256_loadu_si256(wc.as_ptr() as *const __m256i);
+        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(xc.as_ptr()), acc);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
 crate::multiversion! {
     fn dot_half(bits: &[u16], x: &[f32], bf16: bool) -> f32 {
         let mut acc = [0.0f32; 8];
@@ -348,15 +416,12 @@ crate::multiversion! {
     }
 }
 
-/// Below this many multiply-adds a call runs on the calling thread. A single row (decode) is
-/// memory-bound and waking a second thread costs more than it saves below ~2M weights (`tiny`'s
-/// 1M-weight LM head ran 10% slower on two threads than on one, `cargo bench` on this machine).
-fn parallel_work(n: usize) -> usize {
-    if n == 1 {
-        1 << 21
-    } else {
-        1 << 18
-    }
+/// Below this many multiply-adds a call runs on the calling thread: waking a sleeping worker costs
+/// tens of microseconds, more than small matmuls take (measured with `itera bench`: 8 batched
+/// streams ran 1.3x faster once only ~2M-MAC calls went parallel; a single decode row is
+/// memory-bound and `tiny`'s 1M-weight LM head ran 10% slower on two threads than on one).
+fn parallel_work(_n: usize) -> usize {
+    1 << 21
 }
 
 impl Matrix {
@@ -576,6 +641,15 @@ impl Matrix {
             Data::F32(_) => unreachable!("f32 runs in panel_matmul"),
             Data::Half(w) => {
                 let bf = self.dtype == DType::BF16;
+                #[cfg(target_arch = "x86_64")]
+                if !bf && has_avx512() && c.is_multiple_of(16) {
+                    // SAFETY: AVX-512F present; rows first.. lie inside `w` (sliced per row).
+                    for (j, out) in y.iter_mut().enumerate() {
+                        let r = first + j;
+                        *out = unsafe { dot_f16_avx512(&w[r * c..(r + 1) * c], x) };
+                    }
+                    return;
+                }
                 for (j, out) in y.iter_mut().enumerate() {
                     let r = first + j;
                     *out = dot_half(&w[r * c..(r + 1) * c], x, bf);
@@ -602,6 +676,11 @@ impl Matrix {
         const GROUP: usize = 64;
         let (rows, c) = (self.rows, self.cols);
         let n = x.len() / c;
+        #[cfg(target_arch = "x86_64")]
+        if let (Data::Blocks(b), true) = (&self.data, has_avx512_vnni()) {
+            // SAFETY: AVX-512 F/BW/VNNI present; bounds are asserted inside.
+            return unsafe { block_matmul_avx512(b, rows, c / BLOCK, q, x_first, n, y) };
+        }
         let mut wrow = vec![0.0; c];
         let mut out = [0.0f32; GROUP];
         for r in 0..rows {
@@ -618,12 +697,20 @@ impl Matrix {
                         }
                     }
                     Data::Blocks(b) => {
+                        #[cfg(target_arch = "x86_64")]
+                        if has_avx512_vnni() {
+                            // SAFETY: AVX-512 F/BW/VNNI present; the weight row and the
+                            // activation rows lie inside their buffers (checked on entry).
+                            unsafe {
+                                block_rows_avx512(b, r, c / BLOCK, q, x_first + i0, &mut out[..len])
+                            };
+                            continue_store(&out[..len], y, i0, rows, r);
+                            continue;
+                        }
                         dot_blocks(b, r, c / BLOCK, q, x_first + i0, &mut out[..len])
                     }
                 }
-                for (j, &v) in out[..len].iter().enumerate() {
-                    y[(i0 + j) * rows + r] = v;
-                }
+                continue_store(&out[..len], y, i0, rows, r);
             }
         }
     }

@@ -278,7 +278,7 @@ crate::multiversion! {
 /// Runs a channel-range pass over all channels: split between threads when there is enough work.
 fn mixer_split(io: MixerIo, pass: fn(MixerIo, usize, usize)) {
     let threads = rayon::current_num_threads();
-    if io.streams.len() < 8 || threads == 1 {
+    if io.streams.len() < 64 || threads == 1 {
         return pass(io, 0, io.di);
     }
     let chunk = io.di.div_ceil(threads).next_multiple_of(16);

@@ -81,30 +81,55 @@ impl Sampler {
                 .enumerate()
                 .map(|(i, &v)| (v * inv_t, i as u32)),
         );
-        c.sort_unstable_by(|a, b| {
+        let order = |a: &(f32, u32), b: &(f32, u32)| {
             b.0.partial_cmp(&a.0)
                 .unwrap_or(std::cmp::Ordering::Equal)
                 .then(a.1.cmp(&b.1))
-        });
-        if self.params.top_k > 0 {
-            c.truncate(self.params.top_k);
+        };
+        // Only the candidates that can be drawn are ever sorted: the top k (a partial selection,
+        // not a sort of the whole vocabulary), and of those only a prefix that holds top_p of
+        // the mass, found by doubling.
+        let k = if self.params.top_k > 0 {
+            self.params.top_k.min(c.len())
+        } else {
+            c.len()
+        };
+        if k < c.len() {
+            c.select_nth_unstable_by(k - 1, order);
+            c.truncate(k);
         }
-        let max = c[0].0;
+        let max = c.iter().map(|e| e.0).fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0.0f32;
         for e in c.iter_mut() {
             e.0 = (e.0 - max).exp();
             total += e.0;
         }
-        // Keep the smallest prefix whose mass reaches top_p.
-        let mut mass = 0.0;
-        let mut keep = c.len();
-        for (i, e) in c.iter().enumerate() {
-            mass += e.0 / total;
-            if mass >= self.params.top_p {
-                keep = i + 1;
-                break;
+        let by_prob = |a: &(f32, u32), b: &(f32, u32)| {
+            b.0.partial_cmp(&a.0)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.1.cmp(&b.1))
+        };
+        let keep = if self.params.top_p >= 1.0 {
+            c.len()
+        } else {
+            let mut m = c.len().min(64);
+            loop {
+                if m < c.len() {
+                    c.select_nth_unstable_by(m - 1, by_prob);
+                }
+                c[..m].sort_unstable_by(by_prob);
+                let mut mass = 0.0;
+                let found = c[..m].iter().position(|e| {
+                    mass += e.0 / total;
+                    mass >= self.params.top_p
+                });
+                match found {
+                    Some(i) => break i + 1,
+                    None if m == c.len() => break m,
+                    None => m = (2 * m).min(c.len()),
+                }
             }
-        }
+        };
         c.truncate(keep);
         let kept: f32 = c.iter().map(|e| e.0).sum();
         let mut r = self.rng.uniform() as f32 * kept;

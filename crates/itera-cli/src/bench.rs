@@ -16,6 +16,24 @@ pub struct Options {
     pub quick: bool,
     /// Only these parts (peak, prefill, eval, decode, batched, startup); empty = all.
     pub only: Vec<String>,
+    /// Another model whose decode and prefill speed is measured alternately with this one.
+    pub baseline: Option<std::path::PathBuf>,
+}
+
+/// Decode and prefill of the model against a baseline, alternating A/B three times so machine
+/// drift hits both alike; medians of each and their ratios.
+fn compare(rt: &itera_core::Runtime, base: &itera_core::Runtime, quick: bool) -> Result<Value> {
+    let (tokens, reps) = if quick { (32, 1) } else { (256, 3) };
+    let (mut a, mut b, mut pa, mut pb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        a.push(bench::decode(rt, tokens, 1)?.tokens_per_s);
+        b.push(bench::decode(base, tokens, 1)?.tokens_per_s);
+        pa.push(bench::prefill_tokens_per_s(rt, 8, 128, 1)?);
+        pb.push(bench::prefill_tokens_per_s(base, 8, 128, 1)?);
+    }
+    let (a, b, pa, pb) = (median(&a), median(&b), median(&pa), median(&pb));
+    Ok(json!({"decode_tokens_per_s": a, "baseline_decode_tokens_per_s": b, "decode_speedup": a / b,
+              "prefill_tokens_per_s": pa, "baseline_prefill_tokens_per_s": pb, "prefill_speedup": pa / pb}))
 }
 
 pub fn run(model: &Path, opts: Options) -> Result<()> {
@@ -63,6 +81,16 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
             latency_p99_us: f64::NAN,
         }
     };
+    let versus = match &opts.baseline {
+        Some(p) => {
+            note(&format!("decode and prefill against {}", p.display()));
+            let base = Generator::load(p).with_context(|| format!("loading baseline {}", p.display()))?;
+            let mut v = compare(rt, &base.runtime, opts.quick)?;
+            v["baseline"] = json!(p.display().to_string());
+            v
+        }
+        None => Value::Null,
+    };
     let mut batched = serde_json::Map::new();
     for streams in [1usize, 8, 64] {
         note(&format!("batched decode, {streams} streams"));
@@ -97,6 +125,7 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
         "decode": {"tokens_per_s": decode.tokens_per_s, "latency_p50_us": decode.latency_p50_us,
                    "latency_p99_us": decode.latency_p99_us, "fraction_of_peak": frac(decode.tokens_per_s)},
         "batched_decode": batched,
+        "versus_baseline": versus,
         "start_to_first_token_ms": first_token_ms,
         "generate_peak_rss_bytes": child_rss,
         "bench_peak_rss_bytes": own_peak_rss(),
@@ -218,6 +247,16 @@ fn print_report(r: &Value) {
             "batched decode, {s:>2}    {:>10.0} tokens/s  {}",
             f(&b["tokens_per_s"]),
             pct(&b["fraction_of_peak"])
+        );
+    }
+    if let Some(b) = r["versus_baseline"].as_object() {
+        println!(
+            "vs {}  decode {:.2}x ({:.0} vs {:.0} tokens/s), prefill {:.2}x (alternating A/B runs)",
+            b["baseline"].as_str().unwrap_or(""),
+            f(&b["decode_speedup"]),
+            f(&b["decode_tokens_per_s"]),
+            f(&b["baseline_decode_tokens_per_s"]),
+            f(&b["prefill_speedup"])
         );
     }
     println!(

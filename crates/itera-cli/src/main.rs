@@ -206,6 +206,9 @@ struct BenchArgs {
     /// Only these measurements: peak, prefill, eval, decode, batched, startup (comma-separated)
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Also time decode and prefill against this model, alternating runs, and report the ratios
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -334,6 +337,7 @@ fn main() {
                 json: a.json,
                 quick: a.quick,
                 only: a.only,
+                baseline: a.baseline,
             },
         ),
         Command::Serve(a) => cmd_serve(a),
@@ -660,7 +664,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     let cfg = itera_serve::ServeConfig {
         model,
         model_name: name,
-        api_key: a.api_key,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
         max_batch: a.max_batch,
         queue: a.queue,
         max_tokens_cap: a.max_tokens_cap,

@@ -494,7 +494,8 @@ print(json.dumps({
 fn bench_reports_every_measurement() {
     let m = model().to_str().unwrap();
     let v: serde_json::Value =
-        serde_json::from_str(&ok(&["bench", "--model", m, "--quick", "--json"])).unwrap();
+        serde_json::from_str(&ok(&["bench", "--model", m, "--quick", "--json", "--baseline", m]))
+            .unwrap();
     for path in [
         &v["peak_flops"],
         &v["prefill"]["tokens_per_s"],
@@ -504,6 +505,7 @@ fn bench_reports_every_measurement() {
         &v["batched_decode"]["64"]["tokens_per_s"],
         &v["start_to_first_token_ms"],
         &v["generate_peak_rss_bytes"],
+        &v["versus_baseline"]["decode_speedup"],
     ] {
         assert!(path.as_f64().unwrap() > 0.0, "{v}");
     }

@@ -32,8 +32,10 @@ fn compare(rt: &itera_core::Runtime, base: &itera_core::Runtime, quick: bool) ->
         pb.push(bench::prefill_tokens_per_s(base, 8, 128, 1)?);
     }
     let (a, b, pa, pb) = (median(&a), median(&b), median(&pa), median(&pb));
-    Ok(json!({"decode_tokens_per_s": a, "baseline_decode_tokens_per_s": b, "decode_speedup": a / b,
-              "prefill_tokens_per_s": pa, "baseline_prefill_tokens_per_s": pb, "prefill_speedup": pa / pb}))
+    Ok(
+        json!({"decode_tokens_per_s": a, "baseline_decode_tokens_per_s": b, "decode_speedup": a / b,
+              "prefill_tokens_per_s": pa, "baseline_prefill_tokens_per_s": pb, "prefill_speedup": pa / pb}),
+    )
 }
 
 pub fn run(model: &Path, opts: Options) -> Result<()> {
@@ -84,7 +86,8 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
     let versus = match &opts.baseline {
         Some(p) => {
             note(&format!("decode and prefill against {}", p.display()));
-            let base = Generator::load(p).with_context(|| format!("loading baseline {}", p.display()))?;
+            let base =
+                Generator::load(p).with_context(|| format!("loading baseline {}", p.display()))?;
             let mut v = compare(rt, &base.runtime, opts.quick)?;
             v["baseline"] = json!(p.display().to_string());
             v

@@ -493,9 +493,16 @@ print(json.dumps({
 #[test]
 fn bench_reports_every_measurement() {
     let m = model().to_str().unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(&["bench", "--model", m, "--quick", "--json", "--baseline", m]))
-            .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        "--model",
+        m,
+        "--quick",
+        "--json",
+        "--baseline",
+        m,
+    ]))
+    .unwrap();
     for path in [
         &v["peak_flops"],
         &v["prefill"]["tokens_per_s"],

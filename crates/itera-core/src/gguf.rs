@@ -256,77 +256,48 @@ pub fn model_metadata(
     name: &str,
 ) -> BTreeMap<String, Value> {
     let a = ARCHITECTURE;
-    let mut m = BTreeMap::new();
-    let mut put = |k: &str, v: Value| {
-        m.insert(k.to_string(), v);
-    };
-    put("general.architecture", Value::Str(a.into()));
-    put("general.name", Value::Str(name.into()));
-    put("general.alignment", Value::U32(ALIGNMENT as u32));
-    put("general.quantization_version", Value::U32(2));
-    put(
-        &format!("{a}.context_length"),
-        Value::U32(cfg.context as u32),
-    );
-    put(
-        &format!("{a}.embedding_length"),
-        Value::U32(cfg.d_model as u32),
-    );
-    put(&format!("{a}.block_count"), Value::U32(cfg.n_layers as u32));
-    put(
-        &format!("{a}.vocab_size"),
-        Value::U32(cfg.vocab_size as u32),
-    );
-    put(
-        &format!("{a}.ssm.conv_kernel"),
-        Value::U32(cfg.d_conv as u32),
-    );
-    put(
-        &format!("{a}.ssm.inner_size"),
-        Value::U32(cfg.d_inner() as u32),
-    );
-    put(
-        &format!("{a}.ssm.state_size"),
-        Value::U32(cfg.d_state as u32),
-    );
-    put(
-        &format!("{a}.ssm.time_step_rank"),
-        Value::U32(cfg.dt_rank as u32),
-    );
-    put(
-        &format!("{a}.expert_count"),
-        Value::U32(cfg.n_experts as u32),
-    );
-    put(
-        &format!("{a}.expert_used_count"),
-        Value::U32(cfg.top_k as u32),
-    );
-    put(
-        &format!("{a}.expert_feed_forward_length"),
-        Value::U32(cfg.expert_hidden as u32),
-    );
-    put(
-        &format!("{a}.moe_layers"),
-        Value::Array(
-            cfg.moe_layers
-                .iter()
-                .map(|&l| Value::U32(l as u32))
-                .collect(),
+    let sizes = [
+        ("context_length", cfg.context),
+        ("embedding_length", cfg.d_model),
+        ("block_count", cfg.n_layers),
+        ("vocab_size", cfg.vocab_size),
+        ("ssm.conv_kernel", cfg.d_conv),
+        ("ssm.inner_size", cfg.d_inner()),
+        ("ssm.state_size", cfg.d_state),
+        ("ssm.time_step_rank", cfg.dt_rank),
+        ("expert_count", cfg.n_experts),
+        ("expert_used_count", cfg.top_k),
+        ("expert_feed_forward_length", cfg.expert_hidden),
+    ];
+    let mut m: BTreeMap<String, Value> = sizes
+        .iter()
+        .map(|(k, v)| (format!("{a}.{k}"), Value::U32(*v as u32)))
+        .collect();
+    let layers = cfg
+        .moe_layers
+        .iter()
+        .map(|&l| Value::U32(l as u32))
+        .collect();
+    let config = serde_json::to_string(cfg).expect("config serialises");
+    for (k, v) in [
+        ("general.architecture".to_string(), Value::Str(a.into())),
+        ("general.name".into(), Value::Str(name.into())),
+        ("general.alignment".into(), Value::U32(ALIGNMENT as u32)),
+        ("general.quantization_version".into(), Value::U32(2)),
+        (format!("{a}.moe_layers"), Value::Array(layers)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.norm_eps as f32),
         ),
-    );
-    put(
-        &format!("{a}.attention.layer_norm_rms_epsilon"),
-        Value::F32(cfg.norm_eps as f32),
-    );
-    put(
-        &format!("{a}.config"),
-        Value::Str(serde_json::to_string(cfg).expect("config serialises")),
-    );
-    put("tokenizer.ggml.model", Value::Str("gpt2".into()));
-    put(
-        "tokenizer.huggingface.json",
-        Value::Str(tokenizer_json.into()),
-    );
+        (format!("{a}.config"), Value::Str(config)),
+        ("tokenizer.ggml.model".into(), Value::Str("gpt2".into())),
+        (
+            "tokenizer.huggingface.json".into(),
+            Value::Str(tokenizer_json.into()),
+        ),
+    ] {
+        m.insert(k, v);
+    }
     m
 }
 

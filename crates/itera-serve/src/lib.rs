@@ -422,78 +422,83 @@ async fn metrics(State(s): State<Shared>) -> Response {
         .ready
         .get()
         .map_or(0, |r| s.cfg.queue.max(1) - r.jobs.capacity());
-    let mut out = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, value: String| {
-        out.push_str(&format!(
-            "# HELP itera_{name} {help}\n# TYPE itera_{name} {kind}\nitera_{name} {value}\n"
-        ));
-    };
-    put(
-        "requests_total",
-        "counter",
-        "Completion requests accepted into the queue or rejected.",
-        c(&m.requests).to_string(),
-    );
-    put(
-        "requests_rejected_total",
-        "counter",
-        "Requests refused with 503 because the queue was full.",
-        c(&m.rejected).to_string(),
-    );
-    put(
-        "requests_cancelled_total",
-        "counter",
-        "Streams cancelled because the client went away.",
-        c(&m.cancelled).to_string(),
-    );
-    put(
-        "prompt_tokens_total",
-        "counter",
-        "Prompt tokens processed or taken from the cache.",
-        c(&m.prompt_tokens).to_string(),
-    );
-    put(
-        "generated_tokens_total",
-        "counter",
-        "Tokens generated.",
-        c(&m.generated_tokens).to_string(),
-    );
-    put(
-        "prompt_cache_hits_total",
-        "counter",
-        "Prompts that continued from a cached prefix state.",
-        c(&m.cache_hits).to_string(),
-    );
-    put(
-        "prompt_cache_misses_total",
-        "counter",
-        "Prompts processed from the start.",
-        c(&m.cache_misses).to_string(),
-    );
-    put(
-        "prompt_cache_tokens_total",
-        "counter",
-        "Prompt tokens not recomputed thanks to the cache.",
-        c(&m.cached_tokens).to_string(),
-    );
-    put(
-        "queue_depth",
-        "gauge",
-        "Requests waiting for a place in the decode batch.",
-        queue.to_string(),
-    );
-    put(
-        "active_streams",
-        "gauge",
-        "Streams in the decode batch.",
-        c(&m.active).to_string(),
-    );
-    put(
-        "tokens_per_second",
-        "gauge",
-        "Generated tokens per second over the last second.",
-        format!("{:.1}", f64::from_bits(c(&m.tokens_per_s))),
-    );
+    let tokens_per_s = format!("{:.1}", f64::from_bits(c(&m.tokens_per_s)));
+    let rows: [(&str, &str, &str, String); 11] = [
+        (
+            "requests_total",
+            "counter",
+            "Completion requests accepted into the queue or rejected.",
+            c(&m.requests).to_string(),
+        ),
+        (
+            "requests_rejected_total",
+            "counter",
+            "Requests refused with 503 because the queue was full.",
+            c(&m.rejected).to_string(),
+        ),
+        (
+            "requests_cancelled_total",
+            "counter",
+            "Streams cancelled because the client went away.",
+            c(&m.cancelled).to_string(),
+        ),
+        (
+            "prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed or taken from the cache.",
+            c(&m.prompt_tokens).to_string(),
+        ),
+        (
+            "generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            c(&m.generated_tokens).to_string(),
+        ),
+        (
+            "prompt_cache_hits_total",
+            "counter",
+            "Prompts that continued from a cached prefix state.",
+            c(&m.cache_hits).to_string(),
+        ),
+        (
+            "prompt_cache_misses_total",
+            "counter",
+            "Prompts processed from the start.",
+            c(&m.cache_misses).to_string(),
+        ),
+        (
+            "prompt_cache_tokens_total",
+            "counter",
+            "Prompt tokens not recomputed thanks to the cache.",
+            c(&m.cached_tokens).to_string(),
+        ),
+        (
+            "queue_depth",
+            "gauge",
+            "Requests waiting for a place in the decode batch.",
+            queue.to_string(),
+        ),
+        (
+            "active_streams",
+            "gauge",
+            "Streams in the decode batch.",
+            c(&m.active).to_string(),
+        ),
+        (
+            "tokens_per_second",
+            "gauge",
+            "Generated tokens per second over the last second.",
+            tokens_per_s,
+        ),
+    ];
+    let out: String = rows
+        .iter()
+        .map(|(name, kind, help, value)| {
+            format!(
+                "# HELP itera_{name} {help}\n# TYPE itera_{name} {kind}\nitera_{name} {value}\n"
+            )
+        })
+        .collect();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -175,13 +175,13 @@ async fn auth(State(s): State<Shared>, headers: HeaderMap, req: Request, next: N
     next.run(req).await
 }
 
-fn ready(s: &AppState) -> Result<&Ready, Response> {
+fn ready(s: &AppState) -> Result<&Ready, Box<Response>> {
     s.ready.get().ok_or_else(|| {
-        error(
+        Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the model is still loading",
             "server_busy",
-        )
+        ))
     })
 }
 
@@ -189,15 +189,17 @@ fn ready(s: &AppState) -> Result<&Ready, Response> {
 /// a 4xx in OpenAI's shape.
 fn json_body(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<serde_json::Map<String, Value>, Response> {
+) -> Result<serde_json::Map<String, Value>, Box<Response>> {
     let bytes = body.map_err(|e| {
         let status = e.status();
-        error(status, e.body_text(), "invalid_request_error")
+        Box::new(error(status, e.body_text(), "invalid_request_error"))
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(bad_request("the request body must be a JSON object")),
-        Err(e) => Err(bad_request(format!("invalid JSON: {e}"))),
+        Ok(_) => Err(Box::new(bad_request(
+            "the request body must be a JSON object",
+        ))),
+        Err(e) => Err(Box::new(bad_request(format!("invalid JSON: {e}")))),
     }
 }
 
@@ -307,11 +309,11 @@ async fn completions(
 ) -> Response {
     let ready = match ready(&s) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let m = match json_body(body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let req = match parse_completion(&m, s.cfg.max_tokens_cap) {
         Ok(r) => r,
@@ -508,11 +510,11 @@ async fn tokenize(
 ) -> Response {
     let ready = match ready(&s) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let m = match json_body(body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(text) = m.get("content").and_then(Value::as_str) else {
         return bad_request("`content` (a string) is required");
@@ -529,11 +531,11 @@ async fn detokenize(
 ) -> Response {
     let ready = match ready(&s) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let m = match json_body(body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let vocab = ready.generator.runtime.cfg.vocab_size as u64;
     let ids: Option<Vec<u32>> = m.get("tokens").and_then(Value::as_array).and_then(|a| {

@@ -29,10 +29,7 @@ fn random_tokens(rt: &Runtime, n: usize, seed: u64) -> Vec<u32> {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
+    crate::math::argmax(v) as u32
 }
 
 /// Prefill throughput: `seqs` sequences of `len` tokens in one forward (one stream each) with

@@ -78,6 +78,22 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+crate::multiversion! {
+    /// Index of the largest value (the first one on ties), in 16 lanes so it vectorises.
+    pub fn argmax(v: &[f32]) -> usize {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let chunks = v.chunks_exact(16);
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            }
+        }
+        let m = acc.iter().fold(tail, |m, &x| if x > m { x } else { m });
+        v.iter().position(|&x| x == m).unwrap_or(0)
+    }
+}
+
 /// Sum in 8 independent lanes.
 #[inline(always)]
 pub fn sum(a: &[f32]) -> f32 {
@@ -105,6 +121,17 @@ mod tests {
         }
         assert!(worst < 5e-7, "max relative error {worst}");
         assert_eq!(super::exp(-1000.0), super::exp(-87.0));
+    }
+
+    #[test]
+    fn argmax_finds_the_first_largest() {
+        let v: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32).collect();
+        assert_eq!(
+            super::argmax(&v),
+            v.iter().position(|&x| x == 100.0).unwrap()
+        );
+        assert_eq!(super::argmax(&[1.0, 3.0, 3.0]), 1);
+        assert_eq!(super::argmax(&[-1.0]), 0);
     }
 
     #[test]

@@ -60,15 +60,7 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let greedy = || {
-            let mut best = 0;
-            for (i, &v) in logits.iter().enumerate() {
-                if v > logits[best] {
-                    best = i;
-                }
-            }
-            best as u32
-        };
+        let greedy = || crate::math::argmax(logits) as u32;
         if self.params.temperature == 0.0 {
             return greedy();
         }

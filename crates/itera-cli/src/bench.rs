@@ -201,8 +201,14 @@ fn own_peak_rss() -> u64 {
 }
 
 fn print_report(r: &Value) {
-    let pct = |v: &Value| format!("{:5.1}% of peak", v.as_f64().unwrap_or(0.0) * 100.0);
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    // Skipped measurements are null in the JSON and "-" here.
+    let pct = |v: &Value| {
+        v.as_f64().map_or("    - of peak".into(), |x| {
+            format!("{:5.1}% of peak", x * 100.0)
+        })
+    };
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let num = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.0}"));
     println!(
         "model                 {} ({})",
         r["model"].as_str().unwrap_or(""),
@@ -226,20 +232,20 @@ fn print_report(r: &Value) {
         f(&r["flops_per_token"]) / 1e6
     );
     println!(
-        "prefill               {:>10.0} tokens/s  {}  ({} x {} tokens)",
-        f(&r["prefill"]["tokens_per_s"]),
+        "prefill               {:>10} tokens/s  {}  ({} x {} tokens)",
+        num(&r["prefill"]["tokens_per_s"]),
         pct(&r["prefill"]["fraction_of_peak"]),
         r["prefill"]["sequences"],
         r["prefill"]["length"]
     );
     println!(
-        "eval (one stream)     {:>10.0} tokens/s  {}",
-        f(&r["eval"]["tokens_per_s"]),
+        "eval (one stream)     {:>10} tokens/s  {}",
+        num(&r["eval"]["tokens_per_s"]),
         pct(&r["eval"]["fraction_of_peak"])
     );
     println!(
-        "decode, 1 stream      {:>10.0} tokens/s  {}  p50 {:.1} us, p99 {:.1} us per token",
-        f(&r["decode"]["tokens_per_s"]),
+        "decode, 1 stream      {:>10} tokens/s  {}  p50 {:.1} us, p99 {:.1} us per token",
+        num(&r["decode"]["tokens_per_s"]),
         pct(&r["decode"]["fraction_of_peak"]),
         f(&r["decode"]["latency_p50_us"]),
         f(&r["decode"]["latency_p99_us"])
@@ -247,8 +253,8 @@ fn print_report(r: &Value) {
     for s in ["1", "8", "64"] {
         let b = &r["batched_decode"][s];
         println!(
-            "batched decode, {s:>2}    {:>10.0} tokens/s  {}",
-            f(&b["tokens_per_s"]),
+            "batched decode, {s:>2}    {:>10} tokens/s  {}",
+            num(&b["tokens_per_s"]),
             pct(&b["fraction_of_peak"])
         );
     }

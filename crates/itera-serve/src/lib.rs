@@ -557,3 +557,26 @@ async fn detokenize(
 async fn playground() -> Html<&'static str> {
     Html(include_str!("playground.html"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before the model is loaded: /health and the API answer 503, the rest of the server works.
+    #[tokio::test]
+    async fn everything_answers_503_while_loading() {
+        let state: Shared = Arc::new(AppState {
+            cfg: ServeConfig::default(),
+            ready: OnceLock::new(),
+            metrics: Arc::new(Metrics::default()),
+        });
+        assert_eq!(
+            health(State(state.clone())).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let body = Ok(Bytes::from_static(br#"{"prompt": "x"}"#));
+        let r = completions(State(state.clone()), body).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(metrics(State(state)).await.status(), StatusCode::OK);
+    }
+}

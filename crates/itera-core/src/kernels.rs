@@ -350,14 +350,6 @@ unsafe fn block_matmul_avx512(
     }
 }
 
-/// Scatters one weight row's results for activation rows i0.. into y [n, rows].
-#[inline(always)]
-fn continue_store(out: &[f32], y: &mut [f32], i0: usize, rows: usize, r: usize) {
-    for (j, &v) in out.iter().enumerate() {
-        y[(i0 + j) * rows + r] = v;
-    }
-}
-
 /// Dot products of weight row `row` with activation rows x_first.. (as many as `out` holds).
 #[inline(always)]
 fn dot_blocks(
@@ -368,11 +360,10 @@ fn dot_blocks(
     x_first: usize,
     out: &mut [f32],
 ) {
-    assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
     #[cfg(target_arch = "x86_64")]
     if has_avx512_vnni() {
-        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the asserted bounds keep every load
-        // inside the row's codes and the activation rows' slices.
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); `block_rows_avx512` asserts the bounds
+        // that keep every load inside the row's codes and the activation rows' slices.
         unsafe { block_rows_avx512(m, row, nb, x, x_first, out) };
         return;
     }
@@ -697,20 +688,12 @@ impl Matrix {
                         }
                     }
                     Data::Blocks(b) => {
-                        #[cfg(target_arch = "x86_64")]
-                        if has_avx512_vnni() {
-                            // SAFETY: AVX-512 F/BW/VNNI present; the weight row and the
-                            // activation rows lie inside their buffers (checked on entry).
-                            unsafe {
-                                block_rows_avx512(b, r, c / BLOCK, q, x_first + i0, &mut out[..len])
-                            };
-                            continue_store(&out[..len], y, i0, rows, r);
-                            continue;
-                        }
                         dot_blocks(b, r, c / BLOCK, q, x_first + i0, &mut out[..len])
                     }
                 }
-                continue_store(&out[..len], y, i0, rows, r);
+                for (j, &v) in out[..len].iter().enumerate() {
+                    y[(i0 + j) * rows + r] = v;
+                }
             }
         }
     }

@@ -175,6 +175,15 @@ async fn auth(State(s): State<Shared>, headers: HeaderMap, req: Request, next: N
     next.run(req).await
 }
 
+/// The loaded model and the request's JSON object, or the error response to send instead.
+fn ready_with_body(
+    s: &AppState,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(&Ready, serde_json::Map<String, Value>), Box<Response>> {
+    let ready = ready(s)?;
+    Ok((ready, json_body(body)?))
+}
+
 fn ready(s: &AppState) -> Result<&Ready, Box<Response>> {
     s.ready.get().ok_or_else(|| {
         Box::new(error(
@@ -307,12 +316,8 @@ async fn completions(
     State(s): State<Shared>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let ready = match ready(&s) {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
-    let m = match json_body(body) {
-        Ok(m) => m,
+    let (ready, m) = match ready_with_body(&s, body) {
+        Ok(x) => x,
         Err(r) => return *r,
     };
     let req = match parse_completion(&m, s.cfg.max_tokens_cap) {
@@ -425,73 +430,19 @@ async fn metrics(State(s): State<Shared>) -> Response {
         .get()
         .map_or(0, |r| s.cfg.queue.max(1) - r.jobs.capacity());
     let tokens_per_s = format!("{:.1}", f64::from_bits(c(&m.tokens_per_s)));
+    #[rustfmt::skip]
     let rows: [(&str, &str, &str, String); 11] = [
-        (
-            "requests_total",
-            "counter",
-            "Completion requests accepted into the queue or rejected.",
-            c(&m.requests).to_string(),
-        ),
-        (
-            "requests_rejected_total",
-            "counter",
-            "Requests refused with 503 because the queue was full.",
-            c(&m.rejected).to_string(),
-        ),
-        (
-            "requests_cancelled_total",
-            "counter",
-            "Streams cancelled because the client went away.",
-            c(&m.cancelled).to_string(),
-        ),
-        (
-            "prompt_tokens_total",
-            "counter",
-            "Prompt tokens processed or taken from the cache.",
-            c(&m.prompt_tokens).to_string(),
-        ),
-        (
-            "generated_tokens_total",
-            "counter",
-            "Tokens generated.",
-            c(&m.generated_tokens).to_string(),
-        ),
-        (
-            "prompt_cache_hits_total",
-            "counter",
-            "Prompts that continued from a cached prefix state.",
-            c(&m.cache_hits).to_string(),
-        ),
-        (
-            "prompt_cache_misses_total",
-            "counter",
-            "Prompts processed from the start.",
-            c(&m.cache_misses).to_string(),
-        ),
-        (
-            "prompt_cache_tokens_total",
-            "counter",
-            "Prompt tokens not recomputed thanks to the cache.",
-            c(&m.cached_tokens).to_string(),
-        ),
-        (
-            "queue_depth",
-            "gauge",
-            "Requests waiting for a place in the decode batch.",
-            queue.to_string(),
-        ),
-        (
-            "active_streams",
-            "gauge",
-            "Streams in the decode batch.",
-            c(&m.active).to_string(),
-        ),
-        (
-            "tokens_per_second",
-            "gauge",
-            "Generated tokens per second over the last second.",
-            tokens_per_s,
-        ),
+        ("requests_total", "counter", "Completion requests accepted into the queue or rejected.", c(&m.requests).to_string()),
+        ("requests_rejected_total", "counter", "Requests refused with 503 because the queue was full.", c(&m.rejected).to_string()),
+        ("requests_cancelled_total", "counter", "Streams cancelled because the client went away.", c(&m.cancelled).to_string()),
+        ("prompt_tokens_total", "counter", "Prompt tokens processed or taken from the cache.", c(&m.prompt_tokens).to_string()),
+        ("generated_tokens_total", "counter", "Tokens generated.", c(&m.generated_tokens).to_string()),
+        ("prompt_cache_hits_total", "counter", "Prompts that continued from a cached prefix state.", c(&m.cache_hits).to_string()),
+        ("prompt_cache_misses_total", "counter", "Prompts processed from the start.", c(&m.cache_misses).to_string()),
+        ("prompt_cache_tokens_total", "counter", "Prompt tokens not recomputed thanks to the cache.", c(&m.cached_tokens).to_string()),
+        ("queue_depth", "gauge", "Requests waiting for a place in the decode batch.", queue.to_string()),
+        ("active_streams", "gauge", "Streams in the decode batch.", c(&m.active).to_string()),
+        ("tokens_per_second", "gauge", "Generated tokens per second over the last second.", tokens_per_s),
     ];
     let out: String = rows
         .iter()
@@ -508,12 +459,8 @@ async fn tokenize(
     State(s): State<Shared>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let ready = match ready(&s) {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
-    let m = match json_body(body) {
-        Ok(m) => m,
+    let (ready, m) = match ready_with_body(&s, body) {
+        Ok(x) => x,
         Err(r) => return *r,
     };
     let Some(text) = m.get("content").and_then(Value::as_str) else {
@@ -529,12 +476,8 @@ async fn detokenize(
     State(s): State<Shared>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let ready = match ready(&s) {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
-    let m = match json_body(body) {
-        Ok(m) => m,
+    let (ready, m) = match ready_with_body(&s, body) {
+        Ok(x) => x,
         Err(r) => return *r,
     };
     let vocab = ready.generator.runtime.cfg.vocab_size as u64;

@@ -214,6 +214,7 @@ pub fn sensitivity_cmd(a: SensitivityArgs) -> Result<()> {
             }
             println!();
         }
+        println!("(the report also has each entry's NLL and perplexity change on the same text)");
         println!("report -> {}", a.out.display());
     }
     if let Some(bits) = a.bits {

@@ -382,6 +382,13 @@ fn sensitivity_drives_a_mixed_plan() {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let entries = r["entries"].as_array().unwrap();
     assert!(entries.iter().all(|e| e["kl"].as_f64().unwrap() >= -1e-6));
+    assert!(entries.iter().all(|e| {
+        let (d, p) = (
+            e["nll_delta"].as_f64().unwrap(),
+            e["perplexity_change"].as_f64().unwrap(),
+        );
+        (p - (d.exp() - 1.0)).abs() < 1e-9
+    }));
     // More bits, less damage: q8_0's KL is below q4_0's for the embedding.
     let kl = |t: &str| {
         entries

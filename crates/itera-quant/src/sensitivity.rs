@@ -19,6 +19,9 @@ pub struct TensorSensitivity {
     pub kl: f64,
     /// Change of the mean NLL per token, nats (positive = worse).
     pub nll_delta: f64,
+    /// Relative change of the token perplexity on the validation text: exp(nll_delta) - 1.
+    #[serde(default)]
+    pub perplexity_change: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -106,6 +109,7 @@ pub fn measure(
                 parameters: *parameters,
                 kl: kl(&base, &lp, vocab),
                 nll_delta: nll - base_nll,
+                perplexity_change: (nll - base_nll).exp() - 1.0,
             });
             progress(entries.len(), total);
         }

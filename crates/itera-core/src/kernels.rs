@@ -233,7 +233,7 @@ pub fn level() -> &'static str {
 }
 
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
-/// call so the set-up is paid once per matrix, not per row.
+/// call so the set-up is paid once per matrix, not per row (the row kernel is inlined here).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn matvec_blocks_avx512(
@@ -243,55 +243,8 @@ unsafe fn matvec_blocks_avx512(
     x: &QuantizedRows,
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let pairs = nb / 2;
-    let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    let low = _mm256_set1_epi8(0x0F);
-    let sixteen = _mm512_set1_epi8(0x10);
-    let table = m
-        .table
-        .map(|t| _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i)));
-    let (codes, scale, bias, high) = (m.codes.as_ptr(), m.scale.as_ptr(), &m.bias, &m.high);
     for (j, o) in out.iter_mut().enumerate() {
-        let row = first + j;
-        let sb = row * nb;
-        let mut acc = _mm512_setzero_ps();
-        for p in 0..pairs {
-            let mut u = if m.nibbles {
-                let v =
-                    _mm256_loadu_si256(codes.add(row * nb * BLOCK / 2 + p * 32) as *const __m256i);
-                let lo = _mm256_and_si256(v, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-            } else {
-                _mm512_loadu_si512(codes.add((row * nb + 2 * p) * BLOCK) as *const _)
-            };
-            if !high.is_empty() {
-                let mask = high[sb + 2 * p] as u64 | (high[sb + 2 * p + 1] as u64) << 32;
-                u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(mask, sixteen));
-            }
-            if let Some(t) = table {
-                u = _mm512_shuffle_epi8(t, u);
-            }
-            let xv = _mm512_loadu_si512(x.q.as_ptr().add(p * 64) as *const _);
-            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
-            let ws = _mm_castsi128_ps(_mm_loadl_epi64(scale.add(sb + 2 * p) as *const __m128i));
-            let xs = _mm_castsi128_ps(_mm_loadl_epi64(x.d.as_ptr().add(2 * p) as *const __m128i));
-            let sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(ws, xs)));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sv, acc);
-        }
-        let mut total = _mm512_reduce_add_ps(acc);
-        for b in 0..nb {
-            total += bias[sb + b] * x.s[b];
-        }
-        if nb % 2 == 1 {
-            let blk = nb - 1;
-            let c = m.block(row, nb, blk);
-            let xb = &x.q[blk * BLOCK..(blk + 1) * BLOCK];
-            let isum: i32 = c.iter().zip(xb).map(|(&c, &q)| c as i32 * q as i32).sum();
-            total += m.scale[sb + blk] * x.d[blk] * isum as f32;
-        }
-        *o = total;
+        dot_blocks_avx512::<1>(m, first + j, nb, x, 0, std::slice::from_mut(o));
     }
 }
 

@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use itera_core::checkpoint::default_model_path;
-use itera_core::eval::evaluate;
+use itera_core::config::Mixer;
+use itera_core::eval::{evaluate, evaluate_windowed};
 use itera_core::{Generator, ModelConfig, ModelDir, SamplingParams, Tokenizer};
 use itera_train::corpora::{self, Event};
 use itera_train::data::{expand_inputs, Corpus};
@@ -86,12 +87,16 @@ enum TokenizerCommand {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Architecture preset: tiny, micro, small, medium
+    /// Architecture preset: tiny, micro, small, medium, or the baseline transformer-tiny
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// A config.json overriding the preset
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Use the shared-state SSM (one N-dimensional state per layer for all channels, as in the
+    /// original Itera-Lite) instead of Mamba's per-channel states
+    #[arg(long)]
+    shared_state: bool,
     /// Training text files or folders (several allowed)
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
@@ -462,6 +467,15 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             )?,
             None => ModelConfig::preset(&a.preset)?,
         };
+        if a.shared_state {
+            if !config.mixer.is_recurrent() {
+                bail!(
+                    "--shared-state applies to SSM models, not `{}`",
+                    config.preset
+                );
+            }
+            config.mixer = Mixer::SharedState;
+        }
         let tokenizer = match &a.tokenizer {
             Some(p) => Tokenizer::from_file(p)?,
             None => {
@@ -484,6 +498,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         o.holdout = a.holdout;
         o.batch_size = a.batch_size;
         o.seq_len = a.seq_len.unwrap_or(config.context);
+        if !config.mixer.is_recurrent() && o.seq_len > config.context {
+            bail!(
+                "--seq-len {} exceeds the attention model's context of {} (its learned positions)",
+                o.seq_len,
+                config.context
+            );
+        }
         o.lr = a.lr;
         o.warmup = a.warmup;
         o.optimizer.weight_decay = a.weight_decay;
@@ -607,19 +628,30 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let path = a.model.path();
-    let model =
-        Generator::load(&path).with_context(|| format!("loading model {}", path.display()))?;
     let text = itera_train::data::read_text(&a.data)?;
-    let runtime = &model.runtime;
     let pb = bar(
         1,
         "{bar:30} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]",
     );
-    let t0 = Instant::now();
-    let r = evaluate(runtime, &model.tokenizer, &text, |done, total| {
+    let progress = |done: usize, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
-    })?;
+    };
+    let loading = || format!("loading model {}", path.display());
+    let t0 = Instant::now();
+    // Attention models have no recurrent runtime: sliding windows over the reference forward.
+    let attention = path.is_dir()
+        && std::fs::read_to_string(path.join("config.json"))
+            .ok()
+            .and_then(|t| ModelConfig::from_json(&t, "config.json").ok())
+            .is_some_and(|c| !c.mixer.is_recurrent());
+    let r = if attention {
+        let m = ModelDir::load(&path).with_context(loading)?;
+        evaluate_windowed(&m.config, &m.weights, &m.tokenizer, &text, progress)?
+    } else {
+        let m = Generator::load(&path).with_context(loading)?;
+        evaluate(&m.runtime, &m.tokenizer, &text, progress)?
+    };
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     if a.json {

@@ -4,6 +4,27 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// What mixes information along the sequence in every layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mixer {
+    /// Mamba-1: every channel of d_inner carries its own N-dimensional state.
+    #[default]
+    Selective,
+    /// The original Itera-Lite's simplification: one N-dimensional state per layer, shared by all
+    /// channels (written through `ssm_in` [N, d_inner], read through `ssm_out` [d_inner, N]).
+    SharedState,
+    /// Causal multi-head softmax attention with learned positions (the Transformer baseline);
+    /// limited to `context` tokens, trained and evaluated only (no recurrent runtime).
+    Attention,
+}
+
+impl Mixer {
+    pub fn is_recurrent(self) -> bool {
+        self != Mixer::Attention
+    }
+}
+
 /// Architecture of a selective-SSM + MoE language model (DESIGN.md section 2).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -29,13 +50,37 @@ pub struct ModelConfig {
     /// Training context length (the recurrent step has no limit).
     pub context: usize,
     pub norm_eps: f64,
+    /// Sequence mixer (older configs without the field are `selective`).
+    #[serde(default)]
+    pub mixer: Mixer,
+    /// Attention heads (`attention` mixer only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub n_heads: usize,
+    /// Width of a dense SwiGLU feed-forward on every layer without MoE (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ffn_hidden: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl ModelConfig {
-    pub const PRESETS: [&'static str; 4] = ["tiny", "micro", "small", "medium"];
+    pub const PRESETS: [&'static str; 5] = ["tiny", "micro", "small", "medium", "transformer-tiny"];
 
-    /// A named preset: `tiny` is the original Itera-Lite's shape.
+    /// A named preset: `tiny` is the original Itera-Lite's shape. `transformer-tiny` is `tiny` with
+    /// every SSM mixer replaced by causal attention (4 heads of 32) and, to match `tiny`'s parameter
+    /// count, a dense SwiGLU feed-forward of width 212 on the layers without MoE.
     pub fn preset(name: &str) -> Result<Self> {
+        if name == "transformer-tiny" {
+            return Ok(Self {
+                preset: name.into(),
+                mixer: Mixer::Attention,
+                n_heads: 4,
+                ffn_hidden: 212,
+                ..Self::preset("tiny")?
+            });
+        }
         let (d_model, n_layers, d_state, expert_hidden) = match name {
             "tiny" => (128, 4, 8, 128),
             "micro" => (32, 2, 8, 64),
@@ -63,6 +108,9 @@ impl ModelConfig {
             moe_layers: (0..n_layers).filter(|i| i % 2 == 1).collect(),
             context: 128,
             norm_eps: 1e-5,
+            mixer: Mixer::Selective,
+            n_heads: 0,
+            ffn_hidden: 0,
         })
     }
 
@@ -117,6 +165,14 @@ impl ModelConfig {
                 self.n_layers
             )));
         }
+        if self.mixer == Mixer::Attention
+            && (self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads))
+        {
+            return Err(Error::Config(format!(
+                "`n_heads` must divide d_model {} for the attention mixer, got {}",
+                self.d_model, self.n_heads
+            )));
+        }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return Err(Error::Config(format!(
                 "`norm_eps` must be in (0, 1), got {}",
@@ -136,24 +192,33 @@ impl ModelConfig {
 
     /// Parameter count by tensor group, in a stable order (embedding tied with the LM head).
     pub fn parameter_groups(&self) -> Vec<(String, usize)> {
-        let (d, di, n, r, k) = (
-            self.d_model,
-            self.d_inner(),
-            self.d_state,
-            self.dt_rank,
-            self.d_conv,
-        );
-        let mixer =
-            2 * di * d + di * k + di + di * (r + 2 * n) + r * di + di + di * n + di + d * di;
-        let expert = 3 * d * self.expert_hidden;
-        let moe_count = self.moe_layers.len();
-        vec![
-            ("embedding (tied LM head)".into(), self.vocab_size * d),
-            ("mixer (SSM) x layers".into(), mixer * self.n_layers),
-            ("experts".into(), expert * self.n_experts * moe_count),
-            ("routers".into(), self.n_experts * d * moe_count),
-            ("norms".into(), d * (self.n_layers + moe_count + 1)),
-        ]
+        let mut groups: Vec<(String, usize)> = Vec::new();
+        for (name, shape) in crate::weights::tensor_shapes(self) {
+            let group = if name == "embed.weight" {
+                "embedding (tied LM head)"
+            } else if name == "pos_embed.weight" {
+                "positions"
+            } else if name.ends_with("norm.weight") || name.ends_with("norm_f.weight") {
+                "norms"
+            } else if name.contains(".mixer.") {
+                match self.mixer {
+                    Mixer::Attention => "mixer (attention) x layers",
+                    _ => "mixer (SSM) x layers",
+                }
+            } else if name.contains(".router.") {
+                "routers"
+            } else if name.contains(".experts.") {
+                "experts"
+            } else {
+                "dense feed-forward"
+            };
+            let count: usize = shape.iter().product();
+            match groups.iter_mut().find(|(g, _)| g == group) {
+                Some((_, c)) => *c += count,
+                None => groups.push((group.to_string(), count)),
+            }
+        }
+        groups
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -183,6 +248,22 @@ mod tests {
         );
         let micro = ModelConfig::preset("micro").unwrap().parameter_count();
         assert!((100_000..=300_000).contains(&micro), "micro has {micro}");
+        // The baselines of the PTB comparison stay within 0.1% of tiny's parameter count.
+        let mut shared = tiny.clone();
+        shared.mixer = Mixer::SharedState;
+        for other in [
+            shared.parameter_count(),
+            ModelConfig::preset("transformer-tiny")
+                .unwrap()
+                .parameter_count(),
+        ] {
+            assert!(other.abs_diff(n) * 1000 < n, "{other} vs tiny's {n}");
+        }
+        // Configs written before the `mixer` field existed still load as selective SSMs.
+        let mut json: serde_json::Value = serde_json::to_value(&tiny).unwrap();
+        json.as_object_mut().unwrap().remove("mixer");
+        let old = ModelConfig::from_json(&json.to_string(), "old.json").unwrap();
+        assert_eq!(old, tiny);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::config::{Mixer, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::{Matrix, QuantizedRows};
 use crate::model::top_k_into;
@@ -61,6 +61,18 @@ struct Moe {
     experts: Vec<Expert>,
 }
 
+/// A dense SwiGLU feed-forward and its norm (layers without MoE, when `ffn_hidden` > 0).
+struct Ffn {
+    norm: Vec<f32>,
+    mlp: Expert,
+}
+
+/// The shared-state SSM's projections into and out of its N state values.
+struct SharedIo {
+    ssm_in: Matrix,
+    ssm_out: Matrix,
+}
+
 struct Layer {
     norm: Vec<f32>,
     in_proj: Matrix,
@@ -70,11 +82,13 @@ struct Layer {
     x_proj: Matrix,
     dt_proj: Matrix,
     dt_b: Vec<f32>,
-    /// A = -exp(A_log), transposed to [N][d_inner] like the state.
+    /// A = -exp(A_log), transposed to [N][d_inner] like the state ([N] for a shared state).
     a_t: Vec<f32>,
     d_skip: Vec<f32>,
     out_proj: Matrix,
+    shared: Option<SharedIo>,
     moe: Option<Moe>,
+    ffn: Option<Ffn>,
 }
 
 /// Packed weights for inference.
@@ -91,7 +105,7 @@ pub struct Runtime {
 pub struct LayerState {
     /// [(d_conv - 1) * d_inner], oldest input first.
     pub conv: Vec<f32>,
-    /// [d_state][d_inner]
+    /// [d_state][d_inner] ([d_state] for the shared-state mixer)
     pub ssm: Vec<f32>,
 }
 
@@ -124,6 +138,7 @@ pub struct Scratch {
     dbc: Vec<f32>,
     dt_low: Vec<f32>,
     dt: Vec<f32>,
+    u: Vec<f32>,
     y: Vec<f32>,
     out: Vec<f32>,
     router: Vec<f32>,
@@ -275,6 +290,57 @@ crate::multiversion! {
     }
 }
 
+/// down(silu(gate x) * up x) for m rows of `input` [m, d]; returns the [m, d] result (in `eo`).
+#[allow(clippy::too_many_arguments)]
+fn swiglu_rows<'a>(
+    ex: &Expert,
+    input: &[f32],
+    m: usize,
+    hid: usize,
+    d: usize,
+    eg: &mut Vec<f32>,
+    eu: &mut Vec<f32>,
+    eo: &'a mut Vec<f32>,
+    q: &mut QuantizedRows,
+) -> &'a [f32] {
+    let (eg, eu) = (grow(eg, m * hid), grow(eu, m * hid));
+    ex.gate.matmul(input, eg, q);
+    ex.up.matmul(input, eu, q);
+    for (g, u) in eg.iter_mut().zip(eu.iter()) {
+        *g = silu(*g) * u;
+    }
+    let eo = grow(eo, m * d);
+    ex.down.matmul(eg, eo, q);
+    eo
+}
+
+/// The shared-state scan over rows in order: for each of the N state values,
+/// h = exp(dt A) h + dt B u, and `u` is overwritten with the readings C h.
+#[allow(clippy::too_many_arguments)]
+fn shared_scan(
+    layer: &Layer,
+    streams: &[usize],
+    states: &mut [State],
+    li: usize,
+    dbc: &[f32],
+    dt: &mut [f32],
+    u: &mut [f32],
+    r: usize,
+) {
+    let n = layer.a_t.len();
+    let width = r + 2 * n;
+    for (i, &st) in streams.iter().enumerate() {
+        let h = &mut states[st].layers[li].ssm;
+        let (b, c) = dbc[i * width + r..(i + 1) * width].split_at(n);
+        let (dt, u) = (&mut dt[i * n..(i + 1) * n], &mut u[i * n..(i + 1) * n]);
+        for j in 0..n {
+            let step = softplus(dt[j] + layer.dt_b[j]);
+            h[j] = crate::math::exp(step * layer.a_t[j]) * h[j] + step * b[j] * u[j];
+            u[j] = c[j] * h[j];
+        }
+    }
+}
+
 /// Runs a channel-range pass over all channels: split between threads when there is enough work.
 fn mixer_split(io: MixerIo, pass: fn(MixerIo, usize, usize)) {
     let threads = rayon::current_num_threads();
@@ -297,6 +363,15 @@ impl Runtime {
 
     /// Packs weights from any source; each matrix keeps its storage format.
     pub fn from_source(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Self> {
+        if !cfg.mixer.is_recurrent() {
+            return Err(Error::Config(format!(
+                "`{}` uses attention, which has no recurrent runtime: it is a training baseline \
+                 that `itera eval` scores with the reference forward; generate, serve, bench and \
+                 quantize need an SSM model",
+                cfg.preset
+            )));
+        }
+        let shared = cfg.mixer == Mixer::SharedState;
         let (d, di, n, r, k) = (
             cfg.d_model,
             cfg.d_inner(),
@@ -309,17 +384,26 @@ impl Runtime {
             let p = format!("layers.{l}");
             let mat = |s: &str, rows, cols| src.matrix(&format!("{p}.{s}"), rows, cols);
             let vec = |s: &str, len| src.vector(&format!("{p}.{s}"), len);
+            let swiglu = |prefix: &str, h: usize| -> Result<Expert> {
+                Ok(Expert {
+                    gate: mat(&format!("{prefix}.gate.weight"), h, d)?,
+                    up: mat(&format!("{prefix}.up.weight"), h, d)?,
+                    down: mat(&format!("{prefix}.down.weight"), d, h)?,
+                })
+            };
+            let ffn = if !cfg.is_moe_layer(l) && cfg.ffn_hidden > 0 {
+                Some(Ffn {
+                    norm: vec("ffn_norm.weight", d)?,
+                    mlp: swiglu("ffn", cfg.ffn_hidden)?,
+                })
+            } else {
+                None
+            };
+            // Per-channel states: d_inner of them with N values each; shared: N of one value.
+            let (states, per_state) = if shared { (n, 1) } else { (di, n) };
             let moe = if cfg.is_moe_layer(l) {
-                let h = cfg.expert_hidden;
                 let experts = (0..cfg.n_experts)
-                    .map(|e| {
-                        let ep = format!("moe.experts.{e}");
-                        Ok(Expert {
-                            gate: mat(&format!("{ep}.gate.weight"), h, d)?,
-                            up: mat(&format!("{ep}.up.weight"), h, d)?,
-                            down: mat(&format!("{ep}.down.weight"), d, h)?,
-                        })
-                    })
+                    .map(|e| swiglu(&format!("moe.experts.{e}"), cfg.expert_hidden))
                     .collect::<Result<_>>()?;
                 Some(Moe {
                     norm: vec("moe_norm.weight", d)?,
@@ -335,19 +419,28 @@ impl Runtime {
                 conv_t: transpose(&vec("mixer.conv.weight", di * k)?, di, k),
                 conv_b: vec("mixer.conv.bias", di)?,
                 x_proj: mat("mixer.x_proj.weight", r + 2 * n, di)?,
-                dt_proj: mat("mixer.dt_proj.weight", di, r)?,
-                dt_b: vec("mixer.dt_proj.bias", di)?,
+                dt_proj: mat("mixer.dt_proj.weight", states, r)?,
+                dt_b: vec("mixer.dt_proj.bias", states)?,
                 a_t: transpose(
-                    &vec("mixer.A_log", di * n)?
+                    &vec("mixer.A_log", states * per_state)?
                         .iter()
                         .map(|v| -v.exp())
                         .collect::<Vec<_>>(),
-                    di,
-                    n,
+                    states,
+                    per_state,
                 ),
                 d_skip: vec("mixer.D", di)?,
                 out_proj: mat("mixer.out_proj.weight", d, di)?,
+                shared: if shared {
+                    Some(SharedIo {
+                        ssm_in: mat("mixer.ssm_in.weight", n, di)?,
+                        ssm_out: mat("mixer.ssm_out.weight", di, n)?,
+                    })
+                } else {
+                    None
+                },
                 moe,
+                ffn,
             });
         }
         Ok(Self {
@@ -367,6 +460,16 @@ impl Runtime {
             out.push((format!("{p}.x_proj.weight"), &layer.x_proj));
             out.push((format!("{p}.dt_proj.weight"), &layer.dt_proj));
             out.push((format!("{p}.out_proj.weight"), &layer.out_proj));
+            if let Some(io) = &layer.shared {
+                out.push((format!("{p}.ssm_in.weight"), &io.ssm_in));
+                out.push((format!("{p}.ssm_out.weight"), &io.ssm_out));
+            }
+            if let Some(ffn) = &layer.ffn {
+                let fp = format!("layers.{l}.ffn");
+                out.push((format!("{fp}.gate.weight"), &ffn.mlp.gate));
+                out.push((format!("{fp}.up.weight"), &ffn.mlp.up));
+                out.push((format!("{fp}.down.weight"), &ffn.mlp.down));
+            }
             if let Some(moe) = &layer.moe {
                 out.push((format!("layers.{l}.moe.router.weight"), &moe.router));
                 for (e, ex) in moe.experts.iter().enumerate() {
@@ -392,7 +495,8 @@ impl Runtime {
                     + l.dt_b.len()
                     + l.a_t.len()
                     + l.d_skip.len()
-                    + l.moe.as_ref().map_or(0, |m| m.norm.len()))
+                    + l.moe.as_ref().map_or(0, |m| m.norm.len())
+                    + l.ffn.as_ref().map_or(0, |f| f.norm.len()))
             })
             .sum();
         self.matrices()
@@ -421,6 +525,8 @@ impl Runtime {
     /// Multiply-adds per token in the weight matmuls (LM head included, top-k experts only).
     pub fn macs_per_token(&self) -> usize {
         let c = &self.cfg;
+        let size = |m: &Matrix| m.rows * m.cols;
+        let swiglu = |e: &Expert| size(&e.gate) + size(&e.up) + size(&e.down);
         let mut macs = c.vocab_size * c.d_model;
         for layer in &self.layers {
             macs += [
@@ -430,15 +536,16 @@ impl Runtime {
                 &layer.out_proj,
             ]
             .iter()
-            .map(|m| m.rows * m.cols)
+            .map(|m| size(m))
             .sum::<usize>();
+            if let Some(io) = &layer.shared {
+                macs += size(&io.ssm_in) + size(&io.ssm_out);
+            }
+            if let Some(ffn) = &layer.ffn {
+                macs += swiglu(&ffn.mlp);
+            }
             if let Some(moe) = &layer.moe {
-                let ex = &moe.experts[0];
-                macs += moe.router.rows * moe.router.cols
-                    + c.top_k
-                        * (ex.gate.rows * ex.gate.cols
-                            + ex.up.rows * ex.up.cols
-                            + ex.down.rows * ex.down.cols);
+                macs += size(&moe.router) + c.top_k * swiglu(&moe.experts[0]);
             }
         }
         macs
@@ -450,7 +557,14 @@ impl Runtime {
             layers: (0..self.cfg.n_layers)
                 .map(|_| LayerState {
                     conv: vec![0.0; (k - 1) * di],
-                    ssm: vec![0.0; di * n],
+                    ssm: vec![
+                        0.0;
+                        if self.cfg.mixer == Mixer::SharedState {
+                            n
+                        } else {
+                            di * n
+                        }
+                    ],
                 })
                 .collect(),
             position: 0,
@@ -568,7 +682,7 @@ impl Runtime {
                 s.ssm_ptrs.push(Shared(ls.ssm.as_mut_ptr()));
             }
             let xc = grow(&mut s.xc, rows * di);
-            let dt = grow(&mut s.dt, rows * di);
+            let dt = grow(&mut s.dt, rows * layer.dt_b.len());
             let y = grow(&mut s.y, rows * di);
             let dbc = grow(&mut s.dbc, rows * (r + 2 * n));
             let mut io = MixerIo {
@@ -598,7 +712,24 @@ impl Runtime {
             io.xc = Shared(xc.as_mut_ptr());
             io.dt = Shared(dt.as_mut_ptr());
             io.y = Shared(y.as_mut_ptr());
-            mixer_split(io, scan_range);
+            match &layer.shared {
+                None => mixer_split(io, scan_range),
+                Some(sio) => {
+                    let u = grow(&mut s.u, rows * n);
+                    sio.ssm_in.matmul(xc, u, &mut s.q);
+                    shared_scan(layer, streams, states, li, dbc, dt, u, r);
+                    sio.ssm_out.matmul(u, y, &mut s.q);
+                    for (i, yr) in y.chunks_exact_mut(di).enumerate() {
+                        let (x, z) = (
+                            &xc[i * di..(i + 1) * di],
+                            &xz[i * 2 * di + di..(i + 1) * 2 * di],
+                        );
+                        for ch in 0..di {
+                            yr[ch] = (yr[ch] + layer.d_skip[ch] * x[ch]) * silu(z[ch]);
+                        }
+                    }
+                }
+            }
             let out = grow(&mut s.out, rows * d);
             layer.out_proj.matmul(y, out, &mut s.q);
             for (a, b) in s.x.iter_mut().zip(out.iter()) {
@@ -606,6 +737,14 @@ impl Runtime {
             }
             if let Some(moe) = &layer.moe {
                 self.moe_rows(moe, rows, s);
+            } else if let Some(ffn) = &layer.ffn {
+                let h = grow(&mut s.h, rows * d);
+                rms_norm_rows(&s.x, &ffn.norm, c.norm_eps, h);
+                let (eg, eu, eo) = (&mut s.eg, &mut s.eu, &mut s.eo);
+                let out = swiglu_rows(&ffn.mlp, h, rows, c.ffn_hidden, d, eg, eu, eo, &mut s.q);
+                for (a, b) in s.x.iter_mut().zip(out.iter()) {
+                    *a += b;
+                }
             }
         }
         for st in streams {
@@ -653,14 +792,7 @@ impl Runtime {
             for (dst, &(i, _)) in eh.chunks_exact_mut(d).zip(assigned) {
                 dst.copy_from_slice(&h[i * d..(i + 1) * d]);
             }
-            let (eg, eu) = (grow(&mut s.eg, m * hid), grow(&mut s.eu, m * hid));
-            ex.gate.matmul(eh, eg, &mut s.q);
-            ex.up.matmul(eh, eu, &mut s.q);
-            for (g, u) in eg.iter_mut().zip(eu.iter()) {
-                *g = silu(*g) * u;
-            }
-            let eo = grow(&mut s.eo, m * d);
-            ex.down.matmul(eg, eo, &mut s.q);
+            let eo = swiglu_rows(ex, eh, m, hid, d, &mut s.eg, &mut s.eu, &mut s.eo, &mut s.q);
             for (o, &(i, gate)) in eo.chunks_exact(d).zip(assigned) {
                 for (a, b) in s.x[i * d..(i + 1) * d].iter_mut().zip(o) {
                     *a += gate * b;
@@ -702,8 +834,19 @@ mod tests {
     /// Decode (one row per call) and prefill (all rows in one call) both match the reference.
     #[test]
     fn step_and_prefill_agree_with_forward_for_every_preset() {
-        for preset in ["micro", "tiny", "small", "medium"] {
-            let cfg = ModelConfig::preset(preset).unwrap();
+        let mut configs: Vec<(String, ModelConfig)> = ["micro", "tiny", "small", "medium"]
+            .iter()
+            .map(|p| (p.to_string(), ModelConfig::preset(p).unwrap()))
+            .collect();
+        // The shared-state mixer, and dense feed-forwards on the layers without MoE.
+        for base in ["micro", "tiny"] {
+            let mut cfg = ModelConfig::preset(base).unwrap();
+            cfg.mixer = Mixer::SharedState;
+            configs.push((format!("{base} shared-state"), cfg.clone()));
+            cfg.ffn_hidden = 48;
+            configs.push((format!("{base} shared-state + ffn"), cfg));
+        }
+        for (preset, cfg) in configs {
             let w = Weights::init(&cfg, 3).unwrap();
             let tokens = random_tokens(&cfg, 128, 11);
             let want = reference_logits(&cfg, &w, &tokens);
@@ -764,6 +907,19 @@ mod tests {
             }
         }
         assert!(states.iter().all(|s| s.position == 12));
+    }
+
+    #[test]
+    fn attention_models_are_refused_with_a_reason() {
+        let cfg = ModelConfig::preset("transformer-tiny").unwrap();
+        let err = Runtime::new(&cfg, &Weights::init(&cfg, 1).unwrap())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("attention") && err.contains("itera eval"),
+            "{err}"
+        );
     }
 
     #[test]

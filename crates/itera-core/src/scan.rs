@@ -66,17 +66,20 @@ pub fn silu(v: f32) -> f32 {
 /// The whole SSM core of a Mamba mixer between the projections, fused:
 ///   dt = softplus(dt_raw + dt_bias); y = scan(x, dt, A = -exp(A_log), B, C) + D * x; out = y * silu(z)
 /// Inputs: `u` [B, T, 3*Di] = (x, dt_raw, z); `bc` [B, T, 2N] = (B, C);
-/// `p` [Di, N + 2] = (A_log, D, dt_bias). Output [B, T, Di].
-pub struct SsmCore;
+/// `p` [Di, N + 2] = (A_log, D, dt_bias). Output [B, T, Di]. Ungated, out = y (z is ignored).
+pub struct SsmCore {
+    gated: bool,
+}
 
 struct Dims {
     b: usize,
     t: usize,
     di: usize,
     n: usize,
+    gated: bool,
 }
 
-fn dims(u: &Shape, bc: &Shape, p: &Shape) -> candle_core::Result<Dims> {
+fn dims(u: &Shape, bc: &Shape, p: &Shape, gated: bool) -> candle_core::Result<Dims> {
     let (b, t, di3) = u.dims3()?;
     let (b2, t2, n2) = bc.dims3()?;
     let (di, n_plus) = p.dims2()?;
@@ -88,6 +91,7 @@ fn dims(u: &Shape, bc: &Shape, p: &Shape) -> candle_core::Result<Dims> {
         t,
         di,
         n: n_plus - 2,
+        gated,
     })
 }
 
@@ -130,7 +134,7 @@ fn core_sequence(
         scan_step(x, &dt, a, &bct[..n], &bct[n..], &mut h, &mut y);
         for i in 0..di {
             y[i] += d_skip[i] * x[i];
-            out[t * di + i] = y[i] * silu(z[i]);
+            out[t * di + i] = if d.gated { y[i] * silu(z[i]) } else { y[i] };
         }
         if let Some((hs, dts, ys)) = record.as_mut() {
             hs[t * di * n..(t + 1) * di * n].copy_from_slice(&h);
@@ -187,11 +191,15 @@ fn core_backward(
         for dd in 0..di {
             let (x, raw, z) = (ut[dd], ut[di + dd], ut[2 * di + dd]);
             let dt = dts[t * di + dd];
-            let sz = sigmoid(z);
             let g_out = gout[t * di + dd];
-            // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
-            gut[2 * di + dd] = g_out * ys[t * di + dd] * sz * (1.0 + z * (1.0 - sz));
-            let gy = g_out * z * sz;
+            let gy = if d.gated {
+                // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
+                let sz = sigmoid(z);
+                gut[2 * di + dd] = g_out * ys[t * di + dd] * sz * (1.0 + z * (1.0 - sz));
+                g_out * z * sz
+            } else {
+                g_out
+            };
             g_d[dd] += gy * x;
             let row = dd * n..(dd + 1) * n;
             let h_prev = if t > 0 {
@@ -269,7 +277,7 @@ impl CustomOp3 for SsmCore {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims(l1.shape(), l2.shape(), l3.shape())?;
+        let d = dims(l1.shape(), l2.shape(), l3.shape(), self.gated)?;
         let (u, bc, p) = (
             f32_slice(s1, l1, "u")?,
             f32_slice(s2, l2, "bc")?,
@@ -295,7 +303,7 @@ impl CustomOp3 for SsmCore {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = dims(u.shape(), bc.shape(), p.shape())?;
+        let d = dims(u.shape(), bc.shape(), p.shape(), self.gated)?;
         let u_v = u.flatten_all()?.to_vec1::<f32>()?;
         let bc_v = bc.flatten_all()?.to_vec1::<f32>()?;
         let p_v = p.flatten_all()?.to_vec1::<f32>()?;
@@ -342,10 +350,44 @@ pub fn ssm_core(
     d_skip: &Tensor,
     dt_bias: &Tensor,
 ) -> candle_core::Result<Tensor> {
+    ssm_core_op(x, dt_raw, Some(z), bc, a_log, d_skip, dt_bias)
+}
+
+/// `ssm_core` without the gate: out = scan(...) + D x.
+pub fn ssm_core_ungated(
+    x: &Tensor,
+    dt_raw: &Tensor,
+    bc: &Tensor,
+    a_log: &Tensor,
+    d_skip: &Tensor,
+    dt_bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    ssm_core_op(x, dt_raw, None, bc, a_log, d_skip, dt_bias)
+}
+
+fn ssm_core_op(
+    x: &Tensor,
+    dt_raw: &Tensor,
+    z: Option<&Tensor>,
+    bc: &Tensor,
+    a_log: &Tensor,
+    d_skip: &Tensor,
+    dt_bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let gated = z.is_some();
+    // Ungated, the z slot carries zeros (constant, so no gradient flows to it).
+    let zeros;
+    let z = match z {
+        Some(z) => z,
+        None => {
+            zeros = x.zeros_like()?;
+            &zeros
+        }
+    };
     let u = Tensor::cat(&[x, dt_raw, z], 2)?.contiguous()?;
     let p =
         Tensor::cat(&[a_log, &d_skip.unsqueeze(1)?, &dt_bias.unsqueeze(1)?], 1)?.contiguous()?;
-    u.apply_op3(&bc.contiguous()?, &p, SsmCore)
+    u.apply_op3(&bc.contiguous()?, &p, SsmCore { gated })
 }
 
 #[cfg(test)]
@@ -363,7 +405,7 @@ mod tests {
 
     /// Independent f64 reference of the fused computation, for finite differences.
     /// inputs: [x, raw, z, bc, a_log, d, bias, r]
-    fn reference_loss(v: &[Vec<f64>], c: &Case) -> f64 {
+    fn reference_loss(v: &[Vec<f64>], c: &Case, gated: bool) -> f64 {
         let (x, raw, z, bc, a_log, dsk, bias, r) =
             (&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]);
         let (n, di) = (c.n, c.di);
@@ -384,7 +426,8 @@ mod tests {
                         y += bc[row * 2 * n + n + i] * h[d * n + i];
                     }
                     let zz = z[idx];
-                    loss += (y + dsk[d] * x[idx]) * zz / (1.0 + (-zz).exp()) * r[idx];
+                    let gate = if gated { zz / (1.0 + (-zz).exp()) } else { 1.0 };
+                    loss += (y + dsk[d] * x[idx]) * gate * r[idx];
                 }
             }
         }
@@ -393,6 +436,11 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
+        check_gradients(true);
+        check_gradients(false);
+    }
+
+    fn check_gradients(gated: bool) {
         let c = Case {
             b: 2,
             t: 6,
@@ -441,16 +489,24 @@ mod tests {
             })
             .collect();
         let tv: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-        let out = ssm_core(tv[0], tv[1], tv[2], tv[3], tv[4], tv[5], tv[6]).unwrap();
+        let out = if gated {
+            ssm_core(tv[0], tv[1], tv[2], tv[3], tv[4], tv[5], tv[6]).unwrap()
+        } else {
+            ssm_core_ungated(tv[0], tv[1], tv[3], tv[4], tv[5], tv[6]).unwrap()
+        };
         let loss = (out * tv[7]).unwrap().sum_all().unwrap();
         let value = loss.to_scalar::<f32>().unwrap() as f64;
         assert!(
-            (value - reference_loss(&inputs, &c)).abs() < 1e-4,
+            (value - reference_loss(&inputs, &c, gated)).abs() < 1e-4,
             "forward {value}"
         );
         let grads = loss.backward().unwrap();
         let eps = 1e-6;
         for which in 0..7 {
+            if which == 2 && !gated {
+                assert!(grads.get(tv[2]).is_none(), "ungated: z takes no part");
+                continue;
+            }
             let g = grads
                 .get(tv[which])
                 .unwrap()
@@ -462,8 +518,9 @@ mod tests {
                 let (mut plus, mut minus) = (inputs.clone(), inputs.clone());
                 plus[which][i] += eps;
                 minus[which][i] -= eps;
-                let numeric =
-                    (reference_loss(&plus, &c) - reference_loss(&minus, &c)) / (2.0 * eps);
+                let numeric = (reference_loss(&plus, &c, gated)
+                    - reference_loss(&minus, &c, gated))
+                    / (2.0 * eps);
                 let err = (numeric - g[i] as f64).abs();
                 assert!(
                     err < 1e-3 * (1.0 + numeric.abs()),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{Mixer, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -36,38 +36,55 @@ fn specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
         vec![cfg.vocab_size, d],
         Init::Normal(0.02),
     )];
+    if cfg.mixer == Mixer::Attention {
+        s.push((
+            "pos_embed.weight".to_string(),
+            vec![cfg.context, d],
+            Init::Normal(0.02),
+        ));
+    }
     for l in 0..cfg.n_layers {
         let p = format!("layers.{l}");
         s.push((format!("{p}.norm.weight"), vec![d], Init::Ones));
-        s.push((
-            format!("{p}.mixer.in_proj.weight"),
-            vec![2 * di, d],
-            Init::Normal(0.02),
-        ));
-        s.push((
-            format!("{p}.mixer.conv.weight"),
-            vec![di, k],
-            Init::Uniform(1.0 / (k as f64).sqrt()),
-        ));
-        s.push((format!("{p}.mixer.conv.bias"), vec![di], Init::Zeros));
-        s.push((
-            format!("{p}.mixer.x_proj.weight"),
-            vec![r + 2 * n, di],
-            Init::Normal(0.02),
-        ));
-        s.push((
-            format!("{p}.mixer.dt_proj.weight"),
-            vec![di, r],
-            Init::Uniform(1.0 / (r as f64).sqrt()),
-        ));
-        s.push((format!("{p}.mixer.dt_proj.bias"), vec![di], Init::DtBias));
-        s.push((format!("{p}.mixer.A_log"), vec![di, n], Init::ALog));
-        s.push((format!("{p}.mixer.D"), vec![di], Init::Ones));
-        s.push((
-            format!("{p}.mixer.out_proj.weight"),
-            vec![d, di],
-            Init::Normal(proj_std),
-        ));
+        let m = |t: &str| format!("{p}.mixer.{t}");
+        if cfg.mixer == Mixer::Attention {
+            s.push((m("qkv.weight"), vec![3 * d, d], Init::Normal(0.02)));
+            s.push((m("out_proj.weight"), vec![d, d], Init::Normal(proj_std)));
+        } else {
+            // Selective: each channel owns a state of N; shared: N state values for all channels.
+            let states = if cfg.mixer == Mixer::SharedState {
+                n
+            } else {
+                di
+            };
+            s.push((m("in_proj.weight"), vec![2 * di, d], Init::Normal(0.02)));
+            s.push((
+                m("conv.weight"),
+                vec![di, k],
+                Init::Uniform(1.0 / (k as f64).sqrt()),
+            ));
+            s.push((m("conv.bias"), vec![di], Init::Zeros));
+            s.push((m("x_proj.weight"), vec![r + 2 * n, di], Init::Normal(0.02)));
+            s.push((
+                m("dt_proj.weight"),
+                vec![states, r],
+                Init::Uniform(1.0 / (r as f64).sqrt()),
+            ));
+            s.push((m("dt_proj.bias"), vec![states], Init::DtBias));
+            if cfg.mixer == Mixer::SharedState {
+                s.push((m("ssm_in.weight"), vec![n, di], Init::Normal(0.02)));
+                s.push((
+                    m("ssm_out.weight"),
+                    vec![di, n],
+                    Init::Uniform(1.0 / (n as f64).sqrt()),
+                ));
+                s.push((m("A_log"), vec![n], Init::ALog));
+            } else {
+                s.push((m("A_log"), vec![di, n], Init::ALog));
+            }
+            s.push((m("D"), vec![di], Init::Ones));
+            s.push((m("out_proj.weight"), vec![d, di], Init::Normal(proj_std)));
+        }
         if cfg.is_moe_layer(l) {
             let h = cfg.expert_hidden;
             s.push((format!("{p}.moe_norm.weight"), vec![d], Init::Ones));
@@ -93,10 +110,29 @@ fn specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
                     Init::Normal(proj_std),
                 ));
             }
+        } else if cfg.ffn_hidden > 0 {
+            let h = cfg.ffn_hidden;
+            s.push((format!("{p}.ffn_norm.weight"), vec![d], Init::Ones));
+            s.push((
+                format!("{p}.ffn.gate.weight"),
+                vec![h, d],
+                Init::Normal(0.02),
+            ));
+            s.push((format!("{p}.ffn.up.weight"), vec![h, d], Init::Normal(0.02)));
+            s.push((
+                format!("{p}.ffn.down.weight"),
+                vec![d, h],
+                Init::Normal(proj_std),
+            ));
         }
     }
     s.push(("norm_f.weight".to_string(), vec![d], Init::Ones));
     s
+}
+
+/// Name and shape of every tensor of a config, in file order.
+pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    specs(cfg).into_iter().map(|(n, s, _)| (n, s)).collect()
 }
 
 /// True for the tensors AdamW decays: matrices, except A_log (DESIGN.md: A_log, D, norms, biases stay out).

@@ -741,10 +741,23 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("{source}");
-    println!(
-        "  d_model {}  layers {}  d_inner {}  d_state {}  dt_rank {}  conv {}  vocab {}  context {}",
-        config.d_model, config.n_layers, config.d_inner(), config.d_state, config.dt_rank, config.d_conv, config.vocab_size, config.context
-    );
+    match config.mixer {
+        Mixer::Attention => println!(
+            "  attention: d_model {}  layers {}  heads {}  vocab {}  context {}",
+            config.d_model, config.n_layers, config.n_heads, config.vocab_size, config.context
+        ),
+        mixer => println!(
+            "  {} SSM: d_model {}  layers {}  d_inner {}  d_state {}  dt_rank {}  conv {}  vocab {}  context {}",
+            if mixer == Mixer::SharedState { "shared-state" } else { "selective" },
+            config.d_model, config.n_layers, config.d_inner(), config.d_state, config.dt_rank, config.d_conv, config.vocab_size, config.context
+        ),
+    }
+    if config.ffn_hidden > 0 {
+        println!(
+            "  dense SwiGLU feed-forward of width {} on the other layers",
+            config.ffn_hidden
+        );
+    }
     println!(
         "  MoE on layers {:?}: {} experts, top-{}, hidden {}",
         config.moe_layers, config.n_experts, config.top_k, config.expert_hidden

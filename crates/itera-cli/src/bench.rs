@@ -83,6 +83,14 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
             latency_p99_us: f64::NAN,
         }
     };
+    // Decode reads every weight once per token: its bound is memory bandwidth, not FLOPs.
+    let bytes_per_token = rt.weight_bytes_per_token();
+    let bandwidth = if want("decode") {
+        note("single-thread read bandwidth");
+        bench::read_bandwidth(bytes_per_token)
+    } else {
+        f64::NAN
+    };
     let versus = match &opts.baseline {
         Some(p) => {
             note(&format!("decode and prefill against {}", p.display()));
@@ -126,7 +134,9 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
         "prefill": {"sequences": seqs, "length": len, "tokens_per_s": prefill, "fraction_of_peak": frac(prefill)},
         "eval": {"tokens_per_s": eval, "fraction_of_peak": frac(eval)},
         "decode": {"tokens_per_s": decode.tokens_per_s, "latency_p50_us": decode.latency_p50_us,
-                   "latency_p99_us": decode.latency_p99_us, "fraction_of_peak": frac(decode.tokens_per_s)},
+                   "latency_p99_us": decode.latency_p99_us, "fraction_of_peak": frac(decode.tokens_per_s),
+                   "weight_bytes_per_token": bytes_per_token, "read_bandwidth_bytes_per_s": bandwidth,
+                   "fraction_of_bandwidth": decode.tokens_per_s * bytes_per_token as f64 / bandwidth},
         "batched_decode": batched,
         "versus_baseline": versus,
         "start_to_first_token_ms": first_token_ms,
@@ -249,6 +259,13 @@ fn print_report(r: &Value) {
         pct(&r["decode"]["fraction_of_peak"]),
         f(&r["decode"]["latency_p50_us"]),
         f(&r["decode"]["latency_p99_us"])
+    );
+    println!(
+        "  memory bound        {:.2} MB of weights per token; {:.1} GB/s = {:.0}% of this core's read bandwidth ({:.1} GB/s over the same bytes)",
+        f(&r["decode"]["weight_bytes_per_token"]) / 1e6,
+        f(&r["decode"]["tokens_per_s"]) * f(&r["decode"]["weight_bytes_per_token"]) / 1e9,
+        f(&r["decode"]["fraction_of_bandwidth"]) * 100.0,
+        f(&r["decode"]["read_bandwidth_bytes_per_s"]) / 1e9
     );
     for s in ["1", "8", "64"] {
         let b = &r["batched_decode"][s];

@@ -135,6 +135,33 @@ pub fn batched_decode_tokens_per_s(
     Ok(median(&rates))
 }
 
+/// Single-thread read bandwidth (bytes/s) over a buffer of `bytes`, as decode reads its weights:
+/// sum the buffer in vector lanes, best of several passes after one that pulls it into cache.
+pub fn read_bandwidth(bytes: usize) -> f64 {
+    let buf: Vec<f32> = (0..bytes.div_ceil(4)).map(|i| (i % 7) as f32).collect();
+    std::hint::black_box(crate::math::sum(&buf));
+    let mut best = 0f64;
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        std::hint::black_box(sum_lanes(std::hint::black_box(&buf)));
+        best = best.max(buf.len() as f64 * 4.0 / t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+crate::multiversion! {
+    /// 64 independent lanes: enough accumulators that the adds never wait on each other.
+    fn sum_lanes(v: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 64];
+        for c in v.chunks_exact(64) {
+            for i in 0..64 {
+                acc[i] += c[i];
+            }
+        }
+        acc.iter().sum()
+    }
+}
+
 /// Peak f32 FLOP/s of this machine now: independent FMA chains in the widest registers, on every
 /// core at once, best of three ~0.2 s runs. Returns (FLOP/s, threads, instruction set).
 pub fn peak_flops() -> (f64, usize, &'static str) {

@@ -681,14 +681,20 @@ fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
 fn pack_tiles(x: &[f32], cols: usize, out: &mut [f32]) {
     let n = x.len() / cols;
     for (t, tile) in out.chunks_exact_mut(MR * cols).enumerate() {
-        for r in 0..MR {
-            let row = t * MR + r;
-            if row < n {
-                for (k, &v) in x[row * cols..(row + 1) * cols].iter().enumerate() {
-                    tile[k * MR + r] = v;
+        let rows = n.saturating_sub(t * MR).min(MR);
+        let src = &x[t * MR * cols..(t * MR + rows) * cols];
+        if rows == MR {
+            // Writes in order; the 12 source rows are read as 12 sequential streams.
+            for (k, dst) in tile.chunks_exact_mut(MR).enumerate() {
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = src[r * cols + k];
                 }
-            } else {
-                (0..cols).for_each(|k| tile[k * MR + r] = 0.0);
+            }
+        } else {
+            for (k, dst) in tile.chunks_exact_mut(MR).enumerate() {
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = if r < rows { src[r * cols + k] } else { 0.0 };
+                }
             }
         }
     }

@@ -551,6 +551,29 @@ impl Runtime {
         macs
     }
 
+    /// Weight bytes one decode token reads (the LM head, every layer, top-k experts only): what
+    /// bounds single-stream decode by memory bandwidth.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let swiglu = |e: &Expert| e.gate.bytes() + e.up.bytes() + e.down.bytes();
+        let mut bytes = self.embed.bytes();
+        for l in &self.layers {
+            bytes += [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj]
+                .iter()
+                .map(|m| m.bytes())
+                .sum::<usize>();
+            if let Some(io) = &l.shared {
+                bytes += io.ssm_in.bytes() + io.ssm_out.bytes();
+            }
+            if let Some(ffn) = &l.ffn {
+                bytes += swiglu(&ffn.mlp);
+            }
+            if let Some(moe) = &l.moe {
+                bytes += moe.router.bytes() + self.cfg.top_k * swiglu(&moe.experts[0]);
+            }
+        }
+        bytes
+    }
+
     pub fn new_state(&self) -> State {
         let (di, n, k) = (self.cfg.d_inner(), self.cfg.d_state, self.cfg.d_conv);
         State {

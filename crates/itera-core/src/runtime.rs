@@ -314,6 +314,9 @@ fn swiglu_rows<'a>(
     eo
 }
 
+/// Rows from which `forward_rows` moves onto a pool thread.
+const POOL_ROWS: usize = 64;
+
 /// The shared-state scan over rows in order: for each of the N state values,
 /// h = exp(dt A) h + dt B u, and `u` is overwritten with the readings C h.
 #[allow(clippy::too_many_arguments)]
@@ -665,6 +668,15 @@ impl Runtime {
         logit_rows: &[usize],
         s: &mut Scratch,
     ) -> Result<()> {
+        // Big calls run on a pool thread: the caller then sleeps once per call instead of once per
+        // parallel pass, and the pool's idle threads do not spin against its serial work (prefill
+        // 1.13x, 64 streams 1.07x; small calls stay here, where one hop would cost more than it saves).
+        if tokens.len() >= POOL_ROWS
+            && rayon::current_thread_index().is_none()
+            && rayon::current_num_threads() > 1
+        {
+            return rayon::scope(|_| self.forward_rows(tokens, streams, states, logit_rows, s));
+        }
         let c = &self.cfg;
         let (d, di, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);
         let rows = tokens.len();

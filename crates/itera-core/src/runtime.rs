@@ -344,6 +344,85 @@ fn shared_scan(
     }
 }
 
+/// The scan pass with AVX-512 intrinsics where the channel range is whole vectors, else the
+/// portable loop. Same arithmetic as `scan_range` (to rounding: FMAs, and 2^k by `vscalefps`).
+fn scan_pass(io: MixerIo, c0: usize, c1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512() && (c1 - c0).is_multiple_of(16) && c0.is_multiple_of(16) {
+        // SAFETY: AVX-512F is present; the range is whole 16-channel vectors inside d_inner.
+        return unsafe { scan_range_avx512(io, c0, c1) };
+    }
+    scan_range(io, c0, c1)
+}
+
+/// e^x for 16 lanes: 2^k * P(r), the polynomial of `math::exp`, 2^k applied by `vscalefps`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), x);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm512_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, k)
+}
+
+/// `scan_range` for 16-channel vectors: per vector of channels, the N state rows are updated with
+/// y kept in a register (one load and store of y, dt and x per row instead of N).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn scan_range_avx512(io: MixerIo, c0: usize, c1: usize) {
+    use std::arch::x86_64::*;
+    let (di, n, r, w) = (io.di, io.n, io.r, c1 - c0);
+    let layer = io.layer;
+    let width = r + 2 * n;
+    for (i, &st) in io.streams.iter().enumerate() {
+        // SAFETY (all slices): this call owns channels c0..c1 of every row and state.
+        let dt = io.dt.slice(i * di + c0, w);
+        let y = io.y.slice(i * di + c0, w);
+        let x = io.xc.slice(i * di + c0, w);
+        for (v, b) in dt.iter_mut().zip(&layer.dt_b[c0..c1]) {
+            *v = softplus(*v + b);
+        }
+        let bc = &io.dbc[i * width + r..(i + 1) * width];
+        // Raw: the other threads own the other channels of the same state rows.
+        let h = io.ssm[st].0;
+        for v in (0..w).step_by(16) {
+            let dtv = _mm512_loadu_ps(dt.as_ptr().add(v));
+            let dx = _mm512_mul_ps(dtv, _mm512_loadu_ps(x.as_ptr().add(v)));
+            let mut acc = _mm512_setzero_ps();
+            for j in 0..n {
+                let at = j * di + c0 + v;
+                let a = _mm512_loadu_ps(layer.a_t.as_ptr().add(at));
+                let hp = h.add(at);
+                let decay = exp16(_mm512_mul_ps(dtv, a));
+                let hv = _mm512_fmadd_ps(
+                    decay,
+                    _mm512_loadu_ps(hp),
+                    _mm512_mul_ps(dx, _mm512_set1_ps(bc[j])),
+                );
+                _mm512_storeu_ps(hp, hv);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(bc[n + j]), hv, acc);
+            }
+            _mm512_storeu_ps(y.as_mut_ptr().add(v), acc);
+        }
+        let z = &io.xz[i * 2 * di + di + c0..i * 2 * di + di + c1];
+        let dskip = &layer.d_skip[c0..c1];
+        for ch in 0..w {
+            y[ch] = (y[ch] + dskip[ch] * x[ch]) * silu(z[ch]);
+        }
+    }
+}
+
 /// Runs a channel-range pass over all channels: split between threads when there is enough work.
 fn mixer_split(io: MixerIo, pass: fn(MixerIo, usize, usize)) {
     let threads = rayon::current_num_threads();
@@ -748,7 +827,7 @@ impl Runtime {
             io.dt = Shared(dt.as_mut_ptr());
             io.y = Shared(y.as_mut_ptr());
             match &layer.shared {
-                None => mixer_split(io, scan_range),
+                None => mixer_split(io, scan_pass),
                 Some(sio) => {
                     let u = grow(&mut s.u, rows * n);
                     sio.ssm_in.matmul(xc, u, &mut s.q);

@@ -87,8 +87,6 @@ pub struct QuantizedRows {
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
-    /// f32 activations packed into micro-tiles (`pack_tiles`).
-    packed: Vec<f32>,
 }
 
 crate::multiversion! {
@@ -487,8 +485,8 @@ impl Matrix {
         }
         match &self.data {
             Data::F32(w) if n == 1 => return panel_matvec(w, rows, cols, x, y),
-            Data::F32(_) => return self.panel_matmul(x, y, &mut q.packed),
-            _ if n >= DECODE_PANELS_FROM => return self.panel_matmul(x, y, &mut q.packed),
+            Data::F32(_) => return self.panel_matmul(x, y),
+            _ if n >= DECODE_PANELS_FROM => return self.panel_matmul(x, y),
             _ => {}
         }
         if let Data::Blocks(_) = &self.data {
@@ -514,27 +512,24 @@ impl Matrix {
         }
     }
 
-    /// Several activation rows through the f32 micro-tiles: threads split the activation tiles,
-    /// pack them, and walk the weight panels outermost (f32 panels are read in place; other
-    /// formats decode one panel into an L1-sized buffer), so a panel stays in L1 while every tile
-    /// passes.
-    fn panel_matmul(&self, x: &[f32], y: &mut [f32], pack: &mut Vec<f32>) {
+    /// Several activation rows through the f32 micro-tiles: threads split the activation rows
+    /// and walk the weight panels outermost (f32 panels are read in place; other formats decode
+    /// one panel into an L1-sized buffer), so a panel stays in L1 while every tile of rows passes.
+    fn panel_matmul(&self, x: &[f32], y: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
         let n = x.len() / cols;
         let threads = rayon::current_num_threads();
         let parallel = n * rows * cols >= parallel_work(n) && threads > 1;
         let tiles = n.div_ceil(MR);
-        pack.resize(tiles * MR * cols, 0.0);
         let per = if parallel {
             tiles.div_ceil(threads)
         } else {
             tiles
         };
-        let work = |(xp, (ys, xs)): (&mut [f32], (&mut [f32], &[f32]))| {
-            pack_tiles(xs, cols, xp);
+        let work = |(ys, xs): (&mut [f32], &[f32])| {
             let m = xs.len() / cols;
             if let Data::F32(w) = &self.data {
-                return panel_rows(w, rows, cols, xp, m, MR, ys, rows, 0, rows);
+                return panel_rows(w, rows, cols, xs, m, ys, rows, 0, rows);
             }
             let mut panel = vec![0.0f32; PANEL * cols];
             let mut row = vec![0.0f32; cols];
@@ -548,29 +543,15 @@ impl Matrix {
                 }
                 let yp = &mut ys[p * PANEL..];
                 let len = (m - 1) * rows + width;
-                panel_rows(
-                    &panel,
-                    width,
-                    cols,
-                    xp,
-                    m,
-                    MR,
-                    &mut yp[..len],
-                    rows,
-                    0,
-                    width,
-                );
+                panel_rows(&panel, width, cols, xs, m, &mut yp[..len], rows, 0, width);
             }
         };
         if parallel {
-            pack.par_chunks_mut(per * MR * cols)
-                .zip(
-                    y.par_chunks_mut(per * MR * rows)
-                        .zip(x.par_chunks(per * MR * cols)),
-                )
+            y.par_chunks_mut(per * MR * rows)
+                .zip(x.par_chunks(per * MR * cols))
                 .for_each(work);
         } else {
-            work((&mut pack[..], (y, x)));
+            work((y, x));
         }
     }
 
@@ -676,52 +657,16 @@ fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Activation rows -> tiles of MR rows, k-major ([tile][k][MR], zero-padded), so a micro-tile
-/// broadcasts from consecutive addresses.
-fn pack_tiles(x: &[f32], cols: usize, out: &mut [f32]) {
-    let n = x.len() / cols;
-    for (t, tile) in out.chunks_exact_mut(MR * cols).enumerate() {
-        let rows = n.saturating_sub(t * MR).min(MR);
-        let src = &x[t * MR * cols..(t * MR + rows) * cols];
-        if rows == MR {
-            // Writes in order; the 12 source rows are read as 12 sequential streams.
-            for (k, dst) in tile.chunks_exact_mut(MR).enumerate() {
-                for (r, d) in dst.iter_mut().enumerate() {
-                    *d = src[r * cols + k];
-                }
-            }
-        } else {
-            for (k, dst) in tile.chunks_exact_mut(MR).enumerate() {
-                for (r, d) in dst.iter_mut().enumerate() {
-                    *d = if r < rows { src[r * cols + k] } else { 0.0 };
-                }
-            }
-        }
-    }
-}
-
-/// y [n, rows] = x [n, cols] · Wᵀ over the panel layout. One row (decode): threads split the
-/// panels. Several: threads split the activation tiles, pack them, and walk panels outermost so
-/// a panel stays in L1 while every tile passes.
+/// y = W x for one activation row over the panel layout; threads split the panels when the
+/// matrix is big enough.
 fn panel_matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     let threads = rayon::current_num_threads();
     if rows * cols < parallel_work(1) || threads == 1 {
-        return panel_rows(w, rows, cols, x, 1, 1, y, 0, 0, rows);
+        return panel_rows(w, rows, cols, x, 1, y, 0, 0, rows);
     }
     let chunk = rows.div_ceil(threads * 2).next_multiple_of(PANEL);
     y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
-        panel_rows(
-            w,
-            rows,
-            cols,
-            x,
-            1,
-            1,
-            ys,
-            0,
-            i * chunk,
-            i * chunk + ys.len(),
-        )
+        panel_rows(w, rows, cols, x, 1, ys, 0, i * chunk, i * chunk + ys.len())
     });
 }
 
@@ -729,40 +674,39 @@ fn panel_matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
 /// decoded 32-row panel at a time (in L1; never the whole matrix), instead of integer dots.
 const DECODE_PANELS_FROM: usize = 32;
 
-/// Weight rows [r0, r1) (r0 a multiple of PANEL) for `n` activation rows packed with stride `xs`
-/// (element (i, k) at `xp[(i / xs) * xs * cols + k * xs + i % xs]`). Output (i, r) goes to
-/// `y[i * ystride + r - r0]` (ystride 0 for a single row).
+/// Weight rows [r0, r1) (r0 a multiple of PANEL) for `n` activation rows x [n, cols], in tiles
+/// of MR rows read in place (a tile's rows are MR sequential streams, well inside L1). Output
+/// (i, r) goes to `y[i * ystride + r - r0]` (ystride 0 for a single row).
 #[allow(clippy::too_many_arguments)]
 fn panel_rows(
     w: &[f32],
     rows: usize,
     cols: usize,
-    xp: &[f32],
+    x: &[f32],
     n: usize,
-    xs: usize,
     y: &mut [f32],
     ystride: usize,
     r0: usize,
     r1: usize,
 ) {
+    assert!(x.len() >= n * cols);
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         for p in r0 / PANEL..r1.div_ceil(PANEL) {
             let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
             let width = (rows - p * PANEL).min(PANEL);
-            for t in 0..n.div_ceil(xs) {
-                let mr = (n - t * xs).min(xs);
-                let ypos = t * xs * ystride + p * PANEL - r0;
-                let tile = &xp[t * xs * cols..(t * xs + mr.min(xs)) * cols];
-                assert!(ypos + (mr - 1) * ystride + width <= y.len() && tile.len() >= cols * mr);
-                // SAFETY: AVX-512F is present; the tile reads `mr` packed rows and one panel
-                // inside their slices and writes `mr` rows of `width` outputs inside `y` (asserted).
+            for t in 0..n.div_ceil(MR) {
+                let mr = (n - t * MR).min(MR);
+                let ypos = t * MR * ystride + p * PANEL - r0;
+                assert!(ypos + (mr - 1) * ystride + width <= y.len());
+                // SAFETY: AVX-512F is present; the tile reads `mr` rows of x and one panel inside
+                // their slices (asserted above) and writes `mr` rows of `width` outputs inside `y`.
                 unsafe {
-                    let yp = y.as_mut_ptr().add(ypos);
+                    let (xt, yp) = (x.as_ptr().add(t * MR * cols), y.as_mut_ptr().add(ypos));
                     macro_rules! tile {
                         ($($r:literal)*) => {
                             match mr {
-                                $($r => tile_avx512::<$r>(panel, cols, tile.as_ptr(), xs, yp, ystride, width),)*
+                                $($r => tile_avx512::<$r>(panel, cols, xt, yp, ystride, width),)*
                                 _ => unreachable!(),
                             }
                         };
@@ -773,19 +717,18 @@ fn panel_rows(
         }
         return;
     }
-    panel_rows_portable(w, rows, cols, xp, n, xs, y, ystride, r0, r1);
+    panel_rows_portable(w, rows, cols, x, n, y, ystride, r0, r1);
 }
 
 crate::multiversion! {
-    fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, xp: &[f32], n: usize, xs: usize, y: &mut [f32], ystride: usize, r0: usize, r1: usize) {
+    fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32], ystride: usize, r0: usize, r1: usize) {
         for p in r0 / PANEL..r1.div_ceil(PANEL) {
             let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
             let width = (rows - p * PANEL).min(PANEL);
             for i in 0..n {
-                let (t, r) = (i / xs, i % xs);
+                let xi = &x[i * cols..(i + 1) * cols];
                 let mut acc = [0.0f32; PANEL];
-                for (k, wk) in panel.chunks_exact(PANEL).enumerate() {
-                    let a = xp[t * xs * cols + k * xs + r];
+                for (wk, &a) in panel.chunks_exact(PANEL).zip(xi) {
                     for j in 0..PANEL {
                         acc[j] += a * wk[j];
                     }
@@ -797,14 +740,14 @@ crate::multiversion! {
     }
 }
 
-/// An R x 32 tile of y: for each k, two panel loads and R broadcasts feed 2R FMAs.
+/// An R x 32 tile of y: for each k, two panel loads and R broadcasts (x row r at `x + r * cols`)
+/// feed 2R FMAs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512<const R: usize>(
     panel: &[f32],
     cols: usize,
     x: *const f32,
-    xs: usize,
     y: *mut f32,
     ystride: usize,
     width: usize,
@@ -815,9 +758,9 @@ unsafe fn tile_avx512<const R: usize>(
     for k in 0..cols {
         let b0 = _mm512_loadu_ps(wp.add(k * PANEL));
         let b1 = _mm512_loadu_ps(wp.add(k * PANEL + 16));
-        let xk = x.add(k * xs);
+        let xk = x.add(k);
         for (r, a) in acc.iter_mut().enumerate() {
-            let v = _mm512_set1_ps(*xk.add(r));
+            let v = _mm512_set1_ps(*xk.add(r * cols));
             a[0] = _mm512_fmadd_ps(v, b0, a[0]);
             a[1] = _mm512_fmadd_ps(v, b1, a[1]);
         }
@@ -969,11 +912,9 @@ mod tests {
         let (rows, cols, n) = (70, 40, 29);
         let w = pack_panels(rows, cols, &random(rows * cols, 5));
         let x = random(n * cols, 6);
-        let mut xp = vec![0.0; n.div_ceil(MR) * MR * cols];
-        pack_tiles(&x, cols, &mut xp);
         let (mut a, mut b) = (vec![0.0; n * rows], vec![0.0; n * rows]);
-        panel_rows(&w, rows, cols, &xp, n, MR, &mut a, rows, 0, rows);
-        panel_rows_portable(&w, rows, cols, &xp, n, MR, &mut b, rows, 0, rows);
+        panel_rows(&w, rows, cols, &x, n, &mut a, rows, 0, rows);
+        panel_rows_portable(&w, rows, cols, &x, n, &mut b, rows, 0, rows);
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()));
         }

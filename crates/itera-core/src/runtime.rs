@@ -151,7 +151,35 @@ pub struct Scratch {
     q: QuantizedRows,
     conv_ptrs: Vec<Shared>,
     ssm_ptrs: Vec<Shared>,
-    pub logits: Vec<f32>,
+    pub logits: AlignedBuf,
+}
+
+/// A growable f32 buffer whose contents start on a 64-byte boundary, so that a big output
+/// (all-position logits) can be written with non-temporal stores. Reads as a slice.
+#[derive(Clone, Debug, Default)]
+pub struct AlignedBuf {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// The first `n` values, aligned (contents unspecified until written).
+    pub fn grow(&mut self, n: usize) -> &mut [f32] {
+        if self.buf.len() < n + 16 {
+            self.buf.resize(n + 16, 0.0);
+        }
+        self.start = (64 - self.buf.as_ptr() as usize % 64) % 64 / 4;
+        self.len = n;
+        &mut self.buf[self.start..self.start + n]
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
 }
 
 /// [rows, cols] -> [cols, rows].
@@ -868,7 +896,7 @@ impl Runtime {
         for (hr, &i) in h.chunks_exact_mut(d).zip(logit_rows) {
             rms_norm(&s.x[i * d..(i + 1) * d], &self.norm_f, c.norm_eps, hr);
         }
-        let logits = grow(&mut s.logits, logit_rows.len() * c.vocab_size);
+        let logits = s.logits.grow(logit_rows.len() * c.vocab_size);
         self.embed.matmul(h, logits, &mut s.q);
         Ok(())
     }
@@ -1082,7 +1110,7 @@ mod tests {
         rt.step(9, &mut st, &mut sc).unwrap();
         let a = sc.logits.clone();
         rt.step(9, &mut restored, &mut sc).unwrap();
-        assert_eq!(a, sc.logits);
+        assert_eq!(a[..], sc.logits[..]);
         assert!(rt.step(cfg.vocab_size as u32, &mut st, &mut sc).is_err());
         assert!(rt.step_batch(&[1, 2], &mut [st.clone()], &mut sc).is_err());
         assert!(rt

@@ -358,6 +358,28 @@ crate::multiversion! {
     }
 }
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Threads a kernel call may use: the pool's, or 1 inside `serial`.
+pub fn threads() -> usize {
+    if SERIAL.with(|c| c.get()) {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+/// Runs `f` with every kernel on the calling thread (for callers that already split the work
+/// between threads at a coarser grain).
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|c| c.replace(true));
+    let out = f();
+    SERIAL.with(|c| c.set(before));
+    out
+}
+
 /// Below this many multiply-adds a call runs on the calling thread: waking a sleeping worker costs
 /// tens of microseconds, more than small matmuls take (measured with `itera bench`: 8 batched
 /// streams ran 1.3x faster once only ~2M-MAC calls went parallel; a single decode row is
@@ -493,18 +515,18 @@ impl Matrix {
             quantize_rows(x, cols, q);
         }
         let q = &*q;
-        let parallel = n * rows * cols >= parallel_work(n) && rayon::current_num_threads() > 1;
+        let parallel = n * rows * cols >= parallel_work(n) && threads() > 1;
         if !parallel {
             self.rows_range(x, 0, y, q);
         } else if n == 1 {
             // One activation row: split the weight rows between threads.
-            let chunk = rows.div_ceil(rayon::current_num_threads() * 2).max(32);
+            let chunk = rows.div_ceil(threads() * 2).max(32);
             y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
                 self.rows_range(x, i * chunk, ys, q);
             });
         } else {
             // Several activation rows: split them, each thread sweeping all weight rows.
-            let per = n.div_ceil(rayon::current_num_threads());
+            let per = n.div_ceil(threads());
             y.par_chunks_mut(per * rows)
                 .zip(x.par_chunks(per * cols))
                 .enumerate()
@@ -518,7 +540,7 @@ impl Matrix {
     fn panel_matmul(&self, x: &[f32], y: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
         let n = x.len() / cols;
-        let threads = rayon::current_num_threads();
+        let threads = threads();
         let parallel = n * rows * cols >= parallel_work(n) && threads > 1;
         let tiles = n.div_ceil(MR);
         let per = if parallel {
@@ -679,7 +701,7 @@ fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
 /// y = W x for one activation row over the panel layout; threads split the panels when the
 /// matrix is big enough.
 fn panel_matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
-    let threads = rayon::current_num_threads();
+    let threads = threads();
     if rows * cols < parallel_work(1) || threads == 1 {
         return panel_rows(w, rows, cols, x, 1, y, 0, 0, rows, false);
     }

@@ -9,6 +9,7 @@
 //! and no allocation per token once the scratch buffers have grown. Must agree with
 //! `Model::forward` (tested to 1e-4 on logits for every preset).
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Mixer, ModelConfig};
@@ -151,6 +152,8 @@ pub struct Scratch {
     q: QuantizedRows,
     conv_ptrs: Vec<Shared>,
     ssm_ptrs: Vec<Shared>,
+    /// One per thread when streams are split between threads (`forward_split`).
+    groups: Vec<Scratch>,
     pub logits: AlignedBuf,
 }
 
@@ -345,6 +348,11 @@ fn swiglu_rows<'a>(
 /// Rows from which `forward_rows` moves onto a pool thread.
 const POOL_ROWS: usize = 64;
 
+/// Decode-like calls (a few rows per stream) with at least this many streams per thread run
+/// whole streams per thread (`forward_split`): 64 streams 1.4x; 8 streams and prefill were
+/// slower that way (alternated `itera bench` runs).
+const SPLIT_STREAMS_PER_THREAD: usize = 16;
+
 /// The shared-state scan over rows in order: for each of the N state values,
 /// h = exp(dt A) h + dt B u, and `u` is overwritten with the readings C h.
 #[allow(clippy::too_many_arguments)]
@@ -453,7 +461,7 @@ unsafe fn scan_range_avx512(io: MixerIo, c0: usize, c1: usize) {
 
 /// Runs a channel-range pass over all channels: split between threads when there is enough work.
 fn mixer_split(io: MixerIo, pass: fn(MixerIo, usize, usize)) {
-    let threads = rayon::current_num_threads();
+    let threads = crate::kernels::threads();
     if io.streams.len() < 64 || threads == 1 {
         return pass(io, 0, io.di);
     }
@@ -778,12 +786,6 @@ impl Runtime {
         // Big calls run on a pool thread: the caller then sleeps once per call instead of once per
         // parallel pass, and the pool's idle threads do not spin against its serial work (prefill
         // 1.13x, 64 streams 1.07x; small calls stay here, where one hop would cost more than it saves).
-        if tokens.len() >= POOL_ROWS
-            && rayon::current_thread_index().is_none()
-            && rayon::current_num_threads() > 1
-        {
-            return rayon::scope(|_| self.forward_rows(tokens, streams, states, logit_rows, s));
-        }
         let c = &self.cfg;
         let (d, di, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);
         let rows = tokens.len();
@@ -806,6 +808,19 @@ impl Runtime {
                 "token id {bad} out of range for vocab {}",
                 c.vocab_size
             )));
+        }
+        let threads = crate::kernels::threads();
+        if threads > 1
+            && states.len() >= SPLIT_STREAMS_PER_THREAD * threads
+            && rows <= 4 * states.len()
+        {
+            return self.forward_split(tokens, streams, states, logit_rows, s, threads);
+        }
+        // Big calls run on a pool thread: the caller then sleeps once per call instead of once per
+        // parallel pass, and the pool's idle threads do not spin against its serial work (prefill
+        // 1.13x; small calls stay here, where one hop would cost more than it saves).
+        if rows >= POOL_ROWS && rayon::current_thread_index().is_none() && threads > 1 {
+            return rayon::scope(|_| self.forward_rows(tokens, streams, states, logit_rows, s));
         }
         let x = grow(&mut s.x, rows * d);
         for (xr, &t) in x.chunks_exact_mut(d).zip(tokens) {
@@ -898,6 +913,74 @@ impl Runtime {
         }
         let logits = s.logits.grow(logit_rows.len() * c.vocab_size);
         self.embed.matmul(h, logits, &mut s.q);
+        Ok(())
+    }
+
+    /// Many streams: each thread runs whole streams (a contiguous range of stream indices
+    /// with about equal rows) through every layer on its own, so a step has one parallel
+    /// region instead of one per matmul, conv and scan. Each thread reads all the weights, which
+    /// are small next to what the per-pass synchronisation costs.
+    fn forward_split(
+        &self,
+        tokens: &[u32],
+        streams: &[usize],
+        states: &mut [State],
+        logit_rows: &[usize],
+        s: &mut Scratch,
+        threads: usize,
+    ) -> Result<()> {
+        // Stream ranges [bounds[g], bounds[g + 1]) holding about rows / threads rows each.
+        let mut per_stream = vec![0usize; states.len()];
+        streams.iter().for_each(|&st| per_stream[st] += 1);
+        let mut bounds = vec![0];
+        let mut acc = 0;
+        for (st, &count) in per_stream.iter().enumerate() {
+            acc += count;
+            if bounds.len() < threads && acc * threads >= tokens.len() * bounds.len() {
+                bounds.push(st + 1);
+            }
+        }
+        bounds.push(states.len());
+        bounds.dedup();
+        let groups = bounds.len() - 1;
+        let group_of = |st: usize| bounds.partition_point(|&b| b <= st) - 1;
+        // Each group's rows (in order), and where each requested logit row lands.
+        let mut jobs: Vec<(Vec<u32>, Vec<usize>, Vec<usize>)> = vec![Default::default(); groups];
+        let mut local = vec![0usize; tokens.len()];
+        for (i, (&t, &st)) in tokens.iter().zip(streams).enumerate() {
+            let g = group_of(st);
+            local[i] = jobs[g].0.len();
+            jobs[g].0.push(t);
+            jobs[g].1.push(st - bounds[g]);
+        }
+        let mut placed = Vec::with_capacity(logit_rows.len());
+        for &i in logit_rows {
+            let g = group_of(streams[i]);
+            placed.push((g, jobs[g].2.len()));
+            jobs[g].2.push(local[i]);
+        }
+        s.groups.resize_with(groups, Scratch::default);
+        let mut parts = Vec::with_capacity(groups);
+        let mut rest = states;
+        for g in 0..groups {
+            let (mine, tail) = rest.split_at_mut(bounds[g + 1] - bounds[g]);
+            parts.push(mine);
+            rest = tail;
+        }
+        let results: Vec<Result<()>> = parts
+            .into_par_iter()
+            .zip(s.groups.par_iter_mut())
+            .zip(jobs.par_iter())
+            .map(|((st, sc), (toks, owners, wanted))| {
+                crate::kernels::serial(|| self.forward_rows(toks, owners, st, wanted, sc))
+            })
+            .collect();
+        results.into_iter().collect::<Result<()>>()?;
+        let v = self.cfg.vocab_size;
+        let out = s.logits.grow(logit_rows.len() * v);
+        for (k, &(g, j)) in placed.iter().enumerate() {
+            out[k * v..(k + 1) * v].copy_from_slice(&s.groups[g].logits[j * v..(j + 1) * v]);
+        }
         Ok(())
     }
 
@@ -1014,9 +1097,20 @@ mod tests {
     /// chunks continues exactly where the previous chunk stopped.
     #[test]
     fn batched_streams_match_single_streams() {
+        // 9 streams share each pass's threads; 40 streams on two threads are split between
+        // them (`forward_split`).
+        for streams in [9, 40] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            pool.install(|| check_batched(streams));
+        }
+    }
+
+    fn check_batched(streams: usize) {
         let cfg = ModelConfig::preset("tiny").unwrap();
         let rt = Runtime::new(&cfg, &Weights::init(&cfg, 5).unwrap()).unwrap();
-        let streams = 9;
         let seqs: Vec<Vec<u32>> = (0..streams)
             .map(|i| random_tokens(&cfg, 12, 100 + i as u64))
             .collect();

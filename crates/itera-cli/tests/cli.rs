@@ -525,3 +525,94 @@ fn bench_reports_every_measurement() {
     }
     assert!(v["flops_per_token"].as_f64().unwrap() > 0.0);
 }
+
+/// The PTB comparison's baselines: the shared-state SSM (a switch) and the attention preset train,
+/// evaluate (attention by sliding windows) and refuse what they cannot do with a reason.
+#[test]
+fn baseline_mixers_train_and_evaluate() {
+    model(); // trains the shared tokenizer
+    let dir = tmp();
+    let (tok, f) = (dir.join("tok.json"), fixture());
+    let train = |extra: &[&str], run: &str| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train",
+            "--data",
+            f.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--warmup",
+            "1",
+            "--eval-every",
+            "3",
+            "--eval-windows",
+            "4",
+            "--holdout",
+            "0.1",
+            "--run",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(dir.join(run).display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    for (extra, run) in [
+        (
+            vec!["--preset", "micro", "--shared-state", "--seq-len", "32"],
+            "shared",
+        ),
+        (
+            vec!["--preset", "transformer-tiny", "--seq-len", "32"],
+            "attn",
+        ),
+    ] {
+        let args = train(&extra, run);
+        ok(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let m = dir.join(run).join("checkpoint");
+        let v: serde_json::Value = serde_json::from_str(&ok(&[
+            "eval",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            f.to_str().unwrap(),
+            "--word-level",
+            "--json",
+        ]))
+        .unwrap();
+        let ppl = v["word_perplexity"].as_f64().unwrap();
+        assert!(ppl.is_finite() && ppl > 1.0, "{run}: {ppl}");
+        let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+        let mixer = if run == "attn" {
+            "attention"
+        } else {
+            "shared_state"
+        };
+        assert!(cfg.contains(&format!("\"mixer\": \"{mixer}\"")), "{cfg}");
+    }
+    let attn = dir.join("attn").join("checkpoint");
+    let err = fails(&[
+        "generate",
+        "--model",
+        attn.to_str().unwrap(),
+        "--prompt",
+        "the",
+    ]);
+    assert!(
+        err.contains("attention") && err.contains("itera eval"),
+        "{err}"
+    );
+    let args = train(
+        &["--preset", "transformer-tiny", "--seq-len", "256"],
+        "long",
+    );
+    let err = fails(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(err.contains("context"), "{err}");
+    let args = train(&["--preset", "transformer-tiny", "--shared-state"], "both");
+    let err = fails(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(err.contains("--shared-state"), "{err}");
+}

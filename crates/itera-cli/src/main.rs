@@ -197,6 +197,11 @@ struct EvalArgs {
     /// Also report word-level perplexity (PTB convention: words + one end-of-sentence per line)
     #[arg(long)]
     word_level: bool,
+    /// Score with sliding windows of the model's training context (half a context of stride)
+    /// instead of carrying the recurrent state through the whole text; attention models always
+    /// are. Needs a model directory.
+    #[arg(long)]
+    windowed: bool,
     #[arg(long)]
     json: bool,
 }
@@ -645,7 +650,10 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             .ok()
             .and_then(|t| ModelConfig::from_json(&t, "config.json").ok())
             .is_some_and(|c| !c.mixer.is_recurrent());
-    let r = if attention {
+    if a.windowed && !path.is_dir() {
+        bail!("--windowed needs a model directory (config.json + model.safetensors), not a .gguf file");
+    }
+    let r = if attention || a.windowed {
         let m = ModelDir::load(&path).with_context(loading)?;
         evaluate_windowed(&m.config, &m.weights, &m.tokenizer, &text, progress)?
     } else {
@@ -659,6 +667,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         v["model"] = json!(path.display().to_string());
         v["data"] = json!(a.data.display().to_string());
         v["tokens_per_s"] = json!(r.tokens as f64 / secs);
+        v["protocol"] = json!(if attention || a.windowed {
+            "windowed"
+        } else {
+            "recurrent"
+        });
         if !a.word_level {
             v.as_object_mut().unwrap().remove("word_perplexity");
         }

@@ -586,6 +586,12 @@ fn baseline_mixers_train_and_evaluate() {
         .unwrap();
         let ppl = v["word_perplexity"].as_f64().unwrap();
         assert!(ppl.is_finite() && ppl > 1.0, "{run}: {ppl}");
+        let protocol = if run == "attn" {
+            "windowed"
+        } else {
+            "recurrent"
+        };
+        assert_eq!(v["protocol"], protocol);
         let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
         let mixer = if run == "attn" {
             "attention"
@@ -594,6 +600,20 @@ fn baseline_mixers_train_and_evaluate() {
         };
         assert!(cfg.contains(&format!("\"mixer\": \"{mixer}\"")), "{cfg}");
     }
+    // The SSM scored the way the attention model must be: sliding windows of its context.
+    let shared = dir.join("shared").join("checkpoint");
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        shared.to_str().unwrap(),
+        "--data",
+        f.to_str().unwrap(),
+        "--windowed",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["protocol"], "windowed");
+    assert!(v["mean_nll"].as_f64().unwrap().is_finite());
     let attn = dir.join("attn").join("checkpoint");
     let err = fails(&[
         "generate",

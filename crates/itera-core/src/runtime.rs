@@ -348,10 +348,10 @@ fn swiglu_rows<'a>(
 /// Rows from which `forward_rows` moves onto a pool thread.
 const POOL_ROWS: usize = 64;
 
-/// Decode-like calls (a few rows per stream) with at least this many streams per thread run
-/// whole streams per thread (`forward_split`): 64 streams 1.4x; 8 streams and prefill were
+/// Calls of this many rows over at least two streams per thread run whole streams per thread
+/// (`forward_split`): 64-stream decode 1.4x, prefill of 16 x 128 tokens 1.4x; 8 streams were
 /// slower that way (alternated `itera bench` runs).
-const SPLIT_STREAMS_PER_THREAD: usize = 16;
+const SPLIT_FROM_ROWS: usize = 32;
 
 /// The shared-state scan over rows in order: for each of the N state values,
 /// h = exp(dt A) h + dt B u, and `u` is overwritten with the readings C h.
@@ -783,9 +783,20 @@ impl Runtime {
         logit_rows: &[usize],
         s: &mut Scratch,
     ) -> Result<()> {
-        // Big calls run on a pool thread: the caller then sleeps once per call instead of once per
-        // parallel pass, and the pool's idle threads do not spin against its serial work (prefill
-        // 1.13x, 64 streams 1.07x; small calls stay here, where one hop would cost more than it saves).
+        self.forward_into(tokens, streams, states, logit_rows, s, None)
+    }
+
+    /// `forward_rows` writing the logits into `out` ([logit_rows, vocab]) when given, else into
+    /// `s.logits`.
+    fn forward_into(
+        &self,
+        tokens: &[u32],
+        streams: &[usize],
+        states: &mut [State],
+        logit_rows: &[usize],
+        s: &mut Scratch,
+        out: Option<&mut [f32]>,
+    ) -> Result<()> {
         let c = &self.cfg;
         let (d, di, n, r, k) = (c.d_model, c.d_inner(), c.d_state, c.dt_rank, c.d_conv);
         let rows = tokens.len();
@@ -810,17 +821,20 @@ impl Runtime {
             )));
         }
         let threads = crate::kernels::threads();
-        if threads > 1
-            && states.len() >= SPLIT_STREAMS_PER_THREAD * threads
-            && rows <= 4 * states.len()
-        {
-            return self.forward_split(tokens, streams, states, logit_rows, s, threads);
+        if threads > 1 && rows >= SPLIT_FROM_ROWS && states.len() >= 2 * threads {
+            let mut per_stream = vec![0usize; states.len()];
+            streams.iter().for_each(|&st| per_stream[st] += 1);
+            if per_stream.iter().filter(|&&c| c > 0).count() >= 2 * threads {
+                return self.forward_split(tokens, streams, states, logit_rows, s, &per_stream);
+            }
         }
         // Big calls run on a pool thread: the caller then sleeps once per call instead of once per
         // parallel pass, and the pool's idle threads do not spin against its serial work (prefill
         // 1.13x; small calls stay here, where one hop would cost more than it saves).
         if rows >= POOL_ROWS && rayon::current_thread_index().is_none() && threads > 1 {
-            return rayon::scope(|_| self.forward_rows(tokens, streams, states, logit_rows, s));
+            return rayon::scope(|_| {
+                self.forward_into(tokens, streams, states, logit_rows, s, out)
+            });
         }
         let x = grow(&mut s.x, rows * d);
         for (xr, &t) in x.chunks_exact_mut(d).zip(tokens) {
@@ -911,15 +925,19 @@ impl Runtime {
         for (hr, &i) in h.chunks_exact_mut(d).zip(logit_rows) {
             rms_norm(&s.x[i * d..(i + 1) * d], &self.norm_f, c.norm_eps, hr);
         }
-        let logits = s.logits.grow(logit_rows.len() * c.vocab_size);
+        let logits = match out {
+            Some(o) => o,
+            None => s.logits.grow(logit_rows.len() * c.vocab_size),
+        };
         self.embed.matmul(h, logits, &mut s.q);
         Ok(())
     }
 
-    /// Many streams: each thread runs whole streams (a contiguous range of stream indices
-    /// with about equal rows) through every layer on its own, so a step has one parallel
-    /// region instead of one per matmul, conv and scan. Each thread reads all the weights, which
-    /// are small next to what the per-pass synchronisation costs.
+    /// Several streams: each thread runs whole streams (a contiguous range of stream indices
+    /// with about equal rows) through every layer on its own, so a call has one parallel region
+    /// instead of one per matmul, conv and scan, and each thread's logits go straight into its
+    /// block of the output. Each thread reads all the weights, which costs less than the
+    /// per-pass synchronisation it saves. `per_stream`: rows of each stream.
     fn forward_split(
         &self,
         tokens: &[u32],
@@ -927,11 +945,10 @@ impl Runtime {
         states: &mut [State],
         logit_rows: &[usize],
         s: &mut Scratch,
-        threads: usize,
+        per_stream: &[usize],
     ) -> Result<()> {
+        let threads = crate::kernels::threads();
         // Stream ranges [bounds[g], bounds[g + 1]) holding about rows / threads rows each.
-        let mut per_stream = vec![0usize; states.len()];
-        streams.iter().for_each(|&st| per_stream[st] += 1);
         let mut bounds = vec![0];
         let mut acc = 0;
         for (st, &count) in per_stream.iter().enumerate() {
@@ -967,19 +984,50 @@ impl Runtime {
             parts.push(mine);
             rest = tail;
         }
+        let v = self.cfg.vocab_size;
+        // Logits requested group after group (as in step_batch and batched prefill): each group
+        // writes its block of the output directly; otherwise they are gathered afterwards.
+        let mut start = 0;
+        let starts: Vec<usize> = jobs
+            .iter()
+            .map(|job| {
+                start += job.2.len();
+                start - job.2.len()
+            })
+            .collect();
+        let in_order = placed
+            .iter()
+            .enumerate()
+            .all(|(k, &(g, j))| k == starts[g] + j);
+        let mut outs: Vec<Option<&mut [f32]>> = Vec::with_capacity(groups);
+        let all = s.logits.grow(logit_rows.len() * v);
+        if in_order {
+            let mut rest = all;
+            for job in &jobs {
+                let (mine, tail) = rest.split_at_mut(job.2.len() * v);
+                outs.push(Some(mine));
+                rest = tail;
+            }
+        } else {
+            outs.resize_with(groups, || None);
+        }
         let results: Vec<Result<()>> = parts
             .into_par_iter()
             .zip(s.groups.par_iter_mut())
-            .zip(jobs.par_iter())
-            .map(|((st, sc), (toks, owners, wanted))| {
-                crate::kernels::serial(|| self.forward_rows(toks, owners, st, wanted, sc))
+            .zip(jobs.par_iter().zip(outs))
+            .map(|((st, sc), ((toks, owners, wanted), out))| {
+                if toks.is_empty() {
+                    return Ok(());
+                }
+                crate::kernels::serial(|| self.forward_into(toks, owners, st, wanted, sc, out))
             })
             .collect();
         results.into_iter().collect::<Result<()>>()?;
-        let v = self.cfg.vocab_size;
-        let out = s.logits.grow(logit_rows.len() * v);
-        for (k, &(g, j)) in placed.iter().enumerate() {
-            out[k * v..(k + 1) * v].copy_from_slice(&s.groups[g].logits[j * v..(j + 1) * v]);
+        if !in_order {
+            let out = s.logits.grow(logit_rows.len() * v);
+            for (k, &(g, j)) in placed.iter().enumerate() {
+                out[k * v..(k + 1) * v].copy_from_slice(&s.groups[g].logits[j * v..(j + 1) * v]);
+            }
         }
         Ok(())
     }
@@ -1106,6 +1154,34 @@ mod tests {
                 .unwrap();
             pool.install(|| check_batched(streams));
         }
+    }
+
+    /// Split between threads, logits asked for in any order come back in that order.
+    #[test]
+    fn split_calls_return_logits_in_the_order_asked() {
+        let cfg = ModelConfig::preset("micro").unwrap();
+        let rt = Runtime::new(&cfg, &Weights::init(&cfg, 6).unwrap()).unwrap();
+        let tokens = random_tokens(&cfg, 64, 21);
+        let owners: Vec<usize> = (0..8).flat_map(|i| [i; 8]).collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let run = |wanted: &[usize]| {
+            pool.install(|| {
+                let mut states: Vec<State> = (0..8).map(|_| rt.new_state()).collect();
+                let mut sc = rt.new_scratch();
+                rt.forward_rows(&tokens, &owners, &mut states, wanted, &mut sc)
+                    .unwrap();
+                sc.logits.to_vec()
+            })
+        };
+        let v = cfg.vocab_size;
+        let (forward, backward) = (run(&[0, 63]), run(&[63, 0]));
+        assert_eq!(forward[..v], backward[v..]);
+        assert_eq!(forward[v..], backward[..v]);
+        let all = run(&(0..64).collect::<Vec<_>>());
+        assert_eq!(all[63 * v..], forward[v..]);
     }
 
     fn check_batched(streams: usize) {

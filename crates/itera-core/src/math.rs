@@ -79,18 +79,34 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 crate::multiversion! {
-    /// Index of the largest value (the first one on ties), in 16 lanes so it vectorises.
+    /// Index of the largest value (the first one on ties): one pass in 16 lanes, each keeping its
+    /// best value and where it was, so it vectorises (no second pass to find the position).
     pub fn argmax(v: &[f32]) -> usize {
-        let mut acc = [f32::NEG_INFINITY; 16];
+        let mut best = [f32::NEG_INFINITY; 16];
+        let mut at = [0u32; 16];
         let chunks = v.chunks_exact(16);
-        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-        for c in chunks {
+        let tail_start = v.len() - chunks.remainder().len();
+        for (ci, c) in chunks.enumerate() {
+            let base = (ci * 16) as u32;
             for i in 0..16 {
-                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+                let better = c[i] > best[i];
+                best[i] = if better { c[i] } else { best[i] };
+                at[i] = if better { base + i as u32 } else { at[i] };
             }
         }
-        let m = acc.iter().fold(tail, |m, &x| if x > m { x } else { m });
-        v.iter().position(|&x| x == m).unwrap_or(0)
+        let (mut m, mut pos) = (f32::NEG_INFINITY, 0usize);
+        for i in 0..16 {
+            let p = at[i] as usize;
+            if best[i] > m || (best[i] == m && p < pos) {
+                (m, pos) = (best[i], p);
+            }
+        }
+        for (j, &x) in v[tail_start..].iter().enumerate() {
+            if x > m {
+                (m, pos) = (x, tail_start + j);
+            }
+        }
+        pos
     }
 }
 
@@ -131,6 +147,16 @@ mod tests {
             v.iter().position(|&x| x == 100.0).unwrap()
         );
         assert_eq!(super::argmax(&[1.0, 3.0, 3.0]), 1);
+        // Ties in different lanes, chunks and the tail: the first index wins.
+        let mut v = vec![0.0f32; 70];
+        for i in [40, 17, 33, 69] {
+            v[i] = 5.0;
+        }
+        assert_eq!(super::argmax(&v), 17);
+        v[3] = 5.0;
+        assert_eq!(super::argmax(&v), 3);
+        v[66] = 6.0;
+        assert_eq!(super::argmax(&v), 66);
         assert_eq!(super::argmax(&[-1.0]), 0);
     }
 

@@ -1,37 +1,14 @@
-//! The selective scan: one per-timestep update shared by training (a fused candle op with a
-//! hand-written backward) and decoding (`Runtime::step`).
+//! The selective scan of training: a fused candle op with a hand-written backward. (Decoding has
+//! its own loop over the same arithmetic in `runtime.rs`.)
 //!
-//! Per channel d with state h[d, 0..N]:
+//! Per channel d with state h[0..N, d]:
 //!   h = exp(dt[d] * A[d, n]) * h + dt[d] * B[n] * x[d]
-//!   y[d] = sum_n C[n] * h[d, n]
-//! The skip term D * x is added by the caller.
+//!   y[d] = sum_n C[n] * h[n, d]
+//! States and A are kept state-major ([N][d_inner]) so every loop runs across channels and
+//! vectorises; the parameter tensor `p` stays channel-major ([d_inner, N + 2]).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
-
-/// One timestep of the scan for all channels: updates `h` [D*N] in place and writes `y` [D].
-#[inline(always)]
-pub fn scan_step(
-    x: &[f32],
-    dt: &[f32],
-    a: &[f32],
-    b: &[f32],
-    c: &[f32],
-    h: &mut [f32],
-    y: &mut [f32],
-) {
-    let n = b.len();
-    for d in 0..x.len() {
-        let (dtd, dx) = (dt[d], dt[d] * x[d]);
-        let hd = &mut h[d * n..(d + 1) * n];
-        let ad = &a[d * n..(d + 1) * n];
-        // Element-wise update (vectorises over N), then a lane-wise dot for y.
-        for ((hv, &av), &bv) in hd.iter_mut().zip(ad).zip(b) {
-            *hv = crate::math::exp(dtd * av) * *hv + dx * bv;
-        }
-        y[d] = crate::math::dot(c, hd);
-    }
-}
 
 pub(crate) fn f32_slice<'a>(
     s: &'a CpuStorage,
@@ -95,18 +72,19 @@ fn dims(u: &Shape, bc: &Shape, p: &Shape, gated: bool) -> candle_core::Result<Di
     })
 }
 
-/// Unpacks `p` into (A, D, dt_bias).
+/// Unpacks `p` into (A state-major [N][d_inner], D, dt_bias).
 fn params(p: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let w = d.n + 2;
     let a = (0..d.di * d.n)
-        .map(|k| -p[(k / d.n) * w + k % d.n].exp())
+        .map(|k| -p[(k % d.di) * w + k / d.di].exp())
         .collect();
     let dd = (0..d.di).map(|i| p[i * w + d.n]).collect();
     let bias = (0..d.di).map(|i| p[i * w + d.n + 1]).collect();
     (a, dd, bias)
 }
 
-/// Forward over one sequence. Fills `out`; optionally records h_t, dt_t and the pre-gate y_t.
+/// Forward over one sequence. Fills `out`; optionally records h_t ([N][d_inner] per step), dt_t
+/// and the pre-gate y_t.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn core_sequence(
@@ -122,6 +100,7 @@ fn core_sequence(
     let (di, n) = (d.di, d.n);
     let mut h = vec![0.0f32; di * n];
     let mut dt = vec![0.0f32; di];
+    let mut dx = vec![0.0f32; di];
     let mut y = vec![0.0f32; di];
     for t in 0..d.t {
         let ut = &u[t * 3 * di..(t + 1) * 3 * di];
@@ -129,11 +108,19 @@ fn core_sequence(
         let (raw, z) = rest.split_at(di);
         for i in 0..di {
             dt[i] = softplus(raw[i] + bias[i]);
+            dx[i] = dt[i] * x[i];
+            y[i] = d_skip[i] * x[i];
         }
         let bct = &bc[t * 2 * n..(t + 1) * 2 * n];
-        scan_step(x, &dt, a, &bct[..n], &bct[n..], &mut h, &mut y);
+        for j in 0..n {
+            let (bj, cj) = (bct[j], bct[n + j]);
+            let (hj, aj) = (&mut h[j * di..(j + 1) * di], &a[j * di..(j + 1) * di]);
+            for i in 0..di {
+                hj[i] = crate::math::exp(dt[i] * aj[i]) * hj[i] + dx[i] * bj;
+                y[i] += cj * hj[i];
+            }
+        }
         for i in 0..di {
-            y[i] += d_skip[i] * x[i];
             out[t * di + i] = if d.gated { y[i] * silu(z[i]) } else { y[i] };
         }
         if let Some((hs, dts, ys)) = record.as_mut() {
@@ -145,6 +132,8 @@ fn core_sequence(
 }
 
 /// Gradients of one sequence: fills dL/du and dL/dbc, returns this sequence's share of dL/dp.
+/// Every loop runs across channels (state-major layout); the sums over channels that B and C
+/// need are lane-wise dot products.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn core_backward(
@@ -178,60 +167,70 @@ fn core_backward(
     let mut g_bias = vec![0.0f32; di];
     // gh carries dL/dh_t backwards through h_{t+1} = decay_{t+1} * h_t + ...
     let mut gh = vec![0.0f32; di * n];
-    // Per-state terms of the dt and x gradients, summed after each element-wise pass.
-    let (mut dt_terms, mut x_terms) = (vec![0.0f32; n], vec![0.0f32; n]);
-    let zeros = vec![0.0f32; n];
+    let zeros = vec![0.0f32; di * n];
+    // Per-channel work vectors of one step.
+    let (mut gy, mut dx) = (vec![0.0f32; di], vec![0.0f32; di]);
+    let (mut g_dt, mut g_x, mut g) = (vec![0.0f32; di], vec![0.0f32; di], vec![0.0f32; di]);
     for t in (0..t_len).rev() {
         let ut = &ub[t * 3 * di..(t + 1) * 3 * di];
+        let (x, rest) = ut.split_at(di);
+        let (raw, z) = rest.split_at(di);
+        let dt = &dts[t * di..(t + 1) * di];
         let bt = &bcb[t * 2 * n..t * 2 * n + n];
         let ct = &bcb[t * 2 * n + n..(t + 1) * 2 * n];
         let h_t = &hs[t * di * n..(t + 1) * di * n];
+        let h_prev = if t > 0 {
+            &hs[(t - 1) * di * n..t * di * n]
+        } else {
+            &zeros[..]
+        };
         let gut = &mut gu[t * 3 * di..(t + 1) * 3 * di];
         let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
-        for dd in 0..di {
-            let (x, raw, z) = (ut[dd], ut[di + dd], ut[2 * di + dd]);
-            let dt = dts[t * di + dd];
-            let g_out = gout[t * di + dd];
-            let gy = if d.gated {
+        let go = &gout[t * di..(t + 1) * di];
+        let yt = &ys[t * di..(t + 1) * di];
+        for i in 0..di {
+            gy[i] = if d.gated {
                 // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
-                let sz = sigmoid(z);
-                gut[2 * di + dd] = g_out * ys[t * di + dd] * sz * (1.0 + z * (1.0 - sz));
-                g_out * z * sz
+                let sz = sigmoid(z[i]);
+                gut[2 * di + i] = go[i] * yt[i] * sz * (1.0 + z[i] * (1.0 - sz));
+                go[i] * z[i] * sz
             } else {
-                g_out
+                go[i]
             };
-            g_d[dd] += gy * x;
-            let row = dd * n..(dd + 1) * n;
-            let h_prev = if t > 0 {
-                &hs[(t - 1) * di * n..t * di * n][row.clone()]
-            } else {
-                &zeros[..]
-            };
-            let (h_now, a_d) = (&h_t[row.clone()], &a[row.clone()]);
-            let (gh_d, ga_d) = (&mut gh[row.clone()], &mut g_a[row]);
-            for i in 0..n {
-                gc_t[i] += gy * h_now[i];
-                let g = gh_d[i] + gy * ct[i];
-                let decay = crate::math::exp(dt * a_d[i]);
-                let g_decay = g * h_prev[i] * decay; // dL/d(dt*A)
-                dt_terms[i] = g_decay * a_d[i] + g * bt[i] * x;
-                ga_d[i] += g_decay * dt;
-                gb_t[i] += g * dt * x;
-                x_terms[i] = g * bt[i];
-                gh_d[i] = g * decay;
+            g_d[i] += gy[i] * x[i];
+            dx[i] = dt[i] * x[i];
+            g_dt[i] = 0.0;
+            g_x[i] = 0.0;
+        }
+        for j in 0..n {
+            let rows = j * di..(j + 1) * di;
+            let (h_now, h_old, a_j) = (&h_t[rows.clone()], &h_prev[rows.clone()], &a[rows.clone()]);
+            let (gh_j, ga_j) = (&mut gh[rows.clone()], &mut g_a[rows]);
+            let (bj, cj) = (bt[j], ct[j]);
+            gc_t[j] += crate::math::dot(&gy, h_now);
+            for i in 0..di {
+                g[i] = gh_j[i] + gy[i] * cj;
+                let decay = crate::math::exp(dt[i] * a_j[i]);
+                let g_decay = g[i] * h_old[i] * decay; // dL/d(dt*A)
+                g_dt[i] += g_decay * a_j[i] + g[i] * bj * x[i];
+                ga_j[i] += g_decay * dt[i];
+                g_x[i] += g[i] * bj;
+                gh_j[i] = g[i] * decay;
             }
-            let gdt_acc = crate::math::sum(&dt_terms);
-            gut[dd] = gy * d_skip[dd] + dt * crate::math::sum(&x_terms);
-            let g_raw = gdt_acc * sigmoid(raw + bias[dd]);
-            gut[di + dd] = g_raw;
-            g_bias[dd] += g_raw;
+            gb_t[j] += crate::math::dot(&g, &dx);
+        }
+        for i in 0..di {
+            gut[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
+            let g_raw = g_dt[i] * sigmoid(raw[i] + bias[i]);
+            gut[di + i] = g_raw;
+            g_bias[i] += g_raw;
         }
     }
     // Pack as p's layout: d/dA_log = d/dA * A.
     let mut gp = vec![0.0f32; di * (n + 2)];
     for dd in 0..di {
         for i in 0..n {
-            gp[dd * (n + 2) + i] = g_a[dd * n + i] * a[dd * n + i];
+            gp[dd * (n + 2) + i] = g_a[i * di + dd] * a[i * di + dd];
         }
         gp[dd * (n + 2) + n] = g_d[dd];
         gp[dd * (n + 2) + n + 1] = g_bias[dd];

@@ -51,12 +51,13 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
         Generator::load(model).with_context(|| format!("loading model {}", model.display()))?;
     let rt = &generator.runtime;
     let reps = if opts.quick { 1 } else { 5 };
-    let note = |what: &str| {
-        if !opts.json {
+    // Progress on stderr, for the parts that run.
+    let note = |part: &str, what: &str| {
+        if !opts.json && want(part) {
             eprintln!("measuring {what}...");
         }
     };
-    note("peak FLOP/s");
+    note("peak", "peak FLOP/s");
     let (peak, threads, isa) = if want("peak") {
         bench::peak_flops()
     } else {
@@ -64,16 +65,16 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
     };
     let flops_per_token = 2.0 * rt.macs_per_token() as f64;
     let frac = |tps: f64| tps * flops_per_token / peak;
-    note("prefill");
+    note("prefill", "prefill");
     let (seqs, len) = if opts.quick { (2, 128) } else { (16, 128) };
     let prefill = skip(want("prefill"), || {
         bench::prefill_tokens_per_s(rt, seqs, len, reps)
     })?;
-    note("evaluation");
+    note("eval", "evaluation");
     let eval = skip(want("eval"), || {
         bench::eval_tokens_per_s(rt, if opts.quick { 512 } else { 4096 }, reps.min(3))
     })?;
-    note("single-stream decode");
+    note("decode", "single-stream decode");
     let decode = if want("decode") {
         bench::decode(rt, if opts.quick { 32 } else { 256 }, reps)?
     } else {
@@ -86,14 +87,16 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
     // Decode reads every weight once per token: its bound is memory bandwidth, not FLOPs.
     let bytes_per_token = rt.weight_bytes_per_token();
     let bandwidth = if want("decode") {
-        note("single-thread read bandwidth");
+        note("decode", "single-thread read bandwidth");
         bench::read_bandwidth(bytes_per_token)
     } else {
         f64::NAN
     };
     let versus = match &opts.baseline {
         Some(p) => {
-            note(&format!("decode and prefill against {}", p.display()));
+            if !opts.json {
+                eprintln!("measuring decode and prefill against {}...", p.display());
+            }
             let base =
                 Generator::load(p).with_context(|| format!("loading baseline {}", p.display()))?;
             let mut v = compare(rt, &base.runtime, opts.quick)?;
@@ -104,7 +107,7 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
     };
     let mut batched = serde_json::Map::new();
     for streams in [1usize, 8, 64] {
-        note(&format!("batched decode, {streams} streams"));
+        note("batched", &format!("batched decode, {streams} streams"));
         let steps = if opts.quick { 4 } else { 64 };
         let tps = skip(want("batched"), || {
             bench::batched_decode_tokens_per_s(rt, streams, steps, reps.min(3))

@@ -4,10 +4,11 @@
 //! - batched decode: one row per stream;
 //! - prefill / evaluation: the tokens of one or more sequences, in time order per stream.
 //!
-//! Projections run as one matmul over all rows (weights read once per call); only the causal conv
-//! and the selective scan walk the rows in order, updating each stream's state in place. No graph
-//! and no allocation per token once the scratch buffers have grown. Must agree with
-//! `Model::forward` (tested to 1e-4 on logits for every preset).
+//! Projections run as one matmul over all rows (weights read once per call, or once per thread
+//! when a call's streams are split between threads); only the causal conv and the selective scan
+//! walk the rows in order, updating each stream's state in place. No graph and no allocation per
+//! token once the scratch buffers have grown. Must agree with `Model::forward` (tested to 1e-4 on
+//! logits for every preset, and for the shared-state mixer).
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

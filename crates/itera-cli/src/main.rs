@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use itera_core::checkpoint::default_model_path;
+use itera_core::checkpoint::{default_model_path, CONFIG_FILE};
 use itera_core::config::Mixer;
 use itera_core::eval::{evaluate, evaluate_windowed};
 use itera_core::{Generator, ModelConfig, ModelDir, SamplingParams, Tokenizer};
@@ -646,9 +646,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     // Attention models have no recurrent runtime: sliding windows over the reference forward.
     let attention = path.is_dir()
-        && std::fs::read_to_string(path.join("config.json"))
+        && std::fs::read_to_string(path.join(CONFIG_FILE))
             .ok()
-            .and_then(|t| ModelConfig::from_json(&t, "config.json").ok())
+            .and_then(|t| ModelConfig::from_json(&t, CONFIG_FILE).ok())
             .is_some_and(|c| !c.mixer.is_recurrent());
     if a.windowed && !path.is_dir() {
         bail!("--windowed needs a model directory (config.json + model.safetensors), not a .gguf file");

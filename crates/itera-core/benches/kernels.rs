@@ -1,5 +1,7 @@
 //! Kernel benchmarks: the one matmul per weight format at the shapes of `tiny`'s LM head and
 //! in_proj, for one row (decode), 64 rows (batched decode) and 2,048 rows (prefill).
+//! Also the pair helper's hand-off (`pair/hand_off`: one `both` call with empty halves) and the
+//! one-row matmuls split with it (`matmul_pair/...`).
 //! Run with `cargo bench -p itera-core`; throughput is reported in multiply-adds per second.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -44,5 +46,30 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matmul);
+/// The pair helper: the cost of one hand-off, and one decode row through the LM head and
+/// in_proj split between two cores.
+fn pair(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pair");
+    group.bench_function("hand_off", |b| {
+        itera_core::pair::enabled(|| b.iter(|| itera_core::pair::both(|_| {})))
+    });
+    group.finish();
+    for &(name, rows, cols) in &[("lm_head", 8000usize, 128usize), ("in_proj", 512, 128)] {
+        let w = values(rows * cols, 1);
+        let mut group = c.benchmark_group(format!("matmul_pair/{name}"));
+        for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0] {
+            let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
+            let x = values(cols, 2);
+            let mut y = vec![0.0; rows];
+            let mut q = QuantizedRows::default();
+            group.throughput(Throughput::Elements((rows * cols) as u64));
+            group.bench_function(dtype.name(), |b| {
+                itera_core::pair::enabled(|| b.iter(|| m.matmul(&x, &mut y, &mut q)))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, matmul, pair);
 criterion_main!(benches);

@@ -516,7 +516,18 @@ impl Matrix {
         }
         let q = &*q;
         let parallel = n * rows * cols >= parallel_work(n) && threads() > 1;
-        if !parallel {
+        let pair = n * rows * cols >= PAIR_FROM && crate::pair::available();
+        if pair && n == 1 && rows >= 32 {
+            // The weight rows split between this thread and the pair helper.
+            let at = rows.div_ceil(32) * 16;
+            crate::pair::both_parts(y, at, |half, ys| self.rows_range(x, half * at, ys, q));
+        } else if pair && n > 1 {
+            let at = n.div_ceil(2);
+            let (x0, x1) = x.split_at(at * cols);
+            crate::pair::both_parts(y, at * rows, |half, ys| {
+                self.rows_tiled(if half == 0 { x0 } else { x1 }, half * at, ys, q)
+            });
+        } else if !parallel {
             self.rows_range(x, 0, y, q);
         } else if n == 1 {
             // One activation row: split the weight rows between threads.
@@ -584,6 +595,19 @@ impl Matrix {
                 );
             }
         };
+        if n * rows * cols >= PAIR_FROM && crate::pair::available() {
+            if n >= 2 * MR {
+                // Enough rows to be bound by arithmetic: split them, each half reads all weights.
+                let at = n.div_ceil(2 * MR) * MR;
+                let (x0, x1) = x.split_at(at * cols);
+                return crate::pair::both_parts(y, at * rows, |half, ys| {
+                    work((ys, if half == 0 { x0 } else { x1 }))
+                });
+            }
+            if let (Data::F32(w), true) = (&self.data, rows >= 2 * PANEL) {
+                return pair_panel_rows(w, rows, cols, x, n, y, stream);
+            }
+        }
         if parallel {
             y.par_chunks_mut(per * MR * rows)
                 .zip(x.par_chunks(per * MR * cols))
@@ -702,6 +726,9 @@ fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
 /// matrix is big enough.
 fn panel_matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     let threads = threads();
+    if rows * cols >= PAIR_FROM && rows >= 2 * PANEL && crate::pair::available() {
+        return pair_panel_rows(w, rows, cols, x, 1, y, false);
+    }
     if rows * cols < parallel_work(1) || threads == 1 {
         return panel_rows(w, rows, cols, x, 1, y, 0, 0, rows, false);
     }
@@ -721,6 +748,54 @@ fn panel_matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
         )
     });
 }
+
+/// All weight rows for `n` activation rows (y [n, rows]), the weight panels split between this
+/// thread and the pair helper: each reads half the weights, which is what bounds a few rows.
+fn pair_panel_rows(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    stream: bool,
+) {
+    struct Out(*mut f32);
+    // SAFETY: the two halves write disjoint weight-row columns of y (see `panel_rows_raw`).
+    unsafe impl Sync for Out {}
+    impl Out {
+        fn at(&self, i: usize) -> *mut f32 {
+            self.0.wrapping_add(i)
+        }
+    }
+    assert_eq!(y.len(), n * rows);
+    let at = rows.div_ceil(2 * PANEL) * PANEL;
+    let ylen = y.len();
+    let out = Out(y.as_mut_ptr());
+    crate::pair::both(|half| {
+        let (r0, r1) = if half == 0 { (0, at) } else { (at, rows) };
+        // SAFETY: y has `ylen` values from `out`; this half writes only columns [r0, r1).
+        unsafe {
+            panel_rows_raw(
+                w,
+                rows,
+                cols,
+                x,
+                n,
+                out.at(r0),
+                ylen - r0,
+                rows,
+                r0,
+                r1,
+                stream,
+            )
+        }
+    });
+}
+
+/// Multiply-adds from which one activation row splits its weight rows with the pair helper
+/// (`crate::pair`): below, the hand-off costs about what the second core saves.
+const PAIR_FROM: usize = 1 << 14;
 
 /// Activation rows from which a block or half matrix runs through the f32 micro-tiles, one
 /// decoded 32-row panel at a time (in L1; never the whole matrix), instead of integer dots.
@@ -743,6 +818,44 @@ fn panel_rows(
     r1: usize,
     stream: bool,
 ) {
+    // SAFETY: `y` is an exclusive slice of `y.len()` values.
+    unsafe {
+        panel_rows_raw(
+            w,
+            rows,
+            cols,
+            x,
+            n,
+            y.as_mut_ptr(),
+            y.len(),
+            ystride,
+            r0,
+            r1,
+            stream,
+        )
+    }
+}
+
+/// `panel_rows` writing through a pointer, so that two threads can fill disjoint columns of
+/// one output.
+///
+/// # Safety
+/// `y` is valid for `ylen` values, and no other thread touches the outputs this call writes
+/// (`y[i * ystride + r - r0]` for i < n, r in [r0, r1)) while it runs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_rows_raw(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    y: *mut f32,
+    ylen: usize,
+    ystride: usize,
+    r0: usize,
+    r1: usize,
+    stream: bool,
+) {
     assert!(x.len() >= n * cols);
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
@@ -752,11 +865,11 @@ fn panel_rows(
             for t in 0..n.div_ceil(MR) {
                 let mr = (n - t * MR).min(MR);
                 let ypos = t * MR * ystride + p * PANEL - r0;
-                assert!(ypos + (mr - 1) * ystride + width <= y.len());
+                assert!(ypos + (mr - 1) * ystride + width <= ylen);
                 // SAFETY: AVX-512F is present; the tile reads `mr` rows of x and one panel inside
                 // their slices (asserted above) and writes `mr` rows of `width` outputs inside `y`.
                 unsafe {
-                    let (xt, yp) = (x.as_ptr().add(t * MR * cols), y.as_mut_ptr().add(ypos));
+                    let (xt, yp) = (x.as_ptr().add(t * MR * cols), y.add(ypos));
                     macro_rules! tile {
                         ($($r:literal)*) => {
                             match mr {
@@ -777,11 +890,11 @@ fn panel_rows(
         return;
     }
     let _ = stream;
-    panel_rows_portable(w, rows, cols, x, n, y, ystride, r0, r1);
+    panel_rows_portable(w, rows, cols, x, n, y, ylen, ystride, r0, r1);
 }
 
 crate::multiversion! {
-    fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32], ystride: usize, r0: usize, r1: usize) {
+    fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: *mut f32, ylen: usize, ystride: usize, r0: usize, r1: usize) {
         for p in r0 / PANEL..r1.div_ceil(PANEL) {
             let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
             let width = (rows - p * PANEL).min(PANEL);
@@ -794,7 +907,9 @@ crate::multiversion! {
                     }
                 }
                 let at = i * ystride + p * PANEL - r0;
-                y[at..at + width].copy_from_slice(&acc[..width]);
+                assert!(at + width <= ylen);
+                // SAFETY: inside `y`'s `ylen` values (asserted), an output this call owns.
+                unsafe { std::slice::from_raw_parts_mut(y.add(at), width) }.copy_from_slice(&acc[..width]);
             }
         }
     }
@@ -975,6 +1090,27 @@ mod tests {
         }
     }
 
+    /// Matmuls split with the pair helper (by weight rows for few activation rows, by activation
+    /// rows for many) give the products of the same matmul on one thread.
+    #[test]
+    fn pair_split_matmuls_equal_one_thread_ones() {
+        let (rows, cols) = (300, 64);
+        let values = random(rows * cols, 11);
+        for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0] {
+            let m = Matrix::quantize(dtype, rows, cols, &values).unwrap();
+            for n in [1, 3, 13, 30] {
+                let x = random(n * cols, 12 + n as u64);
+                let mut q = QuantizedRows::default();
+                let (mut one, mut two) = (vec![0.0; n * rows], vec![1.0; n * rows]);
+                serial(|| m.matmul(&x, &mut one, &mut q));
+                crate::pair::enabled(|| m.matmul(&x, &mut two, &mut q));
+                for (a, b) in one.iter().zip(&two) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{dtype:?} n={n}");
+                }
+            }
+        }
+    }
+
     /// The AVX-512 f32 micro-tiles and the portable panel loop give the same products.
     #[test]
     fn simd_and_portable_panel_kernels_agree() {
@@ -983,7 +1119,18 @@ mod tests {
         let x = random(n * cols, 6);
         let (mut a, mut b) = (vec![0.0; n * rows], vec![0.0; n * rows]);
         panel_rows(&w, rows, cols, &x, n, &mut a, rows, 0, rows, false);
-        panel_rows_portable(&w, rows, cols, &x, n, &mut b, rows, 0, rows);
+        panel_rows_portable(
+            &w,
+            rows,
+            cols,
+            &x,
+            n,
+            b.as_mut_ptr(),
+            b.len(),
+            rows,
+            0,
+            rows,
+        );
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()));
         }

@@ -11,6 +11,7 @@ pub mod loss;
 pub mod math;
 pub mod matmul;
 pub mod model;
+pub mod pair;
 pub mod quant;
 pub mod rng;
 pub mod runtime;

@@ -869,6 +869,7 @@ impl Runtime {
             let mut per_stream = vec![0usize; states.len()];
             streams.iter().for_each(|&st| per_stream[st] += 1);
             if per_stream.iter().filter(|&&c| c > 0).count() >= 2 * threads {
+                crate::pair::rest();
                 return self.forward_split(tokens, streams, states, logit_rows, s, &per_stream);
             }
         }
@@ -876,7 +877,16 @@ impl Runtime {
         // parallel pass, and the pool's idle threads do not spin against its serial work (prefill
         // 1.13x; small calls stay here, where one hop would cost more than it saves).
         if rows >= POOL_ROWS && rayon::current_thread_index().is_none() && threads > 1 {
+            crate::pair::rest();
             return rayon::scope(|_| {
+                self.forward_into(tokens, streams, states, logit_rows, s, out)
+            });
+        }
+        // Small calls (a decode step, a few streams, a short prompt) are bound by reading the
+        // weights or are too short to wake the pool for: their matmuls split with the pair
+        // helper's second core instead.
+        if rows < POOL_ROWS && !crate::pair::is_enabled() {
+            return crate::pair::enabled(|| {
                 self.forward_into(tokens, streams, states, logit_rows, s, out)
             });
         }

@@ -1,0 +1,247 @@
+//! A second core for single-row decoding. One decode step is ~30 small matrix-vector products
+//! that are bound by how fast one core reads the weights; splitting each between two cores needs
+//! a hand-off far cheaper than waking a sleeping pool thread (tens of microseconds, more than most
+//! of those products take). So one helper thread spins between calls while decoding is under way
+//! and parks after `SPIN` of idleness; the caller runs half 0, the helper half 1.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::OnceLock;
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+/// How long the helper spins after its last job before it parks: longer than the gap between
+/// two decode steps (sampling, detokenising, printing), short enough not to hold a core for long.
+const SPIN: Duration = Duration::from_micros(500);
+/// After this much of `SPIN` the helper yields its core between checks, so that other threads
+/// that want it (a server's network threads, a client on the same machine) get it at once.
+const SPIN_HARD: Duration = Duration::from_micros(20);
+
+type Job = &'static (dyn Fn(usize) + Sync);
+
+struct Helper {
+    /// Taken by the one caller that is using the helper; others run both halves themselves.
+    busy: AtomicBool,
+    /// Jobs posted and jobs finished: the helper has work when they differ.
+    posted: AtomicU64,
+    done: AtomicU64,
+    sleeping: AtomicBool,
+    /// Set by `rest`: park now instead of spinning out `SPIN`.
+    rest: AtomicBool,
+    panicked: AtomicBool,
+    job: UnsafeCell<Option<Job>>,
+    thread: OnceLock<Thread>,
+}
+
+// SAFETY: `job` is written only by the caller holding `busy` while the helper is idle
+// (posted == done), and read by the helper only between seeing `posted` advance and storing `done`.
+unsafe impl Sync for Helper {}
+
+static HELPER: OnceLock<Option<&'static Helper>> = OnceLock::new();
+
+fn helper() -> Option<&'static Helper> {
+    *HELPER.get_or_init(|| {
+        let h: &'static Helper = Box::leak(Box::new(Helper {
+            busy: AtomicBool::new(false),
+            posted: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            sleeping: AtomicBool::new(false),
+            rest: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+            job: UnsafeCell::new(None),
+            thread: OnceLock::new(),
+        }));
+        let handle = std::thread::Builder::new()
+            .name("itera-pair".into())
+            .spawn(move || h.serve())
+            .ok()?;
+        h.thread.set(handle.thread().clone()).ok()?;
+        Some(h)
+    })
+}
+
+impl Helper {
+    fn serve(&self) {
+        let mut seen = 0u64;
+        loop {
+            let mut idle_since = Instant::now();
+            let mut spins = 0u32;
+            while self.posted.load(Acquire) == seen {
+                std::hint::spin_loop();
+                spins += 1;
+                if !spins.is_multiple_of(256) {
+                    continue;
+                }
+                let idle = idle_since.elapsed();
+                if idle > SPIN || self.rest.swap(false, Relaxed) {
+                    self.sleeping.store(true, SeqCst);
+                    if self.posted.load(SeqCst) == seen {
+                        std::thread::park();
+                    }
+                    self.sleeping.store(false, SeqCst);
+                    idle_since = Instant::now();
+                } else if idle > SPIN_HARD {
+                    std::thread::yield_now();
+                }
+            }
+            seen += 1;
+            // SAFETY: see `unsafe impl Sync`: the caller wrote `job` before advancing `posted`.
+            let job = unsafe { (*self.job.get()).expect("a posted job") };
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(1))).is_err() {
+                self.panicked.store(true, Release);
+            }
+            self.done.store(seen, Release);
+        }
+    }
+}
+
+thread_local! {
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the helper open to this thread's kernels. Opt-in, because the helper keeps
+/// spinning for `SPIN` after a call and would steal a core from pool work that follows: the
+/// runtime opens it only around single-row steps.
+pub fn enabled<R>(f: impl FnOnce() -> R) -> R {
+    let before = ENABLED.with(|c| c.replace(true));
+    let out = f();
+    ENABLED.with(|c| c.set(before));
+    out
+}
+
+/// Tells a spinning helper to park now: called before work that wants every core from the
+/// thread pool, where the spinning helper would hold one of them.
+pub fn rest() {
+    if let Some(Some(h)) = HELPER.get() {
+        if !h.sleeping.load(Relaxed) {
+            h.rest.store(true, Relaxed);
+        }
+    }
+}
+
+/// Whether this thread is inside `enabled`.
+pub fn is_enabled() -> bool {
+    ENABLED.with(|c| c.get())
+}
+
+/// Whether `both` can use a second core now: inside `enabled`, more than one thread allowed (see
+/// `kernels::threads`) and not on a pool thread, which has its own share of the work.
+pub fn available() -> bool {
+    is_enabled() && crate::kernels::threads() > 1 && rayon::current_thread_index().is_none()
+}
+
+/// Runs `f(0)` on this thread and `f(1)` on the helper at the same time, or both here when the
+/// helper is unavailable or in use by another thread. Returns when both halves are done.
+pub fn both<F: Fn(usize) + Sync>(f: F) {
+    let h = match helper() {
+        Some(h)
+            if available()
+                && h.busy
+                    .compare_exchange(false, true, Acquire, Relaxed)
+                    .is_ok() =>
+        {
+            h
+        }
+        _ => {
+            f(0);
+            f(1);
+            return;
+        }
+    };
+    let job: &(dyn Fn(usize) + Sync) = &f;
+    // SAFETY: the helper drops its use of `job` before storing `done`, and this function does not
+    // return before it sees `done` catch up, so the borrow outlives every use.
+    let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(job) };
+    unsafe { *h.job.get() = Some(job) };
+    let ticket = h.posted.fetch_add(1, SeqCst) + 1;
+    if h.sleeping.load(SeqCst) {
+        if let Some(t) = h.thread.get() {
+            t.unpark();
+        }
+    }
+    let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+    let mut spins = 0u32;
+    let waiting = Instant::now();
+    while h.done.load(Acquire) != ticket {
+        std::hint::spin_loop();
+        spins += 1;
+        // Long waits mean the helper is not running (woken from park, or sharing this core):
+        // yield so that it can.
+        if spins.is_multiple_of(256) && waiting.elapsed() > SPIN_HARD {
+            std::thread::yield_now();
+        }
+    }
+    unsafe { *h.job.get() = None };
+    let theirs = h.panicked.swap(false, AcqRel);
+    h.busy.store(false, Release);
+    if let Err(e) = mine {
+        std::panic::resume_unwind(e);
+    }
+    assert!(!theirs, "the pair helper's half panicked");
+}
+
+/// `both` over the two parts of `y` split at `at`: `f(0, &mut y[..at])` and `f(1, &mut y[at..])`.
+pub fn both_parts<T: Send, F: Fn(usize, &mut [T]) + Sync>(y: &mut [T], at: usize, f: F) {
+    struct Part<T>(*mut T, usize);
+    // SAFETY: the two parts are disjoint and each is handed to exactly one half.
+    unsafe impl<T: Send> Sync for Part<T> {}
+    let (a, b) = y.split_at_mut(at);
+    let parts = [Part(a.as_mut_ptr(), a.len()), Part(b.as_mut_ptr(), b.len())];
+    both(|half| {
+        let p = &parts[half];
+        // SAFETY: part `half` is borrowed from `y` for this call and used by this half only.
+        f(half, unsafe { std::slice::from_raw_parts_mut(p.0, p.1) })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Out(*mut usize);
+    // SAFETY: the test's halves write disjoint slots.
+    unsafe impl Sync for Out {}
+    impl Out {
+        fn get(&self) -> *mut usize {
+            self.0
+        }
+    }
+
+    #[test]
+    fn both_halves_run_once_each_call() {
+        let hits = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        enabled(|| {
+            for _ in 0..1000 {
+                both(|half| {
+                    hits[half].fetch_add(1, Relaxed);
+                });
+            }
+        });
+        assert_eq!(hits[0].load(Relaxed), 1000);
+        assert_eq!(hits[1].load(Relaxed), 1000);
+    }
+
+    #[test]
+    fn halves_write_disjoint_outputs_from_many_callers() {
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                s.spawn(move || {
+                    enabled(|| {
+                        for i in 0..200 {
+                            let mut out = vec![0usize; 64];
+                            let ptr = Out(out.as_mut_ptr());
+                            both(|half| {
+                                for j in half * 32..(half + 1) * 32 {
+                                    // SAFETY: each half writes its own 32 slots.
+                                    unsafe { *ptr.get().add(j) = t * 1000 + i + j };
+                                }
+                            });
+                            assert!(out.iter().enumerate().all(|(j, &v)| v == t * 1000 + i + j));
+                        }
+                    })
+                });
+            }
+        });
+    }
+}

@@ -86,11 +86,11 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
     };
     // Decode reads every weight once per token: its bound is memory bandwidth, not FLOPs.
     let bytes_per_token = rt.weight_bytes_per_token();
-    let bandwidth = if want("decode") {
-        note("decode", "single-thread read bandwidth");
+    let (bandwidth, bandwidth_cores) = if want("decode") {
+        note("decode", "read bandwidth of the cores decode uses");
         bench::read_bandwidth(bytes_per_token)
     } else {
-        f64::NAN
+        (f64::NAN, 0)
     };
     let versus = match &opts.baseline {
         Some(p) => {
@@ -139,6 +139,7 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
         "decode": {"tokens_per_s": decode.tokens_per_s, "latency_p50_us": decode.latency_p50_us,
                    "latency_p99_us": decode.latency_p99_us, "fraction_of_peak": frac(decode.tokens_per_s),
                    "weight_bytes_per_token": bytes_per_token, "read_bandwidth_bytes_per_s": bandwidth,
+                   "read_bandwidth_cores": bandwidth_cores,
                    "fraction_of_bandwidth": decode.tokens_per_s * bytes_per_token as f64 / bandwidth},
         "batched_decode": batched,
         "versus_baseline": versus,
@@ -264,10 +265,11 @@ fn print_report(r: &Value) {
         f(&r["decode"]["latency_p99_us"])
     );
     println!(
-        "  memory bound        {:.2} MB of weights per token; {:.1} GB/s = {:.0}% of this core's read bandwidth ({:.1} GB/s over the same bytes)",
+        "  memory bound        {:.2} MB of weights per token; {:.1} GB/s = {:.0}% of the read bandwidth of the {} core(s) decode uses ({:.1} GB/s over the same bytes)",
         f(&r["decode"]["weight_bytes_per_token"]) / 1e6,
         f(&r["decode"]["tokens_per_s"]) * f(&r["decode"]["weight_bytes_per_token"]) / 1e9,
         f(&r["decode"]["fraction_of_bandwidth"]) * 100.0,
+        r["decode"]["read_bandwidth_cores"],
         f(&r["decode"]["read_bandwidth_bytes_per_s"]) / 1e9
     );
     for s in ["1", "8", "64"] {

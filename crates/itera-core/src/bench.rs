@@ -135,18 +135,26 @@ pub fn batched_decode_tokens_per_s(
     Ok(median(&rates))
 }
 
-/// Single-thread read bandwidth (bytes/s) over a buffer of `bytes`, as decode reads its weights:
-/// sum the buffer in vector lanes, best of several passes after one that pulls it into cache.
-pub fn read_bandwidth(bytes: usize) -> f64 {
+/// Read bandwidth (bytes/s) of the cores a decode step runs on (this thread plus the pair helper
+/// when it is available, each summing half), over a buffer of `bytes`, as decode reads its
+/// weights: sum in vector lanes, best of several passes after one that pulls it into cache.
+/// Returns (bytes/s, cores).
+pub fn read_bandwidth(bytes: usize) -> (f64, usize) {
     let buf: Vec<f32> = (0..bytes.div_ceil(4)).map(|i| (i % 7) as f32).collect();
-    std::hint::black_box(crate::math::sum(&buf));
+    let halves = buf.split_at(buf.len() / 2 / 16 * 16);
+    let halves = [halves.0, halves.1];
+    let cores = crate::pair::enabled(|| if crate::pair::available() { 2 } else { 1 });
     let mut best = 0f64;
-    for _ in 0..20 {
-        let t0 = Instant::now();
-        std::hint::black_box(sum_lanes(std::hint::black_box(&buf)));
-        best = best.max(buf.len() as f64 * 4.0 / t0.elapsed().as_secs_f64());
-    }
-    best
+    crate::pair::enabled(|| {
+        for _ in 0..21 {
+            let t0 = Instant::now();
+            crate::pair::both(|half| {
+                std::hint::black_box(sum_lanes(std::hint::black_box(halves[half])));
+            });
+            best = best.max(buf.len() as f64 * 4.0 / t0.elapsed().as_secs_f64());
+        }
+    });
+    (best, cores)
 }
 
 crate::multiversion! {

@@ -150,31 +150,12 @@ unsafe fn dot_blocks_avx512<const X: usize>(
     use std::arch::x86_64::*;
     let pairs = nb / 2;
     let sb = row * nb;
-    let (scale, bias, high) = (&m.scale[sb..sb + nb], &m.bias[sb..sb + nb], &m.high);
+    let (scale, bias) = (&m.scale[sb..sb + nb], &m.bias[sb..sb + nb]);
     let mut acc = [_mm512_setzero_ps(); X];
-    let low = _mm256_set1_epi8(0x0F);
-    let sixteen = _mm512_set1_epi8(0x10);
-    let table = m
-        .table
-        .map(|t| _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i)));
+    let unpack = Unpack::new(m);
     let xrow = |j: usize| x_first + j;
     for p in 0..pairs {
-        let mut u = if m.nibbles {
-            let ptr = m.codes.as_ptr().add(row * nb * BLOCK / 2 + p * 32);
-            let v = _mm256_loadu_si256(ptr as *const __m256i);
-            let lo = _mm256_and_si256(v, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-        } else {
-            _mm512_loadu_si512(m.codes.as_ptr().add((row * nb + 2 * p) * BLOCK) as *const _)
-        };
-        if !high.is_empty() {
-            let mask = high[sb + 2 * p] as u64 | (high[sb + 2 * p + 1] as u64) << 32;
-            u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(mask, sixteen));
-        }
-        if let Some(t) = table {
-            u = _mm512_shuffle_epi8(t, u);
-        }
+        let u = unpack.pair(m, row, nb, p);
         let (s0, s1) = (scale[2 * p], scale[2 * p + 1]);
         for (j, a) in acc.iter_mut().enumerate() {
             let (qo, bo) = (xrow(j) * nb * BLOCK + p * 64, xrow(j) * nb + 2 * p);
@@ -210,6 +191,137 @@ unsafe fn dot_blocks_avx512<const X: usize>(
     }
 }
 
+/// Constants for turning a pair of blocks of codes into 64 unsigned bytes.
+#[cfg(target_arch = "x86_64")]
+struct Unpack {
+    low: std::arch::x86_64::__m256i,
+    sixteen: std::arch::x86_64::__m512i,
+    table: Option<std::arch::x86_64::__m512i>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Unpack {
+    #[inline(always)]
+    unsafe fn new(m: &Blocks) -> Self {
+        use std::arch::x86_64::*;
+        Self {
+            low: _mm256_set1_epi8(0x0F),
+            sixteen: _mm512_set1_epi8(0x10),
+            table: m
+                .table
+                .map(|t| _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))),
+        }
+    }
+
+    /// The 64 codes of blocks 2p and 2p + 1 of `row` (nibbles split, Q5_0's fifth bit and
+    /// NF4's table applied). Unchecked: the caller keeps `row` and `p` inside the matrix.
+    #[inline(always)]
+    unsafe fn pair(
+        &self,
+        m: &Blocks,
+        row: usize,
+        nb: usize,
+        p: usize,
+    ) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let mut u = if m.nibbles {
+            let ptr = m.codes.as_ptr().add(row * nb * BLOCK / 2 + p * 32);
+            let v = _mm256_loadu_si256(ptr as *const __m256i);
+            let lo = _mm256_and_si256(v, self.low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), self.low);
+            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+        } else {
+            _mm512_loadu_si512(m.codes.as_ptr().add((row * nb + 2 * p) * BLOCK) as *const _)
+        };
+        if !m.high.is_empty() {
+            let h = m.high.as_ptr().add(row * nb + 2 * p);
+            let mask = *h as u64 | (*h.add(1) as u64) << 32;
+            u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(mask, self.sixteen));
+        }
+        if let Some(t) = self.table {
+            u = _mm512_shuffle_epi8(t, u);
+        }
+        u
+    }
+}
+
+/// Rows row0..row0 + 16 against one activation row (nb even, at most 16): each row's products
+/// stay in its own vector (scales applied per pair of blocks as one [s0 x 8, s1 x 8] vector, the
+/// bias term added in lanes 0..nb), and one transposing tree of adds turns the 16 vectors into
+/// the 16 dot products, instead of a horizontal reduction per row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn rows16_avx512(
+    m: &Blocks,
+    row0: usize,
+    nb: usize,
+    x: &QuantizedRows,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let unpack = Unpack::new(m);
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for p in 0..nb / 2 {
+        let xv = _mm512_loadu_si512(x.q.as_ptr().add(p * 64) as *const _);
+        let xd = pair_of(x.d.as_ptr().add(2 * p));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let row = row0 + r;
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack.pair(m, row, nb, p), xv);
+            let sc = _mm512_mul_ps(pair_of(m.scale.as_ptr().add(row * nb + 2 * p)), xd);
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, *a);
+        }
+    }
+    let lanes = ((1u32 << nb) - 1) as u16;
+    let xs = _mm512_maskz_loadu_ps(lanes, x.s.as_ptr());
+    for (r, a) in acc.iter_mut().enumerate() {
+        let bias = _mm512_maskz_loadu_ps(lanes, m.bias.as_ptr().add((row0 + r) * nb));
+        *a = _mm512_fmadd_ps(bias, xs, *a);
+    }
+    // 16 vectors -> 8 -> 4: within each 128-bit chunk, pairs then quads of rows.
+    let mut t = [_mm512_setzero_ps(); 8];
+    for (i, v) in t.iter_mut().enumerate() {
+        let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+        *v = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    let mut u = [_mm512_setzero_ps(); 4];
+    for (i, v) in u.iter_mut().enumerate() {
+        let (a, b) = (_mm512_castps_pd(t[2 * i]), _mm512_castps_pd(t[2 * i + 1]));
+        // Moved as pairs of floats (64-bit lanes), added as floats.
+        *v = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        );
+    }
+    // u[i]: chunk k holds rows 4i..4i+4, partial over chunk k. Then across chunks: 4 -> 2 -> 1.
+    fold_chunks(fold_chunks(u[0], u[1]), fold_chunks(u[2], u[3]))
+}
+
+/// [s0 x 8, s1 x 8] from the two floats at `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pair_of(p: *const f32) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let both = _mm512_castpd_ps(_mm512_set1_pd((p as *const f64).read_unaligned()));
+    _mm512_permutexvar_ps(halves, both)
+}
+
+/// Chunks (a0 + a1, a2 + a3, b0 + b1, b2 + b3) of two vectors of four 128-bit chunks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fold_chunks(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+    )
+}
+
 fn has_avx512_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -241,8 +353,17 @@ unsafe fn matvec_blocks_avx512(
     x: &QuantizedRows,
     out: &mut [f32],
 ) {
-    for (j, o) in out.iter_mut().enumerate() {
-        dot_blocks_avx512::<1>(m, first + j, nb, x, 0, std::slice::from_mut(o));
+    use std::arch::x86_64::_mm512_storeu_ps;
+    let mut j = 0;
+    if nb.is_multiple_of(2) && nb <= 16 {
+        assert!((first + out.len()) * nb <= m.scale.len() && x.q.len() >= nb * BLOCK);
+        while j + 16 <= out.len() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(j), rows16_avx512(m, first + j, nb, x));
+            j += 16;
+        }
+    }
+    for (k, o) in out[j..].iter_mut().enumerate() {
+        dot_blocks_avx512::<1>(m, first + j + k, nb, x, 0, std::slice::from_mut(o));
     }
 }
 

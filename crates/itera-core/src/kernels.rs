@@ -277,6 +277,16 @@ unsafe fn rows16_avx512(
         let bias = _mm512_maskz_loadu_ps(lanes, m.bias.as_ptr().add((row0 + r) * nb));
         *a = _mm512_fmadd_ps(bias, xs, *a);
     }
+    sum16(&acc)
+}
+
+/// The lane sums of 16 vectors as one vector (lane r = sum of acc[r]): a transposing tree of
+/// 15 adds, instead of 16 horizontal reductions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum16(acc: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
     // 16 vectors -> 8 -> 4: within each 128-bit chunk, pairs then quads of rows.
     let mut t = [_mm512_setzero_ps(); 8];
     for (i, v) in t.iter_mut().enumerate() {
@@ -453,17 +463,49 @@ fn dot_blocks(
     }
 }
 
-/// f16 dot product with the hardware conversion (`vcvtph2ps`), 16 lanes at a time.
+/// Half-precision rows first..first + y.len() (row length `c`, a multiple of 16) against one
+/// activation row: 16 rows at a time, each in its own vector (f16 through `vcvtph2ps`, bf16 by a
+/// shift), summed by one `sum16` tree; the last rows one at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_f16_avx512(w: &[u16], x: &[f32]) -> f32 {
+unsafe fn matvec_half_avx512(
+    w: &[u16],
+    c: usize,
+    bf16: bool,
+    first: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let mut acc = _mm512_setzero_ps();
-    for (wc, xc) in w.chunks_exact(16).zip(x.chunks_exact(16)) {
-        let h = _mm256_loadu_si256(wc.as_ptr() as *const __m256i);
-        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(xc.as_ptr()), acc);
+    assert!(c.is_multiple_of(16) && x.len() >= c && (first + y.len()) * c <= w.len());
+    let load = |at: usize| {
+        let h = _mm256_loadu_si256(w.as_ptr().add(at) as *const __m256i);
+        if bf16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else {
+            _mm512_cvtph_ps(h)
+        }
+    };
+    let mut j = 0;
+    while j + 16 <= y.len() {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for k in (0..c).step_by(16) {
+            let xv = _mm512_loadu_ps(x.as_ptr().add(k));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(load((first + j + r) * c + k), xv, *a);
+            }
+        }
+        _mm512_storeu_ps(y.as_mut_ptr().add(j), sum16(&acc));
+        j += 16;
     }
-    _mm512_reduce_add_ps(acc)
+    for (r, out) in y.iter_mut().enumerate().skip(j) {
+        let mut acc = _mm512_setzero_ps();
+        for k in (0..c).step_by(16) {
+            let xv = _mm512_loadu_ps(x.as_ptr().add(k));
+            acc = _mm512_fmadd_ps(load((first + r) * c + k), xv, acc);
+        }
+        *out = _mm512_reduce_add_ps(acc);
+    }
 }
 
 crate::multiversion! {
@@ -750,13 +792,9 @@ impl Matrix {
             Data::Half(w) => {
                 let bf = self.dtype == DType::BF16;
                 #[cfg(target_arch = "x86_64")]
-                if !bf && has_avx512() && c.is_multiple_of(16) {
-                    // SAFETY: AVX-512F present; rows first.. lie inside `w` (sliced per row).
-                    for (j, out) in y.iter_mut().enumerate() {
-                        let r = first + j;
-                        *out = unsafe { dot_f16_avx512(&w[r * c..(r + 1) * c], x) };
-                    }
-                    return;
+                if has_avx512() && c.is_multiple_of(16) {
+                    // SAFETY: AVX-512F present; the kernel asserts its bounds.
+                    return unsafe { matvec_half_avx512(w, c, bf, first, x, y) };
                 }
                 for (j, out) in y.iter_mut().enumerate() {
                     let r = first + j;
@@ -1217,7 +1255,13 @@ mod tests {
     fn pair_split_matmuls_equal_one_thread_ones() {
         let (rows, cols) = (300, 64);
         let values = random(rows * cols, 11);
-        for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0] {
+        for dtype in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+        ] {
             let m = Matrix::quantize(dtype, rows, cols, &values).unwrap();
             for n in [1, 3, 13, 30] {
                 let x = random(n * cols, 12 + n as u64);

@@ -245,7 +245,7 @@ impl Unpack {
     }
 }
 
-/// Rows row0..row0 + 16 against one activation row (nb even, at most 16): each row's products
+/// Rows row0..row0 + 16 against activation row `xr` (nb even, at most 16): each row's products
 /// stay in its own vector (scales applied per pair of blocks as one [s0 x 8, s1 x 8] vector, the
 /// bias term added in lanes 0..nb), and one transposing tree of adds turns the 16 vectors into
 /// the 16 dot products, instead of a horizontal reduction per row.
@@ -257,13 +257,14 @@ unsafe fn rows16_avx512(
     row0: usize,
     nb: usize,
     x: &QuantizedRows,
+    xr: usize,
 ) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let unpack = Unpack::new(m);
     let mut acc = [_mm512_setzero_ps(); 16];
     for p in 0..nb / 2 {
-        let xv = _mm512_loadu_si512(x.q.as_ptr().add(p * 64) as *const _);
-        let xd = pair_of(x.d.as_ptr().add(2 * p));
+        let xv = _mm512_loadu_si512(x.q.as_ptr().add((xr * nb + 2 * p) * BLOCK) as *const _);
+        let xd = pair_of(x.d.as_ptr().add(xr * nb + 2 * p));
         for (r, a) in acc.iter_mut().enumerate() {
             let row = row0 + r;
             let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack.pair(m, row, nb, p), xv);
@@ -272,7 +273,7 @@ unsafe fn rows16_avx512(
         }
     }
     let lanes = ((1u32 << nb) - 1) as u16;
-    let xs = _mm512_maskz_loadu_ps(lanes, x.s.as_ptr());
+    let xs = _mm512_maskz_loadu_ps(lanes, x.s.as_ptr().add(xr * nb));
     for (r, a) in acc.iter_mut().enumerate() {
         let bias = _mm512_maskz_loadu_ps(lanes, m.bias.as_ptr().add((row0 + r) * nb));
         *a = _mm512_fmadd_ps(bias, xs, *a);
@@ -368,7 +369,10 @@ unsafe fn matvec_blocks_avx512(
     if nb.is_multiple_of(2) && nb <= 16 {
         assert!((first + out.len()) * nb <= m.scale.len() && x.q.len() >= nb * BLOCK);
         while j + 16 <= out.len() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(j), rows16_avx512(m, first + j, nb, x));
+            _mm512_storeu_ps(
+                out.as_mut_ptr().add(j),
+                rows16_avx512(m, first + j, nb, x, 0),
+            );
             j += 16;
         }
     }
@@ -401,7 +405,8 @@ unsafe fn block_rows_avx512(
     }
 }
 
-/// All weight rows against `n` activation rows (x_first..): y [n, rows], in one call.
+/// All weight rows against `n` activation rows (x_first..): y [n, rows], in one call: groups of
+/// 16 rows through `rows16_avx512`, the rest one row at a time for four activation rows at once.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn block_matmul_avx512(
@@ -413,9 +418,21 @@ unsafe fn block_matmul_avx512(
     n: usize,
     y: &mut [f32],
 ) {
+    use std::arch::x86_64::_mm512_storeu_ps;
     assert!((x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows);
+    let mut r = 0;
+    if nb.is_multiple_of(2) && nb <= 16 {
+        // Groups of 16 weight rows (in L1 while every activation row passes).
+        while r + 16 <= rows {
+            for i in 0..n {
+                let v = rows16_avx512(m, r, nb, x, x_first + i);
+                _mm512_storeu_ps(y.as_mut_ptr().add(i * rows + r), v);
+            }
+            r += 16;
+        }
+    }
     let mut out = [0.0f32; 4];
-    for r in 0..rows {
+    for r in r..rows {
         let mut j = 0;
         while j + 4 <= n {
             dot_blocks_avx512::<4>(m, r, nb, x, x_first + j, &mut out);
@@ -463,21 +480,28 @@ fn dot_blocks(
     }
 }
 
-/// Half-precision rows first..first + y.len() (row length `c`, a multiple of 16) against one
-/// activation row: 16 rows at a time, each in its own vector (f16 through `vcvtph2ps`, bf16 by a
-/// shift), summed by one `sum16` tree; the last rows one at a time.
+/// Half-precision weight rows [first, first + count) (row length `c`, a multiple of 16) against
+/// `n` activation rows x [n, c]: output (i, r) goes to `y[i * ystride + r - first]`. Groups of 16
+/// weight rows stay in L1 while every activation row passes, each row in its own vector (f16
+/// through `vcvtph2ps`, bf16 by a shift) and one `sum16` tree per group; the last rows one at a
+/// time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn matvec_half_avx512(
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_half_avx512(
     w: &[u16],
     c: usize,
     bf16: bool,
     first: usize,
+    count: usize,
     x: &[f32],
     y: &mut [f32],
+    ystride: usize,
 ) {
     use std::arch::x86_64::*;
-    assert!(c.is_multiple_of(16) && x.len() >= c && (first + y.len()) * c <= w.len());
+    let n = x.len() / c;
+    assert!(c.is_multiple_of(16) && (first + count) * c <= w.len());
+    assert!(n == 0 || (n - 1) * ystride + count <= y.len());
     let load = |at: usize| {
         let h = _mm256_loadu_si256(w.as_ptr().add(at) as *const __m256i);
         if bf16 {
@@ -487,24 +511,28 @@ unsafe fn matvec_half_avx512(
         }
     };
     let mut j = 0;
-    while j + 16 <= y.len() {
-        let mut acc = [_mm512_setzero_ps(); 16];
-        for k in (0..c).step_by(16) {
-            let xv = _mm512_loadu_ps(x.as_ptr().add(k));
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(load((first + j + r) * c + k), xv, *a);
+    while j + 16 <= count {
+        for i in 0..n {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for k in (0..c).step_by(16) {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i * c + k));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(load((first + j + r) * c + k), xv, *a);
+                }
             }
+            _mm512_storeu_ps(y.as_mut_ptr().add(i * ystride + j), sum16(&acc));
         }
-        _mm512_storeu_ps(y.as_mut_ptr().add(j), sum16(&acc));
         j += 16;
     }
-    for (r, out) in y.iter_mut().enumerate().skip(j) {
-        let mut acc = _mm512_setzero_ps();
-        for k in (0..c).step_by(16) {
-            let xv = _mm512_loadu_ps(x.as_ptr().add(k));
-            acc = _mm512_fmadd_ps(load((first + r) * c + k), xv, acc);
+    for r in j..count {
+        for i in 0..n {
+            let mut acc = _mm512_setzero_ps();
+            for k in (0..c).step_by(16) {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i * c + k));
+                acc = _mm512_fmadd_ps(load((first + r) * c + k), xv, acc);
+            }
+            *y.get_unchecked_mut(i * ystride + r) = _mm512_reduce_add_ps(acc);
         }
-        *out = _mm512_reduce_add_ps(acc);
     }
 }
 
@@ -794,7 +822,7 @@ impl Matrix {
                 #[cfg(target_arch = "x86_64")]
                 if has_avx512() && c.is_multiple_of(16) {
                     // SAFETY: AVX-512F present; the kernel asserts its bounds.
-                    return unsafe { matvec_half_avx512(w, c, bf, first, x, y) };
+                    return unsafe { matmul_half_avx512(w, c, bf, first, y.len(), x, y, 0) };
                 }
                 for (j, out) in y.iter_mut().enumerate() {
                     let r = first + j;
@@ -826,6 +854,12 @@ impl Matrix {
         if let (Data::Blocks(b), true) = (&self.data, has_avx512_vnni()) {
             // SAFETY: AVX-512 F/BW/VNNI present; bounds are asserted inside.
             return unsafe { block_matmul_avx512(b, rows, c / BLOCK, q, x_first, n, y) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Data::Half(w), true) = (&self.data, has_avx512() && c.is_multiple_of(16)) {
+            let bf = self.dtype == DType::BF16;
+            // SAFETY: AVX-512F present; bounds are asserted inside.
+            return unsafe { matmul_half_avx512(w, c, bf, 0, rows, x, y, rows) };
         }
         let mut wrow = vec![0.0; c];
         let mut out = [0.0f32; GROUP];
@@ -908,6 +942,16 @@ fn panel_matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     });
 }
 
+/// An output that two threads fill in disjoint weight-row columns (see `panel_rows_raw`).
+struct ColumnsOut(*mut f32);
+// SAFETY: each user writes only its own columns.
+unsafe impl Sync for ColumnsOut {}
+impl ColumnsOut {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// All weight rows for `n` activation rows (y [n, rows]), the weight panels split between this
 /// thread and the pair helper: each reads half the weights, which is what bounds a few rows.
 fn pair_panel_rows(
@@ -919,18 +963,10 @@ fn pair_panel_rows(
     y: &mut [f32],
     stream: bool,
 ) {
-    struct Out(*mut f32);
-    // SAFETY: the two halves write disjoint weight-row columns of y (see `panel_rows_raw`).
-    unsafe impl Sync for Out {}
-    impl Out {
-        fn at(&self, i: usize) -> *mut f32 {
-            self.0.wrapping_add(i)
-        }
-    }
     assert_eq!(y.len(), n * rows);
     let at = rows.div_ceil(2 * PANEL) * PANEL;
     let ylen = y.len();
-    let out = Out(y.as_mut_ptr());
+    let out = ColumnsOut(y.as_mut_ptr());
     crate::pair::both(|half| {
         let (r0, r1) = if half == 0 { (0, at) } else { (at, rows) };
         // SAFETY: y has `ylen` values from `out`; this half writes only columns [r0, r1).

@@ -657,13 +657,16 @@ impl Matrix {
                 }
             }
             Data::Half(v) => {
-                let bf = self.dtype == DType::BF16;
-                for (o, &b) in out.iter_mut().zip(&v[r * c..(r + 1) * c]) {
-                    *o = if bf {
-                        f32::from_bits((b as u32) << 16)
-                    } else {
-                        f16::from_bits(b).to_f32()
-                    };
+                let bits = &v[r * c..(r + 1) * c];
+                if self.dtype == DType::BF16 {
+                    for (o, &b) in out.iter_mut().zip(bits) {
+                        *o = f32::from_bits((b as u32) << 16);
+                    }
+                } else {
+                    // `half` converts with F16C where the CPU has it, many values per instruction.
+                    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                    let halves: &[f16] = bits.reinterpret_cast();
+                    halves.convert_to_f32_slice(&mut out[..c]);
                 }
             }
             Data::Blocks(b) => {

@@ -45,6 +45,28 @@ pub fn ln_1p(v: f32) -> f32 {
     ln(u) - ((u - 1.0) - v) / u
 }
 
+crate::multiversion! {
+    /// out_i = e^(v_i * scale - shift); returns their sum (8 independent lanes, so it vectorises).
+    pub fn exp_into(values: &[f32], scale: f32, shift: f32, out: &mut [f32]) -> f32 {
+        assert_eq!(values.len(), out.len());
+        let mut acc = [0.0f32; 8];
+        let mut oc = out.chunks_exact_mut(8);
+        let mut vc = values.chunks_exact(8);
+        for (o, v) in (&mut oc).zip(&mut vc) {
+            for i in 0..8 {
+                o[i] = exp(v[i] * scale - shift);
+                acc[i] += o[i];
+            }
+        }
+        let mut tail = 0.0;
+        for (o, &v) in oc.into_remainder().iter_mut().zip(vc.remainder()) {
+            *o = exp(v * scale - shift);
+            tail += *o;
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
 /// sum_i e^(v_i - shift), in 8 independent lanes so it vectorises.
 #[inline(always)]
 pub fn sum_exp(values: &[f32], shift: f32) -> f32 {

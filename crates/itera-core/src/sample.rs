@@ -47,6 +47,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     candidates: Vec<(f32, u32)>,
+    /// Weights of the whole vocabulary when no top-k applies.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -56,6 +58,7 @@ impl Sampler {
             rng: Rng::new(params.seed),
             params,
             candidates: Vec::new(),
+            weights: Vec::new(),
         })
     }
 
@@ -66,36 +69,47 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let c = &mut self.candidates;
-        c.clear();
-        c.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (v * inv_t, i as u32)),
-        );
         let order = |a: &(f32, u32), b: &(f32, u32)| {
             b.0.partial_cmp(&a.0)
                 .unwrap_or(std::cmp::Ordering::Equal)
                 .then(a.1.cmp(&b.1))
         };
-        // Only the candidates that can be drawn are ever sorted: the top k (a partial selection,
-        // not a sort of the whole vocabulary), and of those only a prefix that holds top_p of
-        // the mass, found by doubling.
-        let k = if self.params.top_k > 0 {
-            self.params.top_k.min(c.len())
+        // c: the candidates that can be drawn, as (e^(scaled logit - max), id); `total`: the sum
+        // of that weight over the candidate pool (the top k, or the whole vocabulary).
+        let k = self.params.top_k;
+        let total = if k > 0 && k < logits.len() {
+            // Only the top k are ever sorted (found without sorting the vocabulary).
+            top_k_scaled(logits, k, inv_t, c);
+            // A fixed order, so that a seed gives the same draw whatever the selection did.
+            c.sort_unstable_by(order);
+            let max = c[0].0;
+            let mut total = 0.0f32;
+            for e in c.iter_mut() {
+                e.0 = (e.0 - max).exp();
+                total += e.0;
+            }
+            total
         } else {
-            c.len()
+            // The whole vocabulary: every weight in one vectorised pass.
+            let max = logits[greedy() as usize] * inv_t;
+            let w = &mut self.weights;
+            w.resize(logits.len(), 0.0);
+            let total = crate::math::exp_into(logits, inv_t, max, w);
+            if self.params.top_p >= 1.0 {
+                return draw_all(w, self.rng.uniform() as f32 * total).unwrap_or_else(greedy);
+            }
+            // Tokens under (1 - top_p) / V of the mass together hold at most 1 - top_p, so the
+            // smallest set reaching top_p lies among the others.
+            let floor = (1.0 - self.params.top_p) / logits.len() as f32 * total;
+            c.clear();
+            c.extend(
+                w.iter()
+                    .enumerate()
+                    .filter(|e| *e.1 >= floor)
+                    .map(|(i, &e)| (e, i as u32)),
+            );
+            total
         };
-        if k < c.len() {
-            c.select_nth_unstable_by(k - 1, order);
-            c.truncate(k);
-        }
-        let max = c.iter().map(|e| e.0).fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f32;
-        for e in c.iter_mut() {
-            e.0 = (e.0 - max).exp();
-            total += e.0;
-        }
         let by_prob = |a: &(f32, u32), b: &(f32, u32)| {
             b.0.partial_cmp(&a.0)
                 .unwrap_or(std::cmp::Ordering::Equal)
@@ -135,9 +149,157 @@ impl Sampler {
     }
 }
 
+/// The index where the running sum of the weights `w` passes `r` (in [0, sum)): whole chunks
+/// are skipped by their (vectorised) sums, so only one chunk is walked. None if rounding left
+/// `r` beyond the last weight.
+fn draw_all(w: &[f32], mut r: f32) -> Option<u32> {
+    const CHUNK: usize = 256;
+    for (ci, ch) in w.chunks(CHUNK).enumerate() {
+        let s = crate::math::sum(ch);
+        if r > s {
+            r -= s;
+            continue;
+        }
+        for (j, &e) in ch.iter().enumerate() {
+            r -= e;
+            if r <= 0.0 {
+                return Some((ci * CHUNK + j) as u32);
+            }
+        }
+    }
+    None
+}
+
+/// The k largest of `logits * inv_t` with their indices (ties: the lower index), in no order.
+/// The k-th largest of the maxima of 4k chunks is a floor for the k-th largest value (k distinct
+/// elements reach it), so one vectorisable pass for the maxima and one filtering pass leave a
+/// few times k candidates for the exact selection, instead of selecting among the whole
+/// vocabulary.
+fn top_k_scaled(logits: &[f32], k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) {
+    let order = |a: &(f32, u32), b: &(f32, u32)| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+    };
+    let chunk = logits.len().div_ceil(4 * k).max(1);
+    let mut maxima: Vec<f32> = logits
+        .chunks(chunk)
+        .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * inv_t)))
+        .collect();
+    out.clear();
+    if maxima.len() > k {
+        maxima.select_nth_unstable_by(k - 1, |a, b| {
+            b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let floor = maxima[k - 1];
+        for (i, &v) in logits.iter().enumerate() {
+            let v = v * inv_t;
+            if v >= floor {
+                out.push((v, i as u32));
+            }
+        }
+    }
+    if out.len() < k {
+        // Too few chunks, or NaN logits defeated the floor: select among everything.
+        out.clear();
+        out.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (v * inv_t, i as u32)),
+        );
+    }
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, order);
+        out.truncate(k);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass top-k picks the same set as sorting everything, ties to the lower index.
+    #[test]
+    fn top_k_pass_matches_a_full_sort() {
+        let mut rng = Rng::new(9);
+        // Few distinct values, so that ties cross the k-th place.
+        let logits: Vec<f32> = (0..5000)
+            .map(|_| (rng.uniform() * 50.0).floor() as f32)
+            .collect();
+        for k in [1, 7, 40, 4999] {
+            let mut fast = Vec::new();
+            top_k_scaled(&logits, k, 1.25, &mut fast);
+            fast.sort_unstable_by_key(|e| e.1);
+            let mut all: Vec<(f32, u32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| (v * 1.25, i as u32))
+                .collect();
+            all.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+            all.truncate(k);
+            all.sort_unstable_by_key(|e| e.1);
+            assert_eq!(fast, all, "k = {k}");
+        }
+    }
+
+    /// Draw frequencies follow the (tempered, truncated) softmax: over the whole vocabulary
+    /// (chunked walk), with top-p only (pre-filtered pool) and with top-k.
+    #[test]
+    fn draws_follow_the_distribution() {
+        let mut rng = Rng::new(3);
+        let logits: Vec<f32> = (0..600).map(|_| (rng.uniform() * 6.0) as f32).collect();
+        for (top_k, top_p) in [(0, 1.0), (0, 0.9), (50, 1.0), (50, 0.8)] {
+            let params = SamplingParams {
+                temperature: 0.7,
+                top_k,
+                top_p,
+                seed: 1,
+            };
+            // The expected distribution, computed the slow way.
+            let mut p: Vec<(f64, usize)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| ((v as f64 / 0.7).exp(), i))
+                .collect();
+            p.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+            if top_k > 0 {
+                p.truncate(top_k);
+            }
+            let z: f64 = p.iter().map(|e| e.0).sum();
+            let mut mass = 0.0;
+            let keep = p.iter().position(|e| {
+                mass += e.0 / z;
+                mass >= top_p as f64
+            });
+            p.truncate(keep.map_or(p.len(), |i| i + 1));
+            let z: f64 = p.iter().map(|e| e.0).sum();
+            let mut want = vec![0.0; logits.len()];
+            for (w, i) in p {
+                want[i] = w / z;
+            }
+            let mut s = Sampler::new(params).unwrap();
+            let draws = 200_000;
+            let mut got = vec![0.0; logits.len()];
+            for _ in 0..draws {
+                got[s.sample(&logits) as usize] += 1.0 / draws as f64;
+            }
+            let tv: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f64>()
+                / 2.0;
+            assert!(
+                tv < 0.03,
+                "top_k {top_k} top_p {top_p}: total variation {tv}"
+            );
+            assert!(
+                got.iter().zip(&want).all(|(&g, &w)| w > 0.0 || g == 0.0),
+                "drew outside the pool"
+            );
+        }
+    }
 
     #[test]
     fn greedy_topk_topp_and_seed() {

@@ -517,6 +517,10 @@ fn mixer_split(io: MixerIo, pass: fn(MixerIo, usize, usize)) {
     });
 }
 
+/// One thread's share of a split call: its tokens, their streams (local to its range) and the
+/// rows whose logits are wanted.
+type Job = (Vec<u32>, Vec<usize>, Vec<usize>);
+
 impl Runtime {
     /// Packs f32 weights (a safetensors checkpoint).
     pub fn new(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
@@ -869,7 +873,6 @@ impl Runtime {
             let mut per_stream = vec![0usize; states.len()];
             streams.iter().for_each(|&st| per_stream[st] += 1);
             if per_stream.iter().filter(|&&c| c > 0).count() >= 2 * threads {
-                crate::pair::rest();
                 return self.forward_split(tokens, streams, states, logit_rows, s, &per_stream);
             }
         }
@@ -1016,7 +1019,7 @@ impl Runtime {
         let groups = bounds.len() - 1;
         let group_of = |st: usize| bounds.partition_point(|&b| b <= st) - 1;
         // Each group's rows (in order), and where each requested logit row lands.
-        let mut jobs: Vec<(Vec<u32>, Vec<usize>, Vec<usize>)> = vec![Default::default(); groups];
+        let mut jobs: Vec<Job> = vec![Default::default(); groups];
         let mut local = vec![0usize; tokens.len()];
         for (i, (&t, &st)) in tokens.iter().zip(streams).enumerate() {
             let g = group_of(st);
@@ -1065,17 +1068,47 @@ impl Runtime {
         } else {
             outs.resize_with(groups, || None);
         }
-        let results: Vec<Result<()>> = parts
-            .into_par_iter()
-            .zip(s.groups.par_iter_mut())
-            .zip(jobs.par_iter().zip(outs))
-            .map(|((st, sc), ((toks, owners, wanted), out))| {
-                if toks.is_empty() {
-                    return Ok(());
-                }
-                crate::kernels::serial(|| self.forward_into(toks, owners, st, wanted, sc, out))
-            })
-            .collect();
+        let run = |st: &mut [State], sc: &mut Scratch, job: &Job, out: Option<&mut [f32]>| {
+            let (toks, owners, wanted) = job;
+            if toks.is_empty() {
+                return Ok(());
+            }
+            crate::kernels::serial(|| self.forward_into(toks, owners, st, wanted, sc, out))
+        };
+        let results: Vec<Result<()>> =
+            if groups == 2 && crate::pair::enabled(crate::pair::available) {
+                // Two groups: the caller runs one and the spinning pair helper the other, with no
+                // pool wake-up per call.
+                type Part<'a, 'b> = (
+                    &'a mut [State],
+                    &'a mut Scratch,
+                    &'a Job,
+                    Option<&'b mut [f32]>,
+                );
+                let cells: Vec<std::sync::Mutex<Option<Part>>> = parts
+                    .into_iter()
+                    .zip(s.groups.iter_mut())
+                    .zip(jobs.iter().zip(outs))
+                    .map(|((st, sc), (job, out))| std::sync::Mutex::new(Some((st, sc, job, out))))
+                    .collect();
+                let res: Vec<std::sync::Mutex<Result<()>>> =
+                    (0..2).map(|_| std::sync::Mutex::new(Ok(()))).collect();
+                crate::pair::enabled(|| {
+                    crate::pair::both(|g| {
+                        let (st, sc, job, out) = cells[g].lock().unwrap().take().expect("one use");
+                        *res[g].lock().unwrap() = run(st, sc, job, out);
+                    })
+                });
+                res.into_iter().map(|r| r.into_inner().unwrap()).collect()
+            } else {
+                crate::pair::rest();
+                parts
+                    .into_par_iter()
+                    .zip(s.groups.par_iter_mut())
+                    .zip(jobs.par_iter().zip(outs))
+                    .map(|((st, sc), (job, out))| run(st, sc, job, out))
+                    .collect()
+            };
         results.into_iter().collect::<Result<()>>()?;
         if !in_order {
             let out = s.logits.grow(logit_rows.len() * v);
@@ -1208,6 +1241,9 @@ mod tests {
                 .unwrap();
             pool.install(|| check_batched(streams));
         }
+        // From outside the pool: with two threads, the two groups run on this thread and the
+        // pair helper.
+        check_batched(40);
     }
 
     /// The division-free AVX-512 softplus and reciprocal agree with f64 math.

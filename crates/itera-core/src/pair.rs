@@ -1,8 +1,9 @@
-//! A second core for single-row decoding. One decode step is ~30 small matrix-vector products
-//! that are bound by how fast one core reads the weights; splitting each between two cores needs
-//! a hand-off far cheaper than waking a sleeping pool thread (tens of microseconds, more than most
-//! of those products take). So one helper thread spins between calls while decoding is under way
-//! and parks after `SPIN` of idleness; the caller runs half 0, the helper half 1.
+//! A second core without a wake-up. One decode step is ~30 small matrix-vector products that
+//! are bound by how fast one core reads the weights; splitting each between two cores needs a
+//! hand-off far cheaper than waking a sleeping pool thread (tens of microseconds, more than most
+//! of those products take). So one helper thread spins between calls while work is under way and
+//! parks after `SPIN` of idleness; the caller runs half 0, the helper half 1. The runtime uses it
+//! for small calls, and on two-thread machines for every call (see `Runtime::forward_rows`).
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};

@@ -49,6 +49,8 @@ pub struct Sampler {
     candidates: Vec<(f32, u32)>,
     /// Weights of the whole vocabulary when no top-k applies.
     weights: Vec<f32>,
+    /// Chunk maxima for the top-k floor.
+    maxima: Vec<f32>,
 }
 
 impl Sampler {
@@ -59,6 +61,7 @@ impl Sampler {
             params,
             candidates: Vec::new(),
             weights: Vec::new(),
+            maxima: Vec::new(),
         })
     }
 
@@ -69,19 +72,14 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let c = &mut self.candidates;
-        let order = |a: &(f32, u32), b: &(f32, u32)| {
-            b.0.partial_cmp(&a.0)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.1.cmp(&b.1))
-        };
         // c: the candidates that can be drawn, as (e^(scaled logit - max), id); `total`: the sum
         // of that weight over the candidate pool (the top k, or the whole vocabulary).
         let k = self.params.top_k;
         let total = if k > 0 && k < logits.len() {
             // Only the top k are ever sorted (found without sorting the vocabulary).
-            top_k_scaled(logits, k, inv_t, c);
+            top_k_scaled(logits, k, inv_t, &mut self.maxima, c);
             // A fixed order, so that a seed gives the same draw whatever the selection did.
-            c.sort_unstable_by(order);
+            c.sort_unstable_by(larger_first);
             let max = c[0].0;
             let mut total = 0.0f32;
             for e in c.iter_mut() {
@@ -110,20 +108,15 @@ impl Sampler {
             );
             total
         };
-        let by_prob = |a: &(f32, u32), b: &(f32, u32)| {
-            b.0.partial_cmp(&a.0)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.1.cmp(&b.1))
-        };
         let keep = if self.params.top_p >= 1.0 {
             c.len()
         } else {
             let mut m = c.len().min(64);
             loop {
                 if m < c.len() {
-                    c.select_nth_unstable_by(m - 1, by_prob);
+                    c.select_nth_unstable_by(m - 1, larger_first);
                 }
-                c[..m].sort_unstable_by(by_prob);
+                c[..m].sort_unstable_by(larger_first);
                 let mut mass = 0.0;
                 let found = c[..m].iter().position(|e| {
                     mass += e.0 / total;
@@ -147,6 +140,14 @@ impl Sampler {
         }
         c.last().map(|e| e.1).unwrap_or_else(greedy)
     }
+}
+
+/// Larger value first, ties to the lower token id: the one order of candidates everywhere, so a
+/// seed always gives the same draw.
+fn larger_first(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.partial_cmp(&a.0)
+        .unwrap_or(std::cmp::Ordering::Equal)
+        .then(a.1.cmp(&b.1))
 }
 
 /// The index where the running sum of the weights `w` passes `r` (in [0, sum)): whole chunks
@@ -175,17 +176,20 @@ fn draw_all(w: &[f32], mut r: f32) -> Option<u32> {
 /// elements reach it), so one vectorisable pass for the maxima and one filtering pass leave a
 /// few times k candidates for the exact selection, instead of selecting among the whole
 /// vocabulary.
-fn top_k_scaled(logits: &[f32], k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>) {
-    let order = |a: &(f32, u32), b: &(f32, u32)| {
-        b.0.partial_cmp(&a.0)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.1.cmp(&b.1))
-    };
+fn top_k_scaled(
+    logits: &[f32],
+    k: usize,
+    inv_t: f32,
+    maxima: &mut Vec<f32>,
+    out: &mut Vec<(f32, u32)>,
+) {
     let chunk = logits.len().div_ceil(4 * k).max(1);
-    let mut maxima: Vec<f32> = logits
-        .chunks(chunk)
-        .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * inv_t)))
-        .collect();
+    maxima.clear();
+    maxima.extend(
+        logits
+            .chunks(chunk)
+            .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * inv_t))),
+    );
     out.clear();
     if maxima.len() > k {
         maxima.select_nth_unstable_by(k - 1, |a, b| {
@@ -210,7 +214,7 @@ fn top_k_scaled(logits: &[f32], k: usize, inv_t: f32, out: &mut Vec<(f32, u32)>)
         );
     }
     if out.len() > k {
-        out.select_nth_unstable_by(k - 1, order);
+        out.select_nth_unstable_by(k - 1, larger_first);
         out.truncate(k);
     }
 }
@@ -229,7 +233,7 @@ mod tests {
             .collect();
         for k in [1, 7, 40, 4999] {
             let mut fast = Vec::new();
-            top_k_scaled(&logits, k, 1.25, &mut fast);
+            top_k_scaled(&logits, k, 1.25, &mut Vec::new(), &mut fast);
             fast.sort_unstable_by_key(|e| e.1);
             let mut all: Vec<(f32, u32)> = logits
                 .iter()

@@ -6,7 +6,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use itera_core::kernels::{Matrix, QuantizedRows};
-use itera_core::quant::DType;
+use itera_core::exec::Par;
+use itera_core::format::dtype::DType;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
@@ -38,7 +39,7 @@ fn matmul(c: &mut Criterion) {
                 let mut q = QuantizedRows::default();
                 group.throughput(Throughput::Elements((n * rows * cols) as u64));
                 group.bench_with_input(BenchmarkId::new(dtype.name(), n), &n, |b, _| {
-                    b.iter(|| m.matmul(&x, &mut y, &mut q))
+                    b.iter(|| m.matmul(&x, &mut y, &mut q, Par::Serial))
                 });
             }
         }
@@ -51,7 +52,7 @@ fn matmul(c: &mut Criterion) {
 fn pair(c: &mut Criterion) {
     let mut group = c.benchmark_group("pair");
     group.bench_function("hand_off", |b| {
-        itera_core::pair::enabled(|| b.iter(|| itera_core::pair::both(|_| {})))
+        b.iter(|| itera_core::exec::pair::both(|_| {}))
     });
     group.finish();
     for &(name, rows, cols) in &[("lm_head", 8000usize, 128usize), ("in_proj", 512, 128)] {
@@ -64,7 +65,7 @@ fn pair(c: &mut Criterion) {
             let mut q = QuantizedRows::default();
             group.throughput(Throughput::Elements((rows * cols) as u64));
             group.bench_function(dtype.name(), |b| {
-                itera_core::pair::enabled(|| b.iter(|| m.matmul(&x, &mut y, &mut q)))
+                b.iter(|| m.matmul(&x, &mut y, &mut q, Par::Pair))
             });
         }
         group.finish();

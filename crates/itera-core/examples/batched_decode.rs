@@ -3,7 +3,7 @@
 //! e.g. under `perf record`. Prints tokens/s (median of 5 runs of 200 steps).
 
 fn main() {
-    let path = itera_core::checkpoint::default_model_path();
+    let path = itera_core::format::model_dir::default_model_path();
     let g = match itera_core::Generator::load(&path) {
         Ok(g) => g,
         Err(e) => {

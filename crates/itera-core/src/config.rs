@@ -192,37 +192,20 @@ impl ModelConfig {
 
     /// Parameter count by tensor group, in a stable order (embedding tied with the LM head).
     pub fn parameter_groups(&self) -> Vec<(String, usize)> {
-        let mut groups: Vec<(String, usize)> = Vec::new();
-        for (name, shape) in crate::weights::tensor_shapes(self) {
-            let group = if name == "embed.weight" {
-                "embedding (tied LM head)"
-            } else if name == "pos_embed.weight" {
-                "positions"
-            } else if name.ends_with("norm.weight") || name.ends_with("norm_f.weight") {
-                "norms"
-            } else if name.contains(".mixer.") {
-                match self.mixer {
-                    Mixer::Attention => "mixer (attention) x layers",
-                    _ => "mixer (SSM) x layers",
-                }
-            } else if name.contains(".router.") {
-                "routers"
-            } else if name.contains(".experts.") {
-                "experts"
-            } else {
-                "dense feed-forward"
-            };
-            let count: usize = shape.iter().product();
-            match groups.iter_mut().find(|(g, _)| g == group) {
-                Some((_, c)) => *c += count,
-                None => groups.push((group.to_string(), count)),
-            }
-        }
-        groups
+        crate::tensors::ModelSpec::new(self)
+            .parameter_groups()
+            .into_iter()
+            .map(|(g, n)| (g.to_string(), n))
+            .collect()
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.parameter_groups().iter().map(|(_, n)| n).sum()
+        crate::tensors::ModelSpec::new(self).parameter_count()
+    }
+
+    /// Experts in MoE layer `layer`.
+    pub fn experts_in_layer(&self, _layer: usize) -> usize {
+        self.n_experts
     }
 }
 

@@ -15,8 +15,6 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     Argument(String),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -2,13 +2,9 @@
 
 use std::path::Path;
 
-use crate::checkpoint::{ModelDir, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
-use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
-use crate::kernels::Matrix;
-use crate::quant::DType;
-use crate::runtime::{expected_shape, Runtime, Scratch, State, TensorSource};
+use crate::format::model_dir::{load_runtime, ModelDir};
+use crate::runtime::{Runtime, Scratch, State};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer, END_OF_TEXT};
 
@@ -32,51 +28,7 @@ impl Generator {
     /// Loads a model for inference: a model directory (config.json, model.safetensors,
     /// tokenizer.json) or a `.gguf` file. Weights go straight into the runtime's packed form.
     pub fn load(path: &Path) -> Result<Self> {
-        if path.is_file() {
-            let file = GgufFile::read(path)?;
-            let config = file.config().map_err(|e| Error::file(path, e))?;
-            let tok = file
-                .get_str("tokenizer.huggingface.json")
-                .map_err(|e| Error::file(path, e))?;
-            let tokenizer = Tokenizer::from_bytes(tok.as_bytes(), &path.display().to_string())?;
-            let runtime = Runtime::from_source(&config, &file).map_err(|e| Error::file(path, e))?;
-            return Self::checked(runtime, tokenizer, path);
-        }
-        if !path.is_dir() {
-            return Err(Error::file(
-                path,
-                "no such model (expected a model directory or a .gguf file)",
-            ));
-        }
-        let cfg_path = path.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
-        let config = ModelConfig::from_json(&text, &cfg_path.display().to_string())?;
-        let w_path = path.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&w_path).map_err(|e| Error::file(&w_path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            Error::file(
-                &w_path,
-                format!("not a readable safetensors file (truncated or corrupt?): {e}"),
-            )
-        })?;
-        let runtime = Runtime::from_source(&config, &SafetensorsSource(st))
-            .map_err(|e| Error::file(&w_path, e))?;
-        drop(bytes);
-        let tokenizer = Tokenizer::from_file(&path.join(TOKENIZER_FILE))?;
-        Self::checked(runtime, tokenizer, path)
-    }
-
-    fn checked(runtime: Runtime, tokenizer: Tokenizer, path: &Path) -> Result<Self> {
-        if tokenizer.vocab_size() > runtime.cfg.vocab_size {
-            return Err(Error::file(
-                path,
-                format!(
-                    "the tokenizer has {} tokens but the model's vocab_size is {}",
-                    tokenizer.vocab_size(),
-                    runtime.cfg.vocab_size
-                ),
-            ));
-        }
+        let (runtime, tokenizer) = load_runtime(path)?;
         Ok(Self { runtime, tokenizer })
     }
 
@@ -121,34 +73,6 @@ impl Generator {
             generated: 0,
             done: false,
         })
-    }
-}
-
-/// Tensors straight from safetensors bytes (f32, f16 or bf16), without building candle tensors.
-struct SafetensorsSource<'a>(safetensors::SafeTensors<'a>);
-
-impl TensorSource for SafetensorsSource<'_> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let err = |message: String| Error::Tensor {
-            name: name.into(),
-            message,
-        };
-        let t = self.0.tensor(name).map_err(|_| err("missing".into()))?;
-        let n: usize = t.shape().iter().product();
-        if n != rows * cols || (rows > 1 && t.shape().last() != Some(&cols)) {
-            return Err(err(format!(
-                "shape {:?}, expected {}",
-                t.shape(),
-                expected_shape(rows, cols)
-            )));
-        }
-        let dtype = match t.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            other => return Err(err(format!("unsupported dtype {other:?}"))),
-        };
-        Matrix::from_ggml(dtype, rows, cols, t.data()).map_err(|e| err(e.to_string()))
     }
 }
 

@@ -1,36 +1,32 @@
-//! Itera-Lite core: model config, weights, the parallel forward (training, prefill) and the
-//! recurrent step (decoding), checkpoints, tokenizer, sampling, generation and evaluation.
+//! Itera-Lite core, without candle: what a model is and how it runs on a CPU.
+//!
+//! Read in data-flow order: `config` (presets) and `tensors` (the one table of tensor names,
+//! shapes and roles) say what a model is; `format` reads and writes it (safetensors, GGUF, the
+//! model directory); `kernels` multiply by its weights in any storage format, on the threads
+//! `exec` allows; `runtime` runs the model over rows (decode, batches, prefill) with a recurrent
+//! state per stream; `sample`, `generate`, `eval` and `bench` are what users call.
 
 pub mod bench;
 pub mod config;
 pub mod error;
-pub mod fused;
-pub mod gguf;
+pub mod eval;
+pub mod exec;
+pub mod format;
+pub mod generate;
 pub mod kernels;
-pub mod loss;
 pub mod math;
-pub mod matmul;
-pub mod model;
-pub mod pair;
-pub mod quant;
 pub mod rng;
 pub mod runtime;
-pub mod scan;
+pub mod sample;
 pub mod simd;
-pub mod weights;
+pub mod tensors;
+pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};
-pub use model::Model;
-pub use runtime::{Runtime, State};
-pub use weights::Weights;
-pub mod checkpoint;
-pub mod eval;
-pub mod generate;
-pub mod sample;
-pub mod tokenizer;
-
-pub use checkpoint::ModelDir;
+pub use format::model_dir::ModelDir;
 pub use generate::Generator;
+pub use runtime::{Runtime, State};
 pub use sample::SamplingParams;
+pub use tensors::Weights;
 pub use tokenizer::Tokenizer;

@@ -45,6 +45,70 @@ pub fn ln_1p(v: f32) -> f32 {
     ln(u) - ((u - 1.0) - v) / u
 }
 
+/// softplus(v) = ln(1 + e^v), computed without overflow.
+#[inline(always)]
+pub fn softplus(v: f32) -> f32 {
+    v.max(0.0) + ln_1p(exp(-v.abs()))
+}
+
+#[inline(always)]
+pub fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + exp(-v))
+}
+
+/// SiLU (swish): v * sigmoid(v).
+#[inline(always)]
+pub fn silu(v: f32) -> f32 {
+    v * sigmoid(v)
+}
+
+/// log(sum(exp(row))) computed stably.
+#[inline(always)]
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    max + sum_exp(row, max).ln()
+}
+
+/// RMSNorm of one row: out = x / sqrt(mean(x^2) + eps) * w.
+#[inline(always)]
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let ms = dot(x, x) / x.len() as f32;
+    let inv = 1.0 / (ms + eps as f32).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+crate::multiversion! {
+    /// `rms_norm` of every row of x ([rows, w.len()]).
+    pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+        let d = w.len();
+        for (xr, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            rms_norm(xr, w, eps, o);
+        }
+    }
+}
+
+/// Indices of the k largest values, largest first; ties go to the lower index.
+pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx = Vec::with_capacity(values.len());
+    top_k_into(values, k, &mut idx);
+    idx
+}
+
+/// `top_k` into a reused buffer (no allocation once it has grown to `values.len()`).
+pub fn top_k_into(values: &[f32], k: usize, idx: &mut Vec<usize>) {
+    idx.clear();
+    idx.extend(0..values.len());
+    idx.sort_by(|&a, &b| {
+        values[b]
+            .partial_cmp(&values[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+}
+
 crate::multiversion! {
     /// out_i = e^(v_i * scale - shift); returns their sum (8 independent lanes, so it vectorises).
     pub fn exp_into(values: &[f32], scale: f32, shift: f32, out: &mut [f32]) -> f32 {

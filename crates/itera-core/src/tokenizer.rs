@@ -72,7 +72,7 @@ impl Tokenizer {
             .inner
             .to_string(true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        crate::checkpoint::write_atomic(path, json.as_bytes())
+        crate::format::write_atomic(path, json.as_bytes())
     }
 
     pub fn to_json(&self) -> Result<String> {

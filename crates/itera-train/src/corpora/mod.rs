@@ -9,7 +9,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::rdata;
+mod r_data;
 
 /// One corpus: which package holds it and how it is turned into text.
 pub struct Corpus {
@@ -363,7 +363,7 @@ fn extract(c: &Corpus, archive: &Path) -> Result<Vec<String>> {
                 "unpacking r-cran-janeaustenr",
             )?;
             let data = tmp.join("usr/lib/R/site-library/janeaustenr/data");
-            let books = rdata::read_lazy_load_texts(&data)?;
+            let books = r_data::read_lazy_load_texts(&data)?;
             let _ = std::fs::remove_dir_all(&tmp);
             Ok(vec![books
                 .into_values()

@@ -11,9 +11,10 @@ use std::path::Path;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::format::dtype::DType;
 use crate::kernels::Matrix;
-use crate::quant::DType;
 use crate::runtime::TensorSource;
+use crate::tensors::{ModelSpec, Spec};
 
 pub const ARCHITECTURE: &str = "itera-lite";
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -137,11 +138,11 @@ impl GgufFile {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        crate::checkpoint::write_atomic(path, &self.to_bytes())
+        crate::format::write_atomic(path, &self.to_bytes())
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+        let bytes = crate::format::read_file(path)?;
         Self::parse(&bytes).map_err(|e| Error::file(path, e))
     }
 
@@ -182,6 +183,12 @@ impl GgufFile {
             let dtype = DType::from_ggml_id(r.u32()?)
                 .map_err(|e| Error::Format(format!("tensor `{name}`: {e}")))?;
             let offset = r.u64()? as usize;
+            if !offset.is_multiple_of(alignment) {
+                return Err(Error::Format(format!(
+                    "tensor `{name}`: data offset {offset} is not a multiple of the file's \
+                     alignment {alignment}"
+                )));
+            }
             infos.push((name, shape, dtype, offset));
         }
         let data_start = r.pos.next_multiple_of(alignment);
@@ -237,7 +244,21 @@ impl GgufFile {
                 "architecture `{arch}` is not {ARCHITECTURE}"
             )));
         }
-        ModelConfig::from_json(self.get_str("itera-lite.config")?, "GGUF itera-lite.config")
+        let cfg = ModelConfig::from_json(self.get_str("itera-lite.config")?, "GGUF itera-lite.config")?;
+        // The llama.cpp-style keys must say what the embedded config says.
+        for (key, want) in size_keys(&cfg) {
+            let key = format!("{ARCHITECTURE}.{key}");
+            match self.metadata.get(&key) {
+                None => {}
+                Some(Value::U32(v)) if *v as usize == want => {}
+                Some(v) => {
+                    return Err(Error::Format(format!(
+                        "metadata `{key}` is {v:?} but the embedded config says {want}"
+                    )))
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// Average bits per weight over all tensors.
@@ -256,20 +277,7 @@ pub fn model_metadata(
     name: &str,
 ) -> BTreeMap<String, Value> {
     let a = ARCHITECTURE;
-    let sizes = [
-        ("context_length", cfg.context),
-        ("embedding_length", cfg.d_model),
-        ("block_count", cfg.n_layers),
-        ("vocab_size", cfg.vocab_size),
-        ("ssm.conv_kernel", cfg.d_conv),
-        ("ssm.inner_size", cfg.d_inner()),
-        ("ssm.state_size", cfg.d_state),
-        ("ssm.time_step_rank", cfg.dt_rank),
-        ("expert_count", cfg.n_experts),
-        ("expert_used_count", cfg.top_k),
-        ("expert_feed_forward_length", cfg.expert_hidden),
-    ];
-    let mut m: BTreeMap<String, Value> = sizes
+    let mut m: BTreeMap<String, Value> = size_keys(cfg)
         .iter()
         .map(|(k, v)| (format!("{a}.{k}"), Value::U32(*v as u32)))
         .collect();
@@ -302,23 +310,68 @@ pub fn model_metadata(
 }
 
 impl TensorSource for GgufFile {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let t = self.tensor(name)?;
-        if t.elements() != rows * cols || (rows > 1 && t.shape.last() != Some(&cols)) {
+    fn matrix(&self, spec: &Spec) -> Result<Matrix> {
+        let t = self.tensor(&spec.name)?;
+        if t.shape != spec.shape {
             return Err(Error::Tensor {
-                name: name.into(),
-                message: format!(
-                    "shape {:?}, expected {}",
-                    t.shape,
-                    crate::runtime::expected_shape(rows, cols)
-                ),
+                name: spec.name.clone(),
+                message: format!("shape {:?}, expected {:?}", t.shape, spec.shape),
             });
         }
+        let (rows, cols) = spec.rows_cols();
         Matrix::from_ggml(t.dtype, rows, cols, &t.bytes).map_err(|e| Error::Tensor {
-            name: name.into(),
+            name: spec.name.clone(),
             message: e.to_string(),
         })
     }
+}
+
+/// The llama.cpp-style size keys (under the architecture's prefix) and their values.
+fn size_keys(cfg: &ModelConfig) -> [(&'static str, usize); 11] {
+    [
+        ("context_length", cfg.context),
+        ("embedding_length", cfg.d_model),
+        ("block_count", cfg.n_layers),
+        ("vocab_size", cfg.vocab_size),
+        ("ssm.conv_kernel", cfg.d_conv),
+        ("ssm.inner_size", cfg.d_inner()),
+        ("ssm.state_size", cfg.d_state),
+        ("ssm.time_step_rank", cfg.dt_rank),
+        ("expert_count", cfg.n_experts),
+        ("expert_used_count", cfg.top_k),
+        ("expert_feed_forward_length", cfg.expert_hidden),
+    ]
+}
+
+/// A model as one GGUF file: metadata, config, tokenizer and every tensor of the table in its
+/// storage type (`dtype_of` picks it per tensor; `values` gives the f32 values by name).
+pub fn model_file(
+    cfg: &ModelConfig,
+    tokenizer_json: &str,
+    name: &str,
+    values: impl Fn(&str) -> Result<Vec<f32>>,
+    dtype_of: impl Fn(&Spec) -> DType,
+) -> Result<GgufFile> {
+    let mut tensors = Vec::new();
+    for spec in ModelSpec::new(cfg).all() {
+        let dtype = dtype_of(spec);
+        let bytes = crate::format::dtype::quantize(dtype, &values(&spec.name)?).map_err(|e| {
+            Error::Tensor {
+                name: spec.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        tensors.push(TensorData {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            dtype,
+            bytes,
+        });
+    }
+    Ok(GgufFile {
+        metadata: model_metadata(cfg, tokenizer_json, name),
+        tensors,
+    })
 }
 
 struct Reader<'a> {
@@ -413,13 +466,13 @@ mod tests {
                     name: "a".into(),
                     shape: vec![64, 32],
                     dtype: DType::Q4_0,
-                    bytes: crate::quant::quantize(DType::Q4_0, &w).unwrap(),
+                    bytes: crate::format::dtype::quantize(DType::Q4_0, &w).unwrap(),
                 },
                 TensorData {
                     name: "b".into(),
                     shape: vec![3],
                     dtype: DType::F32,
-                    bytes: crate::quant::quantize(DType::F32, &[1.0, 2.0, 3.0]).unwrap(),
+                    bytes: crate::format::dtype::quantize(DType::F32, &[1.0, 2.0, 3.0]).unwrap(),
                 },
             ],
         }
@@ -438,10 +491,16 @@ mod tests {
                 (&b.name, &b.shape, b.dtype, &b.bytes)
             );
         }
-        let m = g.matrix("a", 64, 32).unwrap();
+        let spec = |name: &str, shape: &[usize]| Spec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init: crate::tensors::Init::Zeros,
+            role: crate::tensors::Role::Projection,
+        };
+        let m = g.matrix(&spec("a", &[64, 32])).unwrap();
         assert_eq!(m.dtype, DType::Q4_0);
-        assert!(g.matrix("a", 32, 64).is_err());
-        assert!(g.matrix("zz", 1, 1).is_err());
+        assert!(g.matrix(&spec("a", &[32, 64])).is_err());
+        assert!(g.matrix(&spec("zz", &[1])).is_err());
         // Every truncation point gives an error, never a panic.
         for cut in (0..bytes.len()).step_by(97) {
             assert!(GgufFile::parse(&bytes[..cut]).is_err(), "cut at {cut}");

@@ -3,7 +3,8 @@
 //! hand-off far cheaper than waking a sleeping pool thread (tens of microseconds, more than most
 //! of those products take). So one helper thread spins between calls while work is under way and
 //! parks after `SPIN` of idleness; the caller runs half 0, the helper half 1. The runtime uses it
-//! for small calls, and on two-thread machines for every call (see `Runtime::forward_rows`).
+//! when a call's `Par` is `Par::Pair` (small calls, and every call on two-thread machines; see
+//! `runtime/forward.rs`).
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -96,20 +97,6 @@ impl Helper {
     }
 }
 
-thread_local! {
-    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with the helper open to this thread's kernels. Opt-in, because the helper keeps
-/// spinning for `SPIN` after a call and would steal a core from pool work that follows: the
-/// runtime opens it only around single-row steps.
-pub fn enabled<R>(f: impl FnOnce() -> R) -> R {
-    let before = ENABLED.with(|c| c.replace(true));
-    let out = f();
-    ENABLED.with(|c| c.set(before));
-    out
-}
-
 /// Tells a spinning helper to park now: called before work that wants every core from the
 /// thread pool, where the spinning helper would hold one of them.
 pub fn rest() {
@@ -120,29 +107,13 @@ pub fn rest() {
     }
 }
 
-/// Whether this thread is inside `enabled`.
-pub fn is_enabled() -> bool {
-    ENABLED.with(|c| c.get())
-}
-
-/// Whether `both` can use a second core now: inside `enabled`, more than one thread allowed (see
-/// `kernels::threads`) and not on a pool thread, which has its own share of the work.
-pub fn available() -> bool {
-    is_enabled() && crate::kernels::threads() > 1 && rayon::current_thread_index().is_none()
-}
-
 /// Runs `f(0)` on this thread and `f(1)` on the helper at the same time, or both here when the
-/// helper is unavailable or in use by another thread. Returns when both halves are done.
+/// helper could not start or is in use by another thread. Returns when both halves are done.
+/// Callers reach it only under `Par::Pair`, which is never chosen on a pool thread (a pool
+/// thread has its own share of the work).
 pub fn both<F: Fn(usize) + Sync>(f: F) {
     let h = match helper() {
-        Some(h)
-            if available()
-                && h.busy
-                    .compare_exchange(false, true, Acquire, Relaxed)
-                    .is_ok() =>
-        {
-            h
-        }
+        Some(h) if h.busy.compare_exchange(false, true, Acquire, Relaxed).is_ok() => h,
         _ => {
             f(0);
             f(1);
@@ -153,6 +124,8 @@ pub fn both<F: Fn(usize) + Sync>(f: F) {
     // SAFETY: the helper drops its use of `job` before storing `done`, and this function does not
     // return before it sees `done` catch up, so the borrow outlives every use.
     let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(job) };
+    // SAFETY: this caller holds `busy` and the helper is idle (posted == done), so nobody reads
+    // the cell while it is written (see `unsafe impl Sync for Helper`).
     unsafe { *h.job.get() = Some(job) };
     let ticket = h.posted.fetch_add(1, SeqCst) + 1;
     if h.sleeping.load(SeqCst) {
@@ -172,6 +145,7 @@ pub fn both<F: Fn(usize) + Sync>(f: F) {
             std::thread::yield_now();
         }
     }
+    // SAFETY: the helper stored `done` for this ticket, so it no longer reads the cell.
     unsafe { *h.job.get() = None };
     let theirs = h.panicked.swap(false, AcqRel);
     h.busy.store(false, Release);
@@ -183,15 +157,13 @@ pub fn both<F: Fn(usize) + Sync>(f: F) {
 
 /// `both` over the two parts of `y` split at `at`: `f(0, &mut y[..at])` and `f(1, &mut y[at..])`.
 pub fn both_parts<T: Send, F: Fn(usize, &mut [T]) + Sync>(y: &mut [T], at: usize, f: F) {
-    struct Part<T>(*mut T, usize);
-    // SAFETY: the two parts are disjoint and each is handed to exactly one half.
-    unsafe impl<T: Send> Sync for Part<T> {}
-    let (a, b) = y.split_at_mut(at);
-    let parts = [Part(a.as_mut_ptr(), a.len()), Part(b.as_mut_ptr(), b.len())];
+    let len = y.len();
+    let parts = super::Disjoint::new(y);
     both(|half| {
-        let p = &parts[half];
-        // SAFETY: part `half` is borrowed from `y` for this call and used by this half only.
-        f(half, unsafe { std::slice::from_raw_parts_mut(p.0, p.1) })
+        let (start, n) = if half == 0 { (0, at) } else { (at, len - at) };
+        // SAFETY: the halves [0, at) and [at, len) are disjoint, each used by one half only,
+        // and `y` stays borrowed until `both` returns.
+        f(half, unsafe { parts.part(start, n) })
     });
 }
 
@@ -200,25 +172,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    struct Out(*mut usize);
-    // SAFETY: the test's halves write disjoint slots.
-    unsafe impl Sync for Out {}
-    impl Out {
-        fn get(&self) -> *mut usize {
-            self.0
-        }
-    }
-
     #[test]
     fn both_halves_run_once_each_call() {
         let hits = [AtomicUsize::new(0), AtomicUsize::new(0)];
-        enabled(|| {
-            for _ in 0..1000 {
-                both(|half| {
-                    hits[half].fetch_add(1, Relaxed);
-                });
-            }
-        });
+        for _ in 0..1000 {
+            both(|half| {
+                hits[half].fetch_add(1, Relaxed);
+            });
+        }
         assert_eq!(hits[0].load(Relaxed), 1000);
         assert_eq!(hits[1].load(Relaxed), 1000);
     }
@@ -228,19 +189,15 @@ mod tests {
         std::thread::scope(|s| {
             for t in 0..4 {
                 s.spawn(move || {
-                    enabled(|| {
-                        for i in 0..200 {
-                            let mut out = vec![0usize; 64];
-                            let ptr = Out(out.as_mut_ptr());
-                            both(|half| {
-                                for j in half * 32..(half + 1) * 32 {
-                                    // SAFETY: each half writes its own 32 slots.
-                                    unsafe { *ptr.get().add(j) = t * 1000 + i + j };
-                                }
-                            });
-                            assert!(out.iter().enumerate().all(|(j, &v)| v == t * 1000 + i + j));
-                        }
-                    })
+                    for i in 0..200 {
+                        let mut out = vec![0usize; 64];
+                        both_parts(&mut out, 32, |half, part| {
+                            for (j, v) in part.iter_mut().enumerate() {
+                                *v = t * 1000 + i + half * 32 + j;
+                            }
+                        });
+                        assert!(out.iter().enumerate().all(|(j, &v)| v == t * 1000 + i + j));
+                    }
                 });
             }
         });

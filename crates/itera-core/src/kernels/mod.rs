@@ -1,0 +1,411 @@
+//! One weight-matrix type for every storage format, and the one matmul the runtime (decode,
+//! batched decode, prefill) calls. This file is the dispatch: which kernel family serves a call
+//! (by storage format and number of activation rows) and how a call's work is split between the
+//! threads its `Par` allows (by measured thresholds). The families live beside it, each with its
+//! SIMD versions: `panels` (f32 micro-tiles), `half` (f16 / bf16), `blocks` (Q8_0, Q5_0, Q4_0,
+//! Q4_1, NF4 in integers); `avx512` holds the reductions they share.
+//!
+//! Block formats compute in integers: the activations are quantized to int8 per block of 32
+//! (`QuantizedRows`), and every block format is `w = scale * code + bias` with unsigned codes
+//! (`format::dtype::block_codes`), so one kernel shape serves all five:
+//! `sum_i w_i x_i = scale * dx * sum_i code_i q_i + bias * dx * sum_i q_i`.
+
+mod avx512;
+mod blocks;
+mod half;
+mod panels;
+
+use ::half::f16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::exec::Par;
+use crate::format::dtype::{self, DType, BLOCK};
+use crate::math::dot;
+use crate::simd::has_avx512;
+use avx512::has_avx512_vnni;
+use blocks::{quantize_rows, repack, Blocks};
+pub use blocks::QuantizedRows;
+use panels::{pack_panels, PANEL};
+
+/// A [rows, cols] weight matrix, row-major, in its storage format, packed for the kernels.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+    data: Data,
+}
+
+enum Data {
+    /// f32 in panels of `PANEL` rows, k-major: panel p holds rows 32p..32p+32 as [cols][32]
+    /// (zero-padded), so a kernel broadcasts one activation and multiplies 32 rows at once.
+    F32(Vec<f32>),
+    /// f16 or bf16 bits.
+    Half(Vec<u16>),
+    Blocks(Blocks),
+}
+
+
+/// Below this many multiply-adds a call runs on the calling thread even when the pool may help:
+/// waking a sleeping worker costs tens of microseconds, more than small matmuls take (measured
+/// with `itera bench`: 8 batched streams ran 1.3x faster once only ~2M-MAC calls went parallel;
+/// a single decode row is memory-bound and `tiny`'s 1M-weight LM head ran 10% slower on two
+/// threads than on one).
+const POOL_FROM: usize = 1 << 21;
+
+/// Multiply-adds from which a call splits its work with the pair helper (`exec::pair`): below,
+/// the hand-off (~0.4 us) costs about what the second core saves.
+const PAIR_FROM: usize = 1 << 14;
+
+/// Activation rows from which a block or half matrix runs through the f32 micro-tiles, one
+/// decoded 32-row panel at a time (in L1; never the whole matrix), instead of integer dots.
+const DECODE_PANELS_FROM: usize = 32;
+
+/// The instruction set the block kernels use on this machine, for reports.
+pub fn level() -> &'static str {
+    if has_avx512_vnni() {
+        "avx512-vnni"
+    } else {
+        crate::simd::level()
+    }
+}
+
+impl Matrix {
+    pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Result<Self> {
+        if values.len() != rows * cols {
+            return Err(Error::Argument(format!(
+                "matrix [{rows}, {cols}] needs {} values, got {}",
+                rows * cols,
+                values.len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            dtype: DType::F32,
+            data: Data::F32(pack_panels(rows, cols, &values)),
+        })
+    }
+
+    /// Packs a tensor stored in `dtype`'s ggml byte layout (as read from GGUF).
+    pub fn from_ggml(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let n = rows * cols;
+        if !cols.is_multiple_of(dtype.block_len()) || bytes.len() != dtype.bytes_for(n)? {
+            return Err(Error::Format(format!(
+                "{} matrix [{rows}, {cols}] needs rows that are whole blocks and {} bytes, got {}",
+                dtype.name(),
+                dtype.bytes_for(n).unwrap_or(0),
+                bytes.len()
+            )));
+        }
+        let data = match dtype {
+            DType::F32 => Data::F32(pack_panels(
+                rows,
+                cols,
+                &dtype::dequantize(dtype, bytes, n)?,
+            )),
+            DType::F16 | DType::BF16 => Data::Half(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            _ => Data::Blocks(repack(dtype, rows, cols, bytes)),
+        };
+        Ok(Self {
+            rows,
+            cols,
+            dtype,
+            data,
+        })
+    }
+
+    /// Quantizes f32 values (row-major [rows, cols]) into `dtype`.
+    pub fn quantize(dtype: DType, rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        if dtype == DType::F32 {
+            return Self::from_f32(rows, cols, values.to_vec());
+        }
+        Self::from_ggml(dtype, rows, cols, &dtype::quantize(dtype, values)?)
+    }
+
+    /// Bytes the packed weights occupy in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(v) => v.len() * 4,
+            Data::Half(v) => v.len() * 2,
+            Data::Blocks(b) => b.codes.len() + 4 * (b.high.len() + b.scale.len() + b.bias.len()),
+        }
+    }
+
+    /// Row `r` decoded to f32 (embedding lookup).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols;
+        match &self.data {
+            Data::F32(v) => {
+                let panel = &v[r / PANEL * PANEL * c..];
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = panel[k * PANEL + r % PANEL];
+                }
+            }
+            Data::Half(v) => {
+                let bits = &v[r * c..(r + 1) * c];
+                if self.dtype == DType::BF16 {
+                    for (o, &b) in out.iter_mut().zip(bits) {
+                        *o = f32::from_bits((b as u32) << 16);
+                    }
+                } else {
+                    // `half` converts with F16C where the CPU has it, many values per instruction.
+                    use ::half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                    let halves: &[f16] = bits.reinterpret_cast();
+                    halves.convert_to_f32_slice(&mut out[..c]);
+                }
+            }
+            Data::Blocks(b) => {
+                let nb = c / BLOCK;
+                for blk in 0..nb {
+                    let (s, bias) = (b.scale[r * nb + blk], b.bias[r * nb + blk]);
+                    for (o, &q) in out[blk * BLOCK..].iter_mut().zip(&b.block(r, nb, blk)) {
+                        *o = s * q as f32 + bias;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix decoded to f32 (for analysis and tests, not for inference).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row_into(r, o);
+        }
+        out
+    }
+
+    /// y [n, rows] = x [n, cols] · selfᵀ, for n activation rows, on the threads `par` allows.
+    /// `q` is a reusable buffer.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32], q: &mut QuantizedRows, par: Par) {
+        let (rows, cols) = (self.rows, self.cols);
+        let n = x.len() / cols;
+        assert_eq!(x.len(), n * cols, "matmul: x is not whole rows of {cols}");
+        assert_eq!(y.len(), n * rows, "matmul: y must be [{n}, {rows}]");
+        if n == 0 {
+            return;
+        }
+        match &self.data {
+            Data::F32(w) if n == 1 => return panels::matvec(w, rows, cols, x, y, par),
+            Data::F32(_) => return self.panel_matmul(x, y, par),
+            _ if n >= DECODE_PANELS_FROM => return self.panel_matmul(x, y, par),
+            _ => {}
+        }
+        if let Data::Blocks(_) = &self.data {
+            quantize_rows(x, cols, q);
+        }
+        let q = &*q;
+        let work = n * rows * cols;
+        match par {
+            Par::Pair if work >= PAIR_FROM && n == 1 && rows >= 32 => {
+                // The weight rows split between this thread and the pair helper.
+                let at = rows.div_ceil(32) * 16;
+                crate::exec::pair::both_parts(y, at, |half, ys| {
+                    self.rows_range(x, half * at, ys, q)
+                });
+            }
+            Par::Pair if work >= PAIR_FROM && n > 1 => {
+                // The activation rows split; each half sweeps all weight rows.
+                let at = n.div_ceil(2);
+                let (x0, x1) = x.split_at(at * cols);
+                crate::exec::pair::both_parts(y, at * rows, |half, ys| {
+                    self.rows_tiled(if half == 0 { x0 } else { x1 }, half * at, ys, q)
+                });
+            }
+            Par::Pool(threads) if work >= POOL_FROM && n == 1 => {
+                // One activation row: split the weight rows between threads.
+                let chunk = rows.div_ceil(threads * 2).max(32);
+                y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
+                    self.rows_range(x, i * chunk, ys, q);
+                });
+            }
+            Par::Pool(threads) if work >= POOL_FROM => {
+                // Several activation rows: split them, each thread sweeping all weight rows.
+                let per = n.div_ceil(threads);
+                y.par_chunks_mut(per * rows)
+                    .zip(x.par_chunks(per * cols))
+                    .enumerate()
+                    .for_each(|(i, (ys, xs))| self.rows_tiled(xs, i * per, ys, q));
+            }
+            _ => self.rows_range(x, 0, y, q),
+        }
+    }
+
+    /// y[j] = row (first + j) · x for one activation row.
+    fn rows_range(&self, x: &[f32], first: usize, y: &mut [f32], q: &QuantizedRows) {
+        let n = x.len() / self.cols;
+        if n > 1 {
+            return self.rows_tiled(x, 0, y, q);
+        }
+        let c = self.cols;
+        match &self.data {
+            Data::F32(_) => unreachable!("f32 runs in panel_matmul"),
+            Data::Half(w) => {
+                let bf = self.dtype == DType::BF16;
+                #[cfg(target_arch = "x86_64")]
+                if has_avx512() && c.is_multiple_of(16) {
+                    // SAFETY: AVX-512F present; the kernel asserts its bounds.
+                    return unsafe { half::matmul_avx512(w, c, bf, first, y.len(), x, y, 0) };
+                }
+                for (j, out) in y.iter_mut().enumerate() {
+                    let r = first + j;
+                    *out = half::dot(&w[r * c..(r + 1) * c], x, bf);
+                }
+            }
+            Data::Blocks(b) => {
+                let nb = c / BLOCK;
+                assert!(nb <= q.d.len() && (first + y.len()) * nb <= b.scale.len());
+                #[cfg(target_arch = "x86_64")]
+                if has_avx512_vnni() {
+                    // SAFETY: AVX-512 F/BW/VNNI present; bounds asserted above.
+                    return unsafe { blocks::matvec_avx512(b, first, nb, q, y) };
+                }
+                for (j, out) in y.iter_mut().enumerate() {
+                    blocks::dot(b, first + j, nb, q, 0, std::slice::from_mut(out));
+                }
+            }
+        }
+    }
+
+    /// All weight rows against activation rows `x` (rows `x_first..` of `q`): each weight row is
+    /// decoded (half) or unpacked (blocks) once per group of activation rows.
+    fn rows_tiled(&self, x: &[f32], x_first: usize, y: &mut [f32], q: &QuantizedRows) {
+        const GROUP: usize = 64;
+        let (rows, c) = (self.rows, self.cols);
+        let n = x.len() / c;
+        #[cfg(target_arch = "x86_64")]
+        if let (Data::Blocks(b), true) = (&self.data, has_avx512_vnni()) {
+            // SAFETY: AVX-512 F/BW/VNNI present; bounds are asserted inside.
+            return unsafe { blocks::matmul_avx512(b, rows, c / BLOCK, q, x_first, n, y) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (Data::Half(w), true) = (&self.data, has_avx512() && c.is_multiple_of(16)) {
+            let bf = self.dtype == DType::BF16;
+            // SAFETY: AVX-512F present; bounds are asserted inside.
+            return unsafe { half::matmul_avx512(w, c, bf, 0, rows, x, y, rows) };
+        }
+        let mut wrow = vec![0.0; c];
+        let mut out = [0.0f32; GROUP];
+        for r in 0..rows {
+            if let Data::Half(_) = &self.data {
+                self.row_into(r, &mut wrow);
+            }
+            for i0 in (0..n).step_by(GROUP) {
+                let len = (n - i0).min(GROUP);
+                match &self.data {
+                    Data::F32(_) => unreachable!("f32 runs in panel_matmul"),
+                    Data::Half(_) => {
+                        for (j, o) in out[..len].iter_mut().enumerate() {
+                            *o = dot_f32(&wrow, &x[(i0 + j) * c..(i0 + j + 1) * c]);
+                        }
+                    }
+                    Data::Blocks(b) => {
+                        blocks::dot(b, r, c / BLOCK, q, x_first + i0, &mut out[..len])
+                    }
+                }
+                for (j, &v) in out[..len].iter().enumerate() {
+                    y[(i0 + j) * rows + r] = v;
+                }
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// Every format's matmul equals the f32 product of its own decoded weights, up to the int8
+    /// rounding of the activations (block formats) or summation order (float formats).
+    #[test]
+    fn matmul_matches_decoded_weights_for_every_format() {
+        // 96 columns = 3 blocks: exercises a full pair and the odd trailing block.
+        for &(rows, cols) in &[(40usize, 96usize), (300, 128)] {
+            let w = random(rows * cols, 1);
+            for &n in &[1usize, 3, 9, 30, 40] {
+                let x = random(n * cols, 2);
+                for dtype in DType::ALL {
+                    let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
+                    let dec = m.to_f32();
+                    let mut y = vec![0.0; n * rows];
+                    m.matmul(&x, &mut y, &mut QuantizedRows::default(), Par::Serial);
+                    for i in 0..n {
+                        let xi = &x[i * cols..(i + 1) * cols];
+                        let norm = xi.iter().map(|v| v * v).sum::<f32>().sqrt();
+                        for r in 0..rows {
+                            let want: f32 = dec[r * cols..(r + 1) * cols]
+                                .iter()
+                                .zip(xi)
+                                .map(|(a, b)| a * b)
+                                .sum();
+                            let wn = dec[r * cols..(r + 1) * cols]
+                                .iter()
+                                .map(|v| v * v)
+                                .sum::<f32>()
+                                .sqrt();
+                            let tol =
+                                if m.dtype.block_len() == 1 { 1e-4 } else { 1e-2 } * norm * wn;
+                            let got = y[i * rows + r];
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{dtype:?} [{rows}x{cols}] n={n}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// rows for many) give the products of the same matmul on one thread.
+    #[test]
+    fn pair_split_matmuls_equal_one_thread_ones() {
+        let (rows, cols) = (300, 64);
+        let values = random(rows * cols, 11);
+        for dtype in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+        ] {
+            let m = Matrix::quantize(dtype, rows, cols, &values).unwrap();
+            for n in [1, 3, 13, 30] {
+                let x = random(n * cols, 12 + n as u64);
+                let mut q = QuantizedRows::default();
+                let (mut one, mut two) = (vec![0.0; n * rows], vec![1.0; n * rows]);
+                m.matmul(&x, &mut one, &mut q, Par::Serial);
+                m.matmul(&x, &mut two, &mut q, Par::Pair);
+                for (a, b) in one.iter().zip(&two) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{dtype:?} n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        assert!(Matrix::from_f32(2, 3, vec![0.0; 5]).is_err());
+        assert!(Matrix::from_ggml(DType::Q8_0, 2, 32, &[0u8; 67]).is_err());
+        assert!(Matrix::from_ggml(DType::Q4_0, 1, 48, &[0u8; 27]).is_err());
+    }
+}

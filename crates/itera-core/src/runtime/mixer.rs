@@ -1,0 +1,415 @@
+//! The sequence mixer of one layer (Mamba-1 selective SSM, or the shared-state variant): its
+//! projections, the causal depthwise conv + SiLU and the selective scan, walking the rows in
+//! order and updating each stream's state in place. Conv and scan work per channel range, so a
+//! call can split them by channels; the scan has an AVX-512 version beside the portable one.
+
+use super::state::{grow, Scratch, State};
+use super::Layer;
+use crate::config::ModelConfig;
+use crate::exec::{Disjoint, Par};
+use crate::math::{silu, softplus};
+
+/// What the conv and scan passes of one layer read and write, as shared pointers: rows of the
+/// activations and one state pointer per stream.
+#[derive(Clone, Copy)]
+pub(super) struct MixerIo<'a> {
+    layer: &'a Layer,
+    streams: &'a [usize],
+    conv: &'a [Disjoint<f32>],
+    ssm: &'a [Disjoint<f32>],
+    xz: &'a [f32],
+    dbc: &'a [f32],
+    xc: Disjoint<f32>,
+    dt: Disjoint<f32>,
+    y: Disjoint<f32>,
+    di: usize,
+    n: usize,
+    r: usize,
+    k: usize,
+}
+
+crate::multiversion! {
+    /// Causal depthwise conv + SiLU for channels c0..c1 of every row, in row order.
+    fn conv_range(io: MixerIo, c0: usize, c1: usize) {
+        let (di, k, w) = (io.di, io.k, c1 - c0);
+        let layer = io.layer;
+        for (i, &st) in io.streams.iter().enumerate() {
+            let xs = &io.xz[i * 2 * di + c0..i * 2 * di + c1];
+            // SAFETY: this call owns channels c0..c1 of every row and state (disjoint ranges).
+            let out = unsafe { io.xc.part(i * di + c0, w) };
+            out.copy_from_slice(&layer.conv_b[c0..c1]);
+            for j in 0..k - 1 {
+                let past = unsafe { io.conv[st].part(j * di + c0, w) };
+                let wj = &layer.conv_t[j * di + c0..j * di + c1];
+                for ch in 0..w {
+                    out[ch] += wj[ch] * past[ch];
+                }
+            }
+            let wl = &layer.conv_t[(k - 1) * di + c0..(k - 1) * di + c1];
+            for ch in 0..w {
+                out[ch] = silu(out[ch] + wl[ch] * xs[ch]);
+            }
+            for j in 0..k.saturating_sub(2) {
+                let next = unsafe { io.conv[st].part((j + 1) * di + c0, w) };
+                unsafe { io.conv[st].part(j * di + c0, w) }.copy_from_slice(next);
+            }
+            if k > 1 {
+                unsafe { io.conv[st].part((k - 2) * di + c0, w) }.copy_from_slice(xs);
+            }
+        }
+    }
+}
+
+
+crate::multiversion! {
+    /// softplus(dt), the selective scan (state [N][d_inner], vectorised over channels), the D skip
+    /// and the SiLU(z) gate, for channels c0..c1 of every row, in row order.
+    fn scan_range(io: MixerIo, c0: usize, c1: usize) {
+        let (di, n, r, w) = (io.di, io.n, io.r, c1 - c0);
+        let layer = io.layer;
+        let width = r + 2 * n;
+        for (i, &st) in io.streams.iter().enumerate() {
+            // SAFETY: this call owns channels c0..c1 of every row and state (disjoint ranges).
+            let dt = unsafe { io.dt.part(i * di + c0, w) };
+            let y = unsafe { io.y.part(i * di + c0, w) };
+            let x = unsafe { io.xc.part(i * di + c0, w) };
+            for (v, b) in dt.iter_mut().zip(&layer.dt_b[c0..c1]) {
+                *v = softplus(*v + b);
+            }
+            let bc = &io.dbc[i * width + r..(i + 1) * width];
+            y.fill(0.0);
+            for j in 0..n {
+                let h = unsafe { io.ssm[st].part(j * di + c0, w) };
+                let a = &layer.a_t[j * di + c0..j * di + c1];
+                let (b, c) = (bc[j], bc[n + j]);
+                for ch in 0..w {
+                    h[ch] = crate::math::exp(dt[ch] * a[ch]) * h[ch] + dt[ch] * x[ch] * b;
+                    y[ch] += c * h[ch];
+                }
+            }
+            let z = &io.xz[i * 2 * di + di + c0..i * 2 * di + di + c1];
+            let dskip = &layer.d_skip[c0..c1];
+            for ch in 0..w {
+                y[ch] = (y[ch] + dskip[ch] * x[ch]) * silu(z[ch]);
+            }
+        }
+    }
+}
+
+/// The shared-state scan over rows in order: for each of the N state values,
+/// h = exp(dt A) h + dt B u, and `u` is overwritten with the readings C h.
+#[allow(clippy::too_many_arguments)]
+fn shared_scan(
+    layer: &Layer,
+    streams: &[usize],
+    states: &mut [State],
+    li: usize,
+    dbc: &[f32],
+    dt: &mut [f32],
+    u: &mut [f32],
+    r: usize,
+) {
+    let n = layer.a_t.len();
+    let width = r + 2 * n;
+    for (i, &st) in streams.iter().enumerate() {
+        let h = &mut states[st].layers[li].ssm;
+        let (b, c) = dbc[i * width + r..(i + 1) * width].split_at(n);
+        let (dt, u) = (&mut dt[i * n..(i + 1) * n], &mut u[i * n..(i + 1) * n]);
+        for j in 0..n {
+            let step = softplus(dt[j] + layer.dt_b[j]);
+            h[j] = crate::math::exp(step * layer.a_t[j]) * h[j] + step * b[j] * u[j];
+            u[j] = c[j] * h[j];
+        }
+    }
+}
+
+
+/// The scan pass with AVX-512 intrinsics where the channel range is whole vectors, else the
+/// portable loop. Same arithmetic as `scan_range` (to rounding: FMAs, and 2^k by `vscalefps`).
+fn scan_pass(io: MixerIo, c0: usize, c1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512() && (c1 - c0).is_multiple_of(16) && c0.is_multiple_of(16) {
+        // SAFETY: AVX-512F is present; the range is whole 16-channel vectors inside d_inner.
+        return unsafe { scan_range_avx512(io, c0, c1) };
+    }
+    scan_range(io, c0, c1)
+}
+
+/// e^x for 16 lanes: 2^k * P(r), the polynomial of `math::exp`, 2^k applied by `vscalefps`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for.
+    unsafe {
+        use std::arch::x86_64::*;
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(88.0),
+        );
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, k)
+    }
+}
+
+/// `scan_range` for 16-channel vectors: per vector of channels, the N state rows are updated with
+/// y kept in a register (one load and store of y, dt and x per row instead of N).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn scan_range_avx512(io: MixerIo, c0: usize, c1: usize) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for, and the range c0..c1 is whole 16-channel vectors of this call's own channels, so every load and store stays inside the rows and states it owns (see `mixer_split`).
+    unsafe {
+        use std::arch::x86_64::*;
+        let (di, n, r, w) = (io.di, io.n, io.r, c1 - c0);
+        let layer = io.layer;
+        let width = r + 2 * n;
+        for (i, &st) in io.streams.iter().enumerate() {
+            // SAFETY (all slices): this call owns channels c0..c1 of every row and state.
+            let dt = io.dt.part(i * di + c0, w);
+            let y = io.y.part(i * di + c0, w);
+            let x = io.xc.part(i * di + c0, w);
+            for v in (0..w).step_by(16) {
+                let raw = _mm512_add_ps(
+                    _mm512_loadu_ps(dt.as_ptr().add(v)),
+                    _mm512_loadu_ps(layer.dt_b.as_ptr().add(c0 + v)),
+                );
+                _mm512_storeu_ps(dt.as_mut_ptr().add(v), softplus16(raw));
+            }
+            let bc = &io.dbc[i * width + r..(i + 1) * width];
+            // Raw: the other threads own the other channels of the same state rows.
+            let (h, len) = io.ssm[st].raw();
+            assert!((n - 1) * di + c1 <= len);
+            for v in (0..w).step_by(16) {
+                let dtv = _mm512_loadu_ps(dt.as_ptr().add(v));
+                let dx = _mm512_mul_ps(dtv, _mm512_loadu_ps(x.as_ptr().add(v)));
+                let mut acc = _mm512_setzero_ps();
+                for j in 0..n {
+                    let at = j * di + c0 + v;
+                    let a = _mm512_loadu_ps(layer.a_t.as_ptr().add(at));
+                    let hp = h.add(at);
+                    let decay = exp16(_mm512_mul_ps(dtv, a));
+                    let hv = _mm512_fmadd_ps(
+                        decay,
+                        _mm512_loadu_ps(hp),
+                        _mm512_mul_ps(dx, _mm512_set1_ps(bc[j])),
+                    );
+                    _mm512_storeu_ps(hp, hv);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(bc[n + j]), hv, acc);
+                }
+                _mm512_storeu_ps(y.as_mut_ptr().add(v), acc);
+            }
+            let z = io.xz.as_ptr().add(i * 2 * di + di + c0);
+            let dskip = layer.d_skip.as_ptr().add(c0);
+            for v in (0..w).step_by(16) {
+                let yv = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(dskip.add(v)),
+                    _mm512_loadu_ps(x.as_ptr().add(v)),
+                    _mm512_loadu_ps(y.as_ptr().add(v)),
+                );
+                let zv = _mm512_loadu_ps(z.add(v));
+                let gate = _mm512_mul_ps(
+                    zv,
+                    recip16(_mm512_add_ps(
+                        _mm512_set1_ps(1.0),
+                        exp16(_mm512_sub_ps(_mm512_setzero_ps(), zv)),
+                    )),
+                );
+                _mm512_storeu_ps(y.as_mut_ptr().add(v), _mm512_mul_ps(yv, gate));
+            }
+        }
+    }
+}
+
+/// 1 / d for 16 lanes without a division: `vrcp14ps` and one Newton step (~2^-28 relative).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn recip16(d: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for.
+    unsafe {
+        use std::arch::x86_64::*;
+        let r = _mm512_rcp14_ps(d);
+        _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)))
+    }
+}
+
+/// softplus for 16 lanes: max(v, 0) + ln(1 + t), t = e^-|v| in (0, 1], as 2 atanh(t / (2 + t))
+/// (a series in s^2 with s <= 1/3, to ~1e-7), with no division.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn softplus16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for.
+    unsafe {
+        use std::arch::x86_64::*;
+        let t = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
+        let sv = _mm512_mul_ps(t, recip16(_mm512_add_ps(t, _mm512_set1_ps(2.0))));
+        let s2 = _mm512_mul_ps(sv, sv);
+        let mut p = _mm512_set1_ps(1.0 / 11.0);
+        for c in [1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
+            p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(c));
+        }
+        let log1p = _mm512_mul_ps(_mm512_add_ps(sv, sv), p);
+        _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), log1p)
+    }
+}
+
+
+/// Runs a channel-range pass over all channels: split between threads when there is enough work.
+/// Rows from which a call's conv and scan split their channels between threads (fewer rows
+/// are too little work for a hand-off).
+const SPLIT_CHANNELS_FROM_ROWS: usize = 64;
+
+/// Runs a channel-range pass over all channels, split by channel range between the threads
+/// `par` allows when there is enough work. The ranges are disjoint and whole 16-channel vectors,
+/// which is what makes the passes' `Disjoint` parts safe.
+fn mixer_split(io: MixerIo, pass: fn(MixerIo, usize, usize), par: Par) {
+    if io.streams.len() < SPLIT_CHANNELS_FROM_ROWS {
+        return pass(io, 0, io.di);
+    }
+    match par {
+        Par::Serial => pass(io, 0, io.di),
+        Par::Pair => {
+            let mid = (io.di / 2).next_multiple_of(16).min(io.di);
+            crate::exec::pair::both(|half| {
+                let (c0, c1) = if half == 0 { (0, mid) } else { (mid, io.di) };
+                pass(io, c0, c1)
+            })
+        }
+        Par::Pool(threads) => {
+            let chunk = io.di.div_ceil(threads).next_multiple_of(16);
+            rayon::scope(|s| {
+                for c0 in (0..io.di).step_by(chunk) {
+                    s.spawn(move |_| pass(io, c0, (c0 + chunk).min(io.di)));
+                }
+            });
+        }
+    }
+}
+
+/// The mixer of one layer over all rows: `s.h` (the normed input, [rows, d]) -> `s.out`
+/// ([rows, d]), updating each stream's conv buffer and SSM state in row order.
+///   xz = in_proj h; xc = silu(conv(x)); (dt, B, C) = x_proj xc; dt = dt_proj dt
+///   y = scan(xc, softplus(dt), A, B, C) + D xc; y *= silu(z); out = out_proj y
+pub(super) fn mixer_rows(
+    layer: &Layer,
+    li: usize,
+    cfg: &ModelConfig,
+    streams: &[usize],
+    states: &mut [State],
+    s: &mut Scratch,
+    par: Par,
+) {
+    let (di, n, r, k) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank, cfg.d_conv);
+    let rows = streams.len();
+    let xz = grow(&mut s.xz, rows * 2 * di);
+    layer.in_proj.matmul(&s.h, xz, &mut s.q, par);
+    s.conv_ptrs.clear();
+    s.ssm_ptrs.clear();
+    for st in states.iter_mut() {
+        let ls = &mut st.layers[li];
+        s.conv_ptrs.push(Disjoint::new(&mut ls.conv));
+        s.ssm_ptrs.push(Disjoint::new(&mut ls.ssm));
+    }
+    let xc = grow(&mut s.xc, rows * di);
+    let dt = grow(&mut s.dt, rows * layer.dt_b.len());
+    let y = grow(&mut s.y, rows * di);
+    let dbc = grow(&mut s.dbc, rows * (r + 2 * n));
+    let io = MixerIo {
+        layer,
+        streams,
+        conv: &s.conv_ptrs,
+        ssm: &s.ssm_ptrs,
+        xz,
+        dbc: &[],
+        xc: Disjoint::new(xc),
+        dt: Disjoint::new(dt),
+        y: Disjoint::new(y),
+        di,
+        n,
+        r,
+        k,
+    };
+    mixer_split(io, conv_range, par);
+    layer.x_proj.matmul(xc, dbc, &mut s.q, par);
+    let dt_low = grow(&mut s.dt_low, rows * r);
+    for (lo, row) in dt_low.chunks_exact_mut(r).zip(dbc.chunks_exact(r + 2 * n)) {
+        lo.copy_from_slice(&row[..r]);
+    }
+    layer.dt_proj.matmul(dt_low, dt, &mut s.q, par);
+    match &layer.shared {
+        None => {
+            // Fresh parts: the matmuls above wrote through the slices themselves.
+            let io = MixerIo {
+                dbc,
+                xc: Disjoint::new(xc),
+                dt: Disjoint::new(dt),
+                y: Disjoint::new(y),
+                ..io
+            };
+            mixer_split(io, scan_pass, par)
+        }
+        Some(sio) => {
+            let u = grow(&mut s.u, rows * n);
+            sio.ssm_in.matmul(xc, u, &mut s.q, par);
+            shared_scan(layer, streams, states, li, dbc, dt, u, r);
+            sio.ssm_out.matmul(u, y, &mut s.q, par);
+            for (i, yr) in y.chunks_exact_mut(di).enumerate() {
+                let (x, z) = (
+                    &xc[i * di..(i + 1) * di],
+                    &xz[i * 2 * di + di..(i + 1) * 2 * di],
+                );
+                for ch in 0..di {
+                    yr[ch] = (yr[ch] + layer.d_skip[ch] * x[ch]) * silu(z[ch]);
+                }
+            }
+        }
+    }
+    let out = grow(&mut s.out, rows * cfg.d_model);
+    layer.out_proj.matmul(y, out, &mut s.q, par);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The division-free AVX-512 softplus and reciprocal agree with f64 math.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_softplus_and_reciprocal_are_accurate() {
+        use std::arch::x86_64::*;
+        if !crate::simd::has_avx512() {
+            return;
+        }
+        let xs: Vec<f32> = (0..1600).map(|i| -40.0 + i as f32 * 0.05).collect();
+        for chunk in xs.chunks_exact(16) {
+            let (mut sp, mut rc) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: AVX-512F is present (checked above); arrays of 16 lanes.
+            unsafe {
+                let v = _mm512_loadu_ps(chunk.as_ptr());
+                _mm512_storeu_ps(sp.as_mut_ptr(), softplus16(v));
+                let d = _mm512_add_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.5));
+                _mm512_storeu_ps(rc.as_mut_ptr(), recip16(d));
+            }
+            for (i, &x) in chunk.iter().enumerate() {
+                let x = x as f64;
+                let want = x.max(0.0) + (-x.abs()).exp().ln_1p();
+                assert!(
+                    (sp[i] as f64 - want).abs() <= 2e-7 * want.max(1.0),
+                    "softplus({x})"
+                );
+                let want = 1.0 / (x.abs() + 0.5);
+                assert!(
+                    (rc[i] as f64 - want).abs() <= 2e-7 * want,
+                    "1/{}",
+                    x.abs() + 0.5
+                );
+            }
+        }
+    }
+}

@@ -5,9 +5,9 @@
 //! Run with `cargo bench -p itera-core`; throughput is reported in multiply-adds per second.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use itera_core::kernels::{Matrix, QuantizedRows};
 use itera_core::exec::Par;
 use itera_core::format::dtype::DType;
+use itera_core::kernels::{Matrix, QuantizedRows};
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)

@@ -143,7 +143,11 @@ pub fn read_bandwidth(bytes: usize) -> (f64, usize) {
     let buf: Vec<f32> = (0..bytes.div_ceil(4)).map(|i| (i % 7) as f32).collect();
     let halves = buf.split_at(buf.len() / 2 / 16 * 16);
     let halves = [halves.0, halves.1];
-    let cores = if rayon::current_num_threads() > 1 { 2 } else { 1 };
+    let cores = if rayon::current_num_threads() > 1 {
+        2
+    } else {
+        1
+    };
     let mut best = 0f64;
     // At least 50 ms of passes: a fresh helper thread can start on this thread's core, and the
     // scheduler takes a few milliseconds to move it.
@@ -217,11 +221,12 @@ fn fma_kernel() -> (FmaKernel, &'static str) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY (both): called only where the CPU has the features, checked here.
+            // SAFETY: AVX-512F is present (checked just above).
             return (|n| unsafe { fma_avx512(n) }, "avx512");
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
+            // SAFETY: AVX2 and FMA are present (checked just above).
             return (|n| unsafe { fma_avx2(n) }, "avx2+fma");
         }
     }

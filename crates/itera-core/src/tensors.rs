@@ -130,7 +130,7 @@ pub struct AttentionSpec {
 
 #[derive(Clone, Debug)]
 pub enum MixerSpec {
-    Ssm(SsmSpec),
+    Ssm(Box<SsmSpec>),
     Attention(AttentionSpec),
 }
 
@@ -232,7 +232,7 @@ impl ModelSpec {
                     let shared = cfg.mixer == Mixer::SharedState;
                     let states = if shared { n } else { di };
                     let a_shape: &[usize] = if shared { &[n] } else { &[di, n] };
-                    MixerSpec::Ssm(SsmSpec {
+                    MixerSpec::Ssm(Box::new(SsmSpec {
                         in_proj: Spec::new(
                             m("in_proj.weight"),
                             &[2 * di, d],
@@ -258,12 +258,7 @@ impl ModelSpec {
                             Init::Uniform(1.0 / (r as f64).sqrt()),
                             Role::LowRank,
                         ),
-                        dt_bias: Spec::new(
-                            m("dt_proj.bias"),
-                            &[states],
-                            Init::DtBias,
-                            Role::Param,
-                        ),
+                        dt_bias: Spec::new(m("dt_proj.bias"), &[states], Init::DtBias, Role::Param),
                         shared: shared.then(|| {
                             (
                                 Spec::new(
@@ -288,7 +283,7 @@ impl ModelSpec {
                             Init::Normal(proj_std),
                             Role::Projection,
                         ),
-                    })
+                    }))
                 };
                 let moe = cfg.is_moe_layer(l).then(|| {
                     let experts = cfg.experts_in_layer(l);
@@ -427,7 +422,9 @@ impl ModelSpec {
         for l in &self.layers {
             add("norms", &[&l.norm]);
             match &l.mixer {
-                MixerSpec::Attention(a) => add("mixer (attention) x layers", &[&a.qkv, &a.out_proj]),
+                MixerSpec::Attention(a) => {
+                    add("mixer (attention) x layers", &[&a.qkv, &a.out_proj])
+                }
                 MixerSpec::Ssm(s) => {
                     let mut all = vec![&s.in_proj, &s.conv, &s.conv_bias, &s.x_proj, &s.dt_proj];
                     all.extend([&s.dt_bias, &s.a_log, &s.d, &s.out_proj]);

@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use itera_core::gguf::{model_metadata, GgufFile, TensorData};
+use itera_core::format::dtype::{DType, BLOCK};
+use itera_core::format::gguf::{self, GgufFile};
 use itera_core::kernels::Matrix;
-use itera_core::quant::{self, DType};
 use itera_core::runtime::TensorSource;
-use itera_core::{Error, ModelDir, Result, Weights};
+use itera_core::tensors::{ModelSpec, Spec};
+use itera_core::{Error, ModelConfig, ModelDir, Result, Weights};
 use serde::{Deserialize, Serialize};
 
 /// The block types a weight matrix may take, from most to fewest bits.
@@ -39,14 +40,11 @@ impl Scheme {
     }
 }
 
-/// Whether a tensor may leave f32: 2-D weight matrices with whole blocks per row. Norms, biases,
-/// A_log, D, the conv kernel, dt_proj (8 columns) and the MoE router stay f32, as llama.cpp does
-/// for Mamba's small tensors and routers.
-pub fn quantizable(name: &str, shape: &[usize]) -> bool {
-    let small = ["norm", "conv", "A_log", ".D", "bias", "dt_proj", "router"];
-    shape.len() == 2
-        && shape[1].is_multiple_of(quant::BLOCK)
-        && !small.iter().any(|s| name.contains(s))
+/// Whether a tensor may leave f32: the tensor table's weight matrices with whole blocks per row.
+/// Norms, biases, A_log, D, the conv kernel, dt_proj and the MoE router stay f32, as llama.cpp
+/// does for Mamba's small tensors and routers.
+pub fn quantizable(spec: &Spec) -> bool {
+    spec.quantizable(BLOCK)
 }
 
 /// A storage type per tensor name (tensors not listed stay f32).
@@ -56,13 +54,13 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Every quantizable tensor of `weights` in `dtype`.
-    pub fn uniform(weights: &Weights, dtype: DType) -> Self {
-        let types = weights
-            .tensors
-            .iter()
-            .filter(|(n, t)| quantizable(n, t.dims()))
-            .map(|(n, _)| (n.clone(), dtype))
+    /// Every quantizable tensor of a model of `cfg` in `dtype`.
+    pub fn uniform(cfg: &ModelConfig, dtype: DType) -> Self {
+        let types = ModelSpec::new(cfg)
+            .all()
+            .into_iter()
+            .filter(|s| quantizable(s))
+            .map(|s| (s.name.clone(), dtype))
             .collect();
         Self { types }
     }
@@ -72,13 +70,14 @@ impl Plan {
     }
 
     /// Checks that every named tensor exists and can take its type.
-    pub fn validate(&self, weights: &Weights) -> Result<()> {
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        let spec = ModelSpec::new(cfg);
         for (name, &dtype) in &self.types {
-            let t = weights.tensors.get(name).ok_or_else(|| Error::Tensor {
+            let t = spec.get(name).ok_or_else(|| Error::Tensor {
                 name: name.clone(),
                 message: "named in the plan but not in the model".into(),
             })?;
-            if dtype != DType::F32 && dtype.block_len() > 1 && !quantizable(name, t.dims()) {
+            if dtype != DType::F32 && dtype.block_len() > 1 && !quantizable(t) {
                 return Err(Error::Tensor {
                     name: name.clone(),
                     message: format!("cannot be stored as {} (kept f32 by design)", dtype.name()),
@@ -89,11 +88,11 @@ impl Plan {
     }
 
     /// Average bits per weight over every tensor of the model (f32 ones included).
-    pub fn bits_per_weight(&self, weights: &Weights) -> f64 {
+    pub fn bits_per_weight(&self, cfg: &ModelConfig) -> f64 {
         let (mut bits, mut n) = (0.0, 0usize);
-        for (name, t) in &weights.tensors {
-            bits += self.dtype(name).bits_per_weight() * t.elem_count() as f64;
-            n += t.elem_count();
+        for s in ModelSpec::new(cfg).all() {
+            bits += self.dtype(&s.name).bits_per_weight() * s.len() as f64;
+            n += s.len();
         }
         bits / n.max(1) as f64
     }
@@ -105,30 +104,19 @@ impl Plan {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("plan serialises");
-        itera_core::checkpoint::write_atomic(path, json.as_bytes())
+        itera_core::format::write_atomic(path, json.as_bytes())
     }
 
     /// The model as one GGUF: metadata, config, tokenizer and every tensor in its planned type.
     pub fn to_gguf(&self, model: &ModelDir, name: &str) -> Result<GgufFile> {
-        self.validate(&model.weights)?;
-        let mut tensors = Vec::new();
-        for (tname, t) in &model.weights.tensors {
-            let values = t.flatten_all()?.to_vec1::<f32>()?;
-            let dtype = self.dtype(tname);
-            tensors.push(TensorData {
-                name: tname.clone(),
-                shape: t.dims().to_vec(),
-                dtype,
-                bytes: quant::quantize(dtype, &values).map_err(|e| Error::Tensor {
-                    name: tname.clone(),
-                    message: e.to_string(),
-                })?,
-            });
-        }
-        Ok(GgufFile {
-            metadata: model_metadata(&model.config, &model.tokenizer.to_json()?, name),
-            tensors,
-        })
+        self.validate(&model.config)?;
+        gguf::model_file(
+            &model.config,
+            &model.tokenizer.to_json()?,
+            name,
+            |n| Ok(model.weights.values(n)?.to_vec()),
+            |s| self.dtype(&s.name),
+        )
     }
 }
 
@@ -140,51 +128,50 @@ pub struct PlannedWeights<'a> {
 }
 
 impl TensorSource for PlannedWeights<'_> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let values = self.weights.values(name)?;
+    fn matrix(&self, spec: &Spec) -> Result<Matrix> {
+        let values = self.weights.values(&spec.name)?;
+        let (rows, cols) = spec.rows_cols();
         if values.len() != rows * cols {
             return Err(Error::Tensor {
-                name: name.into(),
-                message: format!("{} values, expected [{rows}, {cols}]", values.len()),
+                name: spec.name.clone(),
+                message: format!("{} values, expected {:?}", values.len(), spec.shape),
             });
         }
         let dtype = if rows > 1 {
-            self.plan.dtype(name)
+            self.plan.dtype(&spec.name)
         } else {
             DType::F32
         };
-        Matrix::quantize(dtype, rows, cols, &values)
+        Matrix::quantize(dtype, rows, cols, values)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use itera_core::ModelConfig;
 
     #[test]
     fn plans_keep_small_tensors_f32_and_reject_bad_names() {
         let cfg = ModelConfig::preset("micro").unwrap();
-        let w = Weights::init(&cfg, 1).unwrap();
-        let plan = Plan::uniform(&w, DType::Q4_0);
+        let plan = Plan::uniform(&cfg, DType::Q4_0);
         assert!(plan.types.contains_key("embed.weight"));
         assert!(plan.types.contains_key("layers.0.mixer.in_proj.weight"));
         assert!(!plan
             .types
             .keys()
             .any(|k| k.contains("router") || k.contains("norm")));
-        let bits = plan.bits_per_weight(&w);
+        let bits = plan.bits_per_weight(&cfg);
         assert!(bits > 4.5 && bits < 6.0, "{bits}");
         let mut bad = plan.clone();
         bad.types.insert("layers.9.nope".into(), DType::Q8_0);
         assert!(bad
-            .validate(&w)
+            .validate(&cfg)
             .unwrap_err()
             .to_string()
             .contains("layers.9.nope"));
         let mut bad = plan.clone();
         bad.types.insert("layers.0.norm.weight".into(), DType::Q8_0);
-        assert!(bad.validate(&w).is_err());
+        assert!(bad.validate(&cfg).is_err());
         assert!(Scheme::parse("q3_k").is_err());
         assert_eq!(Scheme::parse("mixed").unwrap(), Scheme::Mixed);
     }

@@ -2,10 +2,11 @@
 //! held-out text how far the next-token distributions move from f32 (mean KL divergence) and how
 //! much the loss changes. A mixed-precision plan is then chosen from those measurements.
 
-use itera_core::loss::log_sum_exp;
-use itera_core::quant::DType;
+use itera_core::format::dtype::DType;
+use itera_core::math::log_sum_exp;
 use itera_core::runtime::{Runtime, TensorSource};
-use itera_core::{Error, ModelDir, Result};
+use itera_core::tensors::ModelSpec;
+use itera_core::{Error, ModelConfig, ModelDir, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Plan, PlannedWeights};
@@ -84,12 +85,11 @@ pub fn measure(
     let base_rt = Runtime::new(&model.config, &model.weights)?;
     let (base, base_nll) = log_probs(&base_rt, &start, &ids)?;
     drop(base_rt);
-    let tensors: Vec<(String, usize)> = model
-        .weights
-        .tensors
-        .iter()
-        .filter(|(n, t)| crate::plan::quantizable(n, t.dims()))
-        .map(|(n, t)| (n.clone(), t.elem_count()))
+    let tensors: Vec<(String, usize)> = ModelSpec::new(&model.config)
+        .all()
+        .into_iter()
+        .filter(|s| crate::plan::quantizable(s))
+        .map(|s| (s.name.clone(), s.len()))
         .collect();
     let total = tensors.len() * candidates.len();
     let mut entries = Vec::with_capacity(total);
@@ -126,7 +126,7 @@ impl SensitivityReport {
     /// included) that keeps the summed measured KL small: every tensor starts at its most precise
     /// candidate, then the step with the least KL added per bit saved is taken until the budget is
     /// met. Errors if the budget is below what the cheapest candidates reach.
-    pub fn choose_mixed(&self, weights: &itera_core::Weights, bits: f64) -> Result<Plan> {
+    pub fn choose_mixed(&self, cfg: &ModelConfig, bits: f64) -> Result<Plan> {
         use std::collections::BTreeMap;
         // Per tensor: candidates sorted by bits, descending, keeping only Pareto-better steps.
         let mut options: BTreeMap<&str, Vec<(f64, f64, DType)>> = BTreeMap::new();
@@ -149,8 +149,9 @@ impl SensitivityReport {
             opts.dedup_by(|a, b| a.0 == b.0);
         }
         let mut choice: BTreeMap<&str, usize> = options.keys().map(|k| (*k, 0)).collect();
-        let total: usize = weights.tensors.values().map(|t| t.elem_count()).sum();
-        let params = |name: &str| weights.tensors.get(name).map_or(0, |t| t.elem_count());
+        let spec = ModelSpec::new(cfg);
+        let total = spec.parameter_count();
+        let params = |name: &str| spec.get(name).map_or(0, |s| s.len());
         let plan_of = |choice: &BTreeMap<&str, usize>| Plan {
             types: choice
                 .iter()
@@ -159,12 +160,12 @@ impl SensitivityReport {
         };
         loop {
             let plan = plan_of(&choice);
-            let avg = plan.bits_per_weight(weights);
+            let avg = plan.bits_per_weight(cfg);
             if avg <= bits + 1e-9 {
                 // The last step may have overshot: spend what is left of the budget on the
                 // upgrades that remove the most KL, while they fit.
                 loop {
-                    let spare = (bits - plan_of(&choice).bits_per_weight(weights)) * total as f64;
+                    let spare = (bits - plan_of(&choice).bits_per_weight(cfg)) * total as f64;
                     let best = choice
                         .iter()
                         .filter(|(_, &i)| i > 0)

@@ -3,7 +3,6 @@
 //! once (continuing from the longest cached prompt prefix), then it joins the batch; a finished or
 //! cancelled stream leaves it at the next step.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +13,7 @@ use itera_core::tokenizer::{StreamDecoder, END_OF_TEXT};
 use tokio::sync::mpsc;
 
 use crate::cache::PromptCache;
+use crate::metrics::Metrics;
 
 /// What a request asks the engine for (already validated and tokenized).
 pub struct Job {
@@ -34,23 +34,6 @@ pub enum Event {
         completion_tokens: usize,
     },
     Error(String),
-}
-
-/// Counters for /metrics (monotonic unless named as a gauge).
-#[derive(Default)]
-pub struct Metrics {
-    pub requests: AtomicU64,
-    pub rejected: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub generated_tokens: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub cached_tokens: AtomicU64,
-    pub cancelled: AtomicU64,
-    /// Gauge: streams in the decode batch.
-    pub active: AtomicU64,
-    /// Gauge: generated tokens per second over the last second (f64 bits).
-    pub tokens_per_s: AtomicU64,
 }
 
 pub struct EngineConfig {
@@ -102,7 +85,7 @@ pub fn run(
                 }
             };
             if job.events.is_closed() {
-                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                metrics.cancelled.inc();
                 continue;
             }
             let sampler = match Sampler::new(job.params.clone()) {
@@ -129,16 +112,12 @@ pub fn run(
                 l
             };
             if reused > 0 {
-                metrics.cache_hits.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .cached_tokens
-                    .fetch_add(reused as u64, Ordering::Relaxed);
+                metrics.cache_hits.inc();
+                metrics.cached_tokens.inc_by(reused as u64);
             } else {
-                metrics.cache_misses.fetch_add(1, Ordering::Relaxed);
+                metrics.cache_misses.inc();
             }
-            metrics
-                .prompt_tokens
-                .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
             active.push(Active {
                 job,
                 sampler,
@@ -161,17 +140,15 @@ pub fn run(
                 }
                 None => {
                     if active[i].job.events.is_closed() {
-                        metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                        metrics.cancelled.inc();
                     }
-                    metrics
-                        .generated_tokens
-                        .fetch_add(active[i].generated as u64, Ordering::Relaxed);
+                    metrics.generated_tokens.inc_by(active[i].generated as u64);
                     active.swap_remove(i);
                     states.swap_remove(i);
                 }
             }
         }
-        metrics.active.store(active.len() as u64, Ordering::Relaxed);
+        metrics.active.set(active.len() as i64);
         if active.is_empty() {
             continue;
         }
@@ -189,9 +166,7 @@ pub fn run(
         let elapsed = window_start.elapsed().as_secs_f64();
         if elapsed >= 1.0 {
             let rate = window_tokens as f64 / elapsed;
-            metrics
-                .tokens_per_s
-                .store(rate.to_bits(), Ordering::Relaxed);
+            metrics.tokens_per_s.set(rate);
             (window_start, window_tokens) = (Instant::now(), 0);
         }
     }

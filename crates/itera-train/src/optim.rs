@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
+use itera_core::tensors::HostTensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -107,24 +108,22 @@ impl AdamW {
     }
 
     /// Moments as tensors named `m.<var>` / `v.<var>`, for the checkpoint.
-    pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+    pub fn state_tensors(&self) -> BTreeMap<String, HostTensor> {
         let mut out = BTreeMap::new();
         for (name, s) in &self.slots {
+            let shape = s.var.dims().to_vec();
             out.insert(
                 format!("m.{name}"),
-                Tensor::from_slice(&s.m, s.var.shape(), &Device::Cpu)?,
+                HostTensor::new(shape.clone(), s.m.clone()),
             );
-            out.insert(
-                format!("v.{name}"),
-                Tensor::from_slice(&s.v, s.var.shape(), &Device::Cpu)?,
-            );
+            out.insert(format!("v.{name}"), HostTensor::new(shape, s.v.clone()));
         }
-        Ok(out)
+        out
     }
 
     pub fn load_state(
         &mut self,
-        tensors: &BTreeMap<String, Tensor>,
+        tensors: &BTreeMap<String, HostTensor>,
         t: u64,
         origin: &str,
     ) -> Result<()> {
@@ -134,17 +133,18 @@ impl AdamW {
                 let t = tensors.get(&key).ok_or_else(|| {
                     Error::file(origin, format!("missing optimizer tensor `{key}`"))
                 })?;
-                if t.elem_count() != dst.len() {
+                if t.data.len() != dst.len() {
                     return Err(Error::file(
                         origin,
                         format!(
                             "optimizer tensor `{key}` has {} values, expected {}",
-                            t.elem_count(),
+                            t.data.len(),
                             dst.len()
                         ),
                     ));
                 }
-                *dst = t.flatten_all()?.to_vec1::<f32>()?;
+                itera_core::tensors::check_finite(&key, &t.data, origin)?;
+                dst.clone_from(&t.data);
             }
         }
         self.t = t;

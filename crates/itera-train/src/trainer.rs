@@ -6,16 +6,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
-use itera_core::checkpoint::{load_tensors, save_tensors, write_atomic, ModelDir};
-use itera_core::weights::decays;
-use itera_core::{Model, ModelConfig, Tokenizer, Weights};
+use candle_core::Var;
+use itera_core::format::safetensors as st;
+use itera_core::format::write_atomic;
+use itera_core::tensors::ModelSpec;
+use itera_core::{ModelConfig, ModelDir, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{batch_at, train_offsets, valid_offsets, Corpus};
 use crate::error::{Error, Result};
 use crate::optim::{learning_rate, AdamW, AdamWConfig};
 use crate::plot::plot_losses;
+use crate::reference::{Model, Params};
 
 /// Everything that defines a run besides the model; saved with each checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -137,22 +139,27 @@ pub struct Run {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
     pub options: TrainOptions,
-    weights: Weights,
+    params: Params,
     opt: AdamW,
     step: usize,
     best_val_loss: Option<f64>,
     elapsed_s: f64,
 }
 
-fn vars_of(weights: &Weights) -> Result<(Weights, BTreeMap<String, Var>)> {
+/// Trainable copies of the weights, and the optimizer over them (AdamW decays what the tensor
+/// table says decays).
+fn trainable(cfg: &ModelConfig, weights: &Weights, o: &TrainOptions) -> Result<(Params, AdamW)> {
     let mut vars = BTreeMap::new();
     let mut tensors = BTreeMap::new();
-    for (name, t) in &weights.tensors {
+    for (name, t) in &Params::from_weights(weights)?.tensors {
         let v = Var::from_tensor(t)?;
         tensors.insert(name.clone(), v.as_tensor().clone());
         vars.insert(name.clone(), v);
     }
-    Ok((Weights { tensors }, vars))
+    let spec = ModelSpec::new(cfg);
+    let decays = |name: &str, _: &[usize]| spec.get(name).is_none_or(|s| s.decays());
+    let opt = AdamW::new(o.optimizer.clone(), &vars, decays);
+    Ok((Params { tensors }, opt))
 }
 
 impl Run {
@@ -176,15 +183,14 @@ impl Run {
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
         let init = Weights::init(&config, options.seed)?;
-        let (weights, vars) = vars_of(&init)?;
-        let opt = AdamW::new(options.optimizer.clone(), &vars, decays);
+        let (params, opt) = trainable(&config, &init, &options)?;
         let _ = std::fs::remove_file(dir.join(METRICS_FILE));
         Ok(Self {
             dir: dir.into(),
             config,
             tokenizer,
             options,
-            weights,
+            params,
             opt,
             step: 0,
             best_val_loss: None,
@@ -210,11 +216,13 @@ impl Run {
                 state.step, options.steps
             )));
         }
-        let (weights, vars) = vars_of(&model.weights)?;
-        let mut opt = AdamW::new(options.optimizer.clone(), &vars, decays);
+        options
+            .validate()
+            .map_err(|e| Error::file(&state_path, e))?;
+        let (params, mut opt) = trainable(&model.config, &model.weights, &options)?;
         let opt_path = ck.join(OPTIMIZER_FILE);
         opt.load_state(
-            &load_tensors(&opt_path)?,
+            &st::read(&opt_path)?.0,
             state.step as u64,
             &opt_path.display().to_string(),
         )?;
@@ -223,7 +231,7 @@ impl Run {
             config: model.config,
             tokenizer: model.tokenizer,
             options,
-            weights,
+            params,
             opt,
             step: state.step,
             best_val_loss: state.best_val_loss,
@@ -235,6 +243,27 @@ impl Run {
 
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Tokenizes the run's training and validation text. Without validation files, the
+    /// held-out slice of each training file is kept under `heldout/`, so each source can be
+    /// evaluated later with `itera eval`.
+    pub fn load_corpus(&self) -> Result<Corpus> {
+        let o = &self.options;
+        let corpus = Corpus::load(&self.tokenizer, &o.train_files, &o.valid_files, o.holdout)?;
+        for (name, text) in &corpus.heldout {
+            write_atomic(&self.dir.join("heldout").join(name), text.as_bytes())?;
+        }
+        Ok(corpus)
+    }
+
+    /// Sets the total steps to `epochs` passes over the corpus's training tokens.
+    pub fn set_epochs(&mut self, epochs: f64, corpus: &Corpus) {
+        let o = &self.options;
+        let per_step = (o.batch_size * o.seq_len) as f64;
+        self.options.steps = ((epochs * corpus.train.len() as f64) / per_step)
+            .ceil()
+            .max(1.0) as usize;
     }
 
     /// Drops metric lines past the checkpoint so a resumed run's log has no duplicates.
@@ -283,9 +312,9 @@ impl Run {
                 o.seq_len + 1
             )));
         }
-        let detached = Weights {
+        let detached = Params {
             tensors: self
-                .weights
+                .params
                 .tensors
                 .iter()
                 .map(|(k, t)| (k.clone(), t.detach()))
@@ -348,7 +377,7 @@ impl Run {
             total_steps: o.steps,
             train_tokens: corpus.train.len(),
             valid_tokens: corpus.valid.len(),
-            parameters: self.weights.parameter_count(),
+            parameters: self.params.parameter_count(),
         });
         let started = Instant::now();
         let base_elapsed = self.elapsed_s;
@@ -363,7 +392,7 @@ impl Run {
                 self.step,
             );
             let (x, y) = batch_at(&corpus.train, &offsets, o.seq_len)?;
-            let model = Model::new(&self.config, &self.weights);
+            let model = Model::new(&self.config, &self.params);
             let (ce, aux) = model.loss(&x, &y)?;
             let loss = (&ce + (&aux * o.aux_weight)?)?;
             let grads = loss.backward()?;
@@ -416,9 +445,10 @@ impl Run {
         let tmp = self.dir.join(format!("{name}.tmp"));
         let old = self.dir.join(format!("{name}.old"));
         let _ = std::fs::remove_dir_all(&tmp);
-        ModelDir::save(&tmp, &self.config, &self.weights, &self.tokenizer)?;
+        ModelDir::save(&tmp, &self.config, &self.weights()?, &self.tokenizer)?;
         if full {
-            save_tensors(&self.opt.state_tensors()?, &tmp.join(OPTIMIZER_FILE))?;
+            let path = tmp.join(OPTIMIZER_FILE);
+            st::write(&path, &self.opt.state_tensors(), Default::default())?;
             let state = TrainState {
                 step: self.step,
                 options: self.options.clone(),
@@ -477,16 +507,9 @@ impl Run {
         )
     }
 
-    /// Snapshot of the current weights as plain tensors (e.g. for a test or an export).
-    pub fn weights(&self) -> Weights {
-        Weights {
-            tensors: self
-                .weights
-                .tensors
-                .iter()
-                .map(|(k, t)| (k.clone(), t.detach()))
-                .collect::<BTreeMap<String, Tensor>>(),
-        }
+    /// Snapshot of the current weights (e.g. for a test, a checkpoint or an export).
+    pub fn weights(&self) -> Result<Weights> {
+        self.params.to_weights()
     }
 }
 

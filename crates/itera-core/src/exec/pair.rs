@@ -113,7 +113,13 @@ pub fn rest() {
 /// thread has its own share of the work).
 pub fn both<F: Fn(usize) + Sync>(f: F) {
     let h = match helper() {
-        Some(h) if h.busy.compare_exchange(false, true, Acquire, Relaxed).is_ok() => h,
+        Some(h)
+            if h.busy
+                .compare_exchange(false, true, Acquire, Relaxed)
+                .is_ok() =>
+        {
+            h
+        }
         _ => {
             f(0);
             f(1);

@@ -244,7 +244,8 @@ impl GgufFile {
                 "architecture `{arch}` is not {ARCHITECTURE}"
             )));
         }
-        let cfg = ModelConfig::from_json(self.get_str("itera-lite.config")?, "GGUF itera-lite.config")?;
+        let cfg =
+            ModelConfig::from_json(self.get_str("itera-lite.config")?, "GGUF itera-lite.config")?;
         // The llama.cpp-style keys must say what the embedded config says.
         for (key, want) in size_keys(&cfg) {
             let key = format!("{ARCHITECTURE}.{key}");

@@ -66,9 +66,10 @@ pub(super) fn has_avx512_vnni() -> bool {
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| crate::simd::has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni"))
+        *HAS.get_or_init(|| {
+            crate::simd::has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
-

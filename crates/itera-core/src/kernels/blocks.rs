@@ -255,7 +255,8 @@ unsafe fn rows16_avx512(
             let xd = pair_of(x.d.as_ptr().add(xr * nb + 2 * p));
             for (r, a) in acc.iter_mut().enumerate() {
                 let row = row0 + r;
-                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack.pair(m, row, nb, p), xv);
+                let isum =
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack.pair(m, row, nb, p), xv);
                 let sc = _mm512_mul_ps(pair_of(m.scale.as_ptr().add(row * nb + 2 * p)), xd);
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, *a);
             }
@@ -269,7 +270,6 @@ unsafe fn rows16_avx512(
         sum16(&acc)
     }
 }
-
 
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
 /// call so the set-up is paid once per matrix, not per row (the row kernel is inlined here).
@@ -345,7 +345,9 @@ pub(super) unsafe fn matmul_avx512(
     // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the assert below keeps every row read and every output written inside its buffer.
     unsafe {
         use std::arch::x86_64::_mm512_storeu_ps;
-        assert!((x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows);
+        assert!(
+            (x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows
+        );
         let mut r = 0;
         if nb.is_multiple_of(2) && nb <= 16 {
             // Groups of 16 weight rows (in L1 while every activation row passes).
@@ -451,7 +453,6 @@ pub(super) fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Bl
     }
     b
 }
-
 
 #[cfg(test)]
 mod tests {

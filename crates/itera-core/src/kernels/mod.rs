@@ -24,8 +24,8 @@ use crate::format::dtype::{self, DType, BLOCK};
 use crate::math::dot;
 use crate::simd::has_avx512;
 use avx512::has_avx512_vnni;
-use blocks::{quantize_rows, repack, Blocks};
 pub use blocks::QuantizedRows;
+use blocks::{quantize_rows, repack, Blocks};
 use panels::{pack_panels, PANEL};
 
 /// A [rows, cols] weight matrix, row-major, in its storage format, packed for the kernels.
@@ -44,7 +44,6 @@ enum Data {
     Half(Vec<u16>),
     Blocks(Blocks),
 }
-
 
 /// Below this many multiply-adds a call runs on the calling thread even when the pool may help:
 /// waking a sleeping worker costs tens of microseconds, more than small matmuls take (measured
@@ -323,7 +322,6 @@ crate::multiversion! {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +374,7 @@ mod tests {
         }
     }
 
+    /// Matmuls split with the pair helper (by weight rows for few activation rows, by activation
     /// rows for many) give the products of the same matmul on one thread.
     #[test]
     fn pair_split_matmuls_equal_one_thread_ones() {

@@ -227,8 +227,6 @@ unsafe fn tile_avx512<const R: usize>(
     }
 }
 
-
-
 impl Matrix {
     /// Several activation rows through the f32 micro-tiles: threads split the activation rows
     /// and walk the weight panels outermost (f32 panels are read in place; other formats decode
@@ -320,7 +318,18 @@ mod tests {
         let x = random(n * cols, 6);
         let (mut a, mut b) = (vec![0.0; n * rows], vec![0.0; n * rows]);
         panel_rows(&w, rows, cols, &x, n, &mut a, rows, 0, rows, false);
-        panel_rows_portable(&w, rows, cols, &x, n, Disjoint::new(&mut b), 0, rows, 0, rows);
+        panel_rows_portable(
+            &w,
+            rows,
+            cols,
+            &x,
+            n,
+            Disjoint::new(&mut b),
+            0,
+            rows,
+            0,
+            rows,
+        );
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()));
         }
@@ -337,7 +346,12 @@ mod tests {
         let mut buf = vec![0.0f32; rows * n + 32];
         let aligned = (64 - buf.as_ptr() as usize % 64) % 64 / 4;
         let mut q = QuantizedRows::default();
-        m.matmul(&x, &mut buf[aligned..aligned + rows * n], &mut q, Par::Serial);
+        m.matmul(
+            &x,
+            &mut buf[aligned..aligned + rows * n],
+            &mut q,
+            Par::Serial,
+        );
         let streamed = buf[aligned..aligned + rows * n].to_vec();
         let off = aligned + 1;
         m.matmul(&x, &mut buf[off..off + rows * n], &mut q, Par::Serial);

@@ -70,7 +70,14 @@ impl Runtime {
             streams.iter().for_each(|&st| per_stream[st] += 1);
             if per_stream.iter().filter(|&&c| c > 0).count() >= 2 * threads {
                 self.forward_split(
-                    tokens, streams, states, logit_rows, s, &per_stream, threads, on_pool,
+                    tokens,
+                    streams,
+                    states,
+                    logit_rows,
+                    s,
+                    &per_stream,
+                    threads,
+                    on_pool,
                 );
                 return Ok(());
             }
@@ -145,7 +152,6 @@ impl Runtime {
         };
         self.embed.matmul(h, logits, &mut s.q, par);
     }
-
 
     /// Several streams: each thread runs whole streams (a contiguous range of stream indices
     /// with about equal rows) through every layer on its own, so a call has one parallel region

@@ -39,6 +39,7 @@ crate::multiversion! {
             let out = unsafe { io.xc.part(i * di + c0, w) };
             out.copy_from_slice(&layer.conv_b[c0..c1]);
             for j in 0..k - 1 {
+                // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
                 let past = unsafe { io.conv[st].part(j * di + c0, w) };
                 let wj = &layer.conv_t[j * di + c0..j * di + c1];
                 for ch in 0..w {
@@ -50,16 +51,18 @@ crate::multiversion! {
                 out[ch] = silu(out[ch] + wl[ch] * xs[ch]);
             }
             for j in 0..k.saturating_sub(2) {
+                // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
                 let next = unsafe { io.conv[st].part((j + 1) * di + c0, w) };
+                // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
                 unsafe { io.conv[st].part(j * di + c0, w) }.copy_from_slice(next);
             }
             if k > 1 {
+                // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
                 unsafe { io.conv[st].part((k - 2) * di + c0, w) }.copy_from_slice(xs);
             }
         }
     }
 }
-
 
 crate::multiversion! {
     /// softplus(dt), the selective scan (state [N][d_inner], vectorised over channels), the D skip
@@ -71,7 +74,9 @@ crate::multiversion! {
         for (i, &st) in io.streams.iter().enumerate() {
             // SAFETY: this call owns channels c0..c1 of every row and state (disjoint ranges).
             let dt = unsafe { io.dt.part(i * di + c0, w) };
+            // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
             let y = unsafe { io.y.part(i * di + c0, w) };
+            // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
             let x = unsafe { io.xc.part(i * di + c0, w) };
             for (v, b) in dt.iter_mut().zip(&layer.dt_b[c0..c1]) {
                 *v = softplus(*v + b);
@@ -79,6 +84,7 @@ crate::multiversion! {
             let bc = &io.dbc[i * width + r..(i + 1) * width];
             y.fill(0.0);
             for j in 0..n {
+                // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
                 let h = unsafe { io.ssm[st].part(j * di + c0, w) };
                 let a = &layer.a_t[j * di + c0..j * di + c1];
                 let (b, c) = (bc[j], bc[n + j]);
@@ -122,7 +128,6 @@ fn shared_scan(
         }
     }
 }
-
 
 /// The scan pass with AVX-512 intrinsics where the channel range is whole vectors, else the
 /// portable loop. Same arithmetic as `scan_range` (to rounding: FMAs, and 2^k by `vscalefps`).
@@ -258,7 +263,6 @@ unsafe fn softplus16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
         _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), log1p)
     }
 }
-
 
 /// Runs a channel-range pass over all channels: split between threads when there is enough work.
 /// Rows from which a call's conv and scan split their channels between threads (fewer rows

@@ -323,8 +323,7 @@ impl Runtime {
     pub fn check_state(&self, s: &State) -> Result<()> {
         let (conv, ssm) = self.state_lens();
         let ok = s.layers.len() == self.cfg.n_layers
-            && s
-                .layers
+            && s.layers
                 .iter()
                 .all(|l| l.conv.len() == conv && l.ssm.len() == ssm);
         if ok {

@@ -33,7 +33,6 @@ impl State {
     }
 }
 
-
 /// Work buffers, grown on demand and reused across calls. After a call, `logits` holds one row
 /// of `vocab_size` logits per requested row.
 #[derive(Default)]
@@ -91,10 +90,8 @@ impl std::ops::Deref for AlignedBuf {
     }
 }
 
-
 /// The first `n` values of a reused buffer (grown when needed).
 pub(super) fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.resize(n, 0.0);
     &mut v[..n]
 }
-

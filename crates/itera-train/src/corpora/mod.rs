@@ -146,12 +146,12 @@ pub fn prepare(dir: &Path, only: &[String], mut on_event: impl FnMut(Event)) -> 
             }
             let stats = stats_of(&text);
             verify(rel, &stats)?;
-            itera_core::checkpoint::write_atomic(&path, text.as_bytes())?;
+            itera_core::format::write_atomic(&path, text.as_bytes())?;
             manifest.insert(rel.to_string(), stats.clone());
             written.push((rel.to_string(), stats));
         }
         let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
-        itera_core::checkpoint::write_atomic(&dir.join(MANIFEST), json.as_bytes())?;
+        itera_core::format::write_atomic(&dir.join(MANIFEST), json.as_bytes())?;
         on_event(Event::Done(c, written));
     }
     Ok(manifest)

@@ -4,7 +4,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::scan::{f32_slice, sigmoid};
+use super::scan::f32_slice;
+use itera_core::math::sigmoid;
 
 /// out[b, t, d] = silu(bias[d] + sum_j w[d, j] * x[b, t - (K-1) + j, d]), zero before t = 0.
 /// Inputs: x [B, T, Di]; wb [Di, K + 1] = (taps, bias).
@@ -22,7 +23,7 @@ fn conv_pre(x: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, t: usize, 
     acc
 }
 
-crate::multiversion! {
+itera_core::multiversion! {
     /// One sequence of the conv forward: out = silu(conv(x)).
     fn conv_forward_sequence(xb: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, ob: &mut [f32]) {
         for t in 0..t_len {
@@ -34,7 +35,7 @@ crate::multiversion! {
     }
 }
 
-crate::multiversion! {
+itera_core::multiversion! {
     /// One sequence of the conv backward: fills dL/dx, returns this sequence's share of dL/d(taps, bias).
     fn conv_backward_sequence(xb: &[f32], gb: &[f32], wv: &[f32], t_len: usize, di: usize, k: usize, gxb: &mut [f32]) -> Vec<f32> {
         let mut gw = vec![0.0f32; di * (k + 1)];
@@ -225,8 +226,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
     use candle_core::{Device, Var};
+    use itera_core::rng::Rng;
 
     fn var(shape: &[usize], seed: u64) -> Var {
         let mut rng = Rng::new(seed);

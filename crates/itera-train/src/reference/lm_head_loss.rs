@@ -3,29 +3,23 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use crate::scan::f32_slice;
+use super::scan::f32_slice;
+use itera_core::math::log_sum_exp;
 use rayon::prelude::*;
 
-/// log(sum(exp(row))) computed stably.
-#[inline(always)]
-pub fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    max + crate::math::sum_exp(row, max).ln()
-}
-
-crate::multiversion! {
+itera_core::multiversion! {
     /// -log softmax(row)[target].
     fn row_nll(row: &[f32], target: usize) -> f64 {
         (log_sum_exp(row) - row[target]) as f64
     }
 }
 
-crate::multiversion! {
+itera_core::multiversion! {
     /// Replaces logits by d loss / d logits = (softmax - one_hot(target)) * scale.
     fn softmax_grad_row(row: &mut [f32], target: usize, scale: f32) {
         let lse = log_sum_exp(row);
         for x in row.iter_mut() {
-            *x = crate::math::exp(*x - lse) * scale;
+            *x = itera_core::math::exp(*x - lse) * scale;
         }
         row[target] -= scale;
     }
@@ -59,7 +53,7 @@ fn head_chunk(
     rows: usize,
     logits: &mut [f32],
 ) {
-    use crate::matmul::{matmul, View};
+    use super::gemm::{matmul, View};
     let hc = &h[r0 * d..(r0 + rows) * d];
     matmul(
         &mut logits[..rows * v],
@@ -119,7 +113,7 @@ impl CustomOp3 for LmHeadLoss {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use crate::matmul::{matmul, View};
+        use super::gemm::{matmul, View};
         let (n, d, v) = head_dims(h.shape(), w.shape(), targets.shape())?;
         let scale = grad.to_scalar::<f32>()? / n as f32;
         let hv = h.flatten_all()?.to_vec1::<f32>()?;

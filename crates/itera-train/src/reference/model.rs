@@ -1,19 +1,23 @@
-//! The parallel forward pass over a batch of sequences, built from candle ops so that it trains.
-//! Decoding uses `runtime::Runtime::step`, which must agree with this to ~1e-5.
+//! The reference model: the parallel forward over a batch of sequences, built from candle ops
+//! and our fused ops so that it trains. Tensor names come from itera-core's table (`ModelSpec`).
+//! The inference runtime must agree with it to 1e-4 on logits (`tests/parity.rs`).
 
 use candle_core::{DType, Tensor, D};
+use itera_core::config::ModelConfig;
+use itera_core::math::top_k;
+use itera_core::tensors::{AttentionSpec, MixerSpec, ModelSpec, MoeSpec, SsmSpec, SwigluSpec};
 
-use crate::config::{Mixer, ModelConfig};
+use super::conv_norm::{causal_conv_silu, rms_norm};
+use super::lm_head_loss::lm_head_loss;
+use super::scan::{ssm_core, ssm_core_ungated};
+use super::Params;
 use crate::error::{Error, Result};
-use crate::fused::{causal_conv_silu, rms_norm};
-use crate::loss::lm_head_loss;
-use crate::scan::{ssm_core, ssm_core_ungated};
-use crate::weights::Weights;
 
-/// A model view over named tensors (plain tensors for inference, `Var`-backed ones for training).
+/// A model view over named tensors (plain tensors for evaluation, `Var`-backed ones for training).
 pub struct Model<'a> {
     pub cfg: &'a ModelConfig,
-    pub weights: &'a Weights,
+    pub params: &'a Params,
+    spec: ModelSpec,
 }
 
 /// What a forward pass returns: the final hidden states and the MoE load-balancing loss (mean over
@@ -30,54 +34,57 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl<'a> Model<'a> {
-    pub fn new(cfg: &'a ModelConfig, weights: &'a Weights) -> Self {
-        Self { cfg, weights }
+    pub fn new(cfg: &'a ModelConfig, params: &'a Params) -> Self {
+        Self {
+            cfg,
+            params,
+            spec: ModelSpec::new(cfg),
+        }
     }
 
-    fn w(&self, name: &str) -> Result<&Tensor> {
-        self.weights.get(name)
+    fn w(&self, spec: &itera_core::tensors::Spec) -> Result<&Tensor> {
+        self.params.get(&spec.name)
     }
 
     /// tokens: u32 [B, T] -> final hidden states [B*T, d].
     pub fn forward(&self, tokens: &Tensor) -> Result<ForwardOutput> {
         let (b, t) = tokens.dims2()?;
         let cfg = self.cfg;
-        let embed = self.w("embed.weight")?;
+        let embed = self.w(&self.spec.embed)?;
         let mut x = embed.index_select(&tokens.flatten_all()?, 0)?; // [B*T, d]
-        if cfg.mixer == Mixer::Attention {
+        if let Some(pos) = &self.spec.pos_embed {
             if t > cfg.context {
-                return Err(Error::Argument(format!(
+                return Err(Error::Train(format!(
                     "{t} tokens exceed the attention model's context of {}",
                     cfg.context
                 )));
             }
-            let pos = self.w("pos_embed.weight")?.narrow(0, 0, t)?;
+            let pos = self.w(pos)?.narrow(0, 0, t)?;
             x = x
                 .reshape((b, t, cfg.d_model))?
                 .broadcast_add(&pos)?
                 .reshape((b * t, cfg.d_model))?;
         }
         let mut aux_total = Tensor::zeros((), DType::F32, embed.device())?;
-        for l in 0..cfg.n_layers {
-            let p = format!("layers.{l}");
-            let h = rms_norm(&x, self.w(&format!("{p}.norm.weight"))?, cfg.norm_eps)?;
-            let mixed = match cfg.mixer {
-                Mixer::Selective => self.mixer(&h, b, t, &p)?,
-                Mixer::SharedState => self.shared_mixer(&h, b, t, &p)?,
-                Mixer::Attention => self.attention(&h, b, t, &p)?,
+        for layer in &self.spec.layers {
+            let h = rms_norm(&x, self.w(&layer.norm)?, cfg.norm_eps)?;
+            let mixed = match &layer.mixer {
+                MixerSpec::Ssm(m) if m.shared.is_some() => self.shared_mixer(&h, b, t, m)?,
+                MixerSpec::Ssm(m) => self.mixer(&h, b, t, m)?,
+                MixerSpec::Attention(a) => self.attention(&h, b, t, a)?,
             };
             x = (x + mixed)?;
-            if cfg.is_moe_layer(l) {
-                let h = rms_norm(&x, self.w(&format!("{p}.moe_norm.weight"))?, cfg.norm_eps)?;
-                let (out, aux) = self.moe(&h, &p)?;
+            if let Some(moe) = &layer.moe {
+                let h = rms_norm(&x, self.w(&moe.norm)?, cfg.norm_eps)?;
+                let (out, aux) = self.moe(&h, moe)?;
                 x = (x + out)?;
                 aux_total = (aux_total + aux)?;
-            } else if cfg.ffn_hidden > 0 {
-                let h = rms_norm(&x, self.w(&format!("{p}.ffn_norm.weight"))?, cfg.norm_eps)?;
-                x = (x + self.swiglu(&h, &format!("{p}.ffn"))?)?;
+            } else if let Some(ffn) = &layer.ffn {
+                let h = rms_norm(&x, self.w(&ffn.norm)?, cfg.norm_eps)?;
+                x = (x + self.swiglu(&h, &ffn.mlp)?)?;
             }
         }
-        let hidden = rms_norm(&x, self.w("norm_f.weight")?, cfg.norm_eps)?;
+        let hidden = rms_norm(&x, self.w(&self.spec.norm_f)?, cfg.norm_eps)?;
         let aux_loss = (aux_total / cfg.moe_layers.len().max(1) as f64)?;
         Ok(ForwardOutput { hidden, aux_loss })
     }
@@ -85,7 +92,10 @@ impl<'a> Model<'a> {
     /// tokens: u32 [B, T] -> logits [B*T, V] (and the aux loss).
     pub fn logits(&self, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
         let out = self.forward(tokens)?;
-        Ok((linear(&out.hidden, self.w("embed.weight")?)?, out.aux_loss))
+        Ok((
+            linear(&out.hidden, self.w(&self.spec.embed)?)?,
+            out.aux_loss,
+        ))
     }
 
     /// Mean next-token cross-entropy of `targets` [B, T] plus the aux loss, from one forward.
@@ -94,75 +104,74 @@ impl<'a> Model<'a> {
         let out = self.forward(inputs)?;
         let ce = lm_head_loss(
             &out.hidden,
-            self.w("embed.weight")?,
+            self.w(&self.spec.embed)?,
             &targets.flatten_all()?,
         )?;
         Ok((ce, out.aux_loss))
     }
 
     /// Mamba-1 mixer on h [B*T, d] -> [B*T, d].
-    fn mixer(&self, h: &Tensor, b: usize, t: usize, p: &str) -> Result<Tensor> {
+    fn mixer(&self, h: &Tensor, b: usize, t: usize, m: &SsmSpec) -> Result<Tensor> {
         let cfg = self.cfg;
         let (di, n, r) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank);
-        let w = |s: &str| self.w(&format!("{p}.mixer.{s}"));
-        let xz = linear(h, w("in_proj.weight")?)?; // [BT, 2Di]
+        let xz = linear(h, self.w(&m.in_proj)?)?; // [BT, 2Di]
         let xs = xz.narrow(1, 0, di)?.reshape((b, t, di))?;
         let z = xz.narrow(1, di, di)?.reshape((b, t, di))?;
-        let xc = causal_conv_silu(&xs, w("conv.weight")?, w("conv.bias")?)?; // [B, T, Di]
-        let dbc = linear(&xc.reshape((b * t, di))?, w("x_proj.weight")?)?; // [BT, R + 2N]
-        let dt_raw = linear(&dbc.narrow(1, 0, r)?, w("dt_proj.weight")?)?.reshape((b, t, di))?;
+        let xc = causal_conv_silu(&xs, self.w(&m.conv)?, self.w(&m.conv_bias)?)?; // [B, T, Di]
+        let dbc = linear(&xc.reshape((b * t, di))?, self.w(&m.x_proj)?)?; // [BT, R + 2N]
+        let dt_raw = linear(&dbc.narrow(1, 0, r)?, self.w(&m.dt_proj)?)?.reshape((b, t, di))?;
         let bc = dbc.narrow(1, r, 2 * n)?.reshape((b, t, 2 * n))?;
         let y = ssm_core(
             &xc,
             &dt_raw,
             &z,
             &bc,
-            w("A_log")?,
-            w("D")?,
-            w("dt_proj.bias")?,
+            self.w(&m.a_log)?,
+            self.w(&m.d)?,
+            self.w(&m.dt_bias)?,
         )?;
         let y = y.reshape((b * t, di))?;
-        Ok(linear(&y, w("out_proj.weight")?)?)
+        Ok(linear(&y, self.w(&m.out_proj)?)?)
     }
 
     /// The shared-state SSM on h [B*T, d] -> [B*T, d]: as `mixer`, except that one N-dimensional
     /// state serves all channels. Each state value n gets its own step dt[n], is written with
     /// B[n] * (ssm_in · x)[n] and read as C[n] * h[n]; `ssm_out` maps the N readings back to d_inner.
-    fn shared_mixer(&self, h: &Tensor, b: usize, t: usize, p: &str) -> Result<Tensor> {
+    fn shared_mixer(&self, h: &Tensor, b: usize, t: usize, m: &SsmSpec) -> Result<Tensor> {
         let cfg = self.cfg;
         let (di, n, r) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank);
-        let w = |s: &str| self.w(&format!("{p}.mixer.{s}"));
-        let xz = linear(h, w("in_proj.weight")?)?;
+        let (ssm_in, ssm_out) = m.shared.as_ref().expect("a shared-state mixer");
+        let xz = linear(h, self.w(&m.in_proj)?)?;
         let xs = xz.narrow(1, 0, di)?.reshape((b, t, di))?;
         let z = xz.narrow(1, di, di)?;
-        let xc = causal_conv_silu(&xs, w("conv.weight")?, w("conv.bias")?)?.reshape((b * t, di))?;
-        let dbc = linear(&xc, w("x_proj.weight")?)?; // [BT, R + 2N]
-        let dt_raw = linear(&dbc.narrow(1, 0, r)?, w("dt_proj.weight")?)?.reshape((b, t, n))?;
-        let written = (linear(&xc, w("ssm_in.weight")?)? * dbc.narrow(1, r, n)?)?;
+        let xc =
+            causal_conv_silu(&xs, self.w(&m.conv)?, self.w(&m.conv_bias)?)?.reshape((b * t, di))?;
+        let dbc = linear(&xc, self.w(&m.x_proj)?)?; // [BT, R + 2N]
+        let dt_raw = linear(&dbc.narrow(1, 0, r)?, self.w(&m.dt_proj)?)?.reshape((b, t, n))?;
+        let written = (linear(&xc, self.w(ssm_in)?)? * dbc.narrow(1, r, n)?)?;
         // The fused scan with N channels of one state each; its B and C are 1 (applied here).
         let dev = h.device();
         let state = ssm_core_ungated(
             &written.reshape((b, t, n))?,
             &dt_raw,
             &Tensor::ones((b, t, 2), DType::F32, dev)?,
-            &w("A_log")?.reshape((n, 1))?,
+            &self.w(&m.a_log)?.reshape((n, 1))?,
             &Tensor::zeros(n, DType::F32, dev)?,
-            w("dt_proj.bias")?,
+            self.w(&m.dt_bias)?,
         )?
         .reshape((b * t, n))?;
         let read = (state * dbc.narrow(1, r + n, n)?)?;
-        let y = (linear(&read, w("ssm_out.weight")?)? + xc.broadcast_mul(w("D")?)?)?;
+        let y = (linear(&read, self.w(ssm_out)?)? + xc.broadcast_mul(self.w(&m.d)?)?)?;
         let y = (y * z.silu()?)?;
-        Ok(linear(&y, w("out_proj.weight")?)?)
+        Ok(linear(&y, self.w(&m.out_proj)?)?)
     }
 
     /// Causal multi-head self-attention on h [B*T, d] -> [B*T, d].
-    fn attention(&self, h: &Tensor, b: usize, t: usize, p: &str) -> Result<Tensor> {
+    fn attention(&self, h: &Tensor, b: usize, t: usize, a: &AttentionSpec) -> Result<Tensor> {
         let cfg = self.cfg;
         let (d, heads) = (cfg.d_model, cfg.n_heads);
         let hd = d / heads;
-        let w = |s: &str| self.w(&format!("{p}.mixer.{s}"));
-        let qkv = linear(h, w("qkv.weight")?)?
+        let qkv = linear(h, self.w(&a.qkv)?)?
             .reshape((b, t, 3, heads, hd))?
             .permute((2, 0, 3, 1, 4))?; // [3, B, H, T, hd]
         let (q, k, v) = (
@@ -182,22 +191,21 @@ impl<'a> Model<'a> {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b * t, d))?;
-        Ok(linear(&out, w("out_proj.weight")?)?)
+        Ok(linear(&out, self.w(&a.out_proj)?)?)
     }
 
-    /// SwiGLU feed-forward `prefix.{gate,up,down}` on h [N, d].
-    fn swiglu(&self, h: &Tensor, prefix: &str) -> Result<Tensor> {
-        let w = |s: &str| self.w(&format!("{prefix}.{s}.weight"));
-        let g = linear(h, w("gate")?)?.silu()?;
-        let u = linear(h, w("up")?)?;
-        Ok(linear(&(g * u)?, w("down")?)?)
+    /// SwiGLU feed-forward on h [N, d].
+    fn swiglu(&self, h: &Tensor, m: &SwigluSpec) -> Result<Tensor> {
+        let g = linear(h, self.w(&m.gate)?)?.silu()?;
+        let u = linear(h, self.w(&m.up)?)?;
+        Ok(linear(&(g * u)?, self.w(&m.down)?)?)
     }
 
     /// Top-k MoE of SwiGLU experts on h [N, d]; returns (output [N, d], load-balancing loss).
-    fn moe(&self, h: &Tensor, p: &str) -> Result<(Tensor, Tensor)> {
-        let cfg = self.cfg;
-        let (n_tok, e_count, k) = (h.dim(0)?, cfg.n_experts, cfg.top_k);
-        let router = self.w(&format!("{p}.moe.router.weight"))?;
+    fn moe(&self, h: &Tensor, moe: &MoeSpec) -> Result<(Tensor, Tensor)> {
+        let e_count = moe.experts.len();
+        let (n_tok, k) = (h.dim(0)?, self.cfg.top_k.min(e_count));
+        let router = self.w(&moe.router)?;
         let probs = candle_nn::ops::softmax(&linear(h, router)?, D::Minus1)?; // [N, E]
         let probs_v = probs.to_vec2::<f32>()?;
         let mut mask = vec![0f32; n_tok * e_count];
@@ -218,7 +226,7 @@ impl<'a> Model<'a> {
             }
             let idx_t = Tensor::new(idx.as_slice(), h.device())?;
             let xe = h.index_select(&idx_t, 0)?;
-            let ye = self.swiglu(&xe, &format!("{p}.moe.experts.{e}"))?;
+            let ye = self.swiglu(&xe, &moe.experts[e])?;
             let ge = gates.index_select(&idx_t, 0)?.narrow(1, e, 1)?;
             out = out.index_add(&idx_t, &ye.broadcast_mul(&ge)?, 0)?;
         }
@@ -234,26 +242,6 @@ impl<'a> Model<'a> {
     }
 }
 
-/// Indices of the k largest values, largest first; ties go to the lower index.
-pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx = Vec::with_capacity(values.len());
-    top_k_into(values, k, &mut idx);
-    idx
-}
-
-/// `top_k` into a reused buffer (no allocation once it has grown to `values.len()`).
-pub fn top_k_into(values: &[f32], k: usize, idx: &mut Vec<usize>) {
-    idx.clear();
-    idx.extend(0..values.len());
-    idx.sort_by(|&a, &b| {
-        values[b]
-            .partial_cmp(&values[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
-    idx.truncate(k);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,7 +253,7 @@ mod tests {
         let mut cfg = ModelConfig::preset("transformer-tiny").unwrap();
         cfg.vocab_size = 50;
         cfg.context = 12;
-        let w = Weights::init(&cfg, 2).unwrap();
+        let w = Params::from_weights(&itera_core::Weights::init(&cfg, 2).unwrap()).unwrap();
         let model = Model::new(&cfg, &w);
         let run = |toks: &[u32]| {
             let t = Tensor::new(toks, &Device::Cpu)

@@ -1,5 +1,6 @@
-//! The selective scan of training: a fused candle op with a hand-written backward. (Decoding has
-//! its own loop over the same arithmetic in `runtime.rs`.)
+//! The selective scan of training: a fused candle op with a hand-written backward. (Inference has
+//! its own loop over the same arithmetic in itera-core's `runtime/mixer.rs`: this one records
+//! what the backward needs, that one updates states in place.)
 //!
 //! Per channel d with state h[0..N, d]:
 //!   h = exp(dt[d] * A[d, n]) * h + dt[d] * B[n] * x[d]
@@ -8,6 +9,7 @@
 //! vectorises; the parameter tensor `p` stays channel-major ([d_inner, N + 2]).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use itera_core::math::{sigmoid, silu, softplus};
 use rayon::prelude::*;
 
 pub(crate) fn f32_slice<'a>(
@@ -23,21 +25,6 @@ pub(crate) fn f32_slice<'a>(
         candle_core::bail!("`{what}` must be contiguous");
     }
     Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
-
-#[inline(always)]
-pub fn softplus(v: f32) -> f32 {
-    v.max(0.0) + crate::math::ln_1p(crate::math::exp(-v.abs()))
-}
-
-#[inline(always)]
-pub fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + crate::math::exp(-v))
-}
-
-#[inline(always)]
-pub fn silu(v: f32) -> f32 {
-    v * sigmoid(v)
 }
 
 /// The whole SSM core of a Mamba mixer between the projections, fused:
@@ -116,7 +103,7 @@ fn core_sequence(
             let (bj, cj) = (bct[j], bct[n + j]);
             let (hj, aj) = (&mut h[j * di..(j + 1) * di], &a[j * di..(j + 1) * di]);
             for i in 0..di {
-                hj[i] = crate::math::exp(dt[i] * aj[i]) * hj[i] + dx[i] * bj;
+                hj[i] = itera_core::math::exp(dt[i] * aj[i]) * hj[i] + dx[i] * bj;
                 y[i] += cj * hj[i];
             }
         }
@@ -207,17 +194,17 @@ fn core_backward(
             let (h_now, h_old, a_j) = (&h_t[rows.clone()], &h_prev[rows.clone()], &a[rows.clone()]);
             let (gh_j, ga_j) = (&mut gh[rows.clone()], &mut g_a[rows]);
             let (bj, cj) = (bt[j], ct[j]);
-            gc_t[j] += crate::math::dot(&gy, h_now);
+            gc_t[j] += itera_core::math::dot(&gy, h_now);
             for i in 0..di {
                 g[i] = gh_j[i] + gy[i] * cj;
-                let decay = crate::math::exp(dt[i] * a_j[i]);
+                let decay = itera_core::math::exp(dt[i] * a_j[i]);
                 let g_decay = g[i] * h_old[i] * decay; // dL/d(dt*A)
                 g_dt[i] += g_decay * a_j[i] + g[i] * bj * x[i];
                 ga_j[i] += g_decay * dt[i];
                 g_x[i] += g[i] * bj;
                 gh_j[i] = g[i] * decay;
             }
-            gb_t[j] += crate::math::dot(&g, &dx);
+            gb_t[j] += itera_core::math::dot(&g, &dx);
         }
         for i in 0..di {
             gut[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
@@ -238,14 +225,14 @@ fn core_backward(
     gp
 }
 
-crate::multiversion! {
+itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn core_sequence_fast(u: &[f32], bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
         core_sequence(u, bc, a, d_skip, bias, d, out, None)
     }
 }
 
-crate::multiversion! {
+itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn core_backward_fast(
         ub: &[f32],
@@ -392,8 +379,8 @@ fn ssm_core_op(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
     use candle_core::{Device, Var};
+    use itera_core::rng::Rng;
 
     struct Case {
         b: usize,

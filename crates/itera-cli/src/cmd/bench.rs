@@ -1,23 +1,33 @@
 //! `itera bench`: the runtime's speeds, each as a fraction of the machine's peak f32 FLOP/s
 //! measured in the same run, plus start-up time and memory of a real `itera generate` process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use itera_core::bench::{self, median};
 use itera_core::Generator;
 use serde_json::{json, Value};
 
-pub struct Options {
-    pub json: bool,
-    /// Fewer repeats and shorter runs (for smoke tests).
+use super::ModelArg;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Short runs with one repeat (a smoke test, not a measurement)
+    #[arg(long)]
     pub quick: bool,
-    /// Only these parts (peak, prefill, eval, decode, batched, startup); empty = all.
+    /// Only these measurements: peak, prefill, eval, decode, batched, startup (comma-separated)
+    #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Another model whose decode and prefill speed is measured alternately with this one.
-    pub baseline: Option<std::path::PathBuf>,
+    /// Also time decode and prefill against this model, alternating runs, and report the ratios
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Decode and prefill of the model against a baseline, alternating A/B three times so machine
@@ -38,7 +48,9 @@ fn compare(rt: &itera_core::Runtime, base: &itera_core::Runtime, quick: bool) ->
     )
 }
 
-pub fn run(model: &Path, opts: Options) -> Result<()> {
+pub fn run(opts: BenchArgs) -> Result<()> {
+    let model_path = opts.model.path();
+    let model = model_path.as_path();
     let want = |part: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == part);
     // First, while this process is still small: a child forked from a large parent would count
     // the parent's pages in its peak RSS until it execs.
@@ -118,7 +130,7 @@ pub fn run(model: &Path, opts: Options) -> Result<()> {
         );
     }
     let file_bytes = if model.is_dir() {
-        std::fs::metadata(model.join(itera_core::checkpoint::WEIGHTS_FILE))?.len()
+        std::fs::metadata(model.join(itera_core::format::model_dir::WEIGHTS_FILE))?.len()
     } else {
         std::fs::metadata(model)?.len()
     };
@@ -197,8 +209,9 @@ fn first_token(model: &Path, runs: usize) -> Result<(f64, u64)> {
 
 /// Peak resident set of the largest child process waited for, in bytes.
 fn children_peak_rss() -> u64 {
-    // SAFETY: getrusage only writes the struct we pass.
+    // SAFETY: `rusage` is plain integers, for which all-zero bytes are a valid value.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct we pass, which lives for the call.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
     u.ru_maxrss as u64 * 1024
 }

@@ -1,0 +1,71 @@
+//! `itera generate`: streams text from a prompt.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use itera_core::{Generator, SamplingParams};
+use serde_json::json;
+
+use super::ModelArg;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all)
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens with this much probability
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print one JSON object instead of streaming text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let path = a.model.path();
+    let generator =
+        Generator::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let t0 = Instant::now();
+    let mut stream = generator.stream(&a.prompt, a.max_tokens, params)?;
+    let mut text = String::new();
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        write!(out, "{}", a.prompt)?;
+        out.flush()?;
+    }
+    for piece in stream.by_ref() {
+        let piece = piece?;
+        if !a.json {
+            write!(out, "{piece}")?;
+            out.flush()?;
+        }
+        text.push_str(&piece);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let v = json!({"prompt": a.prompt, "text": text, "prompt_tokens": stream.prompt_tokens, "generated_tokens": stream.generated, "seconds": secs});
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! `itera train`: a new run from a preset or config, or `--resume` of an existing one. The rules
+//! of a new run live in `itera_train::NewRun`; this module maps flags and reports progress.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use itera_train::{NewRun, Run, TrainEvent, TrainOptions};
+use serde_json::json;
+
+use super::progress::{bar, say};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Architecture preset: tiny, micro, small, medium, or the baseline transformer-tiny
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// A config.json overriding the preset
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Use the shared-state SSM (one N-dimensional state per layer for all channels, as in the
+    /// original Itera-Lite) instead of Mamba's per-channel states
+    #[arg(long)]
+    pub shared_state: bool,
+    /// Training text files or folders (several allowed)
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Validation text; without it the last --holdout of each training file is held out
+    #[arg(long, num_args = 1..)]
+    pub valid: Vec<PathBuf>,
+    #[arg(long, default_value_t = 0.02)]
+    pub holdout: f64,
+    /// tokenizer.json to use; without it a BPE of the model's vocab size is trained on --data
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Total optimizer steps
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Alternatively, passes over the training tokens
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<f64>,
+    /// Run directory (checkpoints, metrics.jsonl, loss.png); default runs/<preset>
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint
+    #[arg(long, conflicts_with_all = ["preset", "config", "tokenizer", "epochs"])]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Training context in tokens (default: the config's context)
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Peak learning rate
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 100)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Weight of the MoE load-balancing loss
+    #[arg(long, default_value_t = 0.01)]
+    pub aux_weight: f64,
+    #[arg(long, default_value_t = 200)]
+    pub eval_every: usize,
+    #[arg(long, default_value_t = 64)]
+    pub eval_windows: usize,
+    #[arg(long, default_value_t = 500)]
+    pub save_every: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the final validation as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl TrainArgs {
+    fn new_run(&self) -> NewRun {
+        let mut o = TrainOptions::new(self.data.clone(), self.steps.unwrap_or(1000));
+        o.valid_files = self.valid.clone();
+        o.holdout = self.holdout;
+        o.batch_size = self.batch_size;
+        o.lr = self.lr;
+        o.warmup = self.warmup;
+        o.optimizer.weight_decay = self.weight_decay;
+        o.optimizer.grad_clip = self.grad_clip;
+        o.aux_weight = self.aux_weight;
+        o.eval_every = self.eval_every;
+        o.eval_windows = self.eval_windows;
+        o.save_every = self.save_every;
+        o.seed = self.seed;
+        NewRun {
+            preset: self.preset.clone(),
+            config: self.config.clone(),
+            shared_state: self.shared_state,
+            tokenizer: self.tokenizer.clone(),
+            seq_len: self.seq_len,
+            options: o,
+        }
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut run = if let Some(dir) = &a.resume {
+        let run =
+            Run::resume(dir, a.steps).with_context(|| format!("resuming {}", dir.display()))?;
+        tracing::info!(
+            "resuming {} at step {} of {}",
+            dir.display(),
+            run.step(),
+            run.options.steps
+        );
+        run
+    } else {
+        let new = a.new_run();
+        let dir = match &a.run {
+            Some(d) => d.clone(),
+            None => PathBuf::from("runs").join(&new.config()?.preset),
+        };
+        new.create(&dir, &mut |line| tracing::info!("{line}"))?
+    };
+    tracing::info!("tokenizing the training data...");
+    let corpus = run.load_corpus()?;
+    if let Some(epochs) = a.epochs {
+        run.set_epochs(epochs, &corpus);
+    }
+    let pb = bar(
+        run.options.steps as u64,
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    );
+    pb.set_position(run.step() as u64);
+    // Without a terminal, a plain line every ~2% of the run.
+    let log_every = (run.options.steps / 50).max(1);
+    let mut speeds = Vec::new();
+    let final_eval = run.train(&corpus, &mut |e| match e {
+        TrainEvent::Start {
+            start_step,
+            total_steps,
+            train_tokens,
+            valid_tokens,
+            parameters,
+        } => say(
+            &pb,
+            format!(
+                "{parameters} parameters; {train_tokens} training / {valid_tokens} validation \
+                 tokens; steps {start_step}..{total_steps}"
+            ),
+        ),
+        TrainEvent::Step(m) => {
+            speeds.push(m.tokens_per_s);
+            pb.set_position(m.step as u64);
+            let line = format!(
+                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                m.ce, m.lr, m.tokens_per_s
+            );
+            if pb.is_hidden() && m.step.is_multiple_of(log_every) {
+                tracing::info!("step {:>6}  {line}", m.step);
+            }
+            pb.set_message(line);
+        }
+        TrainEvent::Eval(e) => say(
+            &pb,
+            format!(
+                "step {:>6}  val loss {:.4}  val bpb {:.4}",
+                e.step, e.val_loss, e.val_bpb
+            ),
+        ),
+        TrainEvent::Saved(p) => say(
+            &pb,
+            format!(
+                "step {:>6}  checkpoint -> {}",
+                run_step_hint(p),
+                p.display()
+            ),
+        ),
+    })?;
+    pb.finish_and_clear();
+    // Median over the steps of this invocation, skipping the first few (allocation warm-up).
+    let mut steady: Vec<f64> = speeds.iter().skip(speeds.len().min(5)).copied().collect();
+    steady.sort_by(|a, b| a.total_cmp(b));
+    let median_speed = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
+    if a.json {
+        let mut v = serde_json::to_value(&final_eval)?;
+        v["train_tokens_per_s_median"] = json!(median_speed);
+        v["threads"] = json!(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "training speed: median {median_speed:.0} tokens/s over {} steps",
+            steady.len()
+        );
+        println!(
+            "done: step {} val loss {:.4} val bpb {:.4}; model in {}/checkpoint (best in {}/best)",
+            final_eval.step,
+            final_eval.val_loss,
+            final_eval.val_bpb,
+            run.dir.display(),
+            run.dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_step_hint(p: &Path) -> String {
+    std::fs::read_to_string(p.join("train_state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["step"].as_u64())
+        .map_or_else(|| "?".into(), |s| s.to_string())
+}

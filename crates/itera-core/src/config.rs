@@ -59,10 +59,58 @@ pub struct ModelConfig {
     /// Width of a dense SwiGLU feed-forward on every layer without MoE (0: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ffn_hidden: usize,
+    /// Training-time dropout (never applied at inference; all 0 = off, the default, so configs
+    /// written before the field existed load unchanged).
+    #[serde(default, skip_serializing_if = "Dropout::is_off")]
+    pub dropout: Dropout,
 }
 
 fn is_zero(v: &usize) -> bool {
     *v == 0
+}
+
+/// Dropout probabilities where they are known to help recurrent language models (AWD-LSTM,
+/// Merity et al. 2018; variational dropout, Gal & Ghahramani 2016). "Locked" masks are drawn once
+/// per sequence and channel and reused at every position, so the recurrence sees a consistent
+/// sub-network along the sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Dropout {
+    /// Drops whole token types from the input embedding (the same token is dropped everywhere
+    /// in a batch), scaling the others up.
+    pub embed: f64,
+    /// Locked dropout on the embedded input of the first block.
+    pub input: f64,
+    /// Locked dropout on the output of every mixer and feed-forward branch before it is added
+    /// to the residual stream.
+    pub residual: f64,
+    /// Locked dropout on the final hidden state before the LM head.
+    pub output: f64,
+    /// Dropout on the hidden units of every expert / feed-forward SwiGLU.
+    pub expert: f64,
+}
+
+impl Dropout {
+    pub fn is_off(&self) -> bool {
+        *self == Dropout::default()
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, p) in [
+            ("embed", self.embed),
+            ("input", self.input),
+            ("residual", self.residual),
+            ("output", self.output),
+            ("expert", self.expert),
+        ] {
+            if !(0.0..0.95).contains(&p) {
+                return Err(Error::Config(format!(
+                    "`dropout.{name}` must be in [0, 0.95), got {p}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ModelConfig {
@@ -111,6 +159,7 @@ impl ModelConfig {
             mixer: Mixer::Selective,
             n_heads: 0,
             ffn_hidden: 0,
+            dropout: Dropout::default(),
         })
     }
 
@@ -173,6 +222,7 @@ impl ModelConfig {
                 self.d_model, self.n_heads
             )));
         }
+        self.dropout.validate()?;
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return Err(Error::Config(format!(
                 "`norm_eps` must be in (0, 1), got {}",

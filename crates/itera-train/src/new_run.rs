@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use itera_core::config::{Mixer, ModelConfig};
+use itera_core::config::{Dropout, Mixer, ModelConfig};
 use itera_core::Tokenizer;
 
 use crate::data::expand_inputs;
@@ -25,6 +25,8 @@ pub struct NewRun {
     pub tokenizer: Option<PathBuf>,
     /// Training window; None uses the config's context.
     pub seq_len: Option<usize>,
+    /// Dropout for this run (`embed=0.1,residual=0.2`, see `Dropout`); None keeps the config's.
+    pub dropout: Option<String>,
     /// Everything else (its `seq_len` is overwritten by the rule above).
     pub options: TrainOptions,
 }
@@ -47,6 +49,10 @@ impl NewRun {
                 )));
             }
             config.mixer = Mixer::SharedState;
+        }
+        if let Some(spec) = &self.dropout {
+            config.dropout = parse_dropout(spec)?;
+            config.validate()?;
         }
         Ok(config)
     }
@@ -92,5 +98,52 @@ impl NewRun {
             )));
         }
         Run::create(dir, config, tokenizer, options)
+    }
+}
+
+/// `embed=0.1,residual=0.2` (unnamed parts stay 0) into dropout probabilities.
+pub fn parse_dropout(spec: &str) -> Result<Dropout> {
+    let mut d = Dropout::default();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, value) = part.split_once('=').ok_or_else(|| {
+            Error::Train(format!(
+                "--dropout `{part}`: expected NAME=P, e.g. residual=0.2"
+            ))
+        })?;
+        let p: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| Error::Train(format!("--dropout `{part}`: `{value}` is not a number")))?;
+        let slot = match name.trim() {
+            "embed" => &mut d.embed,
+            "input" => &mut d.input,
+            "residual" => &mut d.residual,
+            "output" => &mut d.output,
+            "expert" => &mut d.expert,
+            other => {
+                return Err(Error::Train(format!(
+                    "--dropout: unknown part `{other}` (embed, input, residual, output, expert)"
+                )))
+            }
+        };
+        *slot = p;
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_specs_parse_and_bad_ones_are_named() {
+        let d = parse_dropout("embed=0.1, residual=0.25").unwrap();
+        assert_eq!((d.embed, d.residual, d.output), (0.1, 0.25, 0.0));
+        assert!(parse_dropout("resid=0.1")
+            .unwrap_err()
+            .to_string()
+            .contains("resid"));
+        assert!(parse_dropout("embed").is_err());
+        assert!(parse_dropout("embed=x").is_err());
     }
 }

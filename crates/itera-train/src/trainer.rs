@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::Var;
 use itera_core::format::safetensors as st;
 use itera_core::format::write_atomic;
+use itera_core::rng::Rng;
 use itera_core::tensors::ModelSpec;
 use itera_core::{ModelConfig, ModelDir, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,9 @@ use crate::error::{Error, Result};
 use crate::optim::{learning_rate, AdamW, AdamWConfig};
 use crate::plot::plot_losses;
 use crate::reference::{Model, Params};
+
+/// Mixed into the run's seed for the dropout masks (independent of the batch sampling).
+const DROPOUT_STREAM: u64 = 0xD40D_0D40;
 
 /// Everything that defines a run besides the model; saved with each checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -30,6 +34,13 @@ pub struct TrainOptions {
     pub warmup: usize,
     /// Weight of the MoE load-balancing loss.
     pub aux_weight: f64,
+    /// Decay of an exponential moving average of the weights (0: off). When on, validation, the
+    /// `best/` model and the run's result use the averaged weights.
+    #[serde(default)]
+    pub ema: f64,
+    /// Step from which the average is kept (it starts as a copy of the weights then).
+    #[serde(default)]
+    pub ema_start: usize,
     pub eval_every: usize,
     /// Validation windows of seq_len tokens per evaluation.
     pub eval_windows: usize,
@@ -52,6 +63,8 @@ impl TrainOptions {
             min_lr_ratio: 0.1,
             warmup: 100,
             aux_weight: 0.01,
+            ema: 0.0,
+            ema_start: 0,
             eval_every: 200,
             eval_windows: 64,
             save_every: 500,
@@ -82,6 +95,9 @@ impl TrainOptions {
         }
         if self.eval_every == 0 || self.save_every == 0 {
             return bad("eval_every and save_every must be > 0".into());
+        }
+        if !(0.0..1.0).contains(&self.ema) {
+            return bad(format!("ema decay must be in [0, 1), got {}", self.ema));
         }
         Ok(())
     }
@@ -131,6 +147,7 @@ pub enum TrainEvent<'a> {
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 pub const BEST_DIR: &str = "best";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const EMA_FILE: &str = "ema.safetensors";
 const STATE_FILE: &str = "train_state.json";
 const METRICS_FILE: &str = "metrics.jsonl";
 
@@ -144,6 +161,8 @@ pub struct Run {
     step: usize,
     best_val_loss: Option<f64>,
     elapsed_s: f64,
+    /// The moving average of the weights (`options.ema` > 0, from `ema_start` on).
+    ema: Option<Weights>,
 }
 
 /// Trainable copies of the weights, and the optimizer over them (AdamW decays what the tensor
@@ -195,6 +214,7 @@ impl Run {
             step: 0,
             best_val_loss: None,
             elapsed_s: 0.0,
+            ema: None,
         })
     }
 
@@ -226,7 +246,7 @@ impl Run {
             state.step as u64,
             &opt_path.display().to_string(),
         )?;
-        let run = Self {
+        let mut run = Self {
             dir: dir.into(),
             config: model.config,
             tokenizer: model.tokenizer,
@@ -236,7 +256,14 @@ impl Run {
             step: state.step,
             best_val_loss: state.best_val_loss,
             elapsed_s: state.elapsed_s,
+            ema: None,
         };
+        let ema_path = ck.join(EMA_FILE);
+        if ema_path.is_file() {
+            let (tensors, _) = st::read(&ema_path)?;
+            let ema_origin = ema_path.display().to_string();
+            run.ema = Some(Weights::from_tensors(&run.config, tensors, &ema_origin)?);
+        }
         run.truncate_metrics()?;
         Ok(run)
     }
@@ -312,13 +339,16 @@ impl Run {
                 o.seq_len + 1
             )));
         }
-        let detached = Params {
-            tensors: self
-                .params
-                .tensors
-                .iter()
-                .map(|(k, t)| (k.clone(), t.detach()))
-                .collect(),
+        let detached = match &self.ema {
+            Some(w) => Params::from_weights(w)?,
+            None => Params {
+                tensors: self
+                    .params
+                    .tensors
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.detach()))
+                    .collect(),
+            },
         };
         let model = Model::new(&self.config, &detached);
         let mut total = 0.0;
@@ -392,13 +422,15 @@ impl Run {
                 self.step,
             );
             let (x, y) = batch_at(&corpus.train, &offsets, o.seq_len)?;
-            let model = Model::new(&self.config, &self.params);
+            let noise = Rng::derive(o.seed ^ DROPOUT_STREAM, self.step as u64).next_u64();
+            let model = Model::training(&self.config, &self.params, noise);
             let (ce, aux) = model.loss(&x, &y)?;
             let loss = (&ce + (&aux * o.aux_weight)?)?;
             let grads = loss.backward()?;
             let lr = learning_rate(self.step, o.steps, o.warmup, o.lr, o.min_lr_ratio);
             let grad_norm = self.opt.step(&grads, lr)?;
             self.step += 1;
+            self.update_ema()?;
             self.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
             let m = StepMetrics {
                 step: self.step,
@@ -445,10 +477,18 @@ impl Run {
         let tmp = self.dir.join(format!("{name}.tmp"));
         let old = self.dir.join(format!("{name}.old"));
         let _ = std::fs::remove_dir_all(&tmp);
-        ModelDir::save(&tmp, &self.config, &self.weights()?, &self.tokenizer)?;
+        // The best model is what validation measured: the average when there is one.
+        let weights = match (&self.ema, full) {
+            (Some(ema), false) => ema.clone(),
+            _ => self.weights()?,
+        };
+        ModelDir::save(&tmp, &self.config, &weights, &self.tokenizer)?;
         if full {
             let path = tmp.join(OPTIMIZER_FILE);
             st::write(&path, &self.opt.state_tensors(), Default::default())?;
+            if let Some(ema) = &self.ema {
+                st::write(&tmp.join(EMA_FILE), &ema.tensors, Default::default())?;
+            }
             let state = TrainState {
                 step: self.step,
                 options: self.options.clone(),
@@ -505,6 +545,28 @@ impl Run {
                 ("valid", [214, 39, 40], valid),
             ],
         )
+    }
+
+    /// Folds the current weights into the moving average (from `ema_start` on).
+    fn update_ema(&mut self) -> Result<()> {
+        let o = &self.options;
+        if o.ema == 0.0 || self.step < o.ema_start.max(1) {
+            return Ok(());
+        }
+        let now = self.weights()?;
+        match &mut self.ema {
+            None => self.ema = Some(now),
+            Some(avg) => {
+                let d = o.ema as f32;
+                for (k, t) in &mut avg.tensors {
+                    let cur = &now.tensors[k].data;
+                    for (a, &w) in t.data.iter_mut().zip(cur) {
+                        *a = d * *a + (1.0 - d) * w;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Snapshot of the current weights (e.g. for a test, a checkpoint or an export).

@@ -62,6 +62,17 @@ pub struct TrainArgs {
     /// Weight of the MoE load-balancing loss
     #[arg(long, default_value_t = 0.01)]
     pub aux_weight: f64,
+    /// Training-time dropout, e.g. `embed=0.1,input=0.2,residual=0.2,output=0.3,expert=0.1`
+    /// (locked masks per sequence for input/residual/output; off at inference)
+    #[arg(long)]
+    pub dropout: Option<String>,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999) and
+    /// validate and save the best model with it (0 = off)
+    #[arg(long, default_value_t = 0.0)]
+    pub ema: f64,
+    /// Step from which the moving average is kept
+    #[arg(long, default_value_t = 0)]
+    pub ema_start: usize,
     #[arg(long, default_value_t = 200)]
     pub eval_every: usize,
     #[arg(long, default_value_t = 64)]
@@ -86,6 +97,8 @@ impl TrainArgs {
         o.optimizer.weight_decay = self.weight_decay;
         o.optimizer.grad_clip = self.grad_clip;
         o.aux_weight = self.aux_weight;
+        o.ema = self.ema;
+        o.ema_start = self.ema_start;
         o.eval_every = self.eval_every;
         o.eval_windows = self.eval_windows;
         o.save_every = self.save_every;
@@ -96,6 +109,7 @@ impl TrainArgs {
             shared_state: self.shared_state,
             tokenizer: self.tokenizer.clone(),
             seq_len: self.seq_len,
+            dropout: self.dropout.clone(),
             options: o,
         }
     }

@@ -2,9 +2,12 @@
 //! and our fused ops so that it trains. Tensor names come from itera-core's table (`ModelSpec`).
 //! The inference runtime must agree with it to 1e-4 on logits (`tests/parity.rs`).
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Tensor, D};
 use itera_core::config::ModelConfig;
 use itera_core::math::top_k;
+use itera_core::rng::Rng;
 use itera_core::tensors::{AttentionSpec, MixerSpec, ModelSpec, MoeSpec, SsmSpec, SwigluSpec};
 
 use super::conv_norm::{causal_conv_silu, rms_norm};
@@ -18,6 +21,8 @@ pub struct Model<'a> {
     pub cfg: &'a ModelConfig,
     pub params: &'a Params,
     spec: ModelSpec,
+    /// Draws the dropout masks of a training step; None evaluates (no dropout).
+    noise: Option<RefCell<Rng>>,
 }
 
 /// What a forward pass returns: the final hidden states and the MoE load-balancing loss (mean over
@@ -34,12 +39,68 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl<'a> Model<'a> {
+    /// The model for evaluation: no dropout.
     pub fn new(cfg: &'a ModelConfig, params: &'a Params) -> Self {
         Self {
             cfg,
             params,
             spec: ModelSpec::new(cfg),
+            noise: None,
         }
+    }
+
+    /// The model for one training step: the config's dropout, with masks drawn from `seed`
+    /// (a function of the run's seed and the step, so a resumed run draws the same masks).
+    pub fn training(cfg: &'a ModelConfig, params: &'a Params, seed: u64) -> Self {
+        let noise = (!cfg.dropout.is_off()).then(|| RefCell::new(Rng::new(seed)));
+        Self {
+            noise,
+            ..Self::new(cfg, params)
+        }
+    }
+
+    /// `x` [B*T, d] times a mask drawn once per sequence and channel (`p` dropped, the rest
+    /// scaled by 1 / (1 - p)).
+    fn locked(&self, x: &Tensor, b: usize, t: usize, p: f64) -> Result<Tensor> {
+        let Some(rng) = self.noise.as_ref().filter(|_| p > 0.0) else {
+            return Ok(x.clone());
+        };
+        let d = x.dim(1)?;
+        let mask = bernoulli(&mut rng.borrow_mut(), b * d, p);
+        let mask = Tensor::from_vec(mask, (b, 1, d), x.device())?;
+        Ok(x.reshape((b, t, d))?
+            .broadcast_mul(&mask)?
+            .reshape((b * t, d))?)
+    }
+
+    /// `x` times an independent mask per element.
+    fn elementwise(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let Some(rng) = self.noise.as_ref().filter(|_| p > 0.0) else {
+            return Ok(x.clone());
+        };
+        let mask = bernoulli(&mut rng.borrow_mut(), x.elem_count(), p);
+        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    }
+
+    /// Embedded tokens `x` [B*T, d] with whole token types dropped (one draw per token id).
+    fn drop_token_types(&self, x: &Tensor, tokens: &Tensor, p: f64) -> Result<Tensor> {
+        let Some(rng) = self.noise.as_ref().filter(|_| p > 0.0) else {
+            return Ok(x.clone());
+        };
+        let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
+        let mut kept = std::collections::HashMap::new();
+        let mut rng = rng.borrow_mut();
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = ids
+            .iter()
+            .map(|id| {
+                *kept
+                    .entry(*id)
+                    .or_insert_with(|| if rng.uniform() < p { 0.0 } else { scale })
+            })
+            .collect();
+        let n = mask.len();
+        Ok(x.broadcast_mul(&Tensor::from_vec(mask, (n, 1), x.device())?)?)
     }
 
     fn w(&self, spec: &itera_core::tensors::Spec) -> Result<&Tensor> {
@@ -52,6 +113,9 @@ impl<'a> Model<'a> {
         let cfg = self.cfg;
         let embed = self.w(&self.spec.embed)?;
         let mut x = embed.index_select(&tokens.flatten_all()?, 0)?; // [B*T, d]
+        let drop = cfg.dropout;
+        x = self.drop_token_types(&x, tokens, drop.embed)?;
+        x = self.locked(&x, b, t, drop.input)?;
         if let Some(pos) = &self.spec.pos_embed {
             if t > cfg.context {
                 return Err(Error::Train(format!(
@@ -73,18 +137,19 @@ impl<'a> Model<'a> {
                 MixerSpec::Ssm(m) => self.mixer(&h, b, t, m)?,
                 MixerSpec::Attention(a) => self.attention(&h, b, t, a)?,
             };
-            x = (x + mixed)?;
+            x = (x + self.locked(&mixed, b, t, drop.residual)?)?;
             if let Some(moe) = &layer.moe {
                 let h = rms_norm(&x, self.w(&moe.norm)?, cfg.norm_eps)?;
                 let (out, aux) = self.moe(&h, moe)?;
-                x = (x + out)?;
+                x = (x + self.locked(&out, b, t, drop.residual)?)?;
                 aux_total = (aux_total + aux)?;
             } else if let Some(ffn) = &layer.ffn {
                 let h = rms_norm(&x, self.w(&ffn.norm)?, cfg.norm_eps)?;
-                x = (x + self.swiglu(&h, &ffn.mlp)?)?;
+                x = (x + self.locked(&self.swiglu(&h, &ffn.mlp)?, b, t, drop.residual)?)?;
             }
         }
         let hidden = rms_norm(&x, self.w(&self.spec.norm_f)?, cfg.norm_eps)?;
+        let hidden = self.locked(&hidden, b, t, drop.output)?;
         let aux_loss = (aux_total / cfg.moe_layers.len().max(1) as f64)?;
         Ok(ForwardOutput { hidden, aux_loss })
     }
@@ -198,7 +263,8 @@ impl<'a> Model<'a> {
     fn swiglu(&self, h: &Tensor, m: &SwigluSpec) -> Result<Tensor> {
         let g = linear(h, self.w(&m.gate)?)?.silu()?;
         let u = linear(h, self.w(&m.up)?)?;
-        Ok(linear(&(g * u)?, self.w(&m.down)?)?)
+        let hidden = self.elementwise(&(g * u)?, self.cfg.dropout.expert)?;
+        Ok(linear(&hidden, self.w(&m.down)?)?)
     }
 
     /// Top-k MoE of SwiGLU experts on h [N, d]; returns (output [N, d], load-balancing loss).
@@ -242,6 +308,14 @@ impl<'a> Model<'a> {
     }
 }
 
+/// `n` mask values: 0 with probability `p`, else 1 / (1 - p).
+fn bernoulli(rng: &mut Rng, n: usize, p: f64) -> Vec<f32> {
+    let scale = (1.0 / (1.0 - p)) as f32;
+    (0..n)
+        .map(|_| if rng.uniform() < p { 0.0 } else { scale })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +354,65 @@ mod tests {
         let long = Tensor::zeros((1, 13), DType::U32, &Device::Cpu).unwrap();
         let err = model.logits(&long).err().unwrap().to_string();
         assert!(err.contains("context"), "{err}");
+    }
+
+    /// Dropout: off for `Model::new` (exactly the evaluation forward), on for `training`, where
+    /// the same seed gives the same masks, locked masks repeat across time, and the loss is the
+    /// evaluation loss in expectation only (it differs per draw).
+    #[test]
+    fn dropout_is_training_only_seeded_and_locked() {
+        use itera_core::config::Dropout;
+        let mut cfg = ModelConfig::preset("micro").unwrap();
+        cfg.vocab_size = 60;
+        let w = Params::from_weights(&itera_core::Weights::init(&cfg, 2).unwrap()).unwrap();
+        let toks: Vec<u32> = (0..24).map(|i| (i * 7 % 60) as u32).collect();
+        let x = Tensor::from_vec(toks.clone(), (2, 12), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(
+            toks.iter().map(|t| (t + 1) % 60).collect::<Vec<_>>(),
+            (2, 12),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let loss = |m: &Model| m.loss(&x, &y).unwrap().0.to_scalar::<f32>().unwrap();
+        let plain = loss(&Model::new(&cfg, &w));
+        assert_eq!(
+            plain,
+            loss(&Model::training(&cfg, &w, 5)),
+            "no dropout configured"
+        );
+        cfg.dropout = Dropout {
+            embed: 0.1,
+            input: 0.2,
+            residual: 0.2,
+            output: 0.3,
+            expert: 0.2,
+        };
+        assert_eq!(
+            plain,
+            loss(&Model::new(&cfg, &w)),
+            "evaluation ignores dropout"
+        );
+        let (a, b, c) = (
+            loss(&Model::training(&cfg, &w, 5)),
+            loss(&Model::training(&cfg, &w, 5)),
+            loss(&Model::training(&cfg, &w, 6)),
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, plain);
+        // Locked: a mask of shape [B, 1, d] scales every position of a sequence alike.
+        let m = Model::training(&cfg, &w, 9);
+        let ones = Tensor::ones((24, 32), DType::F32, &Device::Cpu).unwrap();
+        let dropped = m
+            .locked(&ones, 2, 12, 0.5)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for seq in 0..2 {
+            for t in 1..12 {
+                assert_eq!(dropped[seq * 12 + t], dropped[seq * 12]);
+            }
+            assert!(dropped[seq * 12].iter().all(|&v| v == 0.0 || v == 2.0));
+        }
     }
 }

@@ -220,12 +220,11 @@ type FmaKernel = fn(u64) -> (f32, u64);
 fn fma_kernel() -> (FmaKernel, &'static str) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::simd::has_avx512() {
             // SAFETY: AVX-512F is present (checked just above).
             return (|n| unsafe { fma_avx512(n) }, "avx512");
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::simd::has_avx2() {
             // SAFETY: AVX2 and FMA are present (checked just above).
             return (|n| unsafe { fma_avx2(n) }, "avx2+fma");
         }

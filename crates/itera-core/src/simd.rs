@@ -30,8 +30,8 @@ macro_rules! multiversion {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                if $crate::simd::has_avx2() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked by has_avx2).
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -40,36 +40,61 @@ macro_rules! multiversion {
     };
 }
 
-/// Whether AVX-512 F/BW/VL are usable (and not disabled with ITERA_NO_AVX512=1), checked once.
-pub fn has_avx512() -> bool {
+/// The instruction sets the dispatched kernels may use, in increasing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Baseline,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 F/BW/VL (the hand-written kernels' VNNI and F16C extras are checked separately).
+    Avx512,
+}
+
+/// What this CPU supports, capped by `ITERA_SIMD=baseline|avx2|avx512` (or the older
+/// `ITERA_NO_AVX512=1`), so every path can be run and tested on one machine. Checked once.
+pub fn level() -> Level {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("ITERA_SIMD").ok().as_deref() {
+            Some("baseline") => Level::Baseline,
+            Some("avx2") => Level::Avx2,
+            _ if std::env::var_os("ITERA_NO_AVX512").is_some() => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        detected().min(cap)
+    })
+}
+
+fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::env::var_os("ITERA_NO_AVX512").is_none()
-        })
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx2") && has!("fma") {
+            return Level::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return Level::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    Level::Baseline
+}
+
+/// Whether AVX-512 F/BW/VL are usable (and allowed).
+pub fn has_avx512() -> bool {
+    level() == Level::Avx512
+}
+
+/// Whether AVX2 + FMA are usable (and allowed).
+pub fn has_avx2() -> bool {
+    level() >= Level::Avx2
 }
 
 /// The instruction set `multiversion!` functions use on this machine, for reports.
-pub fn level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx512() {
-            return "avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return "avx2+fma";
-        }
-        return "sse2";
+pub fn level_name() -> &'static str {
+    match level() {
+        Level::Avx512 => "avx512",
+        Level::Avx2 => "avx2+fma",
+        Level::Baseline => "baseline",
     }
-    #[allow(unreachable_code)]
-    "portable"
 }

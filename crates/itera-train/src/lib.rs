@@ -20,14 +20,10 @@ pub use trainer::{Run, TrainEvent, TrainOptions};
 pub(crate) mod test_support {
     use itera_core::Tokenizer;
 
-    /// A small tokenizer trained on a fixed English snippet.
+    /// A small tokenizer trained on the committed English fixture.
     pub fn fixture_tokenizer(vocab: usize) -> Tokenizer {
-        let dir = std::env::temp_dir().join(format!("itera-ttok-{}-{vocab}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("text.txt");
-        let text =
-            "the cat sat on the mat. <unk> said the dog, héllo wörld — naïve café.\n".repeat(50);
-        std::fs::write(&f, text).unwrap();
+        let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/english.txt");
         Tokenizer::train(&[f.display().to_string()], vocab).unwrap()
     }
 }

@@ -210,8 +210,14 @@ fn quantize_block(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
             let d = signed_absmax(x) / -levels;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let top = (2.0 * levels - 1.0) as u8;
-            for (c, v) in q.iter_mut().zip(x) {
-                *c = ((v * id + levels + 0.5) as u8).min(top);
+            // ggml's reference rounds x * id + levels + 0.5 in one step (an FMA); gguf-py does
+            // it in f64 and truncates as f32, which is what we match code for code.
+            let offset = levels as f64 + 0.5;
+            for (c, &v) in q.iter_mut().zip(x) {
+                *c = ((v as f64 * id as f64 + offset) as f32)
+                    .trunc()
+                    .max(0.0)
+                    .min(top as f32) as u8;
             }
             put_f16(out, d);
             if dtype == DType::Q5_0 {
@@ -312,16 +318,53 @@ pub fn dequantize(dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
         _ => {
             let mut out = Vec::with_capacity(n);
             for b in bytes.chunks_exact(dtype.block_bytes()) {
-                let (q, scale, bias) = block_codes(dtype, b);
-                let table = code_table(dtype);
-                out.extend(q.iter().map(|&c| {
-                    let v = table.map_or(c, |t| t[c as usize]);
-                    scale * v as f32 + bias
-                }));
+                out.extend(dequantize_block(dtype, b));
             }
             out
         }
     })
+}
+
+/// One block decoded with ggml's own formulas (`dequantize_row_*` in ggml-quants.c), written
+/// independently of `block_codes` so that the kernels (which use `block_codes`) are checked
+/// against it: Q8_0 d * q, Q4_0 d * (q - 8), Q5_0 d * (q - 16), Q4_1 d * q + m; NF4 the int8
+/// codebook scaled by absmax / 127.
+fn dequantize_block(dtype: DType, b: &[u8]) -> [f32; BLOCK] {
+    let d = get_f16(b);
+    let mut out = [0f32; BLOCK];
+    match dtype {
+        DType::Q8_0 => {
+            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                *o = d * (q as i8) as f32;
+            }
+        }
+        DType::Q4_0 => {
+            for (o, q) in out.iter_mut().zip(unpack_nibbles(&b[2..18])) {
+                *o = d * (q as i32 - 8) as f32;
+            }
+        }
+        DType::Q5_0 => {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for (j, (o, q)) in out.iter_mut().zip(unpack_nibbles(&b[6..22])).enumerate() {
+                let q = q as i32 | (((qh >> j) & 1) as i32) << 4;
+                *o = d * (q - 16) as f32;
+            }
+        }
+        DType::Q4_1 => {
+            let m = get_f16(&b[2..4]);
+            for (o, q) in out.iter_mut().zip(unpack_nibbles(&b[4..20])) {
+                *o = d * q as f32 + m;
+            }
+        }
+        DType::NF4 => {
+            let table = nf4_i8();
+            for (o, q) in out.iter_mut().zip(unpack_nibbles(&b[2..18])) {
+                *o = d / 127.0 * table[q as usize] as f32;
+            }
+        }
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("float types are not blocked"),
+    }
+    out
 }
 
 #[cfg(test)]
@@ -334,37 +377,134 @@ mod tests {
         (0..n).map(|_| rng.normal() as f32 * 0.05).collect()
     }
 
-    /// Round-trip error per element stays within half a quantization step of each block.
+    /// Blocks that exercise the edges: normal values, a block whose extreme is positive and one
+    /// whose extreme is negative (the symmetric formats' clamp), ties, zeros, a constant block.
+    fn edge_blocks() -> Vec<f32> {
+        let mut x = sample(32 * 64);
+        x[32..64]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 * 0.01 - 0.155);
+        x[64..96]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = 0.155 - i as f32 * 0.01);
+        x[96..128].fill(0.0);
+        x[128..160].fill(0.3);
+        x
+    }
+
+    /// Round-trip error per element within what each format guarantees: half a step, where the
+    /// step is the block's stored (f16) scale, plus what rounding the scale to f16 adds for the
+    /// element's code; ggml's symmetric formats (Q4_0, Q5_0) put the block's extreme on code 0,
+    /// so values of the other sign beyond levels - 0.5 steps clamp to the top code (up to one
+    /// step), checked as their own case. A half-step shift of the codes fails this.
     #[test]
-    fn round_trip_error_is_bounded_by_the_step() {
-        let x = sample(32 * 64);
+    fn round_trip_error_is_within_half_a_step() {
+        let x = edge_blocks();
+        let f16_rel = 2f32.powi(-11);
         for dtype in DType::ALL {
             let bytes = quantize(dtype, &x).unwrap();
             assert_eq!(bytes.len(), dtype.bytes_for(x.len()).unwrap());
             let y = dequantize(dtype, &bytes, x.len()).unwrap();
-            for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
+            let per_block = dtype.block_bytes();
+            for (bi, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+                let raw = &bytes[bi * 32 / dtype.block_len() * per_block..];
                 let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let range = xb.iter().cloned().fold(f32::MIN, f32::max)
-                    - xb.iter().cloned().fold(f32::MAX, f32::min);
-                let bound = match dtype {
-                    DType::F32 => 0.0,
-                    DType::F16 => amax * 1e-3,
-                    DType::BF16 => amax * 4e-3,
-                    DType::Q8_0 => amax / 127.0 * 0.51 + amax * 1e-3,
-                    // ggml's symmetric formats put the largest magnitude on code 0, so values of
-                    // the opposite sign near -max clamp to the top code: up to one full step.
-                    DType::Q5_0 => amax / 16.0 * 1.01 + amax * 2e-3,
-                    DType::Q4_0 => amax / 8.0 * 1.01 + amax * 2e-3,
-                    DType::Q4_1 => range / 15.0 * 0.51 + amax * 2e-3,
-                    // Widest gap between NF4 codes is 0.304 (at the ends), plus the int8 grid.
-                    DType::NF4 => amax * (0.304 / 2.0 + 0.01),
-                };
-                for (a, b) in xb.iter().zip(yb) {
+                for (&a, &b) in xb.iter().zip(yb) {
+                    let (bound, what) = match dtype {
+                        DType::F32 => (0.0, "exact"),
+                        DType::F16 => (a.abs() * f16_rel, "half an f16 ulp"),
+                        DType::BF16 => (a.abs() * 2f32.powi(-8), "half a bf16 ulp"),
+                        DType::Q8_0 => {
+                            let d = get_f16(raw).abs();
+                            (d * (0.5 + 127.0 * f16_rel) * 1.001, "half a step")
+                        }
+                        DType::Q4_0 | DType::Q5_0 => {
+                            let levels = if dtype == DType::Q4_0 { 8.0 } else { 16.0 };
+                            let d = get_f16(raw);
+                            // x / d in [-levels, levels]; above levels - 0.5 it clamps.
+                            if d != 0.0 && a / d > levels - 0.5 {
+                                (d.abs() * 1.0 * 1.001, "one step (clamped)")
+                            } else {
+                                (d.abs() * (0.5 + levels * f16_rel) * 1.001, "half a step")
+                            }
+                        }
+                        DType::Q4_1 => {
+                            let (d, m) = (get_f16(raw), get_f16(&raw[2..]));
+                            let bound = d * (0.5 + 15.0 * f16_rel) + m.abs() * f16_rel;
+                            (bound * 1.001 + 1e-7, "half a step")
+                        }
+                        DType::NF4 => (0.0, "checked below"),
+                    };
+                    if dtype == DType::NF4 {
+                        continue;
+                    }
                     assert!(
                         (a - b).abs() <= bound,
-                        "{dtype:?}: {a} vs {b} (bound {bound})"
+                        "{dtype:?} block {bi}: {a} -> {b}, error {} > {what} ({bound}, amax {amax})",
+                        (a - b).abs()
                     );
                 }
+            }
+        }
+    }
+
+    /// NF4 against the QLoRA codebook written out here: each value takes the nearest code of
+    /// value / absmax, decodes to absmax * round(127 * code value) / 127 (the int8 grid the
+    /// kernels use), and the block is ggml-style: f16 absmax, then nibbles j | j + 16 << 4.
+    #[test]
+    fn nf4_uses_the_qlora_codebook_and_the_ggml_block_layout() {
+        const QLORA: [f32; 16] = [
+            -1.0,
+            -0.6961928009986877,
+            -0.5250730514526367,
+            -0.39491748809814453,
+            -0.28444138169288635,
+            -0.18477343022823334,
+            -0.09105003625154495,
+            0.0,
+            0.07958029955625534,
+            0.16093020141124725,
+            0.24611230194568634,
+            0.33791524171829224,
+            0.44070982933044434,
+            0.5626170039176941,
+            0.7229568362236023,
+            1.0,
+        ];
+        assert_eq!(NF4_VALUES, QLORA);
+        let x = edge_blocks();
+        let bytes = quantize(DType::NF4, &x).unwrap();
+        let y = dequantize(DType::NF4, &bytes, x.len()).unwrap();
+        for (bi, (xb, raw)) in x.chunks(32).zip(bytes.chunks(18)).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(
+                get_f16(raw),
+                f16::from_f32(amax).to_f32(),
+                "block {bi} scale"
+            );
+            let d = get_f16(raw);
+            for (j, &v) in xb.iter().enumerate() {
+                let code = if j < 16 {
+                    raw[2 + j] & 0x0F
+                } else {
+                    raw[2 + j - 16] >> 4
+                } as usize;
+                let t = if amax > 0.0 { v / amax } else { 0.0 };
+                let best = (0..16)
+                    .map(|c| (QLORA[c] - t).abs())
+                    .fold(f32::INFINITY, f32::min);
+                assert_eq!(
+                    (QLORA[code] - t).abs(),
+                    best,
+                    "block {bi} element {j}: code {code}"
+                );
+                let want = d * (QLORA[code] * 127.0).round() / 127.0;
+                assert!(
+                    (y[bi * 32 + j] - want).abs() <= want.abs() * 1e-6,
+                    "block {bi} element {j}"
+                );
             }
         }
     }

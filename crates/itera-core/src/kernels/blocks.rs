@@ -459,10 +459,7 @@ mod tests {
     use super::*;
     use crate::kernels::{Data, Matrix};
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::Rng::new(seed);
-        (0..n).map(|_| rng.normal() as f32).collect()
-    }
+    use crate::kernels::tests::random;
 
     /// The AVX-512 kernel and the portable one give the same sums.
     #[test]

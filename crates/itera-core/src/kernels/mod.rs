@@ -65,7 +65,7 @@ pub fn level() -> &'static str {
     if has_avx512_vnni() {
         "avx512-vnni"
     } else {
-        crate::simd::level()
+        crate::simd::level_name()
     }
 }
 
@@ -323,54 +323,125 @@ crate::multiversion! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::format::dtype;
     use crate::rng::Rng;
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
+    /// Normal random values (the kernel tests' weights and activations).
+    pub(super) fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = Rng::new(seed);
         (0..n).map(|_| rng.normal() as f32).collect()
     }
 
-    /// Every format's matmul equals the f32 product of its own decoded weights, up to the int8
-    /// rounding of the activations (block formats) or summation order (float formats).
+    /// Every format's matmul, on every path (one activation row: the decode matvec; 2-31 rows:
+    /// the integer / half kernels; 32+ rows: decoded panels), on one thread and split with the
+    /// pair helper, equals an f32 product over the weights as `format::dtype::dequantize` decodes
+    /// them (ggml's formulas, independent of the kernels' `block_codes`), within a bound derived
+    /// from what the kernel rounds:
+    /// - block formats under 32 rows quantize each block of 32 activations to int8 with step
+    ///   dx = amax / 127, so each product is off by at most dx / 2 * |w|: the bound is
+    ///   sum over blocks of dx / 2 * sum |w|, plus f32 rounding of the per-block terms (each at
+    ///   most ~2 amax_w * dx * 32 * 127, relative 2^-20);
+    /// - float formats and the panel path multiply exactly in f32 and sum `cols` products in
+    ///   order: cols * 2^-24 * sum |w x| (plus 2^-20 for NF4, whose panels decode with one more
+    ///   rounding).
     #[test]
     fn matmul_matches_decoded_weights_for_every_format() {
         // 96 columns = 3 blocks: exercises a full pair and the odd trailing block.
-        for &(rows, cols) in &[(40usize, 96usize), (300, 128)] {
+        for &(rows, cols) in &[(40usize, 96usize), (300, 128), (48, 512)] {
             let w = random(rows * cols, 1);
-            for &n in &[1usize, 3, 9, 30, 40] {
+            for &n in &[1usize, 2, 3, 9, 16, 31, 32, 40] {
                 let x = random(n * cols, 2);
                 for dtype in DType::ALL {
+                    let dec =
+                        dtype::dequantize(dtype, &dtype::quantize(dtype, &w).unwrap(), w.len())
+                            .unwrap();
                     let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
-                    let dec = m.to_f32();
-                    let mut y = vec![0.0; n * rows];
-                    m.matmul(&x, &mut y, &mut QuantizedRows::default(), Par::Serial);
-                    for i in 0..n {
-                        let xi = &x[i * cols..(i + 1) * cols];
-                        let norm = xi.iter().map(|v| v * v).sum::<f32>().sqrt();
-                        for r in 0..rows {
-                            let want: f32 = dec[r * cols..(r + 1) * cols]
-                                .iter()
-                                .zip(xi)
-                                .map(|(a, b)| a * b)
-                                .sum();
-                            let wn = dec[r * cols..(r + 1) * cols]
-                                .iter()
-                                .map(|v| v * v)
-                                .sum::<f32>()
-                                .sqrt();
-                            let tol =
-                                if m.dtype.block_len() == 1 { 1e-4 } else { 1e-2 } * norm * wn;
-                            let got = y[i * rows + r];
-                            assert!(
-                                (got - want).abs() <= tol,
-                                "{dtype:?} [{rows}x{cols}] n={n}: {got} vs {want}"
-                            );
-                        }
+                    for par in [Par::Serial, Par::Pair] {
+                        let mut y = vec![f32::NAN; n * rows];
+                        m.matmul(&x, &mut y, &mut QuantizedRows::default(), par);
+                        check_against_decoded(dtype, &dec, &x, &y, rows, cols, n, par);
                     }
                 }
             }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_against_decoded(
+        dtype: DType,
+        dec: &[f32],
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        cols: usize,
+        n: usize,
+        par: Par,
+    ) {
+        let int8 = dtype.block_len() > 1 && n < DECODE_PANELS_FROM;
+        for i in 0..n {
+            let xi = &x[i * cols..(i + 1) * cols];
+            for r in 0..rows {
+                let wr = &dec[r * cols..(r + 1) * cols];
+                let want: f64 = wr.iter().zip(xi).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let abs: f64 = wr
+                    .iter()
+                    .zip(xi)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                let bound = if int8 {
+                    let mut b = 0.0f64;
+                    for (wb, xb) in wr.chunks(BLOCK).zip(xi.chunks(BLOCK)) {
+                        let amax_x = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                        let amax_w = wb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                        let dx = amax_x / 127.0;
+                        let sum_w: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                        b += dx / 2.0 * sum_w * 1.0001;
+                        b += 2.0 * amax_w * dx * 32.0 * 127.0 * 2f64.powi(-20);
+                    }
+                    b
+                } else {
+                    let extra = if dtype == DType::NF4 {
+                        2f64.powi(-20)
+                    } else {
+                        0.0
+                    };
+                    (cols as f64 * 2f64.powi(-24) + extra) * abs + 1e-30
+                };
+                let got = y[i * rows + r] as f64;
+                assert!(
+                    (got - want).abs() <= bound,
+                    "{dtype:?} [{rows}x{cols}] n={n} {par:?} ({}): row {r} of x {i}: {got} vs \
+                     {want}, error {} > bound {bound}",
+                    crate::simd::level_name(),
+                    (got - want).abs()
+                );
+            }
+        }
+    }
+
+    /// The test above, and the SIMD-versus-portable ones, once per instruction set this CPU
+    /// has: baseline, AVX2 and AVX-512 (each run as a child process with `ITERA_SIMD`, since the
+    /// level is fixed for a process).
+    #[test]
+    fn every_simd_level_passes_the_kernel_tests() {
+        if std::env::var_os("ITERA_SIMD").is_some() {
+            return;
+        }
+        for level in ["baseline", "avx2", "avx512"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .env("ITERA_SIMD", level)
+                .args(["kernels::", "--test-threads", "1"])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "kernel tests at ITERA_SIMD={level}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(stdout.contains("matmul_matches_decoded_weights_for_every_format ... ok"));
         }
     }
 

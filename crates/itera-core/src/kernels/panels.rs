@@ -305,10 +305,7 @@ mod tests {
     use super::*;
     use crate::kernels::QuantizedRows;
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::Rng::new(seed);
-        (0..n).map(|_| rng.normal() as f32).collect()
-    }
+    use crate::kernels::tests::random;
 
     /// The AVX-512 f32 micro-tiles and the portable panel loop give the same products.
     #[test]

@@ -455,7 +455,8 @@ mod tests {
     /// kernels use), and the block is ggml-style: f16 absmax, then nibbles j | j + 16 << 4.
     #[test]
     fn nf4_uses_the_qlora_codebook_and_the_ggml_block_layout() {
-        const QLORA: [f32; 16] = [
+        // As published (bitsandbytes, QLoRA paper appendix), in f64.
+        const QLORA: [f64; 16] = [
             -1.0,
             -0.6961928009986877,
             -0.5250730514526367,
@@ -473,7 +474,8 @@ mod tests {
             0.7229568362236023,
             1.0,
         ];
-        assert_eq!(NF4_VALUES, QLORA);
+        let qlora = QLORA.map(|v| v as f32);
+        assert_eq!(NF4_VALUES, qlora);
         let x = edge_blocks();
         let bytes = quantize(DType::NF4, &x).unwrap();
         let y = dequantize(DType::NF4, &bytes, x.len()).unwrap();

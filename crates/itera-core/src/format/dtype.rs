@@ -495,14 +495,14 @@ mod tests {
                 } as usize;
                 let t = if amax > 0.0 { v / amax } else { 0.0 };
                 let best = (0..16)
-                    .map(|c| (QLORA[c] - t).abs())
+                    .map(|c| (qlora[c] - t).abs())
                     .fold(f32::INFINITY, f32::min);
                 assert_eq!(
-                    (QLORA[code] - t).abs(),
+                    (qlora[code] - t).abs(),
                     best,
                     "block {bi} element {j}: code {code}"
                 );
-                let want = d * (QLORA[code] * 127.0).round() / 127.0;
+                let want = d * (qlora[code] * 127.0).round() / 127.0;
                 assert!(
                     (y[bi * 32 + j] - want).abs() <= want.abs() * 1e-6,
                     "block {bi} element {j}"

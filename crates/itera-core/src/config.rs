@@ -63,6 +63,10 @@ pub struct ModelConfig {
     /// written before the field existed load unchanged).
     #[serde(default, skip_serializing_if = "Dropout::is_off")]
     pub dropout: Dropout,
+    /// A Jinja chat template (Hugging Face's convention: `messages`, `add_generation_prompt`)
+    /// for the server's chat endpoint; None uses the documented plain default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -160,6 +164,7 @@ impl ModelConfig {
             n_heads: 0,
             ffn_hidden: 0,
             dropout: Dropout::default(),
+            chat_template: None,
         })
     }
 

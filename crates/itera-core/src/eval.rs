@@ -21,8 +21,72 @@ pub struct EvalReport {
     pub word_perplexity: f64,
 }
 
-/// Tokens per prefill call during evaluation.
+/// Tokens per prefill call during evaluation (and prompt scoring): the logits of every position
+/// of a chunk are held at once ([chunk, vocab], 8 MB for `tiny`).
 const EVAL_CHUNK: usize = 256;
+
+/// One token's log-probability under the model, with the most likely alternatives there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenScore {
+    pub logprob: f32,
+    /// (token id, log-probability), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// log softmax(row)[id] and the `k` largest log-probabilities of the row (most likely first,
+/// ties to the lower id).
+pub fn score_row(row: &[f32], id: u32, k: usize) -> TokenScore {
+    let lse = log_sum_exp(row);
+    let mut top = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        let order = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, order);
+            idx.truncate(k);
+        }
+        idx.sort_by(order);
+        top = idx
+            .into_iter()
+            .map(|i| (i, row[i as usize] - lse))
+            .collect();
+    }
+    TokenScore {
+        logprob: row[id as usize] - lse,
+        top,
+    }
+}
+
+/// Scores `tokens` after `state` (whose next-token logits are `first`, or None when nothing has
+/// been read yet: the first token then gets no score). Runs in chunks, so memory stays bounded;
+/// leaves `state` after the last token and returns one entry per token plus the logits after
+/// the last one.
+pub fn score_tokens(
+    runtime: &Runtime,
+    state: &mut crate::runtime::State,
+    first: Option<&[f32]>,
+    tokens: &[u32],
+    top: usize,
+) -> Result<(Vec<Option<TokenScore>>, Vec<f32>)> {
+    let vocab = runtime.cfg.vocab_size;
+    let mut scratch = runtime.new_scratch();
+    let mut next: Option<Vec<f32>> = first.map(<[f32]>::to_vec);
+    let mut out = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(EVAL_CHUNK) {
+        runtime.prefill_all(chunk, state, &mut scratch)?;
+        for (j, &id) in chunk.iter().enumerate() {
+            let row = if j == 0 {
+                next.as_deref()
+            } else {
+                Some(&scratch.logits[(j - 1) * vocab..j * vocab])
+            };
+            out.push(row.map(|r| score_row(r, id, top)));
+        }
+        let last = chunk.len() - 1;
+        next = Some(scratch.logits[last * vocab..(last + 1) * vocab].to_vec());
+    }
+    Ok((out, next.unwrap_or_default()))
+}
 
 /// Scores every token of `text` with the full preceding context (the recurrent state carries it all).
 /// The first token is conditioned on a newline, the boundary every line of a corpus follows.

@@ -57,8 +57,9 @@ impl Generator {
                 "max_tokens {max_tokens} exceeds the limit of {MAX_NEW_TOKENS}"
             )));
         }
-        let sampler = Sampler::new(params)?;
+        let mut sampler = Sampler::new(params)?;
         let ids = self.tokenizer.encode(prompt)?;
+        sampler.observe_prompt(&ids);
         let (mut state, mut scratch) = (self.runtime.new_state(), self.runtime.new_scratch());
         self.runtime.prefill(&ids, &mut state, &mut scratch)?;
         Ok(TokenStream {

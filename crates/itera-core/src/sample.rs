@@ -1,4 +1,6 @@
-//! Next-token sampling: temperature, top-k, top-p, seeded. Temperature 0 is greedy.
+//! Next-token sampling: logit adjustments (repetition, presence and frequency penalties, logit
+//! bias, min-p), then temperature, top-k and top-p, seeded. Temperature 0 is greedy (after the
+//! adjustments). The one sampler of the CLI, the library, the server and the Python package.
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -11,6 +13,21 @@ pub struct SamplingParams {
     /// 1.0 disables nucleus sampling.
     pub top_p: f32,
     pub seed: u64,
+    /// Divides the positive logits (multiplies the negative ones) of every token already in the
+    /// text, prompt included, by this (CTRL, Keskar et al. 2019; llama.cpp's `repeat_penalty`).
+    /// 1.0 disables it.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token generated so far (OpenAI's
+    /// `presence_penalty`, -2..2; 0 disables it).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated so far (OpenAI's
+    /// `frequency_penalty`, -2..2; 0 disables it).
+    pub frequency_penalty: f32,
+    /// Keeps only tokens with at least this fraction of the most likely token's probability
+    /// (Nguyen et al. 2024, "min-p"; 0 disables it).
+    pub min_p: f32,
+    /// Added to the logits of these token ids (OpenAI's `logit_bias`, -100..100).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -20,6 +37,11 @@ impl Default for SamplingParams {
             top_k: 40,
             top_p: 0.95,
             seed: 42,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -38,7 +60,47 @@ impl SamplingParams {
                 self.top_p
             )));
         }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return Err(Error::Argument(format!(
+                "repetition_penalty must be in (0, 10], got {}",
+                self.repetition_penalty
+            )));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::Argument(format!(
+                    "{name} must be in [-2, 2], got {v}"
+                )));
+            }
+        }
+        if !(0.0..1.0).contains(&self.min_p) {
+            return Err(Error::Argument(format!(
+                "min_p must be in [0, 1), got {}",
+                self.min_p
+            )));
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(Error::Argument(format!(
+                "logit_bias for token {id} must be in [-100, 100], got {b}"
+            )));
+        }
         Ok(())
+    }
+
+    /// Whether any logit adjustment is on (otherwise sampling reads the logits as they are).
+    fn adjusts(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.min_p > 0.0
+            || !self.logit_bias.is_empty()
     }
 }
 
@@ -51,6 +113,12 @@ pub struct Sampler {
     weights: Vec<f32>,
     /// Chunk maxima for the top-k floor.
     maxima: Vec<f32>,
+    /// Times each token was generated (for the presence and frequency penalties).
+    generated: std::collections::HashMap<u32, u32>,
+    /// Tokens of the prompt (for the repetition penalty, with the generated ones).
+    prompt: std::collections::HashSet<u32>,
+    /// The adjusted copy of the logits.
+    adjusted: Vec<f32>,
 }
 
 impl Sampler {
@@ -62,10 +130,78 @@ impl Sampler {
             candidates: Vec::new(),
             weights: Vec::new(),
             maxima: Vec::new(),
+            generated: Default::default(),
+            prompt: Default::default(),
+            adjusted: Vec::new(),
         })
     }
 
+    /// Tells the sampler the prompt's tokens (the repetition penalty covers them).
+    pub fn observe_prompt(&mut self, ids: &[u32]) {
+        self.prompt.extend(ids);
+    }
+
+    /// The logits after the penalties, the bias and min-p (tokens under min-p at -inf), as
+    /// sampling sees them.
+    pub fn adjusted(&self, logits: &[f32]) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.adjust_into(logits, &mut out);
+        out
+    }
+
+    fn adjust_into(&self, logits: &[f32], a: &mut Vec<f32>) {
+        let p = &self.params;
+        a.clear();
+        a.extend_from_slice(logits);
+        if p.repetition_penalty != 1.0 {
+            for &id in self.prompt.iter().chain(self.generated.keys()) {
+                if let Some(v) = a.get_mut(id as usize) {
+                    let r = p.repetition_penalty;
+                    *v = if *v > 0.0 { *v / r } else { *v * r };
+                }
+            }
+        }
+        for (&id, &count) in &self.generated {
+            if let Some(v) = a.get_mut(id as usize) {
+                *v -= p.presence_penalty + p.frequency_penalty * count as f32;
+            }
+        }
+        for &(id, b) in &p.logit_bias {
+            if let Some(v) = a.get_mut(id as usize) {
+                *v += b;
+            }
+        }
+        if p.min_p > 0.0 {
+            // p_i >= min_p * p_max  <=>  logit_i >= max + T ln(min_p) (T = 1 when greedy).
+            let max = a[crate::math::argmax(a)];
+            let t = if p.temperature > 0.0 {
+                p.temperature
+            } else {
+                1.0
+            };
+            let floor = max + t * p.min_p.ln();
+            a.iter_mut()
+                .filter(|v| **v < floor)
+                .for_each(|v| *v = f32::NEG_INFINITY);
+        }
+    }
+
+    /// Draws the next token (and counts it as generated).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let id = if self.params.adjusts() {
+            let mut buf = std::mem::take(&mut self.adjusted);
+            self.adjust_into(logits, &mut buf);
+            let id = self.draw(&buf);
+            self.adjusted = buf;
+            id
+        } else {
+            self.draw(logits)
+        };
+        *self.generated.entry(id).or_default() += 1;
+        id
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         let greedy = || crate::math::argmax(logits) as u32;
         if self.params.temperature == 0.0 {
             return greedy();
@@ -259,6 +395,7 @@ mod tests {
                 top_k,
                 top_p,
                 seed: 1,
+                ..Default::default()
             };
             // The expected distribution, computed the slow way.
             let mut p: Vec<(f64, usize)> = logits
@@ -313,6 +450,7 @@ mod tests {
             top_k,
             top_p,
             seed,
+            ..Default::default()
         };
         assert_eq!(Sampler::new(p(0.0, 0, 1.0, 1)).unwrap().sample(&logits), 1);
         let mut s = Sampler::new(p(1.0, 2, 1.0, 3)).unwrap();
@@ -328,5 +466,94 @@ mod tests {
         assert!(Sampler::new(p(-1.0, 0, 1.0, 0)).is_err());
         assert!(Sampler::new(p(1.0, 0, 0.0, 0)).is_err());
         assert!(Sampler::new(p(f32::NAN, 0, 1.0, 0)).is_err());
+    }
+
+    /// The adjustments do what they say: repetition divides positive / multiplies negative
+    /// logits of every token seen (prompt too), presence subtracts once and frequency per time
+    /// generated, the bias adds, min-p drops (to -inf) what is under min_p times the top
+    /// token's probability; the draws then follow the adjusted softmax.
+    #[test]
+    fn penalties_bias_and_min_p_change_the_distribution_as_specified() {
+        let logits = [2.0f32, -1.0, 0.5, 1.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 1,
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            min_p: 0.0,
+            logit_bias: vec![(4, 3.0)],
+        })
+        .unwrap();
+        s.observe_prompt(&[1]);
+        // Pretend tokens 0 (twice) and 3 (once) were generated.
+        s.generated.insert(0, 2);
+        s.generated.insert(3, 1);
+        let a = s.adjusted(&logits);
+        assert_eq!(
+            a,
+            vec![
+                2.0 / 2.0 - 0.5 - 0.5,
+                -1.0 * 2.0,
+                0.5,
+                1.0 / 2.0 - 0.5 - 0.25,
+                3.0
+            ]
+        );
+        // min-p: with p_i proportional to e^logit, keep p_i >= 0.2 p_max (T = 1).
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 4,
+            min_p: 0.2,
+            ..Default::default()
+        })
+        .unwrap();
+        let a = s.adjusted(&logits);
+        let floor = 2.0 + 0.2f32.ln();
+        for (x, y) in logits.iter().zip(&a) {
+            assert_eq!(*y, if *x < floor { f32::NEG_INFINITY } else { *x });
+        }
+        let draws = 100_000;
+        let mut got = [0f64; 5];
+        for _ in 0..draws {
+            got[s.draw(&a) as usize] += 1.0 / draws as f64;
+        }
+        let kept: Vec<f64> = logits
+            .iter()
+            .map(|&x| if x < floor { 0.0 } else { (x as f64).exp() })
+            .collect();
+        let z: f64 = kept.iter().sum();
+        for (g, k) in got.iter().zip(&kept) {
+            assert!((g - k / z).abs() < 0.01, "{got:?} vs {kept:?}");
+        }
+        // A repeated token becomes less likely with a frequency penalty.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            frequency_penalty: 2.0,
+            ..Default::default()
+        })
+        .unwrap();
+        let flat = [1.0f32, 0.9, 0.0];
+        assert_eq!(s.sample(&flat), 0);
+        assert_eq!(s.sample(&flat), 1, "token 0 now carries a penalty of 2");
+        assert!(Sampler::new(SamplingParams {
+            min_p: 1.5,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            presence_penalty: 3.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            logit_bias: vec![(1, 200.0)],
+            ..Default::default()
+        })
+        .is_err());
     }
 }

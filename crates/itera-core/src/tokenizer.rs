@@ -129,6 +129,11 @@ impl<'a> StreamDecoder<'a> {
         Ok(text)
     }
 
+    /// The tokenizer this decoder uses.
+    pub fn tokenizer(&self) -> &'a Tokenizer {
+        self.tokenizer
+    }
+
     /// Whatever is still held back (only non-empty if generation stopped mid-character).
     pub fn finish(&mut self) -> Result<String> {
         let text = self.tokenizer.decode(&self.pending)?;

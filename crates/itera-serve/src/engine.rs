@@ -6,10 +6,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use itera_core::eval::{score_row, TokenScore};
 use itera_core::generate::Generator;
 use itera_core::runtime::State;
 use itera_core::sample::{Sampler, SamplingParams};
-use itera_core::tokenizer::{StreamDecoder, END_OF_TEXT};
+use itera_core::tokenizer::{StreamDecoder, Tokenizer, END_OF_TEXT};
 use tokio::sync::mpsc;
 
 use crate::cache::PromptCache;
@@ -21,13 +22,45 @@ pub struct Job {
     pub max_tokens: usize,
     pub params: SamplingParams,
     pub stop: Vec<String>,
-    pub events: mpsc::UnboundedSender<Event>,
+    /// Log-probabilities of the generated tokens, with this many alternatives each.
+    pub logprobs: Option<usize>,
+    /// Also score the prompt's tokens (`echo` with `logprobs`); the prompt cache is bypassed,
+    /// since every position's logits are needed.
+    pub score_prompt: bool,
+    /// Which choice of its request this job is; events go out tagged with it.
+    pub choice: usize,
+    /// Shared by all choices of a request: dropping the receiver cancels them all.
+    pub events: mpsc::UnboundedSender<(usize, Event)>,
 }
 
-/// What the engine sends back for a job, in order: text pieces, then one `Done` (or `Error`).
+impl Job {
+    fn send(&self, e: Event) {
+        let _ = self.events.send((self.choice, e));
+    }
+}
+
+/// One token with its log-probability under the model (the raw distribution, before
+/// temperature and penalties) and the most likely alternatives at its position.
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    pub id: u32,
+    /// The token's own text (lossy where it is part of a UTF-8 character).
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What the engine sends back for a job, in order: the prompt's scores (when asked), text
+/// pieces with the tokens they complete, then one `Done` (or `Error`).
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// One entry per prompt token; the first has no score (nothing precedes it).
+    Prompt(Vec<Option<TokenInfo>>),
+    Text {
+        text: String,
+        /// The generated tokens whose text starts in this piece (when log-probabilities are on).
+        tokens: Vec<TokenInfo>,
+    },
     Done {
         finish_reason: &'static str,
         prompt_tokens: usize,
@@ -51,6 +84,8 @@ struct Active<'a> {
     text: String,
     /// Bytes of `text` already sent.
     sent: usize,
+    /// Scored tokens not sent yet, with the byte offset in `text` where each one's text starts.
+    pending: Vec<(usize, TokenInfo)>,
 }
 
 /// Runs the loop until the job channel closes. Call on a dedicated thread.
@@ -91,10 +126,34 @@ pub fn run(
             let sampler = match Sampler::new(job.params.clone()) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = job.events.send(Event::Error(e.to_string()));
+                    job.send(Event::Error(e.to_string()));
                     continue;
                 }
             };
+            let mut sampler = sampler;
+            sampler.observe_prompt(&job.prompt);
+            if job.score_prompt {
+                let mut state = rt.new_state();
+                let top = job.logprobs.unwrap_or(0);
+                match itera_core::eval::score_tokens(rt, &mut state, None, &job.prompt, top) {
+                    Ok((scores, logits)) => {
+                        let infos = scores
+                            .into_iter()
+                            .zip(&job.prompt)
+                            .map(|(sc, &id)| sc.map(|sc| token_info(tokenizer, id, &sc)))
+                            .collect();
+                        job.send(Event::Prompt(infos));
+                        metrics.cache_misses.inc();
+                        metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+                        active.push(Active::new(job, sampler, tokenizer, logits));
+                        states.push(state);
+                    }
+                    Err(e) => {
+                        job.send(Event::Error(e.to_string()));
+                    }
+                }
+                continue;
+            }
             let (mut state, logits, reused) = match cache.lookup(&job.prompt) {
                 Some((state, logits, n)) if n == job.prompt.len() => (state, logits, n),
                 Some((state, _, n)) => (state, Vec::new(), n),
@@ -104,7 +163,7 @@ pub fn run(
                 logits
             } else {
                 if let Err(e) = rt.prefill(&job.prompt[reused..], &mut state, &mut scratch) {
-                    let _ = job.events.send(Event::Error(e.to_string()));
+                    job.send(Event::Error(e.to_string()));
                     continue;
                 }
                 let l = scratch.logits[..vocab].to_vec();
@@ -118,15 +177,7 @@ pub fn run(
                 metrics.cache_misses.inc();
             }
             metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
-            active.push(Active {
-                job,
-                sampler,
-                decoder: StreamDecoder::new(tokenizer),
-                logits,
-                generated: 0,
-                text: String::new(),
-                sent: 0,
-            });
+            active.push(Active::new(job, sampler, tokenizer, logits));
             states.push(state);
         }
         // Sample one token per stream; finished or cancelled streams leave the batch.
@@ -154,7 +205,7 @@ pub fn run(
         }
         if let Err(e) = rt.step_batch(&tokens, &mut states, &mut scratch) {
             for a in active.drain(..) {
-                let _ = a.job.events.send(Event::Error(e.to_string()));
+                a.job.send(Event::Error(e.to_string()));
             }
             states.clear();
             continue;
@@ -181,8 +232,8 @@ fn advance(a: &mut Active, end_id: Option<u32>) -> Option<u32> {
     let finish = |a: &mut Active, reason: &'static str| {
         let rest = a.decoder.finish().unwrap_or_default();
         a.text.push_str(&rest);
-        flush(a, a.text.len());
-        let _ = a.job.events.send(Event::Done {
+        flush(a, a.text.len(), true);
+        a.job.send(Event::Done {
             finish_reason: reason,
             prompt_tokens: a.job.prompt.len(),
             completion_tokens: a.generated,
@@ -197,10 +248,14 @@ fn advance(a: &mut Active, end_id: Option<u32>) -> Option<u32> {
         return finish(a, "stop");
     }
     a.generated += 1;
+    if let Some(k) = a.job.logprobs {
+        let info = token_info(a.decoder.tokenizer(), id, &score_row(&a.logits, id, k));
+        a.pending.push((a.text.len(), info));
+    }
     let piece = match a.decoder.push(id) {
         Ok(p) => p,
         Err(e) => {
-            let _ = a.job.events.send(Event::Error(e.to_string()));
+            a.job.send(Event::Error(e.to_string()));
             return None;
         }
     };
@@ -220,8 +275,8 @@ fn advance(a: &mut Active, end_id: Option<u32>) -> Option<u32> {
     {
         let cut = from + cut;
         a.text.truncate(cut);
-        flush(a, cut);
-        let _ = a.job.events.send(Event::Done {
+        flush(a, cut, true);
+        a.job.send(Event::Done {
             finish_reason: "stop",
             prompt_tokens: a.job.prompt.len(),
             completion_tokens: a.generated,
@@ -234,16 +289,48 @@ fn advance(a: &mut Active, end_id: Option<u32>) -> Option<u32> {
     while !a.text.is_char_boundary(upto) {
         upto -= 1;
     }
-    flush(a, upto.max(a.sent));
+    flush(a, upto.max(a.sent), false);
     Some(id)
 }
 
-fn flush(a: &mut Active, upto: usize) {
-    if upto > a.sent {
-        let _ = a
-            .job
-            .events
-            .send(Event::Text(a.text[a.sent..upto].to_string()));
+/// Sends the text up to byte `upto` with the scored tokens that start before it; `last` also
+/// sends scored tokens that completed no text of their own.
+fn flush(a: &mut Active, upto: usize, last: bool) {
+    let n = a
+        .pending
+        .iter()
+        .take_while(|(start, _)| *start < upto)
+        .count();
+    if upto > a.sent || (last && n > 0) {
+        let tokens = a.pending.drain(..n).map(|(_, t)| t).collect();
+        let text = a.text[a.sent..upto].to_string();
+        a.job.send(Event::Text { text, tokens });
         a.sent = upto;
+    }
+}
+
+/// A token's text and score as the API reports them.
+fn token_info(tokenizer: &Tokenizer, id: u32, score: &TokenScore) -> TokenInfo {
+    let text = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+    TokenInfo {
+        id,
+        text: text(id),
+        logprob: score.logprob,
+        top: score.top.iter().map(|&(t, lp)| (text(t), lp)).collect(),
+    }
+}
+
+impl<'a> Active<'a> {
+    fn new(job: Job, sampler: Sampler, tokenizer: &'a Tokenizer, logits: Vec<f32>) -> Self {
+        Self {
+            job,
+            sampler,
+            decoder: StreamDecoder::new(tokenizer),
+            logits,
+            generated: 0,
+            text: String::new(),
+            sent: 0,
+            pending: Vec::new(),
+        }
     }
 }

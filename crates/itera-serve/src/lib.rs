@@ -5,6 +5,7 @@
 
 mod api;
 pub mod cache;
+pub mod chat;
 mod completions;
 pub mod engine;
 pub mod metrics;
@@ -43,6 +44,8 @@ pub struct ServeConfig {
     pub max_tokens_cap: usize,
     pub cache_bytes: usize,
     pub body_limit: usize,
+    /// Longest prompt accepted, in tokens (longer ones get 413).
+    pub max_prompt_tokens: usize,
 }
 
 impl Default for ServeConfig {
@@ -56,6 +59,7 @@ impl Default for ServeConfig {
             max_tokens_cap: 4096,
             cache_bytes: 64 << 20,
             body_limit: 1 << 20,
+            max_prompt_tokens: 16_384,
         }
     }
 }
@@ -126,6 +130,7 @@ fn load(state: Shared) {
 fn app(state: Shared) -> Router {
     let v1 = Router::new()
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()

@@ -29,6 +29,18 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Divide the logits of tokens already in the text by this (1 = off; 1.1-1.3 curbs loops)
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Subtract this from the logit of every token generated so far (OpenAI's; -2..2)
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Subtract this per time a token was generated so far (OpenAI's; -2..2)
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Keep only tokens with at least this fraction of the top token's probability (0 = off)
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
     /// Print one JSON object instead of streaming text
     #[arg(long)]
     pub json: bool,
@@ -43,6 +55,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
+        repetition_penalty: a.repetition_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        min_p: a.min_p,
+        logit_bias: Vec::new(),
     };
     let t0 = Instant::now();
     let mut stream = generator.stream(&a.prompt, a.max_tokens, params)?;

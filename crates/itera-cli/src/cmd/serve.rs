@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// Largest request body in KB
     #[arg(long, default_value_t = 1024)]
     pub body_limit_kb: usize,
+    /// Longest prompt accepted, in tokens (longer ones are answered 413)
+    #[arg(long, default_value_t = 16_384)]
+    pub max_prompt_tokens: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -51,6 +54,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_tokens_cap: a.max_tokens_cap,
         cache_bytes: a.cache_mb << 20,
         body_limit: a.body_limit_kb << 10,
+        max_prompt_tokens: a.max_prompt_tokens,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

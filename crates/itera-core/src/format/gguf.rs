@@ -307,6 +307,9 @@ pub fn model_metadata(
     ] {
         m.insert(k, v);
     }
+    if let Some(t) = &cfg.chat_template {
+        m.insert("tokenizer.chat_template".into(), Value::Str(t.clone()));
+    }
     m
 }
 

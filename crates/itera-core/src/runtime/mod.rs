@@ -111,6 +111,11 @@ pub struct Runtime {
     norm_f: Vec<f32>,
 }
 
+/// Rows per call when a long sequence is prefilled: large enough that matmuls run at full speed
+/// (prefill throughput is flat from ~256 rows on), small enough that the activations of a call
+/// stay a few MB.
+pub const PREFILL_CHUNK: usize = 1024;
+
 /// [rows, cols] -> [cols, rows].
 fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; v.len()];
@@ -354,18 +359,24 @@ impl Runtime {
     }
 
     /// Runs a token sequence through the state; `scratch.logits` holds the logits after the last.
+    /// Long sequences run in chunks of `PREFILL_CHUNK` rows, so the work buffers stay bounded
+    /// whatever the length (a 100k-token prompt would otherwise need ~1 GB of activations).
     pub fn prefill(&self, tokens: &[u32], state: &mut State, s: &mut Scratch) -> Result<()> {
-        if tokens.is_empty() {
-            return Ok(());
+        let streams = vec![0; tokens.len().min(PREFILL_CHUNK)];
+        let chunks = tokens.chunks(PREFILL_CHUNK);
+        let last = chunks.len().saturating_sub(1);
+        for (i, chunk) in chunks.enumerate() {
+            // Logits only where they are used: after the very last token.
+            let want: &[usize] = if i == last { &[chunk.len() - 1] } else { &[] };
+            self.forward_rows(
+                chunk,
+                &streams[..chunk.len()],
+                std::slice::from_mut(state),
+                want,
+                s,
+            )?;
         }
-        let streams = vec![0; tokens.len()];
-        self.forward_rows(
-            tokens,
-            &streams,
-            std::slice::from_mut(state),
-            &[tokens.len() - 1],
-            s,
-        )
+        Ok(())
     }
 
     /// Like `prefill`, but `scratch.logits` holds the logits after every token ([len, vocab]).

@@ -496,7 +496,7 @@ mod tests {
             a,
             vec![
                 2.0 / 2.0 - 0.5 - 0.5,
-                -1.0 * 2.0,
+                -2.0, // -1 x 2: a negative logit is multiplied
                 0.5,
                 1.0 / 2.0 - 0.5 - 0.25,
                 3.0

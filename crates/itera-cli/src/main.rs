@@ -75,26 +75,32 @@ fn default_sigpipe() {
 
 /// Log lines (progress without a terminal, notes, the server's request log) on stderr;
 /// `ITERA_LOG` sets the level (error, warn, info, debug, trace; default info).
-fn init_logs() {
+fn init_logs(json: bool) {
     let level = std::env::var("ITERA_LOG")
         .ok()
         .and_then(|l| l.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::INFO);
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .without_time()
-        .init();
+        .with_ansi(std::io::stderr().is_terminal() && !json)
+        .with_target(false);
+    if json {
+        logs.json().init();
+    } else {
+        logs.without_time().init();
+    }
 }
 
 fn main() {
-    tune_allocator();
     default_sigpipe();
-    init_logs();
     let cli = Cli::parse();
+    init_logs(matches!(&cli.command, Command::Serve(a) if a.log_format == "json"));
+    // Only training keeps freed buffers for reuse; the server returns memory after big requests.
+    if matches!(cli.command, Command::Train(_)) {
+        tune_allocator();
+    }
     let result = match cli.command {
         Command::Data(a) => data::run(a),
         Command::Tokenizer { command } => tokenizer::run(command),

@@ -178,25 +178,51 @@ impl ModelConfig {
 
     /// Checks that the numbers describe a buildable model; errors name the field.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("d_model", self.d_model),
-            ("n_layers", self.n_layers),
-            ("d_state", self.d_state),
-            ("d_conv", self.d_conv),
-            ("expand", self.expand),
-            ("dt_rank", self.dt_rank),
-            ("context", self.context),
+        // Every size must be positive and below a bound far above any CPU-sized model, so a
+        // corrupt or hostile config is an error naming the field, never a huge allocation.
+        let sizes = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("d_model", self.d_model, 1 << 14),
+            ("n_layers", self.n_layers, 1 << 10),
+            ("d_state", self.d_state, 1 << 10),
+            ("d_conv", self.d_conv, 64),
+            ("expand", self.expand, 16),
+            ("dt_rank", self.dt_rank, 1 << 14),
+            ("context", self.context, 1 << 20),
         ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(Error::Config(format!("`{field}` must be > 0")));
+        for (field, value, max) in sizes {
+            if value == 0 || value > max {
+                return Err(Error::Config(format!(
+                    "`{field}` must be in 1..={max}, got {value}"
+                )));
             }
         }
-        if self.vocab_size > u32::MAX as usize / 2 {
+        let limits = [
+            ("n_experts", self.n_experts, 1 << 10),
+            ("expert_hidden", self.expert_hidden, 1 << 16),
+            ("ffn_hidden", self.ffn_hidden, 1 << 16),
+            ("n_heads", self.n_heads, 1 << 10),
+            ("top_k", self.top_k, 1 << 10),
+        ];
+        for (field, value, max) in limits {
+            if value > max {
+                return Err(Error::Config(format!(
+                    "`{field}` must be at most {max}, got {value}"
+                )));
+            }
+        }
+        if self.moe_layers.len() * self.n_experts > 1 << 16 {
             return Err(Error::Config(format!(
-                "`vocab_size` {} is absurd",
-                self.vocab_size
+                "{} MoE layers x `n_experts` {} is too many experts",
+                self.moe_layers.len(),
+                self.n_experts
+            )));
+        }
+        if self.moe_layers.len() > self.n_layers {
+            return Err(Error::Config(format!(
+                "`moe_layers` lists {} layers but the model has {}",
+                self.moe_layers.len(),
+                self.n_layers
             )));
         }
         if !self.moe_layers.is_empty() {
@@ -228,6 +254,13 @@ impl ModelConfig {
             )));
         }
         self.dropout.validate()?;
+        // The whole model must fit a 64-bit machine's memory many times over (2^34 parameters).
+        let params = crate::tensors::ModelSpec::new(self).parameter_count();
+        if params > 1 << 34 {
+            return Err(Error::Config(format!(
+                "the config describes {params} parameters; refusing to build it"
+            )));
+        }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return Err(Error::Config(format!(
                 "`norm_eps` must be in (0, 1), got {}",
@@ -313,6 +346,19 @@ mod tests {
         c.moe_layers = vec![7];
         assert!(c.validate().unwrap_err().to_string().contains("moe_layers"));
         assert!(ModelConfig::preset("huge").is_err());
+        // Absurd sizes are refused before anything is allocated, naming the field.
+        for (field, json_value) in [
+            ("n_layers", 1u64 << 40),
+            ("n_experts", 1 << 40),
+            ("d_model", 1 << 40),
+        ] {
+            let mut v = serde_json::to_value(ModelConfig::preset("tiny").unwrap()).unwrap();
+            v[field] = serde_json::json!(json_value);
+            let err = ModelConfig::from_json(&v.to_string(), "c.json")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
         assert!(ModelConfig::from_json("{", "x.json")
             .unwrap_err()
             .to_string()

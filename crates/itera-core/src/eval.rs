@@ -68,59 +68,109 @@ pub fn score_tokens(
     tokens: &[u32],
     top: usize,
 ) -> Result<(Vec<Option<TokenScore>>, Vec<f32>)> {
-    let vocab = runtime.cfg.vocab_size;
     let mut scratch = runtime.new_scratch();
-    let mut next: Option<Vec<f32>> = first.map(<[f32]>::to_vec);
+    let mut next = first.map(<[f32]>::to_vec);
     let mut out = Vec::with_capacity(tokens.len());
-    for chunk in tokens.chunks(EVAL_CHUNK) {
-        runtime.prefill_all(chunk, state, &mut scratch)?;
-        for (j, &id) in chunk.iter().enumerate() {
-            let row = if j == 0 {
-                next.as_deref()
-            } else {
-                Some(&scratch.logits[(j - 1) * vocab..j * vocab])
-            };
+    walk_scored(
+        runtime,
+        state,
+        &mut scratch,
+        &mut next,
+        tokens,
+        |row, id| {
             out.push(row.map(|r| score_row(r, id, top)));
-        }
-        let last = chunk.len() - 1;
-        next = Some(scratch.logits[last * vocab..(last + 1) * vocab].to_vec());
-    }
+        },
+    )?;
     Ok((out, next.unwrap_or_default()))
 }
 
-/// Scores every token of `text` with the full preceding context (the recurrent state carries it all).
-/// The first token is conditioned on a newline, the boundary every line of a corpus follows.
+/// Bytes of text tokenized at a time by `evaluate`: segments end after a newline, where the
+/// byte-level BPE's pre-tokenizer always splits, so the tokens are those of the whole text, and
+/// a file of any size is scored with the memory of one segment.
+const SEGMENT_BYTES: usize = 1 << 16;
+
+/// The text cut after newlines into pieces of about `SEGMENT_BYTES`.
+fn segments(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = SEGMENT_BYTES.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        let end = match rest[end..].find('\n') {
+            Some(nl) if end < rest.len() => end + nl + 1,
+            _ => rest.len(),
+        };
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// Runs `tokens` through `state` in chunks and calls `f(logits that predict it, id)` for each
+/// token; `next` holds the logits that predict the first token (None: nothing read yet) and is
+/// left holding those after the last.
+fn walk_scored(
+    runtime: &Runtime,
+    state: &mut crate::runtime::State,
+    scratch: &mut crate::runtime::Scratch,
+    next: &mut Option<Vec<f32>>,
+    tokens: &[u32],
+    mut f: impl FnMut(Option<&[f32]>, u32),
+) -> Result<()> {
+    let vocab = runtime.cfg.vocab_size;
+    for chunk in tokens.chunks(EVAL_CHUNK) {
+        runtime.prefill_all(chunk, state, scratch)?;
+        for (j, &id) in chunk.iter().enumerate() {
+            match j {
+                0 => f(next.as_deref(), id),
+                _ => f(Some(&scratch.logits[(j - 1) * vocab..j * vocab]), id),
+            }
+        }
+        let last = chunk.len() - 1;
+        *next = Some(scratch.logits[last * vocab..(last + 1) * vocab].to_vec());
+    }
+    Ok(())
+}
+
+/// Scores every token of `text` with the full preceding context (the recurrent state carries it
+/// all). The first token is conditioned on a newline, the boundary every line of a corpus
+/// follows. `progress(bytes done, bytes)`.
 pub fn evaluate(
     runtime: &Runtime,
     tokenizer: &Tokenizer,
     text: &str,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<EvalReport> {
-    let ids = text_tokens(tokenizer, text)?;
+    if text.trim().is_empty() {
+        return Err(Error::Argument("evaluation text is empty".into()));
+    }
     let start = tokenizer.encode("\n")?;
     let (mut state, mut scratch) = (runtime.new_state(), runtime.new_scratch());
     runtime.prefill(&start, &mut state, &mut scratch)?;
-    let vocab = runtime.cfg.vocab_size;
-    // Logits that predict the next unscored token; chunks of the text then run as prefills that
-    // return every position's logits (exactly the token-by-token result, a matmul per chunk).
-    let mut next = scratch.logits[..vocab].to_vec();
-    let mut total = 0.0f64;
-    for (c, chunk) in ids.chunks(EVAL_CHUNK).enumerate() {
-        runtime.prefill_all(chunk, &mut state, &mut scratch)?;
-        for (j, &id) in chunk.iter().enumerate() {
-            let logits = if j == 0 {
-                &next[..]
-            } else {
-                &scratch.logits[(j - 1) * vocab..j * vocab]
-            };
-            total += (log_sum_exp(logits) - logits[id as usize]) as f64;
-        }
-        let last = chunk.len() - 1;
-        next.copy_from_slice(&scratch.logits[last * vocab..(last + 1) * vocab]);
-        progress(c * EVAL_CHUNK, ids.len());
+    let mut next = Some(scratch.logits[..runtime.cfg.vocab_size].to_vec());
+    let (mut total, mut tokens, mut done) = (0.0f64, 0usize, 0usize);
+    for piece in segments(text) {
+        let ids = tokenizer.encode(piece)?;
+        tokens += ids.len();
+        walk_scored(
+            runtime,
+            &mut state,
+            &mut scratch,
+            &mut next,
+            &ids,
+            |row, id| {
+                let row = row.expect("the first token follows the newline");
+                total += (log_sum_exp(row) - row[id as usize]) as f64;
+            },
+        )?;
+        done += piece.len();
+        progress(done, text.len());
     }
-    progress(ids.len(), ids.len());
-    Ok(report(text, ids.len(), total))
+    Ok(report(text, tokens, total))
 }
 
 /// The text's tokens (an error for empty text).
@@ -145,5 +195,26 @@ pub fn report(text: &str, tokens: usize, total: f64) -> EvalReport {
         token_perplexity: mean_nll.exp(),
         bits_per_byte: total / (text.len() as f64 * std::f64::consts::LN_2),
         word_perplexity: (total / (words + lines) as f64).exp(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments cut only after newlines and cover the text; scoring by segments sees exactly
+    /// the tokens of the whole text.
+    #[test]
+    fn segments_cover_the_text_at_line_ends() {
+        let line = "the cat sat on the mat, héllo — naïve café.\n";
+        let text = line.repeat(5000);
+        let pieces: Vec<&str> = segments(&text).collect();
+        assert!(pieces.len() > 2);
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces[..pieces.len() - 1].iter().all(|p| p.ends_with('\n')));
+        let tok = crate::tokenizer::tests::fixture_tokenizer(300);
+        let whole = tok.encode(&text).unwrap();
+        let by_piece: Vec<u32> = pieces.iter().flat_map(|p| tok.encode(p).unwrap()).collect();
+        assert_eq!(whole, by_piece);
     }
 }

@@ -24,7 +24,8 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let bytes = crate::format::read_file(path)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
         Ok(Self { inner })
     }

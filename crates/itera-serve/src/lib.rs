@@ -7,6 +7,7 @@ mod api;
 pub mod cache;
 pub mod chat;
 mod completions;
+pub mod connections;
 pub mod engine;
 pub mod metrics;
 mod tokenize;
@@ -15,9 +16,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -46,6 +47,8 @@ pub struct ServeConfig {
     pub body_limit: usize,
     /// Longest prompt accepted, in tokens (longer ones get 413).
     pub max_prompt_tokens: usize,
+    /// Read timeouts and the connection limit.
+    pub limits: connections::Limits,
 }
 
 impl Default for ServeConfig {
@@ -60,6 +63,7 @@ impl Default for ServeConfig {
             cache_bytes: 64 << 20,
             body_limit: 1 << 20,
             max_prompt_tokens: 16_384,
+            limits: connections::Limits::default(),
         }
     }
 }
@@ -93,11 +97,11 @@ pub async fn serve(
     });
     let loader = state.clone();
     tokio::task::spawn_blocking(move || load(loader));
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    connections::accept_loop(listener, app(state.clone()), state, shutdown).await;
+    Ok(())
 }
 
 /// Loads the model and starts the engine thread; a load failure ends the process with a message.
@@ -106,6 +110,7 @@ fn load(state: Shared) {
     let generator = match Generator::load(&cfg.model) {
         Ok(g) => Arc::new(g),
         Err(e) => {
+            tracing::error!("loading model {}: {e}", cfg.model.display());
             eprintln!("error: loading model {}: {e}", cfg.model.display());
             std::process::exit(1);
         }
@@ -124,17 +129,15 @@ fn load(state: Shared) {
         generator,
         jobs: tx,
     });
-    eprintln!("model loaded: {}", cfg.model.display());
+    tracing::info!("model loaded: {}", cfg.model.display());
 }
 
 fn app(state: Shared) -> Router {
-    let v1 = Router::new()
+    use connections::{auth, log_request, read_body};
+    Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .merge(v1)
         .route("/", get(playground))
         .route("/health", get(health))
         .route("/metrics", get(metrics::metrics))
@@ -148,24 +151,10 @@ fn app(state: Shared) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(state.cfg.body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn(log_request))
         .with_state(state)
-}
-
-async fn auth(State(s): State<Shared>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    if let Some(key) = &s.cfg.api_key {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or incorrect API key (send `Authorization: Bearer KEY`)",
-                "invalid_request_error",
-            );
-        }
-    }
-    next.run(req).await
 }
 
 async fn models(State(s): State<Shared>) -> Response {

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cached_tokens: Counter,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_refused: Counter,
     /// Requests waiting for a place in the decode batch (set at scrape time).
     pub queue_depth: Gauge,
     /// Streams in the decode batch.
@@ -44,6 +46,7 @@ impl Default for Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cached_tokens: Counter::default(),
+            connections_refused: Counter::default(),
             queue_depth: Gauge::default(),
             active: Gauge::default(),
             tokens_per_s: Gauge::default(),
@@ -59,6 +62,7 @@ impl Default for Metrics {
             ("prompt_cache_hits", "Prompts that continued from a cached prefix state.", &m.cache_hits),
             ("prompt_cache_misses", "Prompts processed from the start.", &m.cache_misses),
             ("prompt_cache_tokens", "Prompt tokens not recomputed thanks to the cache.", &m.cached_tokens),
+            ("connections_refused", "Connections closed at once because the connection limit was reached.", &m.connections_refused),
         ];
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());

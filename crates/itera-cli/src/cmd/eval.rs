@@ -38,7 +38,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let text = itera_train::data::read_text(&a.data)?;
     let pb = bar(
         1,
-        "{bar:30} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]",
+        "{bar:30} {bytes}/{total_bytes} [{elapsed_precise}<{eta_precise}]",
     );
     let progress = |done: usize, total: usize| {
         pb.set_length(total as u64);

@@ -35,6 +35,19 @@ pub struct ServeArgs {
     /// Longest prompt accepted, in tokens (longer ones are answered 413)
     #[arg(long, default_value_t = 16_384)]
     pub max_prompt_tokens: usize,
+    /// Seconds a client has to send a complete request head once the server waits for one
+    /// (also closes idle keep-alive connections)
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_s: u64,
+    /// Seconds a client has to send the whole request body (408 beyond)
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout_s: u64,
+    /// Open connections at most; new ones beyond are closed at once
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Log lines as `text` or `json` (one object per line, for log collectors)
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -55,6 +68,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         cache_bytes: a.cache_mb << 20,
         body_limit: a.body_limit_kb << 10,
         max_prompt_tokens: a.max_prompt_tokens,
+        limits: itera_serve::connections::Limits {
+            header_timeout: std::time::Duration::from_secs(a.header_timeout_s.max(1)),
+            body_timeout: std::time::Duration::from_secs(a.body_timeout_s.max(1)),
+            max_connections: a.max_connections.max(1),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -78,12 +78,14 @@ impl Matrix {
                 values.len()
             )));
         }
-        Ok(Self {
+        let m = Self {
             rows,
             cols,
             dtype: DType::F32,
             data: Data::F32(pack_panels(rows, cols, &values)),
-        })
+        };
+        m.check_finite()?;
+        Ok(m)
     }
 
     /// Packs a tensor stored in `dtype`'s ggml byte layout (as read from GGUF).
@@ -111,12 +113,43 @@ impl Matrix {
             ),
             _ => Data::Blocks(repack(dtype, rows, cols, bytes)),
         };
-        Ok(Self {
+        let m = Self {
             rows,
             cols,
             dtype,
             data,
-        })
+        };
+        m.check_finite()?;
+        Ok(m)
+    }
+
+    /// An error at the first weight (or block scale) that is NaN or infinite: such weights load
+    /// silently otherwise and turn every result into NaN.
+    fn check_finite(&self) -> Result<()> {
+        let bad = match &self.data {
+            Data::F32(v) => v.iter().position(|x| !x.is_finite()),
+            // f16 and bf16: all exponent bits set is inf or NaN.
+            Data::Half(v) => {
+                let exp = if self.dtype == DType::BF16 {
+                    0x7F80
+                } else {
+                    0x7C00
+                };
+                v.iter().position(|&b| b & exp == exp)
+            }
+            Data::Blocks(b) => b.scale.iter().chain(&b.bias).position(|x| !x.is_finite()),
+        };
+        match bad {
+            None => Ok(()),
+            Some(i) => Err(Error::Format(format!(
+                "holds a non-finite value (NaN or infinity) at {} {i}",
+                if matches!(self.data, Data::Blocks(_)) {
+                    "block parameter"
+                } else {
+                    "element"
+                }
+            ))),
+        }
     }
 
     /// Quantizes f32 values (row-major [rows, cols]) into `dtype`.

@@ -1,96 +1,12 @@
 //! End-to-end runs of the `itera` binary on a tiny model trained from the committed fixture.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::Command;
 
-fn itera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_itera"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = itera(args);
-    assert!(
-        out.status.success(),
-        "itera {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its error message.
-fn fails(args: &[&str]) -> String {
-    let out = itera(args);
-    assert!(!out.status.success(), "itera {args:?} should have failed");
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "itera {args:?} panicked: {err}");
-    err
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/english.txt")
-}
-
-fn tmp() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("itera-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A micro model trained for a few steps, shared by the tests of this file.
-fn model() -> &'static PathBuf {
-    static MODEL: OnceLock<PathBuf> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let dir = tmp();
-        let tok = dir.join("tok.json");
-        let run = dir.join("run");
-        let _ = std::fs::remove_dir_all(&run);
-        let f = fixture();
-        ok(&[
-            "tokenizer",
-            "train",
-            "--data",
-            f.to_str().unwrap(),
-            "--vocab",
-            "400",
-            "--out",
-            tok.to_str().unwrap(),
-        ]);
-        let out = ok(&[
-            "train",
-            "--preset",
-            "micro",
-            "--data",
-            f.to_str().unwrap(),
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--steps",
-            "12",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "32",
-            "--warmup",
-            "2",
-            "--eval-every",
-            "6",
-            "--eval-windows",
-            "8",
-            "--holdout",
-            "0.1",
-            "--run",
-            run.to_str().unwrap(),
-            "--json",
-        ]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["step"], 12);
-        assert!(run.join("metrics.jsonl").is_file() && run.join("loss.png").is_file());
-        run.join("checkpoint")
-    })
-}
+mod common;
+#[path = "../../../tests/support/python.rs"]
+mod python;
+use common::*;
 
 #[test]
 fn generate_is_deterministic_per_seed_and_greedy_at_zero_temperature() {
@@ -449,16 +365,7 @@ fn python_gguf_reads_our_files() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let lib = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pylib");
-    if !lib.join("gguf").is_dir() {
-        let st = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--target"])
-            .arg(&lib)
-            .args(["gguf==0.17.1", "numpy<3"])
-            .status()
-            .expect("python3 -m pip runs (the test needs Python 3 with pip)");
-        assert!(st.success(), "pip install gguf failed");
-    }
+    let python = python::venv("gguf", &["gguf==0.17.1", "numpy<3"]);
     let script = r#"
 import sys, json
 from gguf import GGUFReader
@@ -474,14 +381,8 @@ print(json.dumps({
   "tensors": {t.name: [t.tensor_type.name, [int(x) for x in t.shape]] for t in r.tensors},
 }))
 "#;
-    let o = Command::new("python3")
-        .env("PYTHONPATH", &lib)
-        .args(["-c", script])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let stdout = python::run(&python, script, &[out.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["arch"], "itera-lite");
     let cfg = &v["config"];
     assert_eq!(v["layers"], cfg["n_layers"]);

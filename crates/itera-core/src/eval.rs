@@ -84,32 +84,6 @@ pub fn score_tokens(
     Ok((out, next.unwrap_or_default()))
 }
 
-/// Bytes of text tokenized at a time by `evaluate`: segments end after a newline, where the
-/// byte-level BPE's pre-tokenizer always splits, so the tokens are those of the whole text, and
-/// a file of any size is scored with the memory of one segment.
-const SEGMENT_BYTES: usize = 1 << 16;
-
-/// The text cut after newlines into pieces of about `SEGMENT_BYTES`.
-fn segments(text: &str) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut end = SEGMENT_BYTES.min(rest.len());
-        while !rest.is_char_boundary(end) {
-            end += 1;
-        }
-        let end = match rest[end..].find('\n') {
-            Some(nl) if end < rest.len() => end + nl + 1,
-            _ => rest.len(),
-        };
-        let (piece, tail) = rest.split_at(end);
-        rest = tail;
-        Some(piece)
-    })
-}
-
 /// Runs `tokens` through `state` in chunks and calls `f(logits that predict it, id)` for each
 /// token; `next` holds the logits that predict the first token (None: nothing read yet) and is
 /// left holding those after the last.
@@ -153,7 +127,7 @@ pub fn evaluate(
     runtime.prefill(&start, &mut state, &mut scratch)?;
     let mut next = Some(scratch.logits[..runtime.cfg.vocab_size].to_vec());
     let (mut total, mut tokens, mut done) = (0.0f64, 0usize, 0usize);
-    for piece in segments(text) {
+    for piece in crate::tokenizer::segments(text) {
         let ids = tokenizer.encode(piece)?;
         tokens += ids.len();
         walk_scored(
@@ -207,11 +181,16 @@ mod tests {
     #[test]
     fn segments_cover_the_text_at_line_ends() {
         let line = "the cat sat on the mat, héllo — naïve café.\n";
-        let text = line.repeat(5000);
-        let pieces: Vec<&str> = segments(&text).collect();
+        let mut text = line.repeat(5000);
+        // And one line of 200 KB, cut between words.
+        text.push_str(&"a cat  sat on the mat, héllo — naïve café. ".repeat(5000));
+        text.push('\n');
+        let pieces: Vec<&str> = crate::tokenizer::segments(&text).collect();
         assert!(pieces.len() > 2);
         assert_eq!(pieces.concat(), text);
-        assert!(pieces[..pieces.len() - 1].iter().all(|p| p.ends_with('\n')));
+        assert!(pieces[..pieces.len() - 1]
+            .iter()
+            .all(|p| p.ends_with('\n') || !p.ends_with(' ')));
         let tok = crate::tokenizer::tests::fixture_tokenizer(300);
         let whole = tok.encode(&text).unwrap();
         let by_piece: Vec<u32> = pieces.iter().flat_map(|p| tok.encode(p).unwrap()).collect();

@@ -20,20 +20,33 @@ pub const UNK: &str = "<unk>";
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Characters of the longest token (each byte-level character is one byte of text).
+    longest: usize,
 }
 
 impl Tokenizer {
+    fn wrap(inner: tokenizers::Tokenizer) -> Self {
+        let longest = inner
+            .get_vocab(true)
+            .keys()
+            .map(|k| k.chars().count())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        Self { inner, longest }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = crate::format::read_file(path)?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        Ok(Self { inner })
+        Ok(Self::wrap(inner))
     }
 
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::Tokenizer(format!("{origin}: not a valid tokenizer.json: {e}")))?;
-        Ok(Self { inner })
+        Ok(Self::wrap(inner))
     }
 
     /// Trains a byte-level BPE of `vocab_size` tokens (specials included) on text files.
@@ -65,7 +78,7 @@ impl Tokenizer {
         inner
             .train_from_files(&mut trainer, files.to_vec())
             .map_err(|e| Error::Tokenizer(format!("training on {files:?} failed: {e}")))?;
-        Ok(Self { inner })
+        Ok(Self::wrap(inner))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -98,11 +111,71 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The tokens of `text` if there are at most `limit`; otherwise `Err(n)` with a lower bound
+    /// `n > limit` on their number. Tokenizes segment by segment and stops as soon as the limit
+    /// is passed, so a huge text costs the memory of one segment, not of its whole encoding.
+    pub fn encode_limited(
+        &self,
+        text: &str,
+        limit: usize,
+    ) -> Result<std::result::Result<Vec<u32>, usize>> {
+        let mut ids = Vec::new();
+        for piece in segments(text) {
+            ids.extend(self.encode(piece)?);
+            if ids.len() > limit {
+                return Ok(Err(ids.len()));
+            }
+        }
+        Ok(Ok(ids))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
             .map_err(|e| Error::Tokenizer(format!("decode failed: {e}")))
     }
+}
+
+/// Bytes of text tokenized at a time by `segments` users: segments end after a newline, where the
+/// byte-level BPE's pre-tokenizer always splits, so their tokens are those of the whole text,
+/// and a text of any size is tokenized with the memory of one segment.
+const SEGMENT_BYTES: usize = 1 << 16;
+
+/// The text cut into pieces of about `SEGMENT_BYTES`, after a newline (or in a long line, before
+/// a space between two words).
+pub fn segments(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = SEGMENT_BYTES.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        let end = if end == rest.len() {
+            end
+        } else if let Some(nl) = rest.as_bytes()[end..(end + SEGMENT_BYTES).min(rest.len())]
+            .iter()
+            .position(|&c| c == b'\n')
+        {
+            end + nl + 1
+        } else {
+            // A long line: cut before a single space between two words, where the pre-tokenizer
+            // splits too (the space starts the next word's pre-token).
+            let b = rest.as_bytes();
+            (end.max(1)..rest.len() - 1)
+                .find(|&i| {
+                    b[i] == b' '
+                        && !b[i - 1].is_ascii_whitespace()
+                        && !b[i + 1].is_ascii_whitespace()
+                })
+                .unwrap_or(rest.len())
+        };
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// Turns a token stream into text pieces, holding back tokens that end inside a UTF-8 character.

@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::api::{bad_request, error, now, parse_chat, ready_with_body, Message};
-use crate::completions::{collect, sse, submit, usage};
+use crate::api::{error, now, parse_chat, ready_with_body, Message};
+use crate::completions::{collect, sse, submit, tokenize_prompt, usage};
 use crate::engine::{Event, TokenInfo};
 use crate::Shared;
 
@@ -93,9 +93,9 @@ pub(crate) async fn chat_completions(
     if template.is_none() {
         req.stop.extend(DEFAULT_STOPS.map(String::from));
     }
-    let ids = match ready.generator.tokenizer.encode(&prompt) {
+    let ids = match tokenize_prompt(&s, ready, &prompt) {
         Ok(ids) => ids,
-        Err(e) => return bad_request(e.to_string()),
+        Err(r) => return *r,
     };
     let mut sub = match submit(&s, ready, &req, vec![ids]) {
         Ok(x) => x,

@@ -22,6 +22,32 @@ use crate::api::{Completion, Prompt};
 use crate::engine::{Event, Job, TokenInfo};
 use crate::{AppState, Ready, Shared};
 
+/// A text prompt's tokens, or 413 when it has more than `--max-prompt-tokens` (found without
+/// tokenizing all of a huge prompt).
+pub(crate) fn tokenize_prompt(
+    s: &AppState,
+    ready: &Ready,
+    text: &str,
+) -> Result<Vec<u32>, Box<Response>> {
+    let limit = s.cfg.max_prompt_tokens;
+    match ready.generator.tokenizer.encode_limited(text, limit) {
+        Ok(Ok(ids)) => Ok(ids),
+        Ok(Err(n)) => Err(Box::new(too_long(n, limit, "at least "))),
+        Err(e) => Err(Box::new(bad_request(e.to_string()))),
+    }
+}
+
+fn too_long(n: usize, limit: usize, at_least: &str) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the prompt has {at_least}{n} tokens; this server accepts at most {limit} \
+             (--max-prompt-tokens)"
+        ),
+        "invalid_request_error",
+    )
+}
+
 /// The request's choices, submitted to the engine: one receiver for all of them.
 pub(crate) struct Submitted {
     pub(crate) rx: mpsc::UnboundedReceiver<(usize, Event)>,
@@ -45,14 +71,10 @@ pub(crate) fn submit(
             return Err(Box::new(bad_request("`prompt` has no tokens")));
         }
         if prompt.len() > s.cfg.max_prompt_tokens {
-            return Err(Box::new(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the prompt has {} tokens; this server accepts at most {} (--max-prompt-tokens)",
-                    prompt.len(),
-                    s.cfg.max_prompt_tokens
-                ),
-                "invalid_request_error",
+            return Err(Box::new(too_long(
+                prompt.len(),
+                s.cfg.max_prompt_tokens,
+                "",
             )));
         }
         prompt_tokens.push(prompt.len());
@@ -242,9 +264,9 @@ pub(crate) async fn completions(
     let mut texts = Vec::new();
     for p in &req.prompts {
         let (ids, text) = match p {
-            Prompt::Text(t) => match tok.encode(t) {
+            Prompt::Text(t) => match tokenize_prompt(&s, ready, t) {
                 Ok(ids) => (ids, t.clone()),
-                Err(e) => return bad_request(e.to_string()),
+                Err(r) => return *r,
             },
             Prompt::Tokens(ids) => (ids.clone(), tok.decode(ids).unwrap_or_default()),
         };

@@ -174,8 +174,6 @@ pub fn report(text: &str, tokens: usize, total: f64) -> EvalReport {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     /// Segments cut only after newlines and cover the text; scoring by segments sees exactly
     /// the tokens of the whole text.
     #[test]

@@ -119,6 +119,11 @@ impl Tokenizer {
         text: &str,
         limit: usize,
     ) -> Result<std::result::Result<Vec<u32>, usize>> {
+        // No token is longer than `longest` bytes, so a text this long has too many tokens.
+        let at_least = text.len() / self.longest;
+        if at_least > limit {
+            return Ok(Err(at_least));
+        }
         let mut ids = Vec::new();
         for piece in segments(text) {
             ids.extend(self.encode(piece)?);

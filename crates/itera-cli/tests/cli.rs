@@ -1,7 +1,5 @@
 //! End-to-end runs of the `itera` binary on a tiny model trained from the committed fixture.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 mod common;
 #[path = "../../../tests/support/python.rs"]

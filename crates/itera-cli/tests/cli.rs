@@ -1,6 +1,5 @@
 //! End-to-end runs of the `itera` binary on a tiny model trained from the committed fixture.
 
-
 mod common;
 #[path = "../../../tests/support/python.rs"]
 mod python;

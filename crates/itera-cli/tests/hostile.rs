@@ -446,3 +446,112 @@ fn four_huge_prompts_leave_the_server_memory_bounded() {
     assert!(peak < PEAK_BOUND, "peak RSS {} MB", peak >> 20);
     assert!(now < AFTER_BOUND, "RSS after the requests {} MB", now >> 20);
 }
+
+/// `kill -9` at moments spread over a training run (seeded), then `--resume`, again and again:
+/// every checkpoint left behind loads, and the resumed run's losses equal a straight run's.
+#[test]
+fn training_killed_at_random_moments_resumes_exactly() {
+    let f = fixture();
+    let tok = model().join("tokenizer.json");
+    let args = |run: &Path| -> Vec<String> {
+        [
+            "train",
+            "--preset",
+            "micro",
+            "--data",
+            f.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--steps",
+            "120",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "64",
+            "--warmup",
+            "2",
+            "--eval-every",
+            "40",
+            "--eval-windows",
+            "2",
+            "--save-every",
+            "1",
+            "--run",
+            run.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let losses = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ce"].as_f64())
+            .collect()
+    };
+    let straight = tmp().join("kill-straight");
+    let _ = std::fs::remove_dir_all(&straight);
+    let a = args(&straight);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let killed = tmp().join("kill-run");
+    let _ = std::fs::remove_dir_all(&killed);
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut kills = 0;
+    for _ in 0..40 {
+        let has_checkpoint = ["checkpoint", "checkpoint.old"]
+            .iter()
+            .any(|c| killed.join(c).join("train_state.json").is_file());
+        let cmd: Vec<String> = if has_checkpoint {
+            vec![
+                "train".into(),
+                "--resume".into(),
+                killed.display().to_string(),
+            ]
+        } else {
+            args(&killed)
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_itera"))
+            .args(&cmd)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(60 + rng % 400));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                // Finished (or refused to resume a finished run): done.
+                if has_checkpoint && !status.success() {
+                    break;
+                }
+                if status.success() {
+                    break;
+                }
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    assert!(kills >= 3, "only {kills} kills landed");
+    // Whatever state the kills left, the run can be finished.
+    if !std::fs::read_to_string(killed.join("checkpoint/train_state.json"))
+        .is_ok_and(|s| s.contains("\"step\": 120"))
+    {
+        ok(&["train", "--resume", killed.to_str().unwrap()]);
+    }
+    let (la, lb) = (losses(&straight), losses(&killed));
+    assert_eq!(la.len(), 120);
+    assert_eq!(lb.len(), 120, "killed run's log: {lb:?}");
+    for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
+        assert!(
+            (x - y).abs() < 1e-5,
+            "step {}: straight {x} vs killed and resumed {y}",
+            i + 1
+        );
+    }
+}

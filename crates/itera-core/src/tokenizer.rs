@@ -38,14 +38,17 @@ impl Tokenizer {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = crate::format::read_file(path)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        Ok(Self::wrap(inner))
+        Self::from_bytes(&bytes, &path.display().to_string())
     }
 
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::Tokenizer(format!("{origin}: not a valid tokenizer.json: {e}")))?;
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::Tokenizer(format!("{origin}: not a valid tokenizer.json: {e}"))
+        };
+        // The JSON must parse on its own first: `tokenizers` panics (instead of returning an
+        // error) on some malformed JSON inside its `decoder` entry (found by tests/fuzz_files.rs).
+        serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| bad(&e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| bad(&e))?;
         Ok(Self::wrap(inner))
     }
 

@@ -1,0 +1,213 @@
+//! Property-based fuzzing of every file a user hands us: corrupted safetensors, GGUF, config and
+//! tokenizer files (mutations of valid ones: flipped and overwritten bytes, truncations,
+//! insertions, absurd numbers in JSON). Each case must load or fail with an error; a panic, an
+//! abort or a hang fails the test (proptest reports the smallest failing input). Seeded, so CI
+//! runs the same cases every time; `ITERA_FUZZ_CASES=N` runs more (the long campaign).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use itera_core::format::gguf::{self, GgufFile};
+use itera_core::format::model_dir::{load_runtime, ModelDir};
+use itera_core::format::{dtype::DType, safetensors as st};
+use itera_core::{ModelConfig, Tokenizer, Weights};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+fn cases() -> u32 {
+    std::env::var("ITERA_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400)
+}
+
+/// A seeded runner: the same cases on every run.
+fn runner(seed: u8) -> TestRunner {
+    TestRunner::new_with_rng(
+        Config {
+            cases: cases(),
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
+    )
+}
+
+/// A small valid model directory (micro, vocab of the fixture tokenizer) and a GGUF of it.
+fn valid() -> &'static (PathBuf, Vec<u8>, Vec<u8>, String, String) {
+    static V: OnceLock<(PathBuf, Vec<u8>, Vec<u8>, String, String)> = OnceLock::new();
+    V.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-valid");
+        let tok = Tokenizer::train(
+            &[root
+                .join("tests/fixtures/english.txt")
+                .display()
+                .to_string()],
+            300,
+        )
+        .unwrap();
+        let mut cfg = ModelConfig::preset("micro").unwrap();
+        cfg.vocab_size = tok.vocab_size();
+        ModelDir::save(&dir, &cfg, &Weights::init(&cfg, 1).unwrap(), &tok).unwrap();
+        let m = ModelDir::load(&dir).unwrap();
+        let file = gguf::model_file(
+            &cfg,
+            &tok.to_json().unwrap(),
+            "fuzz",
+            |n| Ok(m.weights.values(n)?.to_vec()),
+            |s| {
+                if s.quantizable(32) {
+                    DType::Q4_1
+                } else {
+                    DType::F32
+                }
+            },
+        )
+        .unwrap();
+        let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let tokenizer = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+        (dir, weights, file.to_bytes(), config, tokenizer)
+    })
+}
+
+/// A mutation of `bytes`: some positions overwritten with random bytes, then maybe cut short or
+/// grown by inserted bytes.
+fn mutated(
+    len: usize,
+) -> impl Strategy<Value = (Vec<(usize, u8)>, Option<usize>, Vec<(usize, Vec<u8>)>)> {
+    (
+        prop::collection::vec((0..len, any::<u8>()), 1..8),
+        prop::option::weighted(0.2, 0..len),
+        prop::collection::vec((0..len, prop::collection::vec(any::<u8>(), 1..16)), 0..2),
+    )
+}
+
+fn apply(bytes: &[u8], m: &(Vec<(usize, u8)>, Option<usize>, Vec<(usize, Vec<u8>)>)) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for &(i, b) in &m.0 {
+        out[i] = b;
+    }
+    for (i, ins) in &m.2 {
+        let at = (*i).min(out.len());
+        out.splice(at..at, ins.iter().copied());
+    }
+    if let Some(cut) = m.1 {
+        out.truncate(cut);
+    }
+    out
+}
+
+/// Writes `name` with `bytes` into a fresh copy of the valid model directory.
+fn dir_with(case: &str, name: &str, bytes: &[u8]) -> PathBuf {
+    let (dir, ..) = valid();
+    let d = dir.with_file_name(format!(
+        "fuzz-{case}-{}",
+        std::thread::current()
+            .name()
+            .unwrap_or("t")
+            .replace("::", "-")
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(dir.join(f), d.join(f)).unwrap();
+    }
+    std::fs::write(d.join(name), bytes).unwrap();
+    d
+}
+
+#[test]
+fn corrupted_safetensors_files_load_or_fail_cleanly() {
+    let (_, weights, ..) = valid();
+    runner(1)
+        .run(&mutated(weights.len()), |m| {
+            let d = dir_with("st", "model.safetensors", &apply(weights, &m));
+            // Either path may succeed (a mutation inside a weight is a valid file) or fail.
+            let _ = ModelDir::load(&d);
+            let _ = load_runtime(&d);
+            let _ = st::read(&d.join("model.safetensors"));
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn corrupted_gguf_files_load_or_fail_cleanly() {
+    let (dir, _, file, ..) = valid();
+    let path = dir.with_file_name("fuzz-gguf.gguf");
+    runner(2)
+        .run(&mutated(file.len()), |m| {
+            let bytes = apply(file, &m);
+            if let Ok(g) = GgufFile::parse(&bytes) {
+                let _ = g.config();
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok((rt, tok)) = load_runtime(&path) {
+                // A file that loads must also run.
+                let ids = tok.encode("the cat").unwrap_or_default();
+                let (mut s, mut sc) = (rt.new_state(), rt.new_scratch());
+                let _ = rt.prefill(&ids, &mut s, &mut sc);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Config JSON with fields replaced by values of every kind (huge, negative, fractional,
+/// strings, nulls, nested) must parse and validate, or fail naming the problem.
+#[test]
+fn hostile_configs_are_refused_or_accepted_without_allocating() {
+    let (_, _, _, config, _) = valid();
+    let base: serde_json::Value = serde_json::from_str(config).unwrap();
+    let fields: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
+    let value = prop_oneof![
+        any::<u64>().prop_map(|v| serde_json::json!(v)),
+        any::<i64>().prop_map(|v| serde_json::json!(v)),
+        (0u32..64).prop_map(|b| serde_json::json!(1u64 << b)),
+        any::<f64>().prop_map(|v| serde_json::json!(v)),
+        ".{0,12}".prop_map(|s| serde_json::json!(s)),
+        Just(serde_json::Value::Null),
+        prop::collection::vec(0u64..1 << 40, 0..6).prop_map(|v| serde_json::json!(v)),
+    ];
+    runner(3)
+        .run(
+            &(prop::sample::select(fields), value, any::<bool>()),
+            |(field, v, drop)| {
+                let mut c = base.clone();
+                if drop {
+                    c.as_object_mut().unwrap().remove(&field);
+                } else {
+                    c[&field] = v;
+                }
+                if let Ok(cfg) = ModelConfig::from_json(&c.to_string(), "fuzz.json") {
+                    // Accepted configs are bounded: their table builds and counts fit.
+                    let _ = cfg.parameter_count();
+                    let d = dir_with("cfg", "config.json", c.to_string().as_bytes());
+                    let _ = load_runtime(&d);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn corrupted_tokenizers_load_or_fail_cleanly_and_then_work() {
+    let (_, _, _, _, tokenizer) = valid();
+    let bytes = tokenizer.as_bytes();
+    runner(4)
+        .run(&(mutated(bytes.len()), ".{0,40}"), |(m, text)| {
+            let mutated = apply(bytes, &m);
+            if let Ok(t) = Tokenizer::from_bytes(&mutated, "fuzz") {
+                if let Ok(ids) = t.encode(&text) {
+                    let _ = t.decode(&ids);
+                }
+                let _ = t.encode_limited(&text, 4);
+            }
+            let d = dir_with("tok", "tokenizer.json", &mutated);
+            let _ = load_runtime(&d);
+            Ok(())
+        })
+        .unwrap();
+}

@@ -33,9 +33,15 @@ fn runner(seed: u8) -> TestRunner {
     )
 }
 
+/// A valid model: its directory, weights bytes, a GGUF of it, config and tokenizer JSON.
+type Valid = (PathBuf, Vec<u8>, Vec<u8>, String, String);
+
+/// Overwritten bytes, a cut, inserted bytes.
+type Mutation = (Vec<(usize, u8)>, Option<usize>, Vec<(usize, Vec<u8>)>);
+
 /// A small valid model directory (micro, vocab of the fixture tokenizer) and a GGUF of it.
-fn valid() -> &'static (PathBuf, Vec<u8>, Vec<u8>, String, String) {
-    static V: OnceLock<(PathBuf, Vec<u8>, Vec<u8>, String, String)> = OnceLock::new();
+fn valid() -> &'static Valid {
+    static V: OnceLock<Valid> = OnceLock::new();
     V.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-valid");
@@ -74,9 +80,7 @@ fn valid() -> &'static (PathBuf, Vec<u8>, Vec<u8>, String, String) {
 
 /// A mutation of `bytes`: some positions overwritten with random bytes, then maybe cut short or
 /// grown by inserted bytes.
-fn mutated(
-    len: usize,
-) -> impl Strategy<Value = (Vec<(usize, u8)>, Option<usize>, Vec<(usize, Vec<u8>)>)> {
+fn mutated(len: usize) -> impl Strategy<Value = Mutation> {
     (
         prop::collection::vec((0..len, any::<u8>()), 1..8),
         prop::option::weighted(0.2, 0..len),
@@ -84,7 +88,7 @@ fn mutated(
     )
 }
 
-fn apply(bytes: &[u8], m: &(Vec<(usize, u8)>, Option<usize>, Vec<(usize, Vec<u8>)>)) -> Vec<u8> {
+fn apply(bytes: &[u8], m: &Mutation) -> Vec<u8> {
     let mut out = bytes.to_vec();
     for &(i, b) in &m.0 {
         out[i] = b;

@@ -534,3 +534,56 @@ fn baseline_mixers_train_and_evaluate() {
     let err = fails(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     assert!(err.contains("--shared-state"), "{err}");
 }
+
+/// 50 tokens in one run equal 25, `--save-state`, then `--load-state` and 25 more (the
+/// sampler's RNG and history are part of the state); a state from another model is refused.
+#[test]
+fn a_saved_state_continues_the_text_exactly() {
+    let m = model().to_str().unwrap();
+    let text = |args: &[&str]| -> String {
+        let mut all = vec!["generate", "--model", m, "--json", "--temperature", "0.9"];
+        all.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(&ok(&all)).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    let state = tmp().join("continue.safetensors");
+    let whole = text(&["--prompt", "It was a", "--max-tokens", "50", "--seed", "5"]);
+    let first = text(&[
+        "--prompt",
+        "It was a",
+        "--max-tokens",
+        "25",
+        "--seed",
+        "5",
+        "--save-state",
+        state.to_str().unwrap(),
+    ]);
+    // The seed of the second run does not matter: the RNG comes from the file.
+    let second = text(&[
+        "--load-state",
+        state.to_str().unwrap(),
+        "--max-tokens",
+        "25",
+        "--seed",
+        "77",
+    ]);
+    assert_eq!(format!("{first}{second}"), whole);
+    let err = fails(&[
+        "generate",
+        "--load-state",
+        state.to_str().unwrap(),
+        "--max-tokens",
+        "5",
+    ]);
+    assert!(err.contains("another model"), "{err}");
+    let bad = tmp().join("bad.safetensors");
+    std::fs::write(&bad, b"not a state").unwrap();
+    let err = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--load-state",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(err.contains("bad.safetensors"), "{err}");
+}

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::format::model_dir::{load_runtime, ModelDir};
+use crate::format::state_file::SavedState;
 use crate::runtime::{Runtime, Scratch, State};
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer, END_OF_TEXT};
@@ -49,7 +50,20 @@ impl Generator {
         max_tokens: usize,
         params: SamplingParams,
     ) -> Result<TokenStream<'_>> {
-        if prompt.is_empty() {
+        self.stream_from(None, prompt, max_tokens, params)
+    }
+
+    /// `stream`, continuing a saved stream when `saved` is given (its state, the logits it
+    /// stopped at, its sampler's RNG and history, the tokens it held back mid-character); the
+    /// prompt, which may then be empty, is read after it.
+    pub fn stream_from(
+        &self,
+        saved: Option<SavedState>,
+        prompt: &str,
+        max_tokens: usize,
+        params: SamplingParams,
+    ) -> Result<TokenStream<'_>> {
+        if prompt.is_empty() && saved.is_none() {
             return Err(Error::Argument("prompt is empty".into()));
         }
         if max_tokens > MAX_NEW_TOKENS {
@@ -57,22 +71,42 @@ impl Generator {
                 "max_tokens {max_tokens} exceeds the limit of {MAX_NEW_TOKENS}"
             )));
         }
-        let mut sampler = Sampler::new(params)?;
-        let ids = self.tokenizer.encode(prompt)?;
+        let ids = if prompt.is_empty() {
+            Vec::new()
+        } else {
+            self.tokenizer.encode(prompt)?
+        };
+        let rt = &self.runtime;
+        let mut scratch = rt.new_scratch();
+        let (mut state, mut sampler, pending) = match saved {
+            Some(s) => {
+                rt.check_state(&s.state)?;
+                scratch
+                    .logits
+                    .grow(s.logits.len())
+                    .copy_from_slice(&s.logits);
+                let sampler = match &s.sampler {
+                    Some(snap) => Sampler::restore(params, snap)?,
+                    None => Sampler::new(params)?,
+                };
+                (s.state, sampler, s.pending)
+            }
+            None => (rt.new_state(), Sampler::new(params)?, Vec::new()),
+        };
         sampler.observe_prompt(&ids);
-        let (mut state, mut scratch) = (self.runtime.new_state(), self.runtime.new_scratch());
-        self.runtime.prefill(&ids, &mut state, &mut scratch)?;
+        rt.prefill(&ids, &mut state, &mut scratch)?;
         Ok(TokenStream {
             generator: self,
             state,
             scratch,
             sampler,
-            decoder: StreamDecoder::new(&self.tokenizer),
+            decoder: StreamDecoder::with_pending(&self.tokenizer, pending),
             remaining: max_tokens,
             end_id: self.tokenizer.token_id(END_OF_TEXT),
             prompt_tokens: ids.len(),
             generated: 0,
             done: false,
+            hold_pending: false,
         })
     }
 }
@@ -89,9 +123,27 @@ pub struct TokenStream<'a> {
     pub prompt_tokens: usize,
     pub generated: usize,
     done: bool,
+    /// At the end, keep tokens that end mid-character for a saved continuation instead of
+    /// emitting them as replacement characters.
+    hold_pending: bool,
 }
 
 impl TokenStream<'_> {
+    /// Keep a character split across the end for `saved` (set before reading to the end).
+    pub fn hold_pending(&mut self) {
+        self.hold_pending = true;
+    }
+
+    /// Everything needed to continue this stream later exactly (`Generator::stream_from`).
+    pub fn saved(&self) -> SavedState {
+        SavedState {
+            state: self.state.clone(),
+            logits: self.scratch.logits.to_vec(),
+            sampler: Some(self.sampler.snapshot()),
+            pending: self.decoder.pending().to_vec(),
+        }
+    }
+
     /// Samples one token and advances the state; None at the end.
     fn next_piece(&mut self) -> Result<Option<String>> {
         loop {
@@ -100,6 +152,9 @@ impl TokenStream<'_> {
             }
             if self.remaining == 0 {
                 self.done = true;
+                if self.hold_pending {
+                    return Ok(None);
+                }
                 let rest = self.decoder.finish()?;
                 return Ok(if rest.is_empty() { None } else { Some(rest) });
             }

@@ -104,6 +104,17 @@ impl SamplingParams {
     }
 }
 
+/// What a sampler carries between tokens besides its parameters: the RNG and the token history
+/// the penalties look at. Saved with a recurrent state so that a stream continues exactly.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplerState {
+    pub rng: u64,
+    /// (token, times generated), sorted by token.
+    pub generated: Vec<(u32, u32)>,
+    /// Prompt tokens (sorted, distinct).
+    pub prompt: Vec<u32>,
+}
+
 /// Draws token ids from logits; owns the RNG so a seed fixes the whole sequence.
 pub struct Sampler {
     params: SamplingParams,
@@ -134,6 +145,29 @@ impl Sampler {
             prompt: Default::default(),
             adjusted: Vec::new(),
         })
+    }
+
+    /// The RNG and history, to continue this sampler later (`restore`).
+    pub fn snapshot(&self) -> SamplerState {
+        let mut generated: Vec<(u32, u32)> = self.generated.iter().map(|(&k, &v)| (k, v)).collect();
+        generated.sort_unstable();
+        let mut prompt: Vec<u32> = self.prompt.iter().copied().collect();
+        prompt.sort_unstable();
+        SamplerState {
+            rng: self.rng.state(),
+            generated,
+            prompt,
+        }
+    }
+
+    /// A sampler with `params` continuing from a snapshot (its RNG and history; `params.seed`
+    /// is not used).
+    pub fn restore(params: SamplingParams, saved: &SamplerState) -> Result<Self> {
+        let mut s = Self::new(params)?;
+        s.rng = Rng::from_state(saved.rng);
+        s.generated = saved.generated.iter().copied().collect();
+        s.prompt = saved.prompt.iter().copied().collect();
+        Ok(s)
     }
 
     /// Tells the sampler the prompt's tokens (the repetition penalty covers them).

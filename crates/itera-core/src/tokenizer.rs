@@ -211,6 +211,16 @@ impl<'a> StreamDecoder<'a> {
         Ok(text)
     }
 
+    /// A decoder holding back `pending` tokens (from a saved stream).
+    pub fn with_pending(tokenizer: &'a Tokenizer, pending: Vec<u32>) -> Self {
+        Self { tokenizer, pending }
+    }
+
+    /// Tokens held back because they end inside a UTF-8 character.
+    pub fn pending(&self) -> &[u32] {
+        &self.pending
+    }
+
     /// The tokenizer this decoder uses.
     pub fn tokenizer(&self) -> &'a Tokenizer {
         self.tokenizer

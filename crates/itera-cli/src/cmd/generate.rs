@@ -14,8 +14,16 @@ use super::ModelArg;
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    #[arg(long)]
+    /// The text to continue (may be omitted with --load-state)
+    #[arg(long, required_unless_present = "load_state", default_value = "")]
     pub prompt: String,
+    /// Continue the stream saved in this file (by --save-state) exactly where it stopped: its
+    /// state, logits, sampler RNG and history; the prompt, if any, is read first
+    #[arg(long)]
+    pub load_state: Option<std::path::PathBuf>,
+    /// After generating, save the stream (recurrent state, logits, sampler) to this file
+    #[arg(long)]
+    pub save_state: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// 0 = greedy
@@ -62,7 +70,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         logit_bias: Vec::new(),
     };
     let t0 = Instant::now();
-    let mut stream = generator.stream(&a.prompt, a.max_tokens, params)?;
+    let saved = match &a.load_state {
+        Some(p) => Some(
+            itera_core::format::state_file::load(p, &generator.runtime)
+                .with_context(|| format!("loading state {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut stream = generator.stream_from(saved, &a.prompt, a.max_tokens, params)?;
+    if a.save_state.is_some() {
+        stream.hold_pending();
+    }
     let mut text = String::new();
     let mut out = std::io::stdout().lock();
     if !a.json {
@@ -78,6 +96,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         text.push_str(&piece);
     }
     let secs = t0.elapsed().as_secs_f64();
+    if let Some(p) = &a.save_state {
+        itera_core::format::state_file::save(p, &generator.runtime, &stream.saved())
+            .with_context(|| format!("saving state {}", p.display()))?;
+    }
     if a.json {
         let v = json!({"prompt": a.prompt, "text": text, "prompt_tokens": stream.prompt_tokens, "generated_tokens": stream.generated, "seconds": secs});
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;

@@ -7,6 +7,7 @@ pub mod dtype;
 pub mod gguf;
 pub mod model_dir;
 pub mod safetensors;
+pub mod state_file;
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,6 @@
 //! Text generation over the recurrent step: the prompt is processed once, then O(1) per token.
 
+use std::ops::Deref;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -49,8 +50,8 @@ impl Generator {
         prompt: &str,
         max_tokens: usize,
         params: SamplingParams,
-    ) -> Result<TokenStream<'_>> {
-        self.stream_from(None, prompt, max_tokens, params)
+    ) -> Result<TokenStream<&Self>> {
+        TokenStream::start(self, None, prompt, max_tokens, params)
     }
 
     /// `stream`, continuing a saved stream when `saved` is given (its state, the logits it
@@ -62,7 +63,38 @@ impl Generator {
         prompt: &str,
         max_tokens: usize,
         params: SamplingParams,
-    ) -> Result<TokenStream<'_>> {
+    ) -> Result<TokenStream<&Self>> {
+        TokenStream::start(self, saved, prompt, max_tokens, params)
+    }
+}
+
+/// Iterator over generated text pieces. Holds its generator as `G`: a reference (`stream`), or
+/// an `Arc` for a stream that must own it (the Python bindings).
+pub struct TokenStream<G: Deref<Target = Generator>> {
+    generator: G,
+    state: State,
+    scratch: Scratch,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    remaining: usize,
+    end_id: Option<u32>,
+    pub prompt_tokens: usize,
+    pub generated: usize,
+    done: bool,
+    /// At the end, keep tokens that end mid-character for a saved continuation instead of
+    /// emitting them as replacement characters.
+    hold_pending: bool,
+}
+
+impl<G: Deref<Target = Generator>> TokenStream<G> {
+    /// Starts a stream (see `Generator::stream_from`).
+    pub fn start(
+        generator: G,
+        saved: Option<SavedState>,
+        prompt: &str,
+        max_tokens: usize,
+        params: SamplingParams,
+    ) -> Result<Self> {
         if prompt.is_empty() && saved.is_none() {
             return Err(Error::Argument("prompt is empty".into()));
         }
@@ -74,9 +106,9 @@ impl Generator {
         let ids = if prompt.is_empty() {
             Vec::new()
         } else {
-            self.tokenizer.encode(prompt)?
+            generator.tokenizer.encode(prompt)?
         };
-        let rt = &self.runtime;
+        let rt = &generator.runtime;
         let mut scratch = rt.new_scratch();
         let (mut state, mut sampler, pending) = match saved {
             Some(s) => {
@@ -95,40 +127,23 @@ impl Generator {
         };
         sampler.observe_prompt(&ids);
         rt.prefill(&ids, &mut state, &mut scratch)?;
+        let decoder = StreamDecoder::with_pending(&generator.tokenizer, pending);
+        let end_id = generator.tokenizer.token_id(END_OF_TEXT);
         Ok(TokenStream {
-            generator: self,
+            generator,
             state,
             scratch,
             sampler,
-            decoder: StreamDecoder::with_pending(&self.tokenizer, pending),
+            decoder,
             remaining: max_tokens,
-            end_id: self.tokenizer.token_id(END_OF_TEXT),
+            end_id,
             prompt_tokens: ids.len(),
             generated: 0,
             done: false,
             hold_pending: false,
         })
     }
-}
 
-/// Iterator over generated text pieces.
-pub struct TokenStream<'a> {
-    generator: &'a Generator,
-    state: State,
-    scratch: Scratch,
-    sampler: Sampler,
-    decoder: StreamDecoder<'a>,
-    remaining: usize,
-    end_id: Option<u32>,
-    pub prompt_tokens: usize,
-    pub generated: usize,
-    done: bool,
-    /// At the end, keep tokens that end mid-character for a saved continuation instead of
-    /// emitting them as replacement characters.
-    hold_pending: bool,
-}
-
-impl TokenStream<'_> {
     /// Keep a character split across the end for `saved` (set before reading to the end).
     pub fn hold_pending(&mut self) {
         self.hold_pending = true;
@@ -176,7 +191,7 @@ impl TokenStream<'_> {
     }
 }
 
-impl Iterator for TokenStream<'_> {
+impl<G: Deref<Target = Generator>> Iterator for TokenStream<G> {
     type Item = Result<String>;
 
     fn next(&mut self) -> Option<Self::Item> {

@@ -19,7 +19,8 @@ pub const UNK: &str = "<unk>";
 
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Shared: cloning a tokenizer (one per decoder, stream, thread) is cheap.
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
     /// Characters of the longest token (each byte-level character is one byte of text).
     longest: usize,
 }
@@ -33,7 +34,10 @@ impl Tokenizer {
             .max()
             .unwrap_or(1)
             .max(1);
-        Self { inner, longest }
+        Self {
+            inner: std::sync::Arc::new(inner),
+            longest,
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -187,15 +191,15 @@ pub fn segments(text: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Turns a token stream into text pieces, holding back tokens that end inside a UTF-8 character.
-pub struct StreamDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+pub struct StreamDecoder {
+    tokenizer: Tokenizer,
     pending: Vec<u32>,
 }
 
-impl<'a> StreamDecoder<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+impl StreamDecoder {
+    pub fn new(tokenizer: &Tokenizer) -> Self {
         Self {
-            tokenizer,
+            tokenizer: tokenizer.clone(),
             pending: Vec::new(),
         }
     }
@@ -212,8 +216,11 @@ impl<'a> StreamDecoder<'a> {
     }
 
     /// A decoder holding back `pending` tokens (from a saved stream).
-    pub fn with_pending(tokenizer: &'a Tokenizer, pending: Vec<u32>) -> Self {
-        Self { tokenizer, pending }
+    pub fn with_pending(tokenizer: &Tokenizer, pending: Vec<u32>) -> Self {
+        Self {
+            tokenizer: tokenizer.clone(),
+            pending,
+        }
     }
 
     /// Tokens held back because they end inside a UTF-8 character.
@@ -222,8 +229,8 @@ impl<'a> StreamDecoder<'a> {
     }
 
     /// The tokenizer this decoder uses.
-    pub fn tokenizer(&self) -> &'a Tokenizer {
-        self.tokenizer
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
     /// Whatever is still held back (only non-empty if generation stopped mid-character).

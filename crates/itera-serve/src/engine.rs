@@ -74,10 +74,10 @@ pub struct EngineConfig {
     pub cache_bytes: usize,
 }
 
-struct Active<'a> {
+struct Active {
     job: Job,
     sampler: Sampler,
-    decoder: StreamDecoder<'a>,
+    decoder: StreamDecoder,
     logits: Vec<f32>,
     generated: usize,
     /// Text produced so far, kept only while stop strings need checking.
@@ -320,8 +320,8 @@ fn token_info(tokenizer: &Tokenizer, id: u32, score: &TokenScore) -> TokenInfo {
     }
 }
 
-impl<'a> Active<'a> {
-    fn new(job: Job, sampler: Sampler, tokenizer: &'a Tokenizer, logits: Vec<f32>) -> Self {
+impl Active {
+    fn new(job: Job, sampler: Sampler, tokenizer: &Tokenizer, logits: Vec<f32>) -> Self {
         Self {
             job,
             sampler,

@@ -43,6 +43,8 @@ enum Command {
     Sensitivity(sensitivity::SensitivityArgs),
     /// Show a model's, GGUF file's or preset's configuration, tensor types and parameter counts
     Inspect(inspect::InspectArgs),
+    /// Export the model to ONNX (the recurrent step and a prefill graph) for onnxruntime
+    Export(export::ExportArgs),
 }
 
 /// Keeps large training buffers in the heap for reuse: by default glibc returns every block over
@@ -112,6 +114,7 @@ fn main() {
         Command::Quantize(a) => quantize::run(a),
         Command::Sensitivity(a) => sensitivity::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Export(a) => export::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

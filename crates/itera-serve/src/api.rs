@@ -106,6 +106,8 @@ pub(crate) struct Completion {
     pub(crate) echo: bool,
     /// `stream_options.include_usage`: a last chunk with the token counts.
     pub(crate) include_usage: bool,
+    /// Continue this named session and store its new state (completions, one choice).
+    pub(crate) session: Option<String>,
 }
 
 /// Parameters OpenAI's legacy completions accept, and chat's. Anything else is refused with
@@ -132,6 +134,7 @@ const COMPLETION_FIELDS: &[&str] = &[
     "top_k",
     "min_p",
     "repetition_penalty",
+    "session",
 ];
 const CHAT_FIELDS: &[&str] = &[
     "model",
@@ -324,6 +327,7 @@ fn common(
         logprobs: None,
         echo: false,
         include_usage,
+        session: None,
     })
 }
 
@@ -413,6 +417,30 @@ pub(crate) fn parse_completion(
         return Err(Invalid::at(
             "max_tokens",
             "`max_tokens` must be at least 1 (0 is allowed only with `echo`)",
+        ));
+    }
+    c.session = match f.get("session") {
+        None => None,
+        Some(Value::String(name))
+            if !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) =>
+        {
+            Some(name.clone())
+        }
+        Some(_) => {
+            return Err(Invalid::at(
+                "session",
+                "`session` must be a name of 1 to 64 letters, digits, `-`, `_` or `.`",
+            ))
+        }
+    };
+    if c.session.is_some() && (prompts.len() * c.n > 1 || c.echo) {
+        return Err(Invalid::at(
+            "session",
+            "a session continues one choice: use one prompt, `n` 1 and no `echo`",
         ));
     }
     if c.stream && prompts.len() * c.n > 1 && c.echo {

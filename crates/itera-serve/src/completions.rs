@@ -89,6 +89,7 @@ pub(crate) fn submit(
                 logprobs: req.logprobs,
                 score_prompt,
                 choice: p * req.n + j,
+                session: req.session.clone(),
                 events: tx.clone(),
             };
             s.metrics.requests.inc();

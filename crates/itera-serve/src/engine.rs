@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::cache::PromptCache;
 use crate::metrics::Metrics;
+use crate::sessions::Sessions;
 
 /// What a request asks the engine for (already validated and tokenized).
 pub struct Job {
@@ -29,6 +30,8 @@ pub struct Job {
     pub score_prompt: bool,
     /// Which choice of its request this job is; events go out tagged with it.
     pub choice: usize,
+    /// Continue the named session's state (prompt read after it) and store the state reached.
+    pub session: Option<String>,
     /// Shared by all choices of a request: dropping the receiver cancels them all.
     pub events: mpsc::UnboundedSender<(usize, Event)>,
 }
@@ -72,6 +75,8 @@ pub enum Event {
 pub struct EngineConfig {
     pub max_batch: usize,
     pub cache_bytes: usize,
+    pub max_sessions: usize,
+    pub session_bytes: usize,
 }
 
 struct Active {
@@ -100,6 +105,7 @@ pub fn run(
     let vocab = rt.cfg.vocab_size;
     let end_id = tokenizer.token_id(END_OF_TEXT);
     let mut cache = PromptCache::new(cfg.cache_bytes);
+    let mut sessions = Sessions::new(cfg.max_sessions, cfg.session_bytes);
     let mut active: Vec<Active> = Vec::new();
     let mut states: Vec<State> = Vec::new();
     let mut scratch = rt.new_scratch();
@@ -154,6 +160,23 @@ pub fn run(
                 }
                 continue;
             }
+            if let Some((mut state, logits)) = job.session.as_deref().and_then(|n| sessions.get(n))
+            {
+                // A session: its state, then the new prompt (the prompt cache does not apply).
+                let logits = if job.prompt.is_empty() {
+                    logits
+                } else {
+                    if let Err(e) = rt.prefill(&job.prompt, &mut state, &mut scratch) {
+                        job.send(Event::Error(e.to_string()));
+                        continue;
+                    }
+                    scratch.logits[..vocab].to_vec()
+                };
+                metrics.prompt_tokens.inc_by(job.prompt.len() as u64);
+                active.push(Active::new(job, sampler, tokenizer, logits));
+                states.push(state);
+                continue;
+            }
             let (mut state, logits, reused) = match cache.lookup(&job.prompt) {
                 Some((state, logits, n)) if n == job.prompt.len() => (state, logits, n),
                 Some((state, _, n)) => (state, Vec::new(), n),
@@ -194,8 +217,11 @@ pub fn run(
                         metrics.cancelled.inc();
                     }
                     metrics.generated_tokens.inc_by(active[i].generated as u64);
-                    active.swap_remove(i);
-                    states.swap_remove(i);
+                    let a = active.swap_remove(i);
+                    let state = states.swap_remove(i);
+                    if let Some(name) = &a.job.session {
+                        sessions.put(name, state, a.logits);
+                    }
                 }
             }
         }

@@ -10,6 +10,7 @@ mod completions;
 pub mod connections;
 pub mod engine;
 pub mod metrics;
+pub mod sessions;
 mod tokenize;
 
 use std::net::SocketAddr;
@@ -49,6 +50,9 @@ pub struct ServeConfig {
     pub max_prompt_tokens: usize,
     /// Read timeouts and the connection limit.
     pub limits: connections::Limits,
+    /// Named sessions kept at most, and their bytes at most.
+    pub max_sessions: usize,
+    pub session_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -64,6 +68,8 @@ impl Default for ServeConfig {
             body_limit: 1 << 20,
             max_prompt_tokens: 16_384,
             limits: connections::Limits::default(),
+            max_sessions: 256,
+            session_bytes: 64 << 20,
         }
     }
 }
@@ -120,6 +126,8 @@ fn load(state: Shared) {
     let ecfg = EngineConfig {
         max_batch: cfg.max_batch.max(1),
         cache_bytes: cfg.cache_bytes,
+        max_sessions: cfg.max_sessions,
+        session_bytes: cfg.session_bytes,
     };
     std::thread::Builder::new()
         .name("itera-engine".into())

@@ -127,3 +127,34 @@ fn echo_logprobs_sum_to_the_evaluation_nll() {
     );
     assert_eq!(v["usage"]["completion_tokens"], 0);
 }
+
+/// A session continues where the previous request with its name stopped: the same text as one
+/// request over the concatenated tokens.
+#[test]
+fn sessions_continue_from_the_state_a_request_ended_in() {
+    let addr = server();
+    let post = |body: Value| -> Value {
+        let (status, _, text) = http(addr, "POST", "/v1/completions", &[], &body.to_string());
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    let (p1, p2) = (vec![100, 200, 300], vec![400, 500]);
+    // One forced token (logit bias) ends the first request: the session holds p1 + [42].
+    post(
+        json!({"prompt": p1, "max_tokens": 1, "temperature": 0, "logit_bias": {"42": 100}, "session": "s1"}),
+    );
+    let continued =
+        post(json!({"prompt": p2, "max_tokens": 12, "temperature": 0, "session": "s1"}));
+    let all: Vec<u32> = p1.iter().chain(&[42]).chain(&p2).copied().collect();
+    let whole = post(json!({"prompt": all, "max_tokens": 12, "temperature": 0}));
+    assert_eq!(continued["choices"][0]["text"], whole["choices"][0]["text"]);
+    let (status, _, text) = http(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        &json!({"prompt": "x", "session": "bad name!"}).to_string(),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("session"));
+}

@@ -45,6 +45,12 @@ pub struct ServeArgs {
     /// Open connections at most; new ones beyond are closed at once
     #[arg(long, default_value_t = 512)]
     pub max_connections: usize,
+    /// Named sessions (`"session"` on /v1/completions) kept at most
+    #[arg(long, default_value_t = 256)]
+    pub max_sessions: usize,
+    /// Bytes of session state kept at most, in MB (least recently used sessions go first)
+    #[arg(long, default_value_t = 64)]
+    pub session_mb: usize,
     /// Log lines as `text` or `json` (one object per line, for log collectors)
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -68,6 +74,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         cache_bytes: a.cache_mb << 20,
         body_limit: a.body_limit_kb << 10,
         max_prompt_tokens: a.max_prompt_tokens,
+        max_sessions: a.max_sessions,
+        session_bytes: a.session_mb << 20,
         limits: itera_serve::connections::Limits {
             header_timeout: std::time::Duration::from_secs(a.header_timeout_s.max(1)),
             body_timeout: std::time::Duration::from_secs(a.body_timeout_s.max(1)),

@@ -67,6 +67,18 @@ pub struct ModelConfig {
     /// for the server's chat endpoint; None uses the documented plain default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// Experts of each MoE layer, in `moe_layers` order, when pruning left them different
+    /// (empty: `n_experts` everywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expert_counts: Vec<usize>,
+    /// Dynamic expert skipping at inference (NAEE, Lu et al. 2024): a token skips its second
+    /// expert when that expert's routing weight is below this times the first's (0: off).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub moe_skip_beta: f64,
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -165,6 +177,8 @@ impl ModelConfig {
             ffn_hidden: 0,
             dropout: Dropout::default(),
             chat_template: None,
+            expert_counts: Vec::new(),
+            moe_skip_beta: 0.0,
         })
     }
 
@@ -232,10 +246,40 @@ impl ModelConfig {
                         .into(),
                 ));
             }
-            if self.top_k == 0 || self.top_k > self.n_experts {
+            if !self.expert_counts.is_empty() {
+                if self.expert_counts.len() != self.moe_layers.len() {
+                    return Err(Error::Config(format!(
+                        "`expert_counts` has {} entries for {} MoE layers",
+                        self.expert_counts.len(),
+                        self.moe_layers.len()
+                    )));
+                }
+                if let Some(&c) = self
+                    .expert_counts
+                    .iter()
+                    .find(|&&c| c == 0 || c > self.n_experts)
+                {
+                    return Err(Error::Config(format!(
+                        "`expert_counts` entries must be in 1..={} (n_experts), got {c}",
+                        self.n_experts
+                    )));
+                }
+            }
+            let fewest = (0..self.n_layers)
+                .filter(|&l| self.is_moe_layer(l))
+                .map(|l| self.experts_in_layer(l))
+                .min()
+                .unwrap_or(self.n_experts);
+            if self.top_k == 0 || self.top_k > fewest {
                 return Err(Error::Config(format!(
-                    "`top_k` must be in 1..={} (n_experts), got {}",
-                    self.n_experts, self.top_k
+                    "`top_k` must be in 1..={fewest} (the fewest experts of a layer), got {}",
+                    self.top_k
+                )));
+            }
+            if !(0.0..=1.0).contains(&self.moe_skip_beta) {
+                return Err(Error::Config(format!(
+                    "`moe_skip_beta` must be in [0, 1], got {}",
+                    self.moe_skip_beta
                 )));
             }
         }
@@ -292,8 +336,11 @@ impl ModelConfig {
     }
 
     /// Experts in MoE layer `layer`.
-    pub fn experts_in_layer(&self, _layer: usize) -> usize {
-        self.n_experts
+    pub fn experts_in_layer(&self, layer: usize) -> usize {
+        match self.moe_layers.iter().position(|&l| l == layer) {
+            Some(i) if !self.expert_counts.is_empty() => self.expert_counts[i],
+            _ => self.n_experts,
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! Itera-Lite training, on candle: corpora from package registries (`corpora`), token data
-//! (`data`), the reference model and its fused ops (`reference`), AdamW (`optim`), the rules of a
+//! (`data`), the reference model and its fused ops (`reference`), AdamW (`optim`), the teacher of
+//! a distillation run (`distill`), the rules of a
 //! new run (`new_run`), the training loop with checkpoints and logs (`trainer`), and PNG charts
 //! (`plot`).
 
 pub mod corpora;
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod new_run;
 pub mod optim;

@@ -1,20 +1,23 @@
-//! The training loop: batches -> forward -> CE + aux loss -> backward -> clipped AdamW, with
-//! periodic validation, metrics.jsonl, loss.png and atomic checkpoints that resume exactly.
+//! The training loop: batches -> forward -> CE (or the distillation loss) + aux loss ->
+//! backward -> clipped AdamW over the trainable tensors, with periodic validation, metrics.jsonl,
+//! loss.png and atomic checkpoints that resume exactly.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Var;
 use itera_core::format::safetensors as st;
 use itera_core::format::write_atomic;
 use itera_core::rng::Rng;
-use itera_core::tensors::ModelSpec;
+use itera_core::tensors::{ModelSpec, Role};
 use itera_core::{ModelConfig, ModelDir, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{batch_at, train_offsets, valid_offsets, Corpus};
+use crate::distill::{DistillOptions, Teacher};
 use crate::error::{Error, Result};
 use crate::optim::{learning_rate, AdamW, AdamWConfig};
 use crate::plot::plot_losses;
@@ -51,6 +54,31 @@ pub struct TrainOptions {
     pub train_files: Vec<PathBuf>,
     pub valid_files: Vec<PathBuf>,
     pub optimizer: AdamWConfig,
+    /// Which tensors learn (the others stay as they started).
+    #[serde(default)]
+    pub train_only: TrainOnly,
+    /// Learn from a teacher's distributions as well as from the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillOptions>,
+}
+
+/// The tensors a run updates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOnly {
+    #[default]
+    All,
+    /// MoE routers and RMSNorm gains only (healing a pruned model without moving its experts).
+    RouterAndNorms,
+}
+
+impl TrainOnly {
+    fn trains(self, role: Option<Role>) -> bool {
+        match self {
+            Self::All => true,
+            Self::RouterAndNorms => matches!(role, Some(Role::Router | Role::Norm)),
+        }
+    }
 }
 
 impl TrainOptions {
@@ -79,6 +107,8 @@ impl TrainOptions {
                 weight_decay: 0.1,
                 grad_clip: 1.0,
             },
+            train_only: TrainOnly::All,
+            distill: None,
         }
     }
 
@@ -99,7 +129,9 @@ impl TrainOptions {
         if !(0.0..1.0).contains(&self.ema) {
             return bad(format!("ema decay must be in [0, 1), got {}", self.ema));
         }
-        Ok(())
+        self.distill
+            .as_ref()
+            .map_or(Ok(()), DistillOptions::validate)
     }
 }
 
@@ -117,6 +149,9 @@ pub struct StepMetrics {
     pub step: usize,
     pub loss: f64,
     pub ce: f64,
+    /// The KL term (distillation runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
     pub aux: f64,
     pub lr: f64,
     pub grad_norm: f64,
@@ -163,31 +198,48 @@ pub struct Run {
     elapsed_s: f64,
     /// The moving average of the weights (`options.ema` > 0, from `ema_start` on).
     ema: Option<Weights>,
+    teacher: Option<Teacher>,
 }
 
-/// Trainable copies of the weights, and the optimizer over them (AdamW decays what the tensor
-/// table says decays).
+/// Trainable copies of the weights (`o.train_only` of them; the rest plain tensors), and the
+/// optimizer over them (AdamW decays what the tensor table says decays).
 fn trainable(cfg: &ModelConfig, weights: &Weights, o: &TrainOptions) -> Result<(Params, AdamW)> {
+    let spec = ModelSpec::new(cfg);
     let mut vars = BTreeMap::new();
     let mut tensors = BTreeMap::new();
     for (name, t) in &Params::from_weights(weights)?.tensors {
+        if !o.train_only.trains(spec.get(name).map(|s| s.role)) {
+            tensors.insert(name.clone(), t.clone());
+            continue;
+        }
         let v = Var::from_tensor(t)?;
         tensors.insert(name.clone(), v.as_tensor().clone());
         vars.insert(name.clone(), v);
     }
-    let spec = ModelSpec::new(cfg);
     let decays = |name: &str, _: &[usize]| spec.get(name).is_none_or(|s| s.decays());
     let opt = AdamW::new(o.optimizer.clone(), &vars, decays);
     Ok((Params { tensors }, opt))
 }
 
 impl Run {
-    /// A new run in `dir` (which must not hold a checkpoint already).
+    /// A new run in `dir` (which must not hold a checkpoint already) from fresh weights.
     pub fn create(
         dir: &Path,
         config: ModelConfig,
         tokenizer: Tokenizer,
         options: TrainOptions,
+    ) -> Result<Self> {
+        let init = Weights::init(&config, options.seed)?;
+        Self::create_from(dir, config, tokenizer, options, &init)
+    }
+
+    /// A new run in `dir` that starts from `weights` (fine-tuning, healing a pruned model).
+    pub fn create_from(
+        dir: &Path,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        options: TrainOptions,
+        weights: &Weights,
     ) -> Result<Self> {
         options.validate()?;
         if dir.join(CHECKPOINT_DIR).exists() {
@@ -200,9 +252,12 @@ impl Run {
                 config.vocab_size
             )));
         }
+        let teacher = match &options.distill {
+            Some(d) => Some(Teacher::load(d, &config, &tokenizer)?),
+            None => None,
+        };
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-        let init = Weights::init(&config, options.seed)?;
-        let (params, opt) = trainable(&config, &init, &options)?;
+        let (params, opt) = trainable(&config, weights, &options)?;
         let _ = std::fs::remove_file(dir.join(METRICS_FILE));
         Ok(Self {
             dir: dir.into(),
@@ -215,6 +270,7 @@ impl Run {
             best_val_loss: None,
             elapsed_s: 0.0,
             ema: None,
+            teacher,
         })
     }
 
@@ -239,6 +295,10 @@ impl Run {
         options
             .validate()
             .map_err(|e| Error::file(&state_path, e))?;
+        let teacher = match &options.distill {
+            Some(d) => Some(Teacher::load(d, &model.config, &model.tokenizer)?),
+            None => None,
+        };
         let (params, mut opt) = trainable(&model.config, &model.weights, &options)?;
         let opt_path = ck.join(OPTIMIZER_FILE);
         opt.load_state(
@@ -257,6 +317,7 @@ impl Run {
             best_val_loss: state.best_val_loss,
             elapsed_s: state.elapsed_s,
             ema: None,
+            teacher,
         };
         let ema_path = ck.join(EMA_FILE);
         if ema_path.is_file() {
@@ -424,8 +485,21 @@ impl Run {
             let (x, y) = batch_at(&corpus.train, &offsets, o.seq_len)?;
             let noise = Rng::derive(o.seed ^ DROPOUT_STREAM, self.step as u64).next_u64();
             let model = Model::training(&self.config, &self.params, noise);
-            let (ce, aux) = model.loss(&x, &y)?;
-            let loss = (&ce + (&aux * o.aux_weight)?)?;
+            let (main, aux, ce, kl) = match (&self.teacher, &o.distill) {
+                (Some(teacher), Some(d)) => {
+                    let rows = teacher.rows(&x.flatten_all()?.to_vec1()?, x.dim(0)?, x.dim(1)?)?;
+                    let parts = Default::default();
+                    let (l, aux) = model.distill_loss(&x, &y, rows, d.loss, Arc::clone(&parts))?;
+                    let (ce, kl) = *parts.lock().expect("not poisoned");
+                    (l, aux, ce, Some(kl))
+                }
+                _ => {
+                    let (ce, aux) = model.loss(&x, &y)?;
+                    let value = ce.to_scalar::<f32>()? as f64;
+                    (ce, aux, value, None)
+                }
+            };
+            let loss = (&main + (&aux * o.aux_weight)?)?;
             let grads = loss.backward()?;
             let lr = learning_rate(self.step, o.steps, o.warmup, o.lr, o.min_lr_ratio);
             let grad_norm = self.opt.step(&grads, lr)?;
@@ -435,7 +509,8 @@ impl Run {
             let m = StepMetrics {
                 step: self.step,
                 loss: loss.to_scalar::<f32>()? as f64,
-                ce: ce.to_scalar::<f32>()? as f64,
+                ce,
+                kl,
                 aux: aux.to_scalar::<f32>()? as f64,
                 lr,
                 grad_norm,
@@ -660,6 +735,88 @@ mod tests {
         assert!(Run::resume(&a_dir, None).is_err());
         let (cfg, tok, o) = (a.config.clone(), a.tokenizer.clone(), a.options.clone());
         assert!(Run::create(&a_dir, cfg, tok, o).is_err());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn healing_trains_only_routers_and_norms_and_distillation_logs_its_kl() {
+        let tmp = std::env::temp_dir().join(format!("itera-heal-{}", std::process::id()));
+        let (cfg, tok, mut o) = setup(&tmp.join("teacher"));
+        o.steps = 10;
+        let corpus = Corpus::load(&tok, &o.train_files, &[], o.holdout).unwrap();
+        let mut t = Run::create(&tmp.join("teacher"), cfg.clone(), tok.clone(), o.clone()).unwrap();
+        t.train(&corpus, &mut |_| {}).unwrap();
+        let start = t.weights().unwrap();
+
+        let mut heal = o.clone();
+        heal.train_only = TrainOnly::RouterAndNorms;
+        let mut h =
+            Run::create_from(&tmp.join("heal"), cfg.clone(), tok.clone(), heal, &start).unwrap();
+        h.train(&corpus, &mut |_| {}).unwrap();
+        let end = h.weights().unwrap();
+        let spec = ModelSpec::new(&cfg);
+        let (mut moved, mut kept) = (0, 0);
+        for s in spec.all() {
+            let same = start.values(&s.name).unwrap() == end.values(&s.name).unwrap();
+            if matches!(s.role, Role::Router | Role::Norm) {
+                moved += usize::from(!same);
+            } else {
+                assert!(same, "{} changed while healing routers and norms", s.name);
+                kept += 1;
+            }
+        }
+        assert!(moved > 0 && kept > 0);
+
+        let mut d = o.clone();
+        let teacher = tmp.join("teacher").join(BEST_DIR);
+        d.distill = Some(DistillOptions {
+            teacher: teacher.clone(),
+            loss: crate::reference::distill_loss::DistillLossSpec {
+                temperature: 2.0,
+                alpha: 0.5,
+                kl: crate::reference::distill_loss::Kl::Forward,
+            },
+        });
+        let mut small = cfg.clone();
+        small.expert_hidden /= 2;
+        let student = tmp.join("student");
+        let mut s = Run::create(&student, small.clone(), tok.clone(), d.clone()).unwrap();
+        s.train_until(&corpus, 5, &mut |_| {}).unwrap();
+        drop(s);
+        let mut s = Run::resume(&student, None).unwrap();
+        s.train(&corpus, &mut |_| {}).unwrap();
+        let text = std::fs::read_to_string(student.join(METRICS_FILE)).unwrap();
+        let kls: Vec<f64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kl"].as_f64())
+            .collect();
+        assert_eq!(kls.len(), 10, "one KL per step, also after the resume");
+        assert!(kls.iter().all(|k| k.is_finite() && *k >= 0.0), "{kls:?}");
+
+        // Refusals: a larger student, another tokenizer, a bad temperature or alpha.
+        let mut big = cfg.clone();
+        big.expert_hidden *= 2;
+        let e = Run::create(&tmp.join("x1"), big, tok.clone(), d.clone())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("larger than its teacher"), "{e}");
+        let other = Tokenizer::train(&[fixture().display().to_string()], 300).unwrap();
+        let mut c = small.clone();
+        c.vocab_size = other.vocab_size();
+        let e = Run::create(&tmp.join("x2"), c, other, d.clone())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("different tokenizer"), "{e}");
+        for (t, a, what) in [(0.0, 0.5, "temperature"), (1.0, 1.5, "alpha")] {
+            let mut bad = d.clone();
+            let l = &mut bad.distill.as_mut().unwrap().loss;
+            (l.temperature, l.alpha) = (t, a);
+            let e = Run::create(&tmp.join("x3"), small.clone(), tok.clone(), bad)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        assert!(!tmp.join("x1").exists() && !tmp.join("x3").exists());
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 

@@ -26,6 +26,13 @@ const SPLIT_FROM_ROWS: usize = 32;
 /// rows whose logits are wanted.
 type Job = (Vec<u32>, Vec<usize>, Vec<usize>);
 
+/// What a call ends with: logits of the requested rows (into the given slice, else
+/// `s.logits`), or the final-norm hidden state of every row (in `s.h`).
+enum Head<'a> {
+    Logits(Option<&'a mut [f32]>),
+    Hidden,
+}
+
 impl Runtime {
     /// The general forward: row i is token `tokens[i]` of stream `streams[i]` (rows of one stream in
     /// time order); `logit_rows` lists the rows whose logits are wanted, in the order returned in
@@ -37,6 +44,73 @@ impl Runtime {
         states: &mut [State],
         logit_rows: &[usize],
         s: &mut Scratch,
+    ) -> Result<()> {
+        self.check_rows(tokens, streams, states, logit_rows)?;
+        let rows = tokens.len();
+        let threads = rayon::current_num_threads();
+        let on_pool = rayon::current_thread_index().is_some();
+        // Routing statistics are gathered in this scratch only, so such calls are not split.
+        if threads > 1
+            && rows >= SPLIT_FROM_ROWS
+            && states.len() >= 2 * threads
+            && s.routing.is_none()
+        {
+            let mut per_stream = vec![0usize; states.len()];
+            streams.iter().for_each(|&st| per_stream[st] += 1);
+            if per_stream.iter().filter(|&&c| c > 0).count() >= 2 * threads {
+                self.forward_split(
+                    tokens,
+                    streams,
+                    states,
+                    logit_rows,
+                    s,
+                    &per_stream,
+                    threads,
+                    on_pool,
+                );
+                return Ok(());
+            }
+        }
+        self.run_here(tokens, streams, states, logit_rows, s, Head::Logits(None));
+        Ok(())
+    }
+
+    /// Like `forward_rows`, but stops before the LM head: returns the final-norm hidden state of
+    /// every row ([rows, d_model]), e.g. a distillation teacher's, whose logits `lm_head` then
+    /// computes a chunk at a time.
+    pub fn final_hidden<'s>(
+        &self,
+        tokens: &[u32],
+        streams: &[usize],
+        states: &mut [State],
+        s: &'s mut Scratch,
+    ) -> Result<&'s [f32]> {
+        self.check_rows(tokens, streams, states, &[])?;
+        self.run_here(tokens, streams, states, &[], s, Head::Hidden);
+        Ok(&s.h[..tokens.len() * self.cfg.d_model])
+    }
+
+    /// The tied LM head: logits [rows, vocab] of hidden states `h` [rows, d_model].
+    pub fn lm_head(&self, h: &[f32], out: &mut [f32], s: &mut Scratch) -> Result<()> {
+        let (d, v) = (self.cfg.d_model, self.cfg.vocab_size);
+        if !h.len().is_multiple_of(d) || out.len() != h.len() / d * v {
+            return Err(Error::Argument(format!(
+                "lm_head: {} hidden values and {} outputs for d_model {d}, vocab {v}",
+                h.len(),
+                out.len()
+            )));
+        }
+        let (par, _) = Self::par_for(h.len() / d);
+        self.embed.matmul(h, out, &mut s.q, par);
+        Ok(())
+    }
+
+    fn check_rows(
+        &self,
+        tokens: &[u32],
+        streams: &[usize],
+        states: &[State],
+        logit_rows: &[usize],
     ) -> Result<()> {
         let c = &self.cfg;
         let rows = tokens.len();
@@ -60,28 +134,13 @@ impl Runtime {
                 c.vocab_size
             )));
         }
-        for st in states.iter() {
-            self.check_state(st)?;
-        }
+        states.iter().try_for_each(|st| self.check_state(st))
+    }
+
+    /// The threads a call of `rows` rows on this thread may use, and whether it is a pool thread.
+    fn par_for(rows: usize) -> (Par, bool) {
         let threads = rayon::current_num_threads();
         let on_pool = rayon::current_thread_index().is_some();
-        if threads > 1 && rows >= SPLIT_FROM_ROWS && states.len() >= 2 * threads {
-            let mut per_stream = vec![0usize; states.len()];
-            streams.iter().for_each(|&st| per_stream[st] += 1);
-            if per_stream.iter().filter(|&&c| c > 0).count() >= 2 * threads {
-                self.forward_split(
-                    tokens,
-                    streams,
-                    states,
-                    logit_rows,
-                    s,
-                    &per_stream,
-                    threads,
-                    on_pool,
-                );
-                return Ok(());
-            }
-        }
         // Small calls (a decode step, a few streams, a short prompt), and every call when there
         // are just two threads, split their matmuls, conv and scan with the pair helper's second
         // core: small ones are bound by reading the weights or too short to wake the pool for,
@@ -95,16 +154,29 @@ impl Runtime {
         } else {
             Par::Pool(threads)
         };
+        (par, on_pool)
+    }
+
+    /// `run` on the threads `par_for` allows, all streams together.
+    fn run_here(
+        &self,
+        tokens: &[u32],
+        streams: &[usize],
+        states: &mut [State],
+        logit_rows: &[usize],
+        s: &mut Scratch,
+        head: Head,
+    ) {
+        let (par, on_pool) = Self::par_for(tokens.len());
         // Other big calls run on a pool thread: the caller then sleeps once per call instead of
         // once per parallel pass, and the pool's idle threads do not spin against its serial work
         // (prefill 1.13x; small calls stay here, where one hop would cost more than it saves).
         if matches!(par, Par::Pool(_)) && !on_pool {
             crate::exec::pair::rest();
-            rayon::scope(|_| self.run(tokens, streams, states, logit_rows, s, None, par));
+            rayon::scope(|_| self.run(tokens, streams, states, logit_rows, s, head, par));
         } else {
-            self.run(tokens, streams, states, logit_rows, s, None, par);
+            self.run(tokens, streams, states, logit_rows, s, head, par);
         }
-        Ok(())
     }
 
     /// The model over validated rows, on the threads `par` allows; logits into `out`
@@ -117,7 +189,7 @@ impl Runtime {
         states: &mut [State],
         logit_rows: &[usize],
         s: &mut Scratch,
-        out: Option<&mut [f32]>,
+        head: Head,
         par: Par,
     ) {
         let c = &self.cfg;
@@ -134,7 +206,7 @@ impl Runtime {
                 *a += b;
             }
             if let Some(moe) = &layer.moe {
-                moe_rows(moe, c, rows, s, par);
+                moe_rows(moe, li, c, rows, s, par);
             } else if let Some(ffn) = &layer.ffn {
                 ffn_rows(ffn, c, rows, s, par);
             }
@@ -142,6 +214,13 @@ impl Runtime {
         for st in streams {
             states[*st].position += 1;
         }
+        let out = match head {
+            Head::Hidden => {
+                rms_norm_rows(&s.x, &self.norm_f, c.norm_eps, grow(&mut s.h, rows * d));
+                return;
+            }
+            Head::Logits(out) => out,
+        };
         let h = grow(&mut s.h, logit_rows.len() * d);
         for (hr, &i) in h.chunks_exact_mut(d).zip(logit_rows) {
             rms_norm(&s.x[i * d..(i + 1) * d], &self.norm_f, c.norm_eps, hr);
@@ -238,7 +317,7 @@ impl Runtime {
             if toks.is_empty() {
                 return;
             }
-            self.run(toks, owners, st, wanted, sc, out, Par::Serial)
+            self.run(toks, owners, st, wanted, sc, Head::Logits(out), Par::Serial)
         };
         if groups == 2 && !on_pool {
             // Two groups: the caller runs one and the spinning pair helper the other, with no

@@ -60,6 +60,8 @@ pub struct Scratch {
     /// One per thread when streams are split between threads (`forward_split`).
     pub(super) groups: Vec<Scratch>,
     pub logits: AlignedBuf,
+    /// When set, MoE layers add what their routers did to it (`RoutingStats::new` to start).
+    pub routing: Option<super::moe::RoutingStats>,
 }
 
 /// A growable f32 buffer whose contents start on a 64-byte boundary, so that a big output

@@ -11,6 +11,7 @@ use itera_core::rng::Rng;
 use itera_core::tensors::{AttentionSpec, MixerSpec, ModelSpec, MoeSpec, SsmSpec, SwigluSpec};
 
 use super::conv_norm::{causal_conv_silu, rms_norm};
+use super::distill_loss::{distill_loss, DistillLossSpec, Parts, TeacherLogits};
 use super::lm_head_loss::lm_head_loss;
 use super::scan::{ssm_core, ssm_core_ungated};
 use super::Params;
@@ -173,6 +174,29 @@ impl<'a> Model<'a> {
             &targets.flatten_all()?,
         )?;
         Ok((ce, out.aux_loss))
+    }
+
+    /// The distillation loss of `targets` [B, T] against the teacher's logits for the same rows
+    /// (see `distill_loss`), plus the aux loss, from one forward.
+    pub fn distill_loss(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        teacher: std::sync::Arc<dyn TeacherLogits>,
+        spec: DistillLossSpec,
+        parts: Parts,
+    ) -> Result<(Tensor, Tensor)> {
+        let out = self.forward(inputs)?;
+        let targets = std::sync::Arc::new(targets.flatten_all()?.to_vec1::<u32>()?);
+        let loss = distill_loss(
+            &out.hidden,
+            self.w(&self.spec.embed)?,
+            targets,
+            teacher,
+            spec,
+            parts,
+        )?;
+        Ok((loss, out.aux_loss))
     }
 
     /// Mamba-1 mixer on h [B*T, d] -> [B*T, d].

@@ -29,6 +29,10 @@ enum Command {
     },
     /// Train a model from scratch, or resume a run
     Train(Box<train::TrainArgs>),
+    /// Distil a teacher model into a smaller student (KL to the teacher + cross-entropy)
+    Distill(Box<distill::DistillArgs>),
+    /// Remove experts from every MoE layer (chosen on calibration text), optionally heal, report routing
+    Prune(Box<prune::PruneArgs>),
     /// Generate text from a prompt (streams to stdout)
     Generate(generate::GenerateArgs),
     /// Evaluate a model on held-out text: NLL, perplexity, bits per byte
@@ -100,13 +104,18 @@ fn main() {
     let cli = Cli::parse();
     init_logs(matches!(&cli.command, Command::Serve(a) if a.log_format == "json"));
     // Only training keeps freed buffers for reuse; the server returns memory after big requests.
-    if matches!(cli.command, Command::Train(_)) {
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Distill(_) | Command::Prune(_)
+    ) {
         tune_allocator();
     }
     let result = match cli.command {
         Command::Data(a) => data::run(a),
         Command::Tokenizer { command } => tokenizer::run(command),
         Command::Train(a) => train::run(*a),
+        Command::Distill(a) => distill::run(*a),
+        Command::Prune(a) => prune::run(*a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),

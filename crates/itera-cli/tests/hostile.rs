@@ -2,7 +2,7 @@
 //! a clear error naming the problem (or be handled), never a panic, abort or hang, and the
 //! server's memory must stay bounded whatever clients send.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -372,59 +372,21 @@ const AFTER_BOUND: u64 = 100 << 20;
 
 #[test]
 fn four_huge_prompts_leave_the_server_memory_bounded() {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_itera"))
-        .args(["serve", "--port", "0", "--body-limit-kb", "2048"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = server.id();
-    // The bound address from the log line `listening on http://ADDR`.
-    let mut err = std::io::BufReader::new(server.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(
-            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
-            "server exited"
-        );
-        if let Some(a) = line.split("http://").nth(1) {
-            break a.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    let get = |path: &str| -> u16 {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut r = String::new();
-        let _ = s.read_to_string(&mut r);
-        r.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0)
-    };
-    let t0 = Instant::now();
-    while get("/health") != 200 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "server never ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = Server::start(&["--body-limit-kb", "2048"]);
+    let pid = server.child.id();
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(22_000); // ~1 MB
     let body = serde_json::json!({"prompt": prompt, "max_tokens": 1}).to_string();
     let statuses: Vec<u16> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|_| {
-                let (addr, body) = (addr.clone(), body.clone());
-                s.spawn(move || {
-                    let mut c = std::net::TcpStream::connect(&addr).unwrap();
-                    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
-                    c.write_all(body.as_bytes()).unwrap();
-                    let mut r = String::new();
-                    let _ = c.read_to_string(&mut r);
-                    assert!(r.contains("max-prompt-tokens"), "{}", &r[..r.len().min(300)]);
-                    r.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+                s.spawn(|| {
+                    let (status, r) = server.request("POST", "/v1/completions", &body);
+                    assert!(
+                        r.contains("max-prompt-tokens"),
+                        "{}",
+                        &r[..r.len().min(300)]
+                    );
+                    status
                 })
             })
             .collect();
@@ -434,15 +396,10 @@ fn four_huge_prompts_leave_the_server_memory_bounded() {
     // Just under the default limit of 16,384 tokens: accepted, prefilled in chunks.
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(900); // ~14k tokens
     let body = serde_json::json!({"prompt": prompt, "max_tokens": 1}).to_string();
-    let mut c = std::net::TcpStream::connect(&addr).unwrap();
-    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
-    c.write_all(body.as_bytes()).unwrap();
-    let mut r = String::new();
-    let _ = c.read_to_string(&mut r);
-    assert!(r.starts_with("HTTP/1.1 200"), "{}", &r[..r.len().min(300)]);
+    let (status, r) = server.request("POST", "/v1/completions", &body);
+    assert_eq!(status, 200, "{}", &r[..r.len().min(300)]);
     let (now, peak) = rss(pid);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(peak < PEAK_BOUND, "peak RSS {} MB", peak >> 20);
     assert!(now < AFTER_BOUND, "RSS after the requests {} MB", now >> 20);
 }

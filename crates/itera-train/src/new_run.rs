@@ -1,6 +1,6 @@
 //! The rules that turn what a user asks for (a preset or config file, the shared-state switch, a
-//! tokenizer or none, a training window) into a consistent new run: the tokenizer is trained when
-//! none is given, the model's vocabulary shrinks to the tokenizer's, and an attention model's
+//! tokenizer or none, a training window) into a consistent new run: the tokenizer is the
+//! teacher's for a distillation run and trained when none is given, the model's vocabulary shrinks to the tokenizer's, and an attention model's
 //! training window may not exceed its learned positions. The CLI only passes the flags on.
 
 use std::path::{Path, PathBuf};
@@ -21,7 +21,8 @@ pub struct NewRun {
     pub config: Option<PathBuf>,
     /// Use the original's shared-state SSM instead of per-channel states.
     pub shared_state: bool,
-    /// tokenizer.json; None trains a BPE of the model's vocabulary size on the training data.
+    /// tokenizer.json; None takes the teacher's (distillation) or trains a BPE of the model's
+    /// vocabulary size on the training data.
     pub tokenizer: Option<PathBuf>,
     /// Training window; None uses the config's context.
     pub seq_len: Option<usize>,
@@ -65,9 +66,11 @@ impl NewRun {
             ));
         }
         let mut config = self.config()?;
-        let tokenizer = match &self.tokenizer {
-            Some(p) => Tokenizer::from_file(p)?,
-            None => {
+        let tokenizer = match (&self.tokenizer, &self.options.distill) {
+            (Some(p), _) => Tokenizer::from_file(p)?,
+            // A student reads with its teacher's tokenizer.
+            (None, Some(d)) => itera_core::format::model_dir::read_model_tokenizer(&d.teacher)?,
+            (None, None) => {
                 note(format!(
                     "training a {}-token BPE on the training data...",
                     config.vocab_size

@@ -68,8 +68,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
         );
     }
     println!(
-        "  MoE on layers {:?}: {} experts, top-{}, hidden {}",
-        config.moe_layers, config.n_experts, config.top_k, config.expert_hidden
+        "  MoE on layers {:?}: {}, hidden {}",
+        config.moe_layers,
+        experts(&config),
+        config.expert_hidden
     );
     for (name, n) in &groups {
         println!(
@@ -79,6 +81,25 @@ pub fn run(a: InspectArgs) -> Result<()> {
     }
     println!("  {:<28} {total:>10}", "total");
     Ok(())
+}
+
+/// "4 experts, top-2", or per layer after uneven pruning, and the skipping threshold if set.
+fn experts(cfg: &itera_core::ModelConfig) -> String {
+    let mut s = if cfg.expert_counts.is_empty() {
+        format!("{} experts, top-{}", cfg.n_experts, cfg.top_k)
+    } else {
+        format!(
+            "experts per layer {:?}, top-{}",
+            cfg.expert_counts, cfg.top_k
+        )
+    };
+    if cfg.moe_skip_beta > 0.0 {
+        s += &format!(
+            ", second expert skipped below {:.3} x the first",
+            cfg.moe_skip_beta
+        );
+    }
+    s
 }
 
 /// `itera inspect X.gguf`: metadata summary, each tensor's type, and the average bits per weight.
@@ -108,14 +129,13 @@ pub(super) fn inspect_gguf(path: &Path, json: bool) -> Result<()> {
         itera_core::format::gguf::ARCHITECTURE
     );
     println!(
-        "  d_model {}  layers {}  d_state {}  vocab {}  MoE layers {:?}, {} experts top-{}",
+        "  d_model {}  layers {}  d_state {}  vocab {}  MoE layers {:?}, {}",
         cfg.d_model,
         cfg.n_layers,
         cfg.d_state,
         cfg.vocab_size,
         cfg.moe_layers,
-        cfg.n_experts,
-        cfg.top_k
+        experts(&cfg)
     );
     for t in &file.tensors {
         println!(

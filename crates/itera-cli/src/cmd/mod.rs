@@ -3,11 +3,13 @@
 
 pub mod bench;
 pub mod data;
+pub mod distill;
 pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod progress;
+pub mod prune;
 pub mod quantize;
 pub mod sensitivity;
 pub mod serve;

@@ -22,6 +22,17 @@ pub struct TrainArgs {
     /// original Itera-Lite) instead of Mamba's per-channel states
     #[arg(long)]
     pub shared_state: bool,
+    /// Continue the run in this directory from its last checkpoint
+    #[arg(long, conflicts_with_all = ["preset", "config", "tokenizer", "epochs"])]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: TrainFlags,
+}
+
+/// The flags of a training run that `itera train`, `itera distill` and `itera prune
+/// --heal-steps` share.
+#[derive(Args)]
+pub struct TrainFlags {
     /// Training text files or folders (several allowed)
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
@@ -31,6 +42,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.02)]
     pub holdout: f64,
     /// tokenizer.json to use; without it a BPE of the model's vocab size is trained on --data
+    /// (a distillation student uses its teacher's)
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Total optimizer steps
@@ -42,9 +54,6 @@ pub struct TrainArgs {
     /// Run directory (checkpoints, metrics.jsonl, loss.png); default runs/<preset>
     #[arg(long)]
     pub run: Option<PathBuf>,
-    /// Continue the run in this directory from its last checkpoint
-    #[arg(long, conflicts_with_all = ["preset", "config", "tokenizer", "epochs"])]
-    pub resume: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Training context in tokens (default: the config's context)
@@ -86,8 +95,9 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-impl TrainArgs {
-    fn new_run(&self) -> NewRun {
+impl TrainFlags {
+    /// A new run of `preset` (or `config`) with these flags.
+    pub fn new_run(&self, preset: &str, config: Option<PathBuf>, shared_state: bool) -> NewRun {
         let mut o = TrainOptions::new(self.data.clone(), self.steps.unwrap_or(1000));
         o.valid_files = self.valid.clone();
         o.holdout = self.holdout;
@@ -104,39 +114,54 @@ impl TrainArgs {
         o.save_every = self.save_every;
         o.seed = self.seed;
         NewRun {
-            preset: self.preset.clone(),
-            config: self.config.clone(),
-            shared_state: self.shared_state,
+            preset: preset.into(),
+            config,
+            shared_state,
             tokenizer: self.tokenizer.clone(),
             seq_len: self.seq_len,
             dropout: self.dropout.clone(),
             options: o,
         }
     }
-}
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let mut run = if let Some(dir) = &a.resume {
-        let run =
-            Run::resume(dir, a.steps).with_context(|| format!("resuming {}", dir.display()))?;
-        tracing::info!(
-            "resuming {} at step {} of {}",
-            dir.display(),
-            run.step(),
-            run.options.steps
-        );
-        run
-    } else {
-        let new = a.new_run();
-        let dir = match &a.run {
+    /// Creates the run (in --run, else runs/<preset>).
+    pub fn create(&self, new: NewRun) -> Result<Run> {
+        let dir = match &self.run {
             Some(d) => d.clone(),
             None => PathBuf::from("runs").join(&new.config()?.preset),
         };
-        new.create(&dir, &mut |line| tracing::info!("{line}"))?
+        Ok(new.create(&dir, &mut |line| tracing::info!("{line}"))?)
+    }
+}
+
+/// Resumes the run in `dir`, optionally to a new total of steps.
+pub fn resume(dir: &Path, steps: Option<usize>) -> Result<Run> {
+    let run = Run::resume(dir, steps).with_context(|| format!("resuming {}", dir.display()))?;
+    tracing::info!(
+        "resuming {} at step {} of {}",
+        dir.display(),
+        run.step(),
+        run.options.steps
+    );
+    Ok(run)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let run = match &a.resume {
+        Some(dir) => resume(dir, a.flags.steps)?,
+        None => a
+            .flags
+            .create(a.flags.new_run(&a.preset, a.config.clone(), a.shared_state))?,
     };
+    drive(run, a.flags.epochs, a.flags.json)
+}
+
+/// Trains `run` to its end with a progress bar (plain log lines without a terminal) and prints
+/// the result.
+pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     tracing::info!("tokenizing the training data...");
     let corpus = run.load_corpus()?;
-    if let Some(epochs) = a.epochs {
+    if let Some(epochs) = epochs {
         run.set_epochs(epochs, &corpus);
     }
     let pb = bar(
@@ -164,8 +189,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         TrainEvent::Step(m) => {
             speeds.push(m.tokens_per_s);
             pb.set_position(m.step as u64);
+            let kl = m.kl.map_or(String::new(), |kl| format!(" kl {kl:.4}"));
             let line = format!(
-                "loss {:.4} lr {:.2e} {:.0} tok/s",
+                "loss {:.4}{kl} lr {:.2e} {:.0} tok/s",
                 m.ce, m.lr, m.tokens_per_s
             );
             if pb.is_hidden() && m.step.is_multiple_of(log_every) {
@@ -194,7 +220,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut steady: Vec<f64> = speeds.iter().skip(speeds.len().min(5)).copied().collect();
     steady.sort_by(|a, b| a.total_cmp(b));
     let median_speed = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
-    if a.json {
+    if json {
         let mut v = serde_json::to_value(&final_eval)?;
         v["train_tokens_per_s_median"] = json!(median_speed);
         v["threads"] = json!(std::thread::available_parallelism().map_or(1, |n| n.get()));

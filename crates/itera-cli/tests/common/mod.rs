@@ -1,10 +1,12 @@
-//! Shared by the CLI's end-to-end tests: running the binary, and a micro model trained once per
-//! test binary from the committed fixture.
+//! Shared by the CLI's end-to-end tests: running the binary, a server on a free port, and a
+//! micro model trained once per test binary from the committed fixture.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 pub fn itera(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_itera"))
@@ -92,4 +94,71 @@ pub fn model() -> &'static PathBuf {
         assert!(run.join("metrics.jsonl").is_file() && run.join("loss.png").is_file());
         run.join("checkpoint")
     })
+}
+
+/// `itera serve` on a free port, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts `itera serve --port 0 ARGS...` and waits until /health answers.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_itera"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The bound address from the log line `listening on http://ADDR`.
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let addr = loop {
+            let mut line = String::new();
+            assert!(
+                std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+                "server exited"
+            );
+            if let Some(a) = line.split("http://").nth(1) {
+                break a.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        let server = Self { child, addr };
+        let t0 = Instant::now();
+        while server.request("GET", "/health", "").0 != 200 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "server never ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// One request on a fresh connection: (status, whole response text).
+    pub fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body.as_bytes()).unwrap();
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        let status = r
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, r)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -113,6 +113,25 @@ impl ModelDir {
     }
 }
 
+/// The tokenizer of a model directory or `.gguf` file, checked against its vocabulary.
+pub fn read_model_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let config = read_config(path)?;
+    if path.is_dir() {
+        return read_tokenizer(path, &config);
+    }
+    let file = GgufFile::read(path)?;
+    gguf_tokenizer(&file, &config, path)
+}
+
+fn gguf_tokenizer(file: &GgufFile, config: &ModelConfig, path: &Path) -> Result<Tokenizer> {
+    let tok = file
+        .get_str("tokenizer.huggingface.json")
+        .map_err(|e| Error::file(path, e))?;
+    let tokenizer = Tokenizer::from_bytes(tok.as_bytes(), &path.display().to_string())?;
+    check_vocab(&tokenizer, config, path)?;
+    Ok(tokenizer)
+}
+
 /// Loads a model directory or a `.gguf` file for inference: weights go straight into the
 /// runtime's packed form (a directory's f16 / bf16 tensors stay half precision).
 pub fn load_runtime(path: &Path) -> Result<(Runtime, Tokenizer)> {
@@ -132,11 +151,7 @@ pub fn load_runtime(path: &Path) -> Result<(Runtime, Tokenizer)> {
     }
     let file = GgufFile::read(path)?;
     let config = file.config().map_err(|e| Error::file(path, e))?;
-    let tok = file
-        .get_str("tokenizer.huggingface.json")
-        .map_err(|e| Error::file(path, e))?;
-    let tokenizer = Tokenizer::from_bytes(tok.as_bytes(), &path.display().to_string())?;
-    check_vocab(&tokenizer, &config, path)?;
+    let tokenizer = gguf_tokenizer(&file, &config, path)?;
     let runtime = Runtime::from_source(&config, &file).map_err(|e| Error::file(path, e))?;
     Ok((runtime, tokenizer))
 }

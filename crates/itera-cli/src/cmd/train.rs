@@ -172,6 +172,8 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     // Without a terminal, a plain line every ~2% of the run.
     let log_every = (run.options.steps / 50).max(1);
     let mut speeds = Vec::new();
+    // (CPU seconds, wall instant) at the 5th step of this invocation and at the last.
+    let mut clock: Vec<(f64, std::time::Instant)> = Vec::new();
     let final_eval = run.train(&corpus, &mut |e| match e {
         TrainEvent::Start {
             start_step,
@@ -188,6 +190,14 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         ),
         TrainEvent::Step(m) => {
             speeds.push(m.tokens_per_s);
+            let now = (cpu_seconds(), std::time::Instant::now());
+            if speeds.len() <= 5 {
+                clock = vec![now];
+            } else if clock.len() == 1 {
+                clock.push(now);
+            } else {
+                clock[1] = now;
+            }
             pb.set_position(m.step as u64);
             let kl = m.kl.map_or(String::new(), |kl| format!(" kl {kl:.4}"));
             let line = format!(
@@ -220,15 +230,30 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     let mut steady: Vec<f64> = speeds.iter().skip(speeds.len().min(5)).copied().collect();
     steady.sort_by(|a, b| a.total_cmp(b));
     let median_speed = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
+    let speed = TrainSpeed::measure(&run.config, median_speed, &clock);
     if json {
         let mut v = serde_json::to_value(&final_eval)?;
         v["train_tokens_per_s_median"] = json!(median_speed);
         v["threads"] = json!(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        v["speed"] = json!({
+            "flops_per_token": speed.flops_per_token,
+            "flops_per_s": speed.flops_per_s,
+            "peak_flops_per_s": speed.peak_flops_per_s,
+            "fraction_of_peak": speed.fraction_of_peak,
+            "cpu_utilisation": speed.cpu_utilisation,
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "training speed: median {median_speed:.0} tokens/s over {} steps",
-            steady.len()
+            "training speed: median {median_speed:.0} tokens/s over {} steps; {:.1} MFLOP per \
+             token (3 x the forward's weight matmuls) = {:.1} GFLOP/s, {:.1}% of the {:.0} GFLOP/s \
+             peak measured now; {:.2} cores busy",
+            steady.len(),
+            speed.flops_per_token / 1e6,
+            speed.flops_per_s / 1e9,
+            100.0 * speed.fraction_of_peak,
+            speed.peak_flops_per_s / 1e9,
+            speed.cpu_utilisation
         );
         println!(
             "done: step {} val loss {:.4} val bpb {:.4}; model in {}/checkpoint (best in {}/best)",
@@ -240,6 +265,56 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// How fast a run trained against what the machine can do.
+struct TrainSpeed {
+    /// Convention: 3 x the forward FLOPs (2 per multiply-add) of the weight matmuls one token
+    /// passes through (LM head, projections, routers, top-k experts); recomputation, the scan,
+    /// norms and element-wise work are not counted.
+    flops_per_token: f64,
+    flops_per_s: f64,
+    /// `itera bench`'s peak: FMA chains in the widest registers on every core, measured now.
+    peak_flops_per_s: f64,
+    fraction_of_peak: f64,
+    /// Process CPU time / wall time from the 5th step of this invocation to its last (any
+    /// validation in between included).
+    cpu_utilisation: f64,
+}
+
+impl TrainSpeed {
+    fn measure(
+        cfg: &itera_core::ModelConfig,
+        tokens_per_s: f64,
+        clock: &[(f64, std::time::Instant)],
+    ) -> Self {
+        let macs = itera_core::tensors::ModelSpec::new(cfg).per_token(|s| s.len());
+        let flops_per_token = 6.0 * macs as f64;
+        let (peak, _, _) = itera_core::bench::peak_flops();
+        let cpu_utilisation = match clock {
+            [(c0, t0), (c1, t1)] if t1 > t0 => (c1 - c0) / (*t1 - *t0).as_secs_f64(),
+            _ => 0.0,
+        };
+        Self {
+            flops_per_token,
+            flops_per_s: flops_per_token * tokens_per_s,
+            peak_flops_per_s: peak,
+            fraction_of_peak: flops_per_token * tokens_per_s / peak,
+            cpu_utilisation,
+        }
+    }
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one plain struct that we own; RUSAGE_SELF is always valid.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 fn run_step_hint(p: &Path) -> String {

@@ -91,6 +91,11 @@ pub fn model() -> &'static PathBuf {
         ]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["step"], 12);
+        // FLOPs per token: 6 x the multiply-adds of the weight matmuls (micro, vocab 400).
+        let speed = &v["speed"];
+        assert!(speed["flops_per_token"].as_f64().unwrap() > 6.0 * 400.0 * 32.0);
+        assert!(speed["fraction_of_peak"].as_f64().unwrap() > 0.0);
+        assert!(speed["cpu_utilisation"].as_f64().unwrap() > 0.0);
         assert!(run.join("metrics.jsonl").is_file() && run.join("loss.png").is_file());
         run.join("checkpoint")
     })

@@ -1,7 +1,8 @@
 //! `itera export --format onnx` checked by an independent runtime: `onnx.checker` accepts both
 //! graphs, and onnxruntime (installed from PyPI into a test venv) gives our runtime's logits:
 //! the prefill graph over two 64-token sequences, and a 64-token walk through the step graph
-//! feeding `present.*` back as `past.*`, to 1e-4 for f32 models (`tiny`, `micro`). From a Q8_0
+//! feeding `present.*` back as `past.*`, to 1e-4 for f32 models (`tiny`, `micro`, and `tiny`
+//! pruned to 3 and 2 experts with dynamic skipping at beta 0.6). From a Q8_0
 //! GGUF (int8 weights with blocked DequantizeLinear) the graphs are the dequantized model
 //! exactly: 1e-4 against our f32 runtime over the same dequantized weights. Against our Q8_0
 //! runtime, whose integer kernels round the activations to int8 per block of 32 (decode, and
@@ -107,7 +108,29 @@ fn compare(model: &Path, ours: &Path, name: &str) -> (f64, f64, f64) {
 #[test]
 fn onnxruntime_runs_the_exported_graphs_like_our_runtime() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/itera-lite-tiny");
-    for (model, name) in [(shipped.clone(), "tiny"), (model().clone(), "micro")] {
+    // A pruned model: uneven expert counts and dynamic expert skipping.
+    let pruned = tmp().join("pruned-for-onnx");
+    let _ = std::fs::remove_dir_all(&pruned);
+    ok(&[
+        "prune",
+        "--model",
+        shipped.to_str().unwrap(),
+        "--data",
+        fixture().to_str().unwrap(),
+        "--tokens",
+        "1000",
+        "--keep-per-layer",
+        "3,2",
+        "--skip-beta",
+        "0.6",
+        "--out",
+        pruned.to_str().unwrap(),
+    ]);
+    for (model, name) in [
+        (shipped.clone(), "tiny"),
+        (model().clone(), "micro"),
+        (pruned, "pruned"),
+    ] {
         let (prefill, step, scale) = compare(&model, &model, name);
         eprintln!("{name}: prefill {prefill}, step {step}, logits up to {scale}");
         assert!(

@@ -7,8 +7,9 @@
 //!   final `present.*`: the step's computation as the body of one ONNX `Scan` over time, exactly
 //!   the recurrence the runtime runs (its projections run once per position inside the loop).
 //!
-//! MoE routing as in the model: softmax over the router's logits, `TopK`, the top-k weights
-//! renormalised and scattered into a [B, experts] gate matrix that is zero elsewhere; every
+//! MoE routing as in the model: softmax over the router's logits, `TopK` (per layer, since
+//! pruning may leave layers with different expert counts), the weights below `moe_skip_beta` x
+//! the first masked out when skipping is on, the rest renormalised and scattered into a [B, experts] gate matrix that is zero elsewhere; every
 //! expert then runs on every row and the outputs are summed with those gates. The result is the
 //! model's exactly; the cost is all experts' FLOPs instead of top-k's (2x the expert work for
 //! 4 experts, top-2), since ONNX has no cheap per-row dispatch.
@@ -340,6 +341,21 @@ fn emit_step(
                     ("sorted", Attr::Int(1)),
                 ],
             );
+            // Dynamic skipping: weights below beta x the first are dropped before renormalising.
+            let vals = if cfg.moe_skip_beta > 0.0 {
+                let beta = consts_f32(consts, "const.skip_beta", cfg.moe_skip_beta as f32);
+                let (zero, one) = (
+                    consts_i64(consts, "const.e0", &[0]),
+                    consts_i64(consts, "const.e1", &[1]),
+                );
+                let first = s.op("Slice", &[&vals, &zero, &one, &a1], vec![]); // [B, 1]
+                let floor = s.op("Mul", &[&first, &beta], vec![]);
+                let keep = s.op("GreaterOrEqual", &[&vals, &floor], vec![]);
+                let keep = s.op("Cast", &[&keep], vec![("to", Attr::Int(1))]);
+                s.op("Mul", &[&vals, &keep], vec![])
+            } else {
+                vals
+            };
             let total = s.op("ReduceSum", &[&vals, &a1], vec![("keepdims", Attr::Int(1))]);
             let w = s.op("Div", &[&vals, &total], vec![]);
             let shape = s.op("Shape", &[&probs], vec![]);
@@ -377,6 +393,19 @@ fn emit_step(
         vec![("transB", Attr::Int(1))],
     );
     logits
+}
+
+/// A scalar f32 constant of the graph (added once).
+fn consts_f32(g: &mut Graph, name: &str, value: f32) -> String {
+    if !g
+        .proto
+        .initializer
+        .iter()
+        .any(|t| t.name.as_deref() == Some(name))
+    {
+        g.f32_init(name, &[1], &[value]);
+    }
+    name.to_string()
 }
 
 fn consts_i64(g: &mut Graph, name: &str, values: &[i64]) -> String {

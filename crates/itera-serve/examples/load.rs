@@ -1,9 +1,12 @@
-//! Load benchmark for a running `itera serve`: N concurrent clients, each sending streaming
-//! completions back to back for a fixed time. Reports generated tokens/s (SSE pieces), time to
-//! first token p50/p99, errors, and the server's peak RSS (with --pid, from /proc).
+//! Load benchmark and soak for a running `itera serve`: N concurrent clients, each sending
+//! streaming completions back to back for a fixed time. Reports generated tokens/s (SSE pieces),
+//! time to first token p50/p99, errors, and (with --pid, from /proc) the server's RSS after the
+//! first tenth of the run and at its end, and its peak. `--cancel N` then opens N streams that
+//! hang up after their first piece and reports what /metrics says afterwards (cancelled streams
+//! counted, none left active).
 //!
 //! cargo run --release -p itera-serve --example load -- --addr 127.0.0.1:8000 --clients 64 \
-//!     --seconds 60 --max-tokens 128 [--pid SERVER_PID]
+//!     --seconds 60 --max-tokens 128 [--pid SERVER_PID] [--cancel 100]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -58,11 +61,12 @@ fn one(addr: &str, prompt: &str, max_tokens: usize) -> Result<(Duration, u64), S
     Ok((first.unwrap_or_else(|| t0.elapsed()), pieces))
 }
 
-fn peak_rss_mb(pid: &str) -> Option<f64> {
+/// A /proc/PID/status field in MB (VmRSS: now, VmHWM: peak).
+fn rss_mb(pid: &str, field: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = s
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -120,7 +124,10 @@ fn main() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(seconds));
+    std::thread::sleep(Duration::from_secs_f64(seconds as f64 / 10.0));
+    let rss_start = rss_mb(&pid, "VmRSS:");
+    std::thread::sleep(Duration::from_secs_f64(seconds as f64 * 0.9));
+    let rss_end = rss_mb(&pid, "VmRSS:");
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().unwrap();
@@ -135,15 +142,75 @@ fn main() {
             t[((t.len() as f64 * q).ceil() as usize).clamp(1, t.len()) - 1]
         }
     };
+    let mb = |v: Option<f64>| v.map_or("null".to_string(), |m| format!("{m:.1}"));
+    let cancels: usize = arg("--cancel", "0").parse().unwrap();
+    let cancelled = (cancels > 0).then(|| cancel(&addr, cancels));
     let report = format!(
-        r#"{{"clients": {clients}, "seconds": {secs:.1}, "requests": {}, "errors": {}, "generated_tokens": {}, "tokens_per_s": {:.1}, "ttft_p50_ms": {:.1}, "ttft_p99_ms": {:.1}, "server_peak_rss_mb": {}}}"#,
+        r#"{{"clients": {clients}, "seconds": {secs:.1}, "requests": {}, "errors": {}, "generated_tokens": {}, "tokens_per_s": {:.1}, "ttft_p50_ms": {:.1}, "ttft_p99_ms": {:.1}, "server_rss_start_mb": {}, "server_rss_end_mb": {}, "server_peak_rss_mb": {}, "cancellations": {}}}"#,
         requests.load(Ordering::Relaxed),
         errors.load(Ordering::Relaxed),
         pieces.load(Ordering::Relaxed),
         pieces.load(Ordering::Relaxed) as f64 / secs,
         pct(0.5),
         pct(0.99),
-        peak_rss_mb(&pid).map_or("null".to_string(), |m| format!("{m:.1}")),
+        mb(rss_start),
+        mb(rss_end),
+        mb(rss_mb(&pid, "VmHWM:")),
+        cancelled.unwrap_or_else(|| "null".into()),
     );
     println!("{report}");
+}
+
+/// Opens `n` streams that hang up after their first piece; then reads /metrics: returns a JSON
+/// object with the streams opened, the server's cancelled-stream counter and its active streams.
+fn cancel(addr: &str, n: usize) -> String {
+    let body = r#"{"prompt": "Once upon a time", "max_tokens": 500, "stream": true}"#;
+    let mut opened = 0;
+    for _ in 0..n {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            continue;
+        };
+        let _ = write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut r = BufReader::new(s);
+        for line in (&mut r).lines() {
+            match line {
+                Ok(l) if l.starts_with("data: ") => {
+                    opened += 1;
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        drop(r);
+    }
+    // Let the decode loop notice the closed sockets.
+    std::thread::sleep(Duration::from_secs(2));
+    let metric = |text: &str, name: &str| -> String {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("null")
+            .to_string()
+    };
+    let text = TcpStream::connect(addr)
+        .and_then(|mut s| {
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut s, &mut t)?;
+            Ok(t)
+        })
+        .unwrap_or_default();
+    format!(
+        r#"{{"opened": {opened}, "server_cancelled_total": {}, "server_active_streams": {}}}"#,
+        metric(&text, "itera_requests_cancelled_total"),
+        metric(&text, "itera_active_streams")
+    )
 }

@@ -37,7 +37,7 @@ pub struct PruneArgs {
     /// Calibration text (training text: never the text you report results on)
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    /// Tokens of calibration text to read
+    /// Tokens of calibration text to read (an equal share from each file)
     #[arg(long, default_value_t = 16384)]
     pub tokens: usize,
     /// Experts to remove from every MoE layer
@@ -93,26 +93,28 @@ pub struct PruneArgs {
     pub json: bool,
 }
 
-/// The first `tokens` tokens of the calibration files, in order.
+/// `tokens` tokens of calibration text: an equal share from the start of each file, so every
+/// source of a mixed corpus is represented.
 fn calibration(model: &ModelDir, files: &[PathBuf], tokens: usize) -> Result<Vec<u32>> {
     if tokens < 2 {
         bail!("--tokens must be at least 2");
     }
+    let paths = itera_train::data::expand_inputs(files)?;
+    let share = tokens.div_ceil(paths.len().max(1));
     let mut ids = Vec::new();
-    for path in itera_train::data::expand_inputs(files)? {
-        let text = itera_train::data::read_text(&path)?;
+    for path in &paths {
+        let text = itera_train::data::read_text(path)?;
         // About 4 bytes per token on English: read twice that, cut at a line end.
-        let mut cut = (tokens - ids.len()).saturating_mul(8).min(text.len());
+        let mut cut = share.saturating_mul(8).min(text.len());
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
         if cut < text.len() {
             cut = text[..cut].rfind('\n').map_or(cut, |i| i + 1);
         }
-        ids.extend(model.tokenizer.encode(&text[..cut])?);
-        if ids.len() >= tokens {
-            break;
-        }
+        let mut piece = model.tokenizer.encode(&text[..cut])?;
+        piece.truncate(share);
+        ids.extend(piece);
     }
     ids.truncate(tokens);
     if ids.len() < 2 {

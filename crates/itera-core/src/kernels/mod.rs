@@ -298,6 +298,11 @@ impl Matrix {
                     // SAFETY: AVX-512 F/BW/VNNI present; bounds asserted above.
                     return unsafe { blocks::matvec_avx512(b, first, nb, q, y) };
                 }
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::has_avx2() {
+                    // SAFETY: AVX2 + FMA present; bounds asserted above.
+                    return unsafe { blocks::matvec_avx2(b, first, nb, q, y) };
+                }
                 for (j, out) in y.iter_mut().enumerate() {
                     blocks::dot(b, first + j, nb, q, 0, std::slice::from_mut(out));
                 }

@@ -5,7 +5,9 @@
 //! runs the same cases every time; `ITERA_FUZZ_CASES=N` runs more (the long campaign).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use itera_core::format::gguf::{self, GgufFile};
 use itera_core::format::model_dir::{load_runtime, ModelDir};
@@ -31,6 +33,67 @@ fn runner(seed: u8) -> TestRunner {
         },
         TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]),
     )
+}
+
+/// Outcomes of one fuzz target, printed at its end (`--nocapture`) for docs/reliability.md; and
+/// a watchdog: a case that takes longer than `HANG` ends the test process with an error naming the
+/// target, so a hang fails the test instead of stalling CI.
+struct Tally {
+    name: &'static str,
+    ok: AtomicUsize,
+    refused: AtomicUsize,
+    last: Arc<Mutex<Instant>>,
+    done: Arc<AtomicBool>,
+}
+
+const HANG: Duration = Duration::from_secs(60);
+
+impl Tally {
+    fn new(name: &'static str) -> Self {
+        let (last, done) = (
+            Arc::new(Mutex::new(Instant::now())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (l, d) = (last.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !d.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if l.lock().unwrap().elapsed() > HANG && !d.load(Relaxed) {
+                    eprintln!("{name}: a case ran for over {HANG:?}: a hang");
+                    std::process::exit(3);
+                }
+            }
+        });
+        Self {
+            name,
+            ok: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            last,
+            done,
+        }
+    }
+
+    /// Counts one case by its outcome (loaded and ran, or refused with an error).
+    fn count<T, E>(&self, r: &Result<T, E>) {
+        *self.last.lock().unwrap() = Instant::now();
+        let c = if r.is_ok() { &self.ok } else { &self.refused };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.done.store(true, Relaxed);
+        if std::thread::panicking() {
+            return;
+        }
+        let (ok, refused) = (self.ok.load(Relaxed), self.refused.load(Relaxed));
+        eprintln!(
+            "{}: {} cases, {ok} loaded, {refused} refused with an error, no panic, none over {HANG:?}",
+            self.name,
+            ok + refused
+        );
+    }
 }
 
 /// A valid model: its directory, weights bytes, a GGUF of it, config and tokenizer JSON.
@@ -124,13 +187,14 @@ fn dir_with(case: &str, name: &str, bytes: &[u8]) -> PathBuf {
 #[test]
 fn corrupted_safetensors_files_load_or_fail_cleanly() {
     let (_, weights, ..) = valid();
+    let tally = Tally::new("safetensors");
     runner(1)
         .run(&mutated(weights.len()), |m| {
             let d = dir_with("st", "model.safetensors", &apply(weights, &m));
             // Either path may succeed (a mutation inside a weight is a valid file) or fail.
             let _ = ModelDir::load(&d);
-            let _ = load_runtime(&d);
             let _ = st::read(&d.join("model.safetensors"));
+            tally.count(&load_runtime(&d));
             Ok(())
         })
         .unwrap();
@@ -140,6 +204,7 @@ fn corrupted_safetensors_files_load_or_fail_cleanly() {
 fn corrupted_gguf_files_load_or_fail_cleanly() {
     let (dir, _, file, ..) = valid();
     let path = dir.with_file_name("fuzz-gguf.gguf");
+    let tally = Tally::new("gguf");
     runner(2)
         .run(&mutated(file.len()), |m| {
             let bytes = apply(file, &m);
@@ -147,12 +212,14 @@ fn corrupted_gguf_files_load_or_fail_cleanly() {
                 let _ = g.config();
             }
             std::fs::write(&path, &bytes).unwrap();
-            if let Ok((rt, tok)) = load_runtime(&path) {
+            let loaded = load_runtime(&path);
+            if let Ok((rt, tok)) = &loaded {
                 // A file that loads must also run.
                 let ids = tok.encode("the cat").unwrap_or_default();
                 let (mut s, mut sc) = (rt.new_state(), rt.new_scratch());
                 let _ = rt.prefill(&ids, &mut s, &mut sc);
             }
+            tally.count(&loaded);
             Ok(())
         })
         .unwrap();
@@ -176,6 +243,7 @@ fn hostile_configs_are_refused_or_accepted_without_allocating() {
         Just(serde_json::Value::Null),
         prop::collection::vec(0u64..1 << 40, 0..6).prop_map(|v| serde_json::json!(v)),
     ];
+    let tally = Tally::new("config");
     runner(3)
         .run(
             &(prop::sample::select(fields), value, any::<bool>()),
@@ -186,11 +254,14 @@ fn hostile_configs_are_refused_or_accepted_without_allocating() {
                 } else {
                     c[&field] = v;
                 }
-                if let Ok(cfg) = ModelConfig::from_json(&c.to_string(), "fuzz.json") {
+                let parsed = ModelConfig::from_json(&c.to_string(), "fuzz.json");
+                if let Ok(cfg) = &parsed {
                     // Accepted configs are bounded: their table builds and counts fit.
                     let _ = cfg.parameter_count();
                     let d = dir_with("cfg", "config.json", c.to_string().as_bytes());
-                    let _ = load_runtime(&d);
+                    tally.count(&load_runtime(&d));
+                } else {
+                    tally.count(&parsed);
                 }
                 Ok(())
             },
@@ -202,6 +273,7 @@ fn hostile_configs_are_refused_or_accepted_without_allocating() {
 fn corrupted_tokenizers_load_or_fail_cleanly_and_then_work() {
     let (_, _, _, _, tokenizer) = valid();
     let bytes = tokenizer.as_bytes();
+    let tally = Tally::new("tokenizer");
     runner(4)
         .run(&(mutated(bytes.len()), ".{0,40}"), |(m, text)| {
             let mutated = apply(bytes, &m);
@@ -212,9 +284,93 @@ fn corrupted_tokenizers_load_or_fail_cleanly_and_then_work() {
                 let _ = t.encode_limited(&text, 4);
             }
             let d = dir_with("tok", "tokenizer.json", &mutated);
-            let _ = load_runtime(&d);
+            tally.count(&load_runtime(&d));
             Ok(())
         })
+        .unwrap();
+}
+
+/// Tokenizers that are valid JSON but wrong inside (byte mutations nearly always break the JSON
+/// itself): vocabulary entries removed, renumbered to any id or renamed, merges replaced, dropped
+/// or duplicated, other fields given values of the wrong kind. Each loads and then encodes and
+/// decodes text, or is refused with an error.
+#[test]
+fn tokenizers_wrong_inside_load_or_fail_cleanly_and_then_work() {
+    let (_, _, _, _, tokenizer) = valid();
+    let base: serde_json::Value = serde_json::from_str(tokenizer).unwrap();
+    let vocab: Vec<String> = base["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let merges = base["model"]["merges"].as_array().unwrap().len();
+    let edit = prop_oneof![
+        (prop::sample::select(vocab.clone())).prop_map(|k| (0u8, k, 0u64, String::new())),
+        (prop::sample::select(vocab.clone()), any::<u64>()).prop_map(|(k, v)| (
+            1,
+            k,
+            v,
+            String::new()
+        )),
+        (prop::sample::select(vocab), ".{0,6}").prop_map(|(k, s)| (2, k, 0, s)),
+        (0..merges as u64, ".{0,6}").prop_map(|(i, s)| (3, String::new(), i, s)),
+        (0..merges as u64).prop_map(|i| (4, String::new(), i, String::new())),
+        (0..merges as u64).prop_map(|i| (5, String::new(), i, String::new())),
+        prop::sample::select(vec![
+            "version",
+            "added_tokens",
+            "pre_tokenizer",
+            "decoder",
+            "model"
+        ])
+        .prop_map(|k| (6, k.to_string(), 0, String::new())),
+    ];
+    let tally = Tally::new("tokenizer (wrong inside)");
+    runner(6)
+        .run(
+            &(prop::collection::vec(edit, 1..4), ".{0,40}"),
+            |(edits, text)| {
+                let mut t = base.clone();
+                for (kind, key, n, s) in edits {
+                    if kind < 6 && !t["model"]["vocab"].is_object() {
+                        continue; // an earlier edit replaced the model or its vocabulary
+                    }
+                    let model = &mut t["model"];
+                    match kind {
+                        0 => drop(model["vocab"].as_object_mut().unwrap().remove(&key)),
+                        1 => model["vocab"][&key] = serde_json::json!(n),
+                        2 => {
+                            let v = model["vocab"].as_object_mut().unwrap();
+                            if let Some(id) = v.remove(&key) {
+                                v.insert(s, id);
+                            }
+                        }
+                        3..=5 => {
+                            let m = model["merges"].as_array_mut().unwrap();
+                            let i = n as usize % m.len().max(1);
+                            if i < m.len() {
+                                match kind {
+                                    3 => m[i] = serde_json::json!([s, "e"]),
+                                    4 => drop(m.remove(i)),
+                                    _ => m.push(m[i].clone()),
+                                }
+                            }
+                        }
+                        _ => t[&key] = serde_json::json!(n),
+                    }
+                }
+                let bytes = t.to_string().into_bytes();
+                let parsed = Tokenizer::from_bytes(&bytes, "fuzz");
+                if let Ok(tok) = &parsed {
+                    if let Ok(ids) = tok.encode(&text) {
+                        let _ = tok.decode(&ids);
+                    }
+                }
+                tally.count(&parsed);
+                Ok(())
+            },
+        )
         .unwrap();
 }
 
@@ -241,11 +397,16 @@ fn corrupted_state_files_load_or_fail_cleanly() {
     };
     state_file::save(&path, &rt, &saved).unwrap();
     let bytes = std::fs::read(&path).unwrap();
+    let tally = Tally::new("state");
     runner(5)
         .run(&mutated(bytes.len()), |m| {
             std::fs::write(&path, apply(&bytes, &m)).unwrap();
-            if let Ok(mut s) = state_file::load(&path, &rt) {
+            let loaded = state_file::load(&path, &rt);
+            if let Ok(mut s) = loaded {
                 let _ = rt.step(0, &mut s.state, &mut rt.new_scratch());
+                tally.count(&Ok::<(), ()>(()));
+            } else {
+                tally.count(&loaded);
             }
             Ok(())
         })

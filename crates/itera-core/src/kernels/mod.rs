@@ -12,6 +12,10 @@
 
 mod avx512;
 mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod blocks_avx2;
+#[cfg(target_arch = "x86_64")]
+mod blocks_avx512;
 mod half;
 mod panels;
 
@@ -296,12 +300,12 @@ impl Matrix {
                 #[cfg(target_arch = "x86_64")]
                 if has_avx512_vnni() {
                     // SAFETY: AVX-512 F/BW/VNNI present; bounds asserted above.
-                    return unsafe { blocks::matvec_avx512(b, first, nb, q, y) };
+                    return unsafe { blocks_avx512::matvec_avx512(b, first, nb, q, y) };
                 }
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() {
                     // SAFETY: AVX2 + FMA present; bounds asserted above.
-                    return unsafe { blocks::matvec_avx2(b, first, nb, q, y) };
+                    return unsafe { blocks_avx2::matvec_avx2(b, first, nb, q, y) };
                 }
                 for (j, out) in y.iter_mut().enumerate() {
                     blocks::dot(b, first + j, nb, q, 0, std::slice::from_mut(out));
@@ -319,7 +323,7 @@ impl Matrix {
         #[cfg(target_arch = "x86_64")]
         if let (Data::Blocks(b), true) = (&self.data, has_avx512_vnni()) {
             // SAFETY: AVX-512 F/BW/VNNI present; bounds are asserted inside.
-            return unsafe { blocks::matmul_avx512(b, rows, c / BLOCK, q, x_first, n, y) };
+            return unsafe { blocks_avx512::matmul_avx512(b, rows, c / BLOCK, q, x_first, n, y) };
         }
         #[cfg(target_arch = "x86_64")]
         if let (Data::Half(w), true) = (&self.data, has_avx512() && c.is_multiple_of(16)) {

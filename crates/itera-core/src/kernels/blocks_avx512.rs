@@ -1,0 +1,269 @@
+//! The AVX-512 VNNI kernels of the block formats (`blocks.rs`): 16 weight rows at a time for
+//! decode, four activation rows per unpacked weight row for batches, all in `vpdpbusd` integer
+//! dot products of 64 codes.
+
+use super::avx512::{pair_of, sum16};
+use super::blocks::{Blocks, QuantizedRows};
+use crate::format::dtype::BLOCK;
+
+/// The AVX-512 VNNI kernel: one weight row against X activation rows; each pair of blocks is
+/// unpacked once and feeds X `vpdpbusd`s (64 codes each). Writes the X dot products to `out`.
+/// Not itself a `target_feature` function: it is always inlined into the AVX-512 entry points
+/// below (`block_rows_avx512`, `matmul_avx512`), so the loops over weight rows carry no
+/// call per row. Only call it from such a function.
+#[inline(always)]
+unsafe fn dot_blocks_avx512<const X: usize>(
+    m: &Blocks,
+    row: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the caller asserted that `row` and the activation rows are inside the matrix and `x`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let pairs = nb / 2;
+        let sb = row * nb;
+        let (scale, bias) = (&m.scale[sb..sb + nb], &m.bias[sb..sb + nb]);
+        let mut acc = [_mm512_setzero_ps(); X];
+        let unpack = Unpack::new(m);
+        let xrow = |j: usize| x_first + j;
+        for p in 0..pairs {
+            let u = unpack.pair(m, row, nb, p);
+            let (s0, s1) = (scale[2 * p], scale[2 * p + 1]);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let (qo, bo) = (xrow(j) * nb * BLOCK + p * 64, xrow(j) * nb + 2 * p);
+                let xv = _mm512_loadu_si512(x.q.as_ptr().add(qo) as *const _);
+                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+                let sv = _mm512_mask_blend_ps(
+                    0xFF00,
+                    _mm512_set1_ps(s0 * *x.d.get_unchecked(bo)),
+                    _mm512_set1_ps(s1 * *x.d.get_unchecked(bo + 1)),
+                );
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sv, *a);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            let xs = &x.s[xrow(j) * nb..(xrow(j) + 1) * nb];
+            let mut total = _mm512_reduce_add_ps(*a);
+            for b in 0..nb {
+                total += bias[b] * xs[b];
+            }
+            if nb % 2 == 1 {
+                // The odd trailing block, in portable code (its bias is already counted above).
+                let blk = nb - 1;
+                let codes = m.block(row, nb, blk);
+                let xb = &x.q[(xrow(j) * nb + blk) * BLOCK..][..BLOCK];
+                let isum: i32 = codes
+                    .iter()
+                    .zip(xb)
+                    .map(|(&c, &q)| c as i32 * q as i32)
+                    .sum();
+                total += scale[blk] * x.d[xrow(j) * nb + blk] * isum as f32;
+            }
+            out[j] = total;
+        }
+    }
+}
+
+/// Constants for turning a pair of blocks of codes into 64 unsigned bytes.
+struct Unpack {
+    low: std::arch::x86_64::__m256i,
+    sixteen: std::arch::x86_64::__m512i,
+    table: Option<std::arch::x86_64::__m512i>,
+}
+
+impl Unpack {
+    #[inline(always)]
+    unsafe fn new(m: &Blocks) -> Self {
+        // SAFETY: this function's contract: the caller checked the CPU features it is compiled for.
+        unsafe {
+            use std::arch::x86_64::*;
+            Self {
+                low: _mm256_set1_epi8(0x0F),
+                sixteen: _mm512_set1_epi8(0x10),
+                table: m
+                    .table
+                    .map(|t| _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))),
+            }
+        }
+    }
+
+    /// The 64 codes of blocks 2p and 2p + 1 of `row` (nibbles split, Q5_0's fifth bit and
+    /// NF4's table applied). Unchecked: the caller keeps `row` and `p` inside the matrix.
+    #[inline(always)]
+    unsafe fn pair(
+        &self,
+        m: &Blocks,
+        row: usize,
+        nb: usize,
+        p: usize,
+    ) -> std::arch::x86_64::__m512i {
+        // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the caller keeps `row` and `p` inside the matrix.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut u = if m.nibbles {
+                let ptr = m.codes.as_ptr().add(row * nb * BLOCK / 2 + p * 32);
+                let v = _mm256_loadu_si256(ptr as *const __m256i);
+                let lo = _mm256_and_si256(v, self.low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), self.low);
+                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+            } else {
+                _mm512_loadu_si512(m.codes.as_ptr().add((row * nb + 2 * p) * BLOCK) as *const _)
+            };
+            if !m.high.is_empty() {
+                let h = m.high.as_ptr().add(row * nb + 2 * p);
+                let mask = *h as u64 | (*h.add(1) as u64) << 32;
+                u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(mask, self.sixteen));
+            }
+            if let Some(t) = self.table {
+                u = _mm512_shuffle_epi8(t, u);
+            }
+            u
+        }
+    }
+}
+
+/// Rows row0..row0 + 16 against activation row `xr` (nb even, at most 16): each row's products
+/// stay in its own vector (scales applied per pair of blocks as one [s0 x 8, s1 x 8] vector, the
+/// bias term added in lanes 0..nb), and one transposing tree of adds turns the 16 vectors into
+/// the 16 dot products, instead of a horizontal reduction per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn rows16_avx512(
+    m: &Blocks,
+    row0: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    xr: usize,
+) -> std::arch::x86_64::__m512 {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the caller keeps rows row0..row0 + 16 and activation row `xr` inside the matrix and `x`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let unpack = Unpack::new(m);
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for p in 0..nb / 2 {
+            let xv = _mm512_loadu_si512(x.q.as_ptr().add((xr * nb + 2 * p) * BLOCK) as *const _);
+            let xd = pair_of(x.d.as_ptr().add(xr * nb + 2 * p));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let row = row0 + r;
+                let isum =
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack.pair(m, row, nb, p), xv);
+                let sc = _mm512_mul_ps(pair_of(m.scale.as_ptr().add(row * nb + 2 * p)), xd);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, *a);
+            }
+        }
+        let lanes = ((1u32 << nb) - 1) as u16;
+        let xs = _mm512_maskz_loadu_ps(lanes, x.s.as_ptr().add(xr * nb));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let bias = _mm512_maskz_loadu_ps(lanes, m.bias.as_ptr().add((row0 + r) * nb));
+            *a = _mm512_fmadd_ps(bias, xs, *a);
+        }
+        sum16(&acc)
+    }
+}
+
+/// One activation row against weight rows first..first + out.len(): the decode matvec, in one
+/// call so the set-up is paid once per matrix, not per row (the row kernel is inlined here).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn matvec_avx512(
+    m: &Blocks,
+    first: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the assert below keeps the weight rows and the activation row inside their buffers.
+    unsafe {
+        use std::arch::x86_64::_mm512_storeu_ps;
+        let mut j = 0;
+        if nb.is_multiple_of(2) && nb <= 16 {
+            assert!((first + out.len()) * nb <= m.scale.len() && x.q.len() >= nb * BLOCK);
+            while j + 16 <= out.len() {
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(j),
+                    rows16_avx512(m, first + j, nb, x, 0),
+                );
+                j += 16;
+            }
+        }
+        for (k, o) in out[j..].iter_mut().enumerate() {
+            dot_blocks_avx512::<1>(m, first + j + k, nb, x, 0, std::slice::from_mut(o));
+        }
+    }
+}
+
+/// One weight row against activation rows x_first..x_first + out.len(), four at a time (the
+/// unpacked codes are reused for four activation rows).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn block_rows_avx512(
+    m: &Blocks,
+    row: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the assert below keeps the weight row and the activation rows inside their buffers.
+    unsafe {
+        assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
+        let mut j = 0;
+        while j + 4 <= out.len() {
+            dot_blocks_avx512::<4>(m, row, nb, x, x_first + j, &mut out[j..j + 4]);
+            j += 4;
+        }
+        while j < out.len() {
+            dot_blocks_avx512::<1>(m, row, nb, x, x_first + j, &mut out[j..j + 1]);
+            j += 1;
+        }
+    }
+}
+
+/// All weight rows against `n` activation rows (x_first..): y [n, rows], in one call: groups of
+/// 16 rows through `rows16_avx512`, the rest one row at a time for four activation rows at once.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn matmul_avx512(
+    m: &Blocks,
+    rows: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    n: usize,
+    y: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the assert below keeps every row read and every output written inside its buffer.
+    unsafe {
+        use std::arch::x86_64::_mm512_storeu_ps;
+        assert!(
+            (x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows
+        );
+        let mut r = 0;
+        if nb.is_multiple_of(2) && nb <= 16 {
+            // Groups of 16 weight rows (in L1 while every activation row passes).
+            while r + 16 <= rows {
+                for i in 0..n {
+                    let v = rows16_avx512(m, r, nb, x, x_first + i);
+                    _mm512_storeu_ps(y.as_mut_ptr().add(i * rows + r), v);
+                }
+                r += 16;
+            }
+        }
+        let mut out = [0.0f32; 4];
+        for r in r..rows {
+            let mut j = 0;
+            while j + 4 <= n {
+                dot_blocks_avx512::<4>(m, r, nb, x, x_first + j, &mut out);
+                for (k, &v) in out.iter().enumerate() {
+                    *y.get_unchecked_mut((j + k) * rows + r) = v;
+                }
+                j += 4;
+            }
+            while j < n {
+                dot_blocks_avx512::<1>(m, r, nb, x, x_first + j, &mut out[..1]);
+                *y.get_unchecked_mut(j * rows + r) = out[0];
+                j += 1;
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Itera-Lite training, on candle: corpora from package registries (`corpora`), token data
 //! (`data`), the reference model and its fused ops (`reference`), AdamW (`optim`), the teacher of
-//! a distillation run (`distill`), the rules of a
+//! a distillation run (`distill`), a run's options (`options`), the rules of a
 //! new run (`new_run`), the training loop with checkpoints and logs (`trainer`), and PNG charts
 //! (`plot`).
 
@@ -10,6 +10,7 @@ pub mod distill;
 pub mod error;
 pub mod new_run;
 pub mod optim;
+pub mod options;
 pub mod plot;
 pub mod reference;
 pub mod trainer;

@@ -1,0 +1,120 @@
+//! What defines a training run besides the model (`TrainOptions`, saved with each checkpoint so a
+//! resumed run continues exactly), which tensors it updates (`TrainOnly`), and their bounds.
+
+use std::path::PathBuf;
+
+use itera_core::tensors::Role;
+use serde::{Deserialize, Serialize};
+
+use crate::distill::DistillOptions;
+use crate::error::{Error, Result};
+use crate::optim::AdamWConfig;
+
+/// Everything that defines a run besides the model; saved with each checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: usize,
+    /// Weight of the MoE load-balancing loss.
+    pub aux_weight: f64,
+    /// Decay of an exponential moving average of the weights (0: off). When on, validation, the
+    /// `best/` model and the run's result use the averaged weights.
+    #[serde(default)]
+    pub ema: f64,
+    /// Step from which the average is kept (it starts as a copy of the weights then).
+    #[serde(default)]
+    pub ema_start: usize,
+    pub eval_every: usize,
+    /// Validation windows of seq_len tokens per evaluation.
+    pub eval_windows: usize,
+    pub save_every: usize,
+    pub seed: u64,
+    /// Fraction of each training file held out for validation when no valid files are given.
+    pub holdout: f64,
+    pub train_files: Vec<PathBuf>,
+    pub valid_files: Vec<PathBuf>,
+    pub optimizer: AdamWConfig,
+    /// Which tensors learn (the others stay as they started).
+    #[serde(default)]
+    pub train_only: TrainOnly,
+    /// Learn from a teacher's distributions as well as from the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillOptions>,
+}
+
+/// The tensors a run updates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOnly {
+    #[default]
+    All,
+    /// MoE routers and RMSNorm gains only (healing a pruned model without moving its experts).
+    RouterAndNorms,
+}
+
+impl TrainOnly {
+    pub(crate) fn trains(self, role: Option<Role>) -> bool {
+        match self {
+            Self::All => true,
+            Self::RouterAndNorms => matches!(role, Some(Role::Router | Role::Norm)),
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn new(train_files: Vec<PathBuf>, steps: usize) -> Self {
+        Self {
+            steps,
+            batch_size: 16,
+            seq_len: 128,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup: 100,
+            aux_weight: 0.01,
+            ema: 0.0,
+            ema_start: 0,
+            eval_every: 200,
+            eval_windows: 64,
+            save_every: 500,
+            seed: 1,
+            holdout: 0.02,
+            train_files,
+            valid_files: Vec::new(),
+            optimizer: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                grad_clip: 1.0,
+            },
+            train_only: TrainOnly::All,
+            distill: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Train(m));
+        if self.steps == 0 || self.batch_size == 0 || self.seq_len < 2 {
+            return bad("steps and batch size must be > 0 and seq_len >= 2".into());
+        }
+        if !(self.lr > 0.0 && self.lr < 1.0) {
+            return bad(format!("learning rate must be in (0, 1), got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) || !(0.0..0.5).contains(&self.holdout) {
+            return bad("min_lr_ratio must be in [0, 1] and holdout in [0, 0.5)".into());
+        }
+        if self.eval_every == 0 || self.save_every == 0 {
+            return bad("eval_every and save_every must be > 0".into());
+        }
+        if !(0.0..1.0).contains(&self.ema) {
+            return bad(format!("ema decay must be in [0, 1), got {}", self.ema));
+        }
+        self.distill
+            .as_ref()
+            .map_or(Ok(()), DistillOptions::validate)
+    }
+}

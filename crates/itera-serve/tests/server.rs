@@ -134,6 +134,11 @@ fn thirty_two_parallel_clients_are_batched() {
     }
     assert!(metric(addr, "requests_total") >= 32.0);
     assert!(metric(addr, "generated_tokens_total") >= 16.0 * 16.0);
+    assert_eq!(
+        metric(addr, "requests_cancelled_total"),
+        0.0,
+        "finished streams were counted as cancelled"
+    );
     assert_eq!(http(addr, "GET", "/health", &[], "").0, 200);
 }
 

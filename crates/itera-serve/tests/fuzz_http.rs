@@ -81,17 +81,36 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// A valid request of one endpoint with up to three fields set to random values: the shape that
+/// gets deepest into the handlers (sampling options, penalties, logprobs, stops, streaming).
+fn valid_with_edits() -> impl Strategy<Value = String> {
+    let base = prop::sample::select(vec![
+        json!({"prompt": "Once upon a time", "max_tokens": 4}),
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        json!({"content": "Hello there"}),
+        json!({"tokens": [1, 2, 3]}),
+    ]);
+    let edits = prop::collection::vec((prop::sample::select(KEYS.to_vec()), json_value()), 0..4);
+    (base, edits).prop_map(|(mut b, edits)| {
+        for (k, v) in edits {
+            b[k] = v;
+        }
+        b.to_string()
+    })
+}
+
 fn body() -> impl Strategy<Value = String> {
     prop_oneof![
+        3 => valid_with_edits(),
         // A request object of known keys (the likely shape, to get past the first checks).
-        prop::collection::vec((prop::sample::select(KEYS.to_vec()), json_value()), 0..8).prop_map(
+        2 => prop::collection::vec((prop::sample::select(KEYS.to_vec()), json_value()), 0..8).prop_map(
             |kv| {
                 Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()).to_string()
             }
         ),
-        json_value().prop_map(|v| v.to_string()),
-        "\\PC{0,64}",
-        prop::collection::vec(any::<u8>(), 0..64)
+        1 => json_value().prop_map(|v| v.to_string()),
+        1 => "\\PC{0,64}",
+        1 => prop::collection::vec(any::<u8>(), 0..64)
             .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
     ]
 }
@@ -103,12 +122,15 @@ fn random_requests_get_2xx_or_openai_shaped_4xx() {
         max_tokens_cap: 16,
         ..ServeConfig::default()
     });
-    let paths = vec![
+    // Mostly POSTs to the handlers that parse bodies, so most cases get past routing.
+    let handlers = vec![
         "/v1/completions",
         "/v1/chat/completions",
-        "/v1/models",
         "/tokenize",
         "/detokenize",
+    ];
+    let others = vec![
+        "/v1/models",
         "/health",
         "/metrics",
         "/",
@@ -117,8 +139,14 @@ fn random_requests_get_2xx_or_openai_shaped_4xx() {
         "//v1//completions",
     ];
     let strategy = (
-        prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "OPTIONS"]),
-        prop::sample::select(paths),
+        prop_oneof![
+            6 => Just("POST"),
+            1 => prop::sample::select(vec!["GET", "PUT", "DELETE", "OPTIONS"]),
+        ],
+        prop_oneof![
+            6 => prop::sample::select(handlers),
+            1 => prop::sample::select(others),
+        ],
         body(),
         prop::sample::select(vec![
             "application/json",
@@ -159,6 +187,7 @@ fn random_requests_get_2xx_or_openai_shaped_4xx() {
     assert_eq!(http(addr, "GET", "/health", &[], "").0, 200);
     // The fuzzing reached the handlers, not only the front door.
     let statuses = statuses.into_inner();
+    eprintln!("{} requests by status: {statuses:?}", cases());
     assert!(
         statuses.get(&200).copied().unwrap_or(0) > 10,
         "{statuses:?}"

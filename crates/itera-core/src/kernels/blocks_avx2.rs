@@ -228,15 +228,7 @@ pub(super) unsafe fn block_rows_avx2(
     // weight row and the activation rows inside their buffers.
     unsafe {
         assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
-        let mut j = 0;
-        while j + 4 <= out.len() {
-            dot_blocks_avx2::<4>(m, row, nb, x, x_first + j, &mut out[j..j + 4]);
-            j += 4;
-        }
-        while j < out.len() {
-            dot_blocks_avx2::<1>(m, row, nb, x, x_first + j, &mut out[j..j + 1]);
-            j += 1;
-        }
+        by_fours!(dot_blocks_avx2(m, row, nb, x, x_first, out));
     }
 }
 

@@ -208,15 +208,7 @@ pub(super) unsafe fn block_rows_avx512(
     // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the assert below keeps the weight row and the activation rows inside their buffers.
     unsafe {
         assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
-        let mut j = 0;
-        while j + 4 <= out.len() {
-            dot_blocks_avx512::<4>(m, row, nb, x, x_first + j, &mut out[j..j + 4]);
-            j += 4;
-        }
-        while j < out.len() {
-            dot_blocks_avx512::<1>(m, row, nb, x, x_first + j, &mut out[j..j + 1]);
-            j += 1;
-        }
+        by_fours!(dot_blocks_avx512(m, row, nb, x, x_first, out));
     }
 }
 

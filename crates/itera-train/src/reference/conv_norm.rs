@@ -8,48 +8,59 @@ use super::scan::f32_slice;
 use itera_core::math::sigmoid;
 
 /// out[b, t, d] = silu(bias[d] + sum_j w[d, j] * x[b, t - (K-1) + j, d]), zero before t = 0.
-/// Inputs: x [B, T, Di]; wb [Di, K + 1] = (taps, bias).
+/// Inputs: x [B, T, Di]; tw [K + 1, Di] = (taps, bias) tap-major, so that every inner loop runs
+/// across channels and vectorises (the channel-major [Di, K + 1] layout made each tap a stride-5
+/// gather: the conv forward + backward took 9.6% of a training step in a 2026-11-30 profile).
 struct CausalConvSilu;
 
+/// Pre-activations of step `t`: pre[d] = bias[d] + sum_j tw[j][d] * x[t - (K-1) + j][d].
+/// Inlined into the `multiversion!` callers so that it is compiled for their instruction set.
 #[inline(always)]
-fn conv_pre(x: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, t: usize, d: usize) -> f32 {
-    let mut acc = wb[d * (k + 1) + k];
-    for j in 0..k {
-        if let Some(src) = (t + j).checked_sub(k - 1) {
-            acc += wb[d * (k + 1) + j] * x[src * di + d];
+fn conv_pre_row(xb: &[f32], tw: &[f32], di: usize, k: usize, t: usize, pre: &mut [f32]) {
+    pre.copy_from_slice(&tw[k * di..(k + 1) * di]);
+    for j in (k - 1).saturating_sub(t)..k {
+        let src = &xb[(t + j + 1 - k) * di..][..di];
+        for ((p, w), x) in pre.iter_mut().zip(&tw[j * di..(j + 1) * di]).zip(src) {
+            *p += w * x;
         }
     }
-    debug_assert!(t < t_len);
-    acc
 }
 
 itera_core::multiversion! {
     /// One sequence of the conv forward: out = silu(conv(x)).
-    fn conv_forward_sequence(xb: &[f32], wb: &[f32], t_len: usize, di: usize, k: usize, ob: &mut [f32]) {
+    fn conv_forward_sequence(xb: &[f32], tw: &[f32], t_len: usize, di: usize, k: usize, ob: &mut [f32]) {
         for t in 0..t_len {
-            for d in 0..di {
-                let v = conv_pre(xb, wb, t_len, di, k, t, d);
-                ob[t * di + d] = v * sigmoid(v);
+            let row = &mut ob[t * di..(t + 1) * di];
+            conv_pre_row(xb, tw, di, k, t, row);
+            for v in row.iter_mut() {
+                *v *= sigmoid(*v);
             }
         }
     }
 }
 
 itera_core::multiversion! {
-    /// One sequence of the conv backward: fills dL/dx, returns this sequence's share of dL/d(taps, bias).
-    fn conv_backward_sequence(xb: &[f32], gb: &[f32], wv: &[f32], t_len: usize, di: usize, k: usize, gxb: &mut [f32]) -> Vec<f32> {
-        let mut gw = vec![0.0f32; di * (k + 1)];
+    /// One sequence of the conv backward: fills dL/dx, returns this sequence's share of dL/d(taps,
+    /// bias) in the tap-major layout.
+    fn conv_backward_sequence(xb: &[f32], gb: &[f32], tw: &[f32], t_len: usize, di: usize, k: usize, gxb: &mut [f32]) -> Vec<f32> {
+        let mut gw = vec![0.0f32; (k + 1) * di];
+        let mut gpre = vec![0.0f32; di];
         for t in 0..t_len {
-            for d in 0..di {
-                let v = conv_pre(xb, wv, t_len, di, k, t, d);
-                let s = sigmoid(v);
-                let gpre = gb[t * di + d] * s * (1.0 + v * (1.0 - s));
-                gw[d * (k + 1) + k] += gpre;
-                for j in 0..k {
-                    if let Some(src) = (t + j).checked_sub(k - 1) {
-                        gw[d * (k + 1) + j] += gpre * xb[src * di + d];
-                        gxb[src * di + d] += gpre * wv[d * (k + 1) + j];
-                    }
+            conv_pre_row(xb, tw, di, k, t, &mut gpre);
+            for (p, g) in gpre.iter_mut().zip(&gb[t * di..(t + 1) * di]) {
+                let s = sigmoid(*p);
+                *p = g * s * (1.0 + *p * (1.0 - s));
+            }
+            for (a, p) in gw[k * di..].iter_mut().zip(&gpre) {
+                *a += p;
+            }
+            for j in (k - 1).saturating_sub(t)..k {
+                let src = (t + j + 1 - k) * di;
+                let (gwj, wj) = (&mut gw[j * di..(j + 1) * di], &tw[j * di..(j + 1) * di]);
+                let (x, gx) = (&xb[src..src + di], &mut gxb[src..src + di]);
+                for d in 0..di {
+                    gwj[d] += gpre[d] * x[d];
+                    gx[d] += gpre[d] * wj[d];
                 }
             }
         }
@@ -70,7 +81,7 @@ impl CustomOp2 for CausalConvSilu {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, t_len, di) = l1.shape().dims3()?;
-        let (di2, k1) = l2.shape().dims2()?;
+        let (k1, di2) = l2.shape().dims2()?;
         if di2 != di || k1 < 2 {
             candle_core::bail!(
                 "causal_conv_silu: x {:?} and weights {:?} disagree",
@@ -78,13 +89,13 @@ impl CustomOp2 for CausalConvSilu {
                 l2.shape()
             );
         }
-        let (x, wb) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "conv weights")?);
+        let (x, tw) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "conv weights")?);
         let mut out = vec![0.0f32; b * t_len * di];
         out.par_chunks_mut(t_len * di)
             .enumerate()
             .for_each(|(bi, ob)| {
                 let xb = &x[bi * t_len * di..(bi + 1) * t_len * di];
-                conv_forward_sequence(xb, wb, t_len, di, k1 - 1, ob);
+                conv_forward_sequence(xb, tw, t_len, di, k1 - 1, ob);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -92,14 +103,14 @@ impl CustomOp2 for CausalConvSilu {
     fn bwd(
         &self,
         x: &Tensor,
-        wb: &Tensor,
+        tw: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (_, t_len, di) = x.dims3()?;
-        let k = wb.dim(1)? - 1;
+        let k = tw.dim(0)? - 1;
         let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let wv = wb.flatten_all()?.to_vec1::<f32>()?;
+        let wv = tw.flatten_all()?.to_vec1::<f32>()?;
         let gv = grad.flatten_all()?.to_vec1::<f32>()?;
         let mut gx = vec![0.0f32; xv.len()];
         let parts: Vec<Vec<f32>> = gx
@@ -111,7 +122,7 @@ impl CustomOp2 for CausalConvSilu {
                 conv_backward_sequence(xb, gb, &wv, t_len, di, k, gxb)
             })
             .collect();
-        let mut gw = vec![0.0f32; di * (k + 1)];
+        let mut gw = vec![0.0f32; (k + 1) * di];
         for p in parts {
             for (a, v) in gw.iter_mut().zip(p) {
                 *a += v;
@@ -119,15 +130,17 @@ impl CustomOp2 for CausalConvSilu {
         }
         Ok((
             Some(Tensor::from_vec(gx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(gw, wb.shape(), wb.device())?),
+            Some(Tensor::from_vec(gw, tw.shape(), tw.device())?),
         ))
     }
 }
 
 /// silu(causal depthwise conv(x) + bias); x [B, T, Di], weight [Di, K], bias [Di].
 pub fn causal_conv_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let wb = Tensor::cat(&[weight, &bias.unsqueeze(1)?], 1)?.contiguous()?;
-    x.contiguous()?.apply_op2(&wb, CausalConvSilu)
+    let tw = Tensor::cat(&[weight, &bias.unsqueeze(1)?], 1)?
+        .t()?
+        .contiguous()?;
+    x.contiguous()?.apply_op2(&tw, CausalConvSilu)
 }
 
 /// y = x / sqrt(mean(x^2) + eps) * w over the last dim of x [R, d].

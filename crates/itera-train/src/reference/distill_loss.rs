@@ -12,6 +12,7 @@ use itera_core::math::{exp, log_sum_exp};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::lm_head_loss::{chunk_grads, EagerGrads};
 use super::scan::f32_slice;
 
 /// Which way the KL divergence runs.
@@ -50,6 +51,7 @@ struct DistillHeadLoss {
     teacher: Arc<dyn TeacherLogits>,
     spec: DistillLossSpec,
     parts: Parts,
+    grads: Option<EagerGrads>,
 }
 
 itera_core::multiversion! {
@@ -159,10 +161,23 @@ impl CustomOp2 for DistillHeadLoss {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = dims(l1.shape(), l2.shape())?;
+        let shape @ (n, d, v) = dims(l1.shape(), l2.shape())?;
         let (h, w) = (f32_slice(s1, l1, "h")?, f32_slice(s2, l2, "W")?);
-        let n = shape.0 as f64;
-        let (ce, kl) = self.chunks(h, w, shape, None, |_, _, _| {});
+        let eager = self.grads.as_ref();
+        let (mut gh, mut gw) = match eager {
+            Some(_) => (vec![0.0f32; n * d], vec![0.0f32; v * d]),
+            None => (Vec::new(), Vec::new()),
+        };
+        let scale = eager.map(|_| 1.0 / n as f32);
+        let (ce, kl) = self.chunks(h, w, shape, scale, |r0, rows, g| {
+            if eager.is_some() {
+                chunk_grads(g, h, w, (d, v), r0, rows, &mut gh, &mut gw);
+            }
+        });
+        if let Some(e) = eager {
+            e.store(gh, gw);
+        }
+        let n = n as f64;
         *self.parts.lock().expect("not poisoned") = (ce / n, kl / n);
         let (a, t) = (self.spec.alpha, self.spec.temperature);
         let loss = (a * t * t * kl + (1.0 - a) * ce) / n;
@@ -176,23 +191,11 @@ impl CustomOp2 for DistillHeadLoss {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        use super::gemm::{matmul, View};
-        let shape @ (n, d, v) = dims(h.shape(), w.shape())?;
-        let scale = grad.to_scalar::<f32>()? / n as f32;
-        let hv = h.flatten_all()?.to_vec1::<f32>()?;
-        let wv = w.flatten_all()?.to_vec1::<f32>()?;
-        let (mut gh, mut gw) = (vec![0.0f32; n * d], vec![0.0f32; v * d]);
-        self.chunks(&hv, &wv, shape, Some(scale), |r0, rows, g| {
-            let g = View::rows(g, rows, v);
-            let gh = &mut gh[r0 * d..(r0 + rows) * d];
-            matmul(gh, g, View::rows(&wv, v, d), false);
-            let hc = View::rows(&hv[r0 * d..(r0 + rows) * d], rows, d);
-            matmul(&mut gw, g.t(), hc, true);
-        });
-        Ok((
-            Some(Tensor::from_vec(gh, h.shape(), h.device())?),
-            Some(Tensor::from_vec(gw, w.shape(), w.device())?),
-        ))
+        let Some(grads) = &self.grads else {
+            candle_core::bail!("distill_loss: backward of a loss computed without gradients");
+        };
+        let (gh, gw) = grads.take(h, w, grad)?;
+        Ok((Some(gh), Some(gw)))
     }
 }
 
@@ -219,6 +222,7 @@ pub fn distill_loss(
         teacher,
         spec,
         parts,
+        grads: EagerGrads::wanted(h, w),
     };
     h.contiguous()?.apply_op2(&w.contiguous()?, op)
 }

@@ -1,5 +1,8 @@
 //! The training loss: the tied LM head fused with mean cross-entropy, with its backward
 //! (softmax - one-hot), computed in row chunks so the [B*T, vocab] logits never exist at once.
+//! Also `EagerGrads`, the head-loss gradients computed in the forward, shared with `distill_loss`.
+
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -15,14 +18,81 @@ itera_core::multiversion! {
 }
 
 itera_core::multiversion! {
-    /// Replaces logits by d loss / d logits = (softmax - one_hot(target)) * scale.
-    fn softmax_grad_row(row: &mut [f32], target: usize, scale: f32) {
+    /// -log softmax(row)[target], and replaces the logits by d loss / d logits =
+    /// (softmax - one_hot(target)) * scale.
+    fn nll_grad_row(row: &mut [f32], target: usize, scale: f32) -> f64 {
         let lse = log_sum_exp(row);
+        let nll = (lse - row[target]) as f64;
         for x in row.iter_mut() {
             *x = itera_core::math::exp(*x - lse) * scale;
         }
         row[target] -= scale;
+        nll
     }
+}
+
+/// Gradients of a fused head loss, computed in its forward. The loss is the graph's last op, so
+/// d loss / d logits is known while each chunk's logits are at hand; the backward only scales the
+/// stored gradients by the incoming one. That saves recomputing every chunk's logits (one of the
+/// four [N, d] x [d, V] matmuls of a step), a second softmax pass, and when distilling a second
+/// teacher pass.
+pub(super) struct EagerGrads(Mutex<Option<(Vec<f32>, Vec<f32>)>>);
+
+impl EagerGrads {
+    /// Some when autograd will ask for the gradients (h or W is tracked); None when evaluating.
+    pub(super) fn wanted(h: &Tensor, w: &Tensor) -> Option<Self> {
+        (h.track_op() || w.track_op()).then(|| Self(Mutex::new(None)))
+    }
+
+    /// Keeps d loss / dh [N, d] and d loss / dW [V, d] for the backward.
+    pub(super) fn store(&self, gh: Vec<f32>, gw: Vec<f32>) {
+        *self.0.lock().expect("not poisoned") = Some((gh, gw));
+    }
+
+    /// The stored gradients times the incoming scalar gradient, shaped like h and W.
+    pub(super) fn take(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let Some((mut gh, mut gw)) = self.0.lock().expect("not poisoned").take() else {
+            candle_core::bail!("head loss: backward called twice or before the forward");
+        };
+        let g = grad.to_scalar::<f32>()?;
+        if g != 1.0 {
+            gh.iter_mut().chain(gw.iter_mut()).for_each(|x| *x *= g);
+        }
+        Ok((
+            Tensor::from_vec(gh, h.shape(), h.device())?,
+            Tensor::from_vec(gw, w.shape(), w.device())?,
+        ))
+    }
+}
+
+/// One chunk's share of the head gradients: gh[r0..r0 + rows] = g · W and gw += g^T ·
+/// h[r0..r0 + rows], where g [rows, V] is d loss / d logits.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn chunk_grads(
+    g: &[f32],
+    h: &[f32],
+    w: &[f32],
+    (d, v): (usize, usize),
+    r0: usize,
+    rows: usize,
+    gh: &mut [f32],
+    gw: &mut [f32],
+) {
+    use super::gemm::{matmul, View};
+    let g = View::rows(&g[..rows * v], rows, v);
+    matmul(
+        &mut gh[r0 * d..(r0 + rows) * d],
+        g,
+        View::rows(w, v, d),
+        false,
+    );
+    let hc = View::rows(&h[r0 * d..(r0 + rows) * d], rows, d);
+    matmul(gw, g.t(), hc, true);
 }
 
 /// Rows of the LM head processed at once: [rows, vocab] logits stay a few MB instead of the
@@ -30,9 +100,11 @@ itera_core::multiversion! {
 const HEAD_CHUNK: usize = 256;
 
 /// Mean cross-entropy of the tied LM head, fused: loss = CE(h · W^T, targets) without ever
-/// materialising the full logits; the backward recomputes each chunk's logits.
+/// materialising the full logits; the gradients come from the forward (`EagerGrads`).
 /// Inputs: h [N, d], W [V, d], targets u32 [N].
-struct LmHeadLoss;
+struct LmHeadLoss {
+    grads: Option<EagerGrads>,
+}
 
 fn head_dims(h: &Shape, w: &Shape, t: &Shape) -> candle_core::Result<(usize, usize, usize)> {
     let (n, d) = h.dims2()?;
@@ -88,16 +160,31 @@ impl CustomOp3 for LmHeadLoss {
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("lm_head_loss: target {bad} out of range for vocab {v}");
         }
+        let eager = self.grads.as_ref();
+        let (mut gh, mut gw) = match eager {
+            Some(_) => (vec![0.0f32; n * d], vec![0.0f32; v * d]),
+            None => (Vec::new(), Vec::new()),
+        };
+        let scale = 1.0 / n as f32;
         let mut logits = vec![0.0f32; HEAD_CHUNK.min(n) * v];
         let mut total = 0.0f64;
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);
             head_chunk(h, w, d, v, r0, rows, &mut logits);
             total += logits[..rows * v]
-                .par_chunks(v)
+                .par_chunks_mut(v)
                 .zip(targets[r0..r0 + rows].par_iter())
-                .map(|(row, &t)| row_nll(row, t as usize))
+                .map(|(row, &t)| match eager {
+                    Some(_) => nll_grad_row(row, t as usize, scale),
+                    None => row_nll(row, t as usize),
+                })
                 .sum::<f64>();
+            if eager.is_some() {
+                chunk_grads(&logits, h, w, (d, v), r0, rows, &mut gh, &mut gw);
+            }
+        }
+        if let Some(e) = eager {
+            e.store(gh, gw);
         }
         Ok((
             CpuStorage::F32(vec![(total / n as f64) as f32]),
@@ -109,53 +196,25 @@ impl CustomOp3 for LmHeadLoss {
         &self,
         h: &Tensor,
         w: &Tensor,
-        targets: &Tensor,
+        _targets: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use super::gemm::{matmul, View};
-        let (n, d, v) = head_dims(h.shape(), w.shape(), targets.shape())?;
-        let scale = grad.to_scalar::<f32>()? / n as f32;
-        let hv = h.flatten_all()?.to_vec1::<f32>()?;
-        let wv = w.flatten_all()?.to_vec1::<f32>()?;
-        let tv = targets.to_vec1::<u32>()?;
-        let mut gh = vec![0.0f32; n * d];
-        let mut gw = vec![0.0f32; v * d];
-        let mut probs = vec![0.0f32; HEAD_CHUNK.min(n) * v];
-        for r0 in (0..n).step_by(HEAD_CHUNK) {
-            let rows = HEAD_CHUNK.min(n - r0);
-            head_chunk(&hv, &wv, d, v, r0, rows, &mut probs);
-            // d loss / d logits = (softmax - one_hot) * scale, in place.
-            probs[..rows * v]
-                .par_chunks_mut(v)
-                .zip(tv[r0..r0 + rows].par_iter())
-                .for_each(|(row, &t)| softmax_grad_row(row, t as usize, scale));
-            let p = View::rows(&probs[..rows * v], rows, v);
-            matmul(
-                &mut gh[r0 * d..(r0 + rows) * d],
-                p,
-                View::rows(&wv, v, d),
-                false,
-            );
-            matmul(
-                &mut gw,
-                p.t(),
-                View::rows(&hv[r0 * d..(r0 + rows) * d], rows, d),
-                true,
-            );
-        }
-        Ok((
-            Some(Tensor::from_vec(gh, h.shape(), h.device())?),
-            Some(Tensor::from_vec(gw, w.shape(), w.device())?),
-            None,
-        ))
+        let Some(grads) = &self.grads else {
+            candle_core::bail!("lm_head_loss: backward of a loss computed without gradients");
+        };
+        let (gh, gw) = grads.take(h, w, grad)?;
+        Ok((Some(gh), Some(gw), None))
     }
 }
 
 /// Mean cross-entropy of `targets` [N] under logits h [N, d] · W^T, W [V, d] (the tied head).
 pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let op = LmHeadLoss {
+        grads: EagerGrads::wanted(h, w),
+    };
     h.contiguous()?
-        .apply_op3(&w.contiguous()?, &targets.contiguous()?, LmHeadLoss)
+        .apply_op3(&w.contiguous()?, &targets.contiguous()?, op)
 }
 
 #[cfg(test)]
@@ -209,5 +268,47 @@ mod tests {
                 assert!((p - q).abs() < 1e-6, "{p} vs {q}");
             }
         }
+    }
+
+    /// The gradients computed in the forward follow the incoming gradient (here 3), and a loss
+    /// of untracked tensors (evaluation) computes none.
+    #[test]
+    fn eager_gradients_scale_with_the_incoming_gradient() {
+        let dev = Device::Cpu;
+        let (n, d, v) = (5, 4, 11);
+        let h = Var::from_tensor(
+            &Tensor::from_vec(
+                (0..n * d).map(|i| (i as f32 * 0.3).sin()).collect(),
+                (n, d),
+                &dev,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let w = Tensor::from_vec(
+            (0..v * d).map(|i| (i as f32 * 0.7).cos()).collect(),
+            (v, d),
+            &dev,
+        )
+        .unwrap();
+        let t =
+            Tensor::from_vec((0..n as u32).map(|i| i * 3 % v as u32).collect(), n, &dev).unwrap();
+        let grad_of = |k: f64| {
+            let loss = (lm_head_loss(h.as_tensor(), &w, &t).unwrap() * k).unwrap();
+            let g = loss.backward().unwrap();
+            g.get(h.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (one, three) = (grad_of(1.0), grad_of(3.0));
+        assert!(one.iter().any(|x| x.abs() > 1e-3));
+        for (a, b) in one.iter().zip(&three) {
+            assert!((3.0 * a - b).abs() < 1e-6, "{a} x 3 vs {b}");
+        }
+        assert!(EagerGrads::wanted(&h.as_tensor().detach(), &w).is_none());
+        assert!(EagerGrads::wanted(h.as_tensor(), &w).is_some());
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use itera_core::tensors::HostTensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -19,6 +20,9 @@ pub struct AdamWConfig {
     /// Gradients are scaled so their global L2 norm is at most this (0 = off).
     pub grad_clip: f64,
 }
+
+/// Elements per parallel task of the update: large enough that a task outweighs its hand-off.
+const UPDATE_CHUNK: usize = 1 << 14;
 
 struct Slot {
     var: Var,
@@ -92,15 +96,23 @@ impl AdamW {
             } else {
                 1.0
             };
-            for i in 0..p.len() {
-                let gi = g[i] as f64 * scale;
-                let m = b1 * slot.m[i] as f64 + (1.0 - b1) * gi;
-                let v = b2 * slot.v[i] as f64 + (1.0 - b2) * gi * gi;
-                slot.m[i] = m as f32;
-                slot.v[i] = v as f32;
-                let update = (m / bc1) / ((v / bc2).sqrt() + self.cfg.eps);
-                p[i] = (p[i] as f64 * decay - lr * update) as f32;
-            }
+            let eps = self.cfg.eps;
+            // Element-wise, so split across the cores in chunks (it ran on one core: 2% of a step).
+            p.par_chunks_mut(UPDATE_CHUNK)
+                .zip(g.par_chunks(UPDATE_CHUNK))
+                .zip(slot.m.par_chunks_mut(UPDATE_CHUNK))
+                .zip(slot.v.par_chunks_mut(UPDATE_CHUNK))
+                .for_each(|(((p, g), ms), vs)| {
+                    for i in 0..p.len() {
+                        let gi = g[i] as f64 * scale;
+                        let m = b1 * ms[i] as f64 + (1.0 - b1) * gi;
+                        let v = b2 * vs[i] as f64 + (1.0 - b2) * gi * gi;
+                        ms[i] = m as f32;
+                        vs[i] = v as f32;
+                        let update = (m / bc1) / ((v / bc2).sqrt() + eps);
+                        p[i] = (p[i] as f64 * decay - lr * update) as f32;
+                    }
+                });
             slot.var
                 .set(&Tensor::from_vec(p, slot.var.shape(), &Device::Cpu)?)?;
         }

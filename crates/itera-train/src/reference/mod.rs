@@ -1,7 +1,8 @@
 //! The training side of the model, on candle: the reference model (`model`) and the fused ops
 //! it is built from, each with a hand-written backward checked against finite differences or
 //! candle's own autograd (`scan`: the SSM core; `conv_norm`: causal conv + SiLU and RMSNorm;
-//! `lm_head_loss`: the tied LM head fused with cross-entropy, over `gemm`; `distill_loss`: the
+//! `swiglu`: the experts' gate silu(g) * u; `lm_head_loss`: the tied LM head fused with
+//! cross-entropy, over `gemm`; `distill_loss`: the
 //! same head fused with the distillation loss against a teacher), plus the windowed
 //! evaluation of models with a bounded context (`windowed`). Inference never uses any of this:
 //! itera-core's runtime must agree with `model` (`tests/parity.rs`).
@@ -12,6 +13,7 @@ pub mod gemm;
 pub mod lm_head_loss;
 pub mod model;
 pub mod scan;
+pub mod swiglu;
 pub mod windowed;
 
 use std::collections::BTreeMap;

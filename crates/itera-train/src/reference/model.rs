@@ -14,6 +14,7 @@ use super::conv_norm::{causal_conv_silu, rms_norm};
 use super::distill_loss::{distill_loss, DistillLossSpec, Parts, TeacherLogits};
 use super::lm_head_loss::lm_head_loss;
 use super::scan::{ssm_core, ssm_core_ungated};
+use super::swiglu::swiglu_gate;
 use super::Params;
 use crate::error::{Error, Result};
 
@@ -285,9 +286,9 @@ impl<'a> Model<'a> {
 
     /// SwiGLU feed-forward on h [N, d].
     fn swiglu(&self, h: &Tensor, m: &SwigluSpec) -> Result<Tensor> {
-        let g = linear(h, self.w(&m.gate)?)?.silu()?;
+        let g = linear(h, self.w(&m.gate)?)?;
         let u = linear(h, self.w(&m.up)?)?;
-        let hidden = self.elementwise(&(g * u)?, self.cfg.dropout.expert)?;
+        let hidden = self.elementwise(&swiglu_gate(&g, &u)?, self.cfg.dropout.expert)?;
         Ok(linear(&hidden, self.w(&m.down)?)?)
     }
 

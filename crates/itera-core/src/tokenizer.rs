@@ -58,33 +58,25 @@ impl Tokenizer {
 
     /// Trains a byte-level BPE of `vocab_size` tokens (specials included) on text files.
     pub fn train(files: &[String], vocab_size: usize) -> Result<Self> {
-        if vocab_size < 256 + 2 {
-            return Err(Error::Argument(format!(
-                "vocab size {vocab_size} is below the 256 bytes + 2 special tokens"
-            )));
-        }
-        let mut inner = tokenizers::Tokenizer::new(ModelWrapper::BPE(BPE::default()));
-        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-            false, true, true,
-        ))));
-        inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
-            false, true, true,
-        ))));
-        let mut trainer = TrainerWrapper::BpeTrainer(
-            BpeTrainerBuilder::new()
-                .vocab_size(vocab_size)
-                .min_frequency(2)
-                .show_progress(false)
-                .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-                .special_tokens(vec![
-                    AddedToken::from(END_OF_TEXT, true),
-                    AddedToken::from(UNK, false),
-                ])
-                .build(),
-        );
+        let (mut inner, mut trainer) = untrained_bpe(vocab_size)?;
         inner
             .train_from_files(&mut trainer, files.to_vec())
             .map_err(|e| Error::Tokenizer(format!("training on {files:?} failed: {e}")))?;
+        Ok(Self::wrap(inner))
+    }
+
+    /// As `train`, on texts in memory, line by line as `train` reads files (a run trains its
+    /// tokenizer on the training split only, the held-out tail of each file left out).
+    pub fn train_on_texts(texts: &[&str], vocab_size: usize) -> Result<Self> {
+        let (mut inner, mut trainer) = untrained_bpe(vocab_size)?;
+        inner
+            .train(
+                &mut trainer,
+                texts.iter().flat_map(|t| t.split_inclusive('\n')),
+            )
+            .map_err(|e| {
+                Error::Tokenizer(format!("training on {} texts failed: {e}", texts.len()))
+            })?;
         Ok(Self::wrap(inner))
     }
 
@@ -239,6 +231,35 @@ impl StreamDecoder {
         self.pending.clear();
         Ok(text)
     }
+}
+
+/// An empty byte-level BPE tokenizer and the trainer that fills it with `vocab_size` tokens.
+fn untrained_bpe(vocab_size: usize) -> Result<(tokenizers::Tokenizer, TrainerWrapper)> {
+    if vocab_size < 256 + 2 {
+        return Err(Error::Argument(format!(
+            "vocab size {vocab_size} is below the 256 bytes + 2 special tokens"
+        )));
+    }
+    let mut inner = tokenizers::Tokenizer::new(ModelWrapper::BPE(BPE::default()));
+    inner.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, true, true,
+    ))));
+    inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
+        false, true, true,
+    ))));
+    let trainer = TrainerWrapper::BpeTrainer(
+        BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(vec![
+                AddedToken::from(END_OF_TEXT, true),
+                AddedToken::from(UNK, false),
+            ])
+            .build(),
+    );
+    Ok((inner, trainer))
 }
 
 #[cfg(test)]

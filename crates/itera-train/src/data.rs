@@ -106,9 +106,7 @@ impl Corpus {
         for f in expand_inputs(train)? {
             let text = read_text(&f)?;
             if valid.is_empty() {
-                let cut =
-                    floor_char_boundary(&text, ((1.0 - holdout) * text.len() as f64) as usize);
-                let cut = text[..cut].rfind('\n').map_or(cut, |i| i + 1);
+                let cut = heldout_cut(&text, holdout);
                 tr.extend(encode_large(tok, &text[..cut])?);
                 va.extend(encode_large(tok, &text[cut..])?);
                 va_bytes += text.len() - cut;
@@ -134,6 +132,13 @@ impl Corpus {
             heldout,
         })
     }
+}
+
+/// Where a training file's held-out tail starts: after the last newline before the last
+/// `holdout` fraction of its bytes (the tokenizer of the run is trained on the part before it).
+pub fn heldout_cut(text: &str, holdout: f64) -> usize {
+    let cut = floor_char_boundary(text, ((1.0 - holdout) * text.len() as f64) as usize);
+    text[..cut].rfind('\n').map_or(cut, |i| i + 1)
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use itera_core::config::{Dropout, Mixer, ModelConfig};
 use itera_core::Tokenizer;
 
-use crate::data::expand_inputs;
+use crate::data::{expand_inputs, heldout_cut, read_text};
 use crate::error::{Error, Result};
 use crate::trainer::{Run, TrainOptions};
 
@@ -58,6 +58,27 @@ impl NewRun {
         Ok(config)
     }
 
+    /// A BPE of `vocab_size` tokens on the training text only: without validation files each
+    /// file's held-out tail (the text the run reports on) is left out, as `Corpus::load` cuts it.
+    fn train_tokenizer(&self, vocab_size: usize) -> Result<Tokenizer> {
+        let o = &self.options;
+        let texts = expand_inputs(&o.train_files)?
+            .iter()
+            .map(|p| read_text(p))
+            .collect::<Result<Vec<_>>>()?;
+        let heads: Vec<&str> = texts
+            .iter()
+            .map(|t| {
+                if o.valid_files.is_empty() {
+                    &t[..heldout_cut(t, o.holdout)]
+                } else {
+                    t.as_str()
+                }
+            })
+            .collect();
+        Ok(Tokenizer::train_on_texts(&heads, vocab_size)?)
+    }
+
     /// Creates the run in `dir`; `note` receives what was decided on the user's behalf.
     pub fn create(self, dir: &Path, note: &mut dyn FnMut(String)) -> Result<Run> {
         if self.options.train_files.is_empty() {
@@ -75,11 +96,7 @@ impl NewRun {
                     "training a {}-token BPE on the training data...",
                     config.vocab_size
                 ));
-                let files: Vec<String> = expand_inputs(&self.options.train_files)?
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
-                Tokenizer::train(&files, config.vocab_size)?
+                self.train_tokenizer(config.vocab_size)?
             }
         };
         if tokenizer.vocab_size() == 0 {
@@ -148,5 +165,38 @@ mod tests {
             .contains("resid"));
         assert!(parse_dropout("embed").is_err());
         assert!(parse_dropout("embed=x").is_err());
+    }
+
+    /// Without validation files the run's tokenizer never sees the held-out tails: a word that
+    /// only the tail repeats stays in single bytes, while with a validation file (the whole
+    /// training file is training text) it is merged.
+    #[test]
+    fn the_tokenizer_is_trained_on_the_training_split_only() {
+        let dir = std::env::temp_dir().join(format!("itera-split-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (train, valid) = (dir.join("train.txt"), dir.join("valid.txt"));
+        let text = "ab ba ab ba\n".repeat(200) + &"zyzzyva\n".repeat(100);
+        std::fs::write(&train, &text).unwrap();
+        std::fs::write(&valid, "ab ba\n").unwrap();
+        let mut run = NewRun {
+            preset: "micro".into(),
+            config: None,
+            shared_state: false,
+            tokenizer: None,
+            seq_len: None,
+            dropout: None,
+            options: TrainOptions {
+                holdout: 0.4, // more than the tail's 800 of 3,200 bytes
+                ..TrainOptions::new(vec![train], 1)
+            },
+        };
+        let tokens = |run: &NewRun| {
+            let tok = run.train_tokenizer(300).unwrap();
+            tok.encode("zyzzyva").unwrap().len()
+        };
+        assert_eq!(tokens(&run), 7);
+        run.options.valid_files = vec![valid];
+        assert!(tokens(&run) < 7);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,7 +12,7 @@ use itera_core::math::{exp, log_sum_exp};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::lm_head_loss::{chunk_grads, EagerGrads};
+use super::lm_head_loss::{EagerGrads, HeadGrads};
 use super::scan::f32_slice;
 
 /// Which way the KL divergence runs.
@@ -161,23 +161,19 @@ impl CustomOp2 for DistillHeadLoss {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape @ (n, d, v) = dims(l1.shape(), l2.shape())?;
+        let shape = dims(l1.shape(), l2.shape())?;
         let (h, w) = (f32_slice(s1, l1, "h")?, f32_slice(s2, l2, "W")?);
-        let eager = self.grads.as_ref();
-        let (mut gh, mut gw) = match eager {
-            Some(_) => (vec![0.0f32; n * d], vec![0.0f32; v * d]),
-            None => (Vec::new(), Vec::new()),
-        };
-        let scale = eager.map(|_| 1.0 / n as f32);
+        let mut grads = self.grads.as_ref().map(|_| HeadGrads::new(shape));
+        let scale = grads.as_ref().map(|_| 1.0 / shape.0 as f32);
         let (ce, kl) = self.chunks(h, w, shape, scale, |r0, rows, g| {
-            if eager.is_some() {
-                chunk_grads(g, h, w, (d, v), r0, rows, &mut gh, &mut gw);
+            if let Some(grads) = &mut grads {
+                grads.add_chunk(g, h, w, r0, rows);
             }
         });
-        if let Some(e) = eager {
-            e.store(gh, gw);
+        if let (Some(e), Some(g)) = (&self.grads, grads) {
+            e.store(g);
         }
-        let n = n as f64;
+        let n = shape.0 as f64;
         *self.parts.lock().expect("not poisoned") = (ce / n, kl / n);
         let (a, t) = (self.spec.alpha, self.spec.temperature);
         let loss = (a * t * t * kl + (1.0 - a) * ce) / n;
@@ -191,11 +187,7 @@ impl CustomOp2 for DistillHeadLoss {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some(grads) = &self.grads else {
-            candle_core::bail!("distill_loss: backward of a loss computed without gradients");
-        };
-        let (gh, gw) = grads.take(h, w, grad)?;
-        Ok((Some(gh), Some(gw)))
+        EagerGrads::backward(self.grads.as_ref(), "distill_loss", h, w, grad)
     }
 }
 

@@ -36,7 +36,38 @@ itera_core::multiversion! {
 /// stored gradients by the incoming one. That saves recomputing every chunk's logits (one of the
 /// four [N, d] x [d, V] matmuls of a step), a second softmax pass, and when distilling a second
 /// teacher pass.
-pub(super) struct EagerGrads(Mutex<Option<(Vec<f32>, Vec<f32>)>>);
+pub(super) struct EagerGrads(Mutex<Option<HeadGrads>>);
+
+/// d loss / dh [N, d] and d loss / dW [V, d], filled chunk by chunk.
+pub(super) struct HeadGrads {
+    gh: Vec<f32>,
+    gw: Vec<f32>,
+    d: usize,
+    v: usize,
+}
+
+impl HeadGrads {
+    pub(super) fn new((n, d, v): (usize, usize, usize)) -> Self {
+        Self {
+            gh: vec![0.0; n * d],
+            gw: vec![0.0; v * d],
+            d,
+            v,
+        }
+    }
+
+    /// One chunk's share: gh[r0..r0 + rows] = g · W and gw += g^T · h[r0..r0 + rows], where g
+    /// [rows, V] is d loss / d logits.
+    pub(super) fn add_chunk(&mut self, g: &[f32], h: &[f32], w: &[f32], r0: usize, rows: usize) {
+        use super::gemm::{matmul, View};
+        let (d, v) = (self.d, self.v);
+        let g = View::rows(&g[..rows * v], rows, v);
+        let gh = &mut self.gh[r0 * d..(r0 + rows) * d];
+        matmul(gh, g, View::rows(w, v, d), false);
+        let hc = View::rows(&h[r0 * d..(r0 + rows) * d], rows, d);
+        matmul(&mut self.gw, g.t(), hc, true);
+    }
+}
 
 impl EagerGrads {
     /// Some when autograd will ask for the gradients (h or W is tracked); None when evaluating.
@@ -44,55 +75,34 @@ impl EagerGrads {
         (h.track_op() || w.track_op()).then(|| Self(Mutex::new(None)))
     }
 
-    /// Keeps d loss / dh [N, d] and d loss / dW [V, d] for the backward.
-    pub(super) fn store(&self, gh: Vec<f32>, gw: Vec<f32>) {
-        *self.0.lock().expect("not poisoned") = Some((gh, gw));
+    /// Keeps the forward's gradients for the backward.
+    pub(super) fn store(&self, grads: HeadGrads) {
+        *self.0.lock().expect("not poisoned") = Some(grads);
     }
 
-    /// The stored gradients times the incoming scalar gradient, shaped like h and W.
-    pub(super) fn take(
-        &self,
+    /// The backward of the op `name` whose forward stored into `this`: the stored gradients
+    /// times the incoming scalar gradient, shaped like h and W.
+    pub(super) fn backward(
+        this: Option<&Self>,
+        name: &str,
         h: &Tensor,
         w: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let Some((mut gh, mut gw)) = self.0.lock().expect("not poisoned").take() else {
-            candle_core::bail!("head loss: backward called twice or before the forward");
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(HeadGrads { mut gh, mut gw, .. }) =
+            this.and_then(|e| e.0.lock().expect("not poisoned").take())
+        else {
+            candle_core::bail!("{name}: backward without gradients from its forward");
         };
         let g = grad.to_scalar::<f32>()?;
         if g != 1.0 {
             gh.iter_mut().chain(gw.iter_mut()).for_each(|x| *x *= g);
         }
         Ok((
-            Tensor::from_vec(gh, h.shape(), h.device())?,
-            Tensor::from_vec(gw, w.shape(), w.device())?,
+            Some(Tensor::from_vec(gh, h.shape(), h.device())?),
+            Some(Tensor::from_vec(gw, w.shape(), w.device())?),
         ))
     }
-}
-
-/// One chunk's share of the head gradients: gh[r0..r0 + rows] = g · W and gw += g^T ·
-/// h[r0..r0 + rows], where g [rows, V] is d loss / d logits.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn chunk_grads(
-    g: &[f32],
-    h: &[f32],
-    w: &[f32],
-    (d, v): (usize, usize),
-    r0: usize,
-    rows: usize,
-    gh: &mut [f32],
-    gw: &mut [f32],
-) {
-    use super::gemm::{matmul, View};
-    let g = View::rows(&g[..rows * v], rows, v);
-    matmul(
-        &mut gh[r0 * d..(r0 + rows) * d],
-        g,
-        View::rows(w, v, d),
-        false,
-    );
-    let hc = View::rows(&h[r0 * d..(r0 + rows) * d], rows, d);
-    matmul(gw, g.t(), hc, true);
 }
 
 /// Rows of the LM head processed at once: [rows, vocab] logits stay a few MB instead of the
@@ -160,11 +170,7 @@ impl CustomOp3 for LmHeadLoss {
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("lm_head_loss: target {bad} out of range for vocab {v}");
         }
-        let eager = self.grads.as_ref();
-        let (mut gh, mut gw) = match eager {
-            Some(_) => (vec![0.0f32; n * d], vec![0.0f32; v * d]),
-            None => (Vec::new(), Vec::new()),
-        };
+        let mut grads = self.grads.as_ref().map(|_| HeadGrads::new((n, d, v)));
         let scale = 1.0 / n as f32;
         let mut logits = vec![0.0f32; HEAD_CHUNK.min(n) * v];
         let mut total = 0.0f64;
@@ -174,17 +180,17 @@ impl CustomOp3 for LmHeadLoss {
             total += logits[..rows * v]
                 .par_chunks_mut(v)
                 .zip(targets[r0..r0 + rows].par_iter())
-                .map(|(row, &t)| match eager {
+                .map(|(row, &t)| match grads {
                     Some(_) => nll_grad_row(row, t as usize, scale),
                     None => row_nll(row, t as usize),
                 })
                 .sum::<f64>();
-            if eager.is_some() {
-                chunk_grads(&logits, h, w, (d, v), r0, rows, &mut gh, &mut gw);
+            if let Some(g) = &mut grads {
+                g.add_chunk(&logits, h, w, r0, rows);
             }
         }
-        if let Some(e) = eager {
-            e.store(gh, gw);
+        if let (Some(e), Some(g)) = (&self.grads, grads) {
+            e.store(g);
         }
         Ok((
             CpuStorage::F32(vec![(total / n as f64) as f32]),
@@ -200,11 +206,8 @@ impl CustomOp3 for LmHeadLoss {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(grads) = &self.grads else {
-            candle_core::bail!("lm_head_loss: backward of a loss computed without gradients");
-        };
-        let (gh, gw) = grads.take(h, w, grad)?;
-        Ok((Some(gh), Some(gw), None))
+        let (gh, gw) = EagerGrads::backward(self.grads.as_ref(), "lm_head_loss", h, w, grad)?;
+        Ok((gh, gw, None))
     }
 }
 

@@ -85,6 +85,9 @@ fn core_sequence(
     mut record: Option<(&mut [f32], &mut [f32], &mut [f32])>,
 ) {
     let (di, n) = (d.di, d.n);
+    // Re-sliced to exactly `di` so the per-channel loops carry no bounds checks (a check, or a
+    // branch on `gated`, inside them kept LLVM from vectorising: they ran scalar `exp`s).
+    let (d_skip, bias) = (&d_skip[..di], &bias[..di]);
     let mut h = vec![0.0f32; di * n];
     let mut dt = vec![0.0f32; di];
     let mut dx = vec![0.0f32; di];
@@ -107,8 +110,13 @@ fn core_sequence(
                 y[i] += cj * hj[i];
             }
         }
-        for i in 0..di {
-            out[t * di + i] = if d.gated { y[i] * silu(z[i]) } else { y[i] };
+        let out_t = &mut out[t * di..(t + 1) * di];
+        if d.gated {
+            for i in 0..di {
+                out_t[i] = y[i] * silu(z[i]);
+            }
+        } else {
+            out_t.copy_from_slice(&y);
         }
         if let Some((hs, dts, ys)) = record.as_mut() {
             hs[t * di * n..(t + 1) * di * n].copy_from_slice(&h);
@@ -135,6 +143,7 @@ fn core_backward(
     gbc: &mut [f32],
 ) -> Vec<f32> {
     let (t_len, di, n) = (d.t, d.di, d.n);
+    let (d_skip, bias) = (&d_skip[..di], &bias[..di]);
     let mut hs = vec![0.0f32; t_len * di * n];
     let mut dts = vec![0.0f32; t_len * di];
     let mut ys = vec![0.0f32; t_len * di];
@@ -171,24 +180,27 @@ fn core_backward(
         } else {
             &zeros[..]
         };
-        let gut = &mut gu[t * 3 * di..(t + 1) * 3 * di];
+        let (g_xt, rest) = gu[t * 3 * di..(t + 1) * 3 * di].split_at_mut(di);
+        let (g_rawt, g_zt) = rest.split_at_mut(di);
         let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
         let go = &gout[t * di..(t + 1) * di];
         let yt = &ys[t * di..(t + 1) * di];
-        for i in 0..di {
-            gy[i] = if d.gated {
+        if d.gated {
+            for i in 0..di {
                 // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
                 let sz = sigmoid(z[i]);
-                gut[2 * di + i] = go[i] * yt[i] * sz * (1.0 + z[i] * (1.0 - sz));
-                go[i] * z[i] * sz
-            } else {
-                go[i]
-            };
+                g_zt[i] = go[i] * yt[i] * sz * (1.0 + z[i] * (1.0 - sz));
+                gy[i] = go[i] * z[i] * sz;
+            }
+        } else {
+            gy.copy_from_slice(go);
+        }
+        for i in 0..di {
             g_d[i] += gy[i] * x[i];
             dx[i] = dt[i] * x[i];
-            g_dt[i] = 0.0;
-            g_x[i] = 0.0;
         }
+        g_dt.fill(0.0);
+        g_x.fill(0.0);
         for j in 0..n {
             let rows = j * di..(j + 1) * di;
             let (h_now, h_old, a_j) = (&h_t[rows.clone()], &h_prev[rows.clone()], &a[rows.clone()]);
@@ -207,11 +219,9 @@ fn core_backward(
             gb_t[j] += itera_core::math::dot(&g, &dx);
         }
         for i in 0..di {
-            gut[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
-            let g_raw = g_dt[i] * sigmoid(raw[i] + bias[i]);
-            gut[di + i] = g_raw;
-            g_bias[i] += g_raw;
+            g_xt[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
         }
+        dt_backward(&g_dt, raw, bias, g_rawt, &mut g_bias);
     }
     // Pack as p's layout: d/dA_log = d/dA * A.
     let mut gp = vec![0.0f32; di * (n + 2)];
@@ -229,6 +239,20 @@ itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn core_sequence_fast(u: &[f32], bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
         core_sequence(u, bc, a, d_skip, bias, d, out, None)
+    }
+}
+
+/// Through dt = softplus(raw + bias): g_raw = g_dt * sigmoid(raw + bias), also summed into
+/// g_bias. A function of its own so that its slices are known not to alias: written inline, the
+/// loop touched too many arrays for LLVM's run-time overlap checks and stayed scalar.
+#[inline(always)]
+fn dt_backward(g_dt: &[f32], raw: &[f32], bias: &[f32], g_raw: &mut [f32], g_bias: &mut [f32]) {
+    let n = g_raw.len();
+    let (g_dt, raw, bias, g_bias) = (&g_dt[..n], &raw[..n], &bias[..n], &mut g_bias[..n]);
+    for i in 0..n {
+        let g = g_dt[i] * sigmoid(raw[i] + bias[i]);
+        g_raw[i] = g;
+        g_bias[i] += g;
     }
 }
 

@@ -61,15 +61,24 @@ impl AdamW {
         Self { cfg, slots, t: 0 }
     }
 
-    /// One update at learning rate `lr`; returns the gradient norm before clipping.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
+    /// One update at learning rate `lr` with the weighted sum of the gradients `grads` (one
+    /// store per shard of the batch, weighted by its share); returns the gradient norm before
+    /// clipping.
+    pub fn step(&mut self, grads: &[(f32, &GradStore)], lr: f64) -> Result<f64> {
         let mut g_all = Vec::with_capacity(self.slots.len());
         let mut sq = 0.0f64;
         for (name, slot) in &self.slots {
-            let g = match grads.get(slot.var.as_tensor()) {
-                Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-                None => vec![0.0; slot.m.len()],
-            };
+            let mut g = vec![0.0; slot.m.len()];
+            for (share, store) in grads {
+                if let Some(t) = store.get(slot.var.as_tensor()) {
+                    let t = t.flatten_all()?.to_vec1::<f32>()?;
+                    if grads.len() == 1 {
+                        g = t; // exactly the one-graph step
+                    } else {
+                        g.iter_mut().zip(t).for_each(|(acc, v)| *acc += share * v);
+                    }
+                }
+            }
             if g.iter().any(|x| !x.is_finite()) {
                 return Err(Error::Train(format!(
                     "non-finite gradient in `{name}` at step {}",
@@ -202,7 +211,7 @@ mod tests {
         for _ in 0..300 {
             let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
-            opt.step(&grads, 0.05).unwrap();
+            opt.step(&[(1.0, &grads)], 0.05).unwrap();
         }
         let w = var.to_vec1::<f32>().unwrap();
         assert!(w.iter().all(|x| x.abs() < 0.05), "{w:?}");

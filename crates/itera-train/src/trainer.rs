@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::Var;
 use itera_core::format::safetensors as st;
 use itera_core::format::write_atomic;
 use itera_core::rng::Rng;
 use itera_core::tensors::ModelSpec;
 use itera_core::{ModelConfig, ModelDir, Tokenizer, Weights};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{batch_at, train_offsets, valid_offsets, Corpus};
@@ -69,6 +71,21 @@ pub enum TrainEvent<'a> {
     Step(&'a StepMetrics),
     Eval(&'a EvalMetrics),
     Saved(&'a Path),
+}
+
+/// One core's share of a training step: the forward and backward of some of the batch's windows
+/// as a graph of its own. A batch runs as one shard per core, side by side, and the gradients are
+/// averaged by rows: with the whole batch in one graph, the cores took turns through candle's
+/// serial parts (its gradient sums, allocations, element-wise ops) and 1.5 of 2 were busy. The
+/// MoE load-balancing loss is taken per shard (a product of two means, so not a plain mean over
+/// tokens); with one core there is one shard and the step is exactly the one-graph step.
+struct Shard {
+    rows: usize,
+    grads: GradStore,
+    loss: f64,
+    ce: f64,
+    kl: Option<f64>,
+    aux: f64,
 }
 
 pub const CHECKPOINT_DIR: &str = "checkpoint";
@@ -374,25 +391,24 @@ impl Run {
                 o.seed,
                 self.step,
             );
-            let (x, y) = batch_at(&corpus.train, &offsets, o.seq_len)?;
             let noise = Rng::derive(o.seed ^ DROPOUT_STREAM, self.step as u64).next_u64();
-            let model = Model::training(&self.config, &self.params, noise);
-            let (main, aux, ce, kl) = match (&self.teacher, &o.distill) {
-                (Some(teacher), Some(d)) => {
-                    let rows = teacher.rows(&x.flatten_all()?.to_vec1()?, x.dim(0)?, x.dim(1)?)?;
-                    let parts = Default::default();
-                    let (l, aux) = model.distill_loss(&x, &y, rows, d.loss, Arc::clone(&parts))?;
-                    let (ce, kl) = *parts.lock().expect("not poisoned");
-                    (l, aux, ce, Some(kl))
-                }
-                _ => {
-                    let (ce, aux) = model.loss(&x, &y)?;
-                    let value = ce.to_scalar::<f32>()? as f64;
-                    (ce, aux, value, None)
-                }
-            };
-            let loss = (&main + (&aux * o.aux_weight)?)?;
-            let grads = loss.backward()?;
+            // One shard per core (see `Shard`); the first shard keeps the step's dropout seed.
+            let per = o.batch_size.div_ceil(rayon::current_num_threads().max(1));
+            let shards = offsets
+                .par_chunks(per)
+                .enumerate()
+                .map(|(i, offs)| {
+                    let noise = if i == 0 {
+                        noise
+                    } else {
+                        Rng::derive(noise, i as u64).next_u64()
+                    };
+                    self.shard(&corpus.train, offs, noise)
+                })
+                .collect::<Result<Vec<Shard>>>()?;
+            let share = |s: &Shard| s.rows as f64 / o.batch_size as f64;
+            let mean = |f: &dyn Fn(&Shard) -> f64| shards.iter().map(|s| share(s) * f(s)).sum();
+            let grads: Vec<_> = shards.iter().map(|s| (share(s) as f32, &s.grads)).collect();
             let lr = learning_rate(self.step, o.steps, o.warmup, o.lr, o.min_lr_ratio);
             let grad_norm = self.opt.step(&grads, lr)?;
             self.step += 1;
@@ -400,10 +416,10 @@ impl Run {
             self.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
             let m = StepMetrics {
                 step: self.step,
-                loss: loss.to_scalar::<f32>()? as f64,
-                ce,
-                kl,
-                aux: aux.to_scalar::<f32>()? as f64,
+                loss: mean(&|s| s.loss),
+                ce: mean(&|s| s.ce),
+                kl: o.distill.as_ref().map(|_| mean(&|s| s.kl.unwrap_or(0.0))),
+                aux: mean(&|s| s.aux),
                 lr,
                 grad_norm,
                 tokens_per_s: (o.batch_size * o.seq_len) as f64 / t0.elapsed().as_secs_f64(),
@@ -435,6 +451,36 @@ impl Run {
             }
         }
         last.map_or_else(|| self.validate(corpus), Ok)
+    }
+
+    /// Forward and backward of the windows at `offsets`: its losses and gradients.
+    fn shard(&self, tokens: &[u32], offsets: &[usize], noise: u64) -> Result<Shard> {
+        let o = &self.options;
+        let (x, y) = batch_at(tokens, offsets, o.seq_len)?;
+        let model = Model::training(&self.config, &self.params, noise);
+        let (main, aux, ce, kl) = match (&self.teacher, &o.distill) {
+            (Some(teacher), Some(d)) => {
+                let rows = teacher.rows(&x.flatten_all()?.to_vec1()?, x.dim(0)?, x.dim(1)?)?;
+                let parts = Default::default();
+                let (l, aux) = model.distill_loss(&x, &y, rows, d.loss, Arc::clone(&parts))?;
+                let (ce, kl) = *parts.lock().expect("not poisoned");
+                (l, aux, ce, Some(kl))
+            }
+            _ => {
+                let (ce, aux) = model.loss(&x, &y)?;
+                let value = ce.to_scalar::<f32>()? as f64;
+                (ce, aux, value, None)
+            }
+        };
+        let loss = (&main + (&aux * o.aux_weight)?)?;
+        Ok(Shard {
+            rows: offsets.len(),
+            grads: loss.backward()?,
+            loss: loss.to_scalar::<f32>()? as f64,
+            ce,
+            kl,
+            aux: aux.to_scalar::<f32>()? as f64,
+        })
     }
 
     /// Writes a model directory (plus optimizer and run state when `full`) under a temporary
@@ -630,6 +676,49 @@ mod tests {
         let (cfg, tok, o) = (a.config.clone(), a.tokenizer.clone(), a.options.clone());
         assert!(Run::create(&a_dir, cfg, tok, o).is_err());
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    /// A step's shards (one per core) average to the one-graph gradient of the whole batch when
+    /// nothing but the cross-entropy is trained (the load-balancing loss is per shard).
+    #[test]
+    fn shard_gradients_average_to_the_whole_batch() {
+        let dir = std::env::temp_dir().join(format!("itera-shards-{}", std::process::id()));
+        let (cfg, tok, mut o) = setup(&dir);
+        o.aux_weight = 0.0;
+        let corpus = Corpus::load(&tok, &o.train_files, &[], o.holdout).unwrap();
+        let run = Run::create(&dir, cfg, tok, o).unwrap();
+        let offsets = train_offsets(corpus.train.len(), 32, 4, 1, 0);
+        let whole = run.shard(&corpus.train, &offsets, 7).unwrap();
+        let halves =
+            [&offsets[..2], &offsets[2..]].map(|offs| run.shard(&corpus.train, offs, 7).unwrap());
+        assert_eq!(halves[0].rows, 2);
+        assert!((whole.ce - (halves[0].ce + halves[1].ce) / 2.0).abs() < 1e-5);
+        let flat = |s: &Shard, t: &candle_core::Tensor| {
+            s.grads
+                .get(t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let mut compared = 0;
+        for t in run.params.tensors.values() {
+            if whole.grads.get(t).is_none() {
+                continue;
+            }
+            let (g, a, b) = (flat(&whole, t), flat(&halves[0], t), flat(&halves[1], t));
+            let scale = g.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            for ((g, a), b) in g.iter().zip(&a).zip(&b) {
+                assert!(
+                    (g - (a + b) / 2.0).abs() <= 1e-4 * scale,
+                    "{g} vs {a} / {b}"
+                );
+            }
+            compared += 1;
+        }
+        assert!(compared > 10, "only {compared} gradients compared");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -418,7 +418,7 @@ impl Run {
                 step: self.step,
                 loss: mean(&|s| s.loss),
                 ce: mean(&|s| s.ce),
-                kl: o.distill.as_ref().map(|_| mean(&|s| s.kl.unwrap_or(0.0))),
+                kl: shards[0].kl.map(|_| mean(&|s| s.kl.unwrap_or(0.0))),
                 aux: mean(&|s| s.aux),
                 lr,
                 grad_norm,

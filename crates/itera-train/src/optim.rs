@@ -216,4 +216,55 @@ mod tests {
         let w = var.to_vec1::<f32>().unwrap();
         assert!(w.iter().all(|x| x.abs() < 0.05), "{w:?}");
     }
+
+    /// Shards' gradients enter the update as their weighted sum: two stores with shares 0.25 and
+    /// 0.75 move the weights exactly as one store holding that sum.
+    #[test]
+    fn shard_gradients_enter_as_their_weighted_sum() {
+        let start = [1.0f32, -2.0, 0.5];
+        let run = |grads: &[(f32, &[f32; 3])]| {
+            let var = Var::from_tensor(&Tensor::new(&start, &Device::Cpu).unwrap()).unwrap();
+            let vars: BTreeMap<String, Var> = [("w".to_string(), var.clone())].into();
+            let cfg = AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                grad_clip: 0.0,
+            };
+            let mut opt = AdamW::new(cfg, &vars, |_, _| true);
+            // d(sum(w * g)) / dw = g: a store holding exactly `g` for `w`.
+            let stores: Vec<GradStore> = grads
+                .iter()
+                .map(|(_, g)| {
+                    let g = Tensor::new(*g, &Device::Cpu).unwrap();
+                    (var.as_tensor() * g)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+                .collect();
+            let weighted: Vec<_> = grads
+                .iter()
+                .zip(&stores)
+                .map(|((w, _), s)| (*w, s))
+                .collect();
+            let norm = opt.step(&weighted, 0.01).unwrap();
+            (norm, var.to_vec1::<f32>().unwrap())
+        };
+        let (a, b) = ([0.4f32, 1.0, -2.0], [2.0f32, -1.0, 0.0]);
+        let sum: [f32; 3] = std::array::from_fn(|i| 0.25 * a[i] + 0.75 * b[i]);
+        let (n1, w1) = run(&[(0.25, &a), (0.75, &b)]);
+        let (n2, w2) = run(&[(1.0, &sum)]);
+        assert!((n1 - n2).abs() < 1e-6, "{n1} vs {n2}");
+        for (x, y) in w1.iter().zip(&w2) {
+            assert!((x - y).abs() < 1e-6, "{w1:?} vs {w2:?}");
+        }
+        assert!(
+            w1.iter().zip(&start).all(|(x, s)| x != s),
+            "the step moved every weight"
+        );
+    }
 }

@@ -196,18 +196,23 @@ mod tests {
         assert!(learning_rate(50, 100, 10, 1.0, 0.1) < 1.0);
     }
 
-    #[test]
-    fn adamw_minimises_a_quadratic_and_clips() {
-        let var = Var::from_tensor(&Tensor::new(&[3.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+    /// One trainable vector `w` and AdamW over it (decayed when `weight_decay` > 0).
+    fn one_var(start: &[f32], weight_decay: f64, grad_clip: f64) -> (Var, AdamW) {
+        let var = Var::from_tensor(&Tensor::new(start, &Device::Cpu).unwrap()).unwrap();
         let vars: BTreeMap<String, Var> = [("w".to_string(), var.clone())].into();
         let cfg = AdamWConfig {
             beta1: 0.9,
             beta2: 0.99,
             eps: 1e-8,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
+            weight_decay,
+            grad_clip,
         };
-        let mut opt = AdamW::new(cfg, &vars, |_, _| false);
+        (var, AdamW::new(cfg, &vars, move |_, _| weight_decay > 0.0))
+    }
+
+    #[test]
+    fn adamw_minimises_a_quadratic_and_clips() {
+        let (var, mut opt) = one_var(&[3.0, -2.0], 0.0, 1.0);
         for _ in 0..300 {
             let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
@@ -223,16 +228,7 @@ mod tests {
     fn shard_gradients_enter_as_their_weighted_sum() {
         let start = [1.0f32, -2.0, 0.5];
         let run = |grads: &[(f32, &[f32; 3])]| {
-            let var = Var::from_tensor(&Tensor::new(&start, &Device::Cpu).unwrap()).unwrap();
-            let vars: BTreeMap<String, Var> = [("w".to_string(), var.clone())].into();
-            let cfg = AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.99,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                grad_clip: 0.0,
-            };
-            let mut opt = AdamW::new(cfg, &vars, |_, _| true);
+            let (var, mut opt) = one_var(&start, 0.1, 0.0);
             // d(sum(w * g)) / dw = g: a store holding exactly `g` for `w`.
             let stores: Vec<GradStore> = grads
                 .iter()

@@ -71,12 +71,9 @@ impl AdamW {
             let mut g = vec![0.0; slot.m.len()];
             for (share, store) in grads {
                 if let Some(t) = store.get(slot.var.as_tensor()) {
+                    // With one store of share 1 this is exactly its gradient (0 + 1 x v = v).
                     let t = t.flatten_all()?.to_vec1::<f32>()?;
-                    if grads.len() == 1 {
-                        g = t; // exactly the one-graph step
-                    } else {
-                        g.iter_mut().zip(t).for_each(|(acc, v)| *acc += share * v);
-                    }
+                    g.iter_mut().zip(t).for_each(|(acc, v)| *acc += share * v);
                 }
             }
             if g.iter().any(|x| !x.is_finite()) {

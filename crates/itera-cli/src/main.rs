@@ -73,10 +73,20 @@ fn tune_allocator() {
 /// set of worker threads beside rayon's (ours and gemm's); on 2 cores those spun for ~11% of the
 /// CPU samples of a training step while rayon's workers waited (perf, 2026-11-30, AMD EPYC Zen 3).
 /// `CANDLE_NUM_THREADS` set by the user still wins.
+///
+/// Also states rayon's thread count (its own default, the logical CPUs) in `RAYON_NUM_THREADS`:
+/// without it candle asks `num_cpus` for the physical core count on every matmul, which parses
+/// `/proc/cpuinfo` each time on machines without cpufreq data (2.3% of a training step's samples,
+/// perf, 2026-11-30, AMD EPYC Zen 3 VM). rayon's pool is the same either way; candle's matmuls
+/// then use the logical count, as rayon does.
 fn one_candle_thread() {
+    // Edition 2021: set_var is safe; this runs before any thread starts.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Edition 2021: set_var is safe; this runs before any thread starts.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

@@ -1,6 +1,7 @@
 //! Token streams for training: text files -> token ids (in parallel chunks), held-out split,
 //! seeded random batches and fixed validation windows.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -87,6 +88,9 @@ pub fn encode_large(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 /// Training and validation token streams, plus bytes per token of the validation text.
 pub struct Corpus {
     pub train: Vec<u32>,
+    /// Each training input (a file, or a folder of files) as it was named, and its tokens' range
+    /// in `train`.
+    pub sources: Vec<(String, Range<usize>)>,
     pub valid: Vec<u32>,
     pub valid_bytes_per_token: f64,
     /// The held-out text of each training file (file name, text) when no valid files are given.
@@ -102,21 +106,25 @@ impl Corpus {
         holdout: f64,
     ) -> Result<Self> {
         let (mut tr, mut va, mut va_bytes) = (Vec::new(), Vec::new(), 0usize);
-        let mut heldout = Vec::new();
-        for f in expand_inputs(train)? {
-            let text = read_text(&f)?;
-            if valid.is_empty() {
-                let cut = heldout_cut(&text, holdout);
-                tr.extend(encode_large(tok, &text[..cut])?);
-                va.extend(encode_large(tok, &text[cut..])?);
-                va_bytes += text.len() - cut;
-                let name = f
-                    .file_name()
-                    .map_or_else(|| "text".into(), |n| n.to_string_lossy().to_string());
-                heldout.push((name, text[cut..].to_string()));
-            } else {
-                tr.extend(encode_large(tok, &text)?);
+        let (mut heldout, mut sources) = (Vec::new(), Vec::new());
+        for input in train {
+            let start = tr.len();
+            for f in expand_inputs(std::slice::from_ref(input))? {
+                let text = read_text(&f)?;
+                if valid.is_empty() {
+                    let cut = heldout_cut(&text, holdout);
+                    tr.extend(encode_large(tok, &text[..cut])?);
+                    va.extend(encode_large(tok, &text[cut..])?);
+                    va_bytes += text.len() - cut;
+                    let name = f
+                        .file_name()
+                        .map_or_else(|| "text".into(), |n| n.to_string_lossy().to_string());
+                    heldout.push((name, text[cut..].to_string()));
+                } else {
+                    tr.extend(encode_large(tok, &text)?);
+                }
             }
+            sources.push((input.display().to_string(), start..tr.len()));
         }
         if !valid.is_empty() {
             for f in expand_inputs(valid)? {
@@ -128,10 +136,57 @@ impl Corpus {
         Ok(Self {
             valid_bytes_per_token: va_bytes as f64 / va.len().max(1) as f64,
             train: tr,
+            sources,
             valid: va,
             heldout,
         })
     }
+
+    /// Checks per-source sampling weights (one per training input, see `train_offsets`) and
+    /// returns each source's expected share of the training windows.
+    pub fn window_shares(&self, weights: &[f64], seq_len: usize) -> Result<Vec<f64>> {
+        if weights.is_empty() {
+            let len = self.train.len() as f64;
+            return Ok(self
+                .sources
+                .iter()
+                .map(|(_, r)| r.len() as f64 / len)
+                .collect());
+        }
+        if weights.len() != self.sources.len() {
+            return Err(Error::Data(format!(
+                "{} source weights for {} training inputs (one weight per --data argument)",
+                weights.len(),
+                self.sources.len()
+            )));
+        }
+        for ((name, r), &w) in self.sources.iter().zip(weights) {
+            if w > 0.0 && r.len() <= seq_len {
+                return Err(Error::Data(format!(
+                    "{name} has {} training tokens, fewer than one window of {}, but weight {w}",
+                    r.len(),
+                    seq_len + 1
+                )));
+            }
+        }
+        let mass = self.source_mass(weights, seq_len);
+        let total: f64 = mass.iter().sum();
+        Ok(mass.iter().map(|m| m / total).collect())
+    }
+
+    /// weight x the number of windows that fit in each source.
+    fn source_mass(&self, weights: &[f64], seq_len: usize) -> Vec<f64> {
+        self.sources
+            .iter()
+            .zip(weights)
+            .map(|((_, r), &w)| w * r.len().saturating_sub(seq_len) as f64)
+            .collect()
+    }
+}
+
+/// Source weights that change nothing: none given, or all equal (sampling in proportion to size).
+fn uniform(weights: &[f64]) -> bool {
+    weights.windows(2).all(|w| w[0] == w[1])
 }
 
 /// Where a training file's held-out tail starts: after the last newline before the last
@@ -164,15 +219,41 @@ pub fn batch_at(tokens: &[u32], offsets: &[usize], seq_len: usize) -> Result<(Te
 }
 
 /// The random training windows of one step: a function of (seed, step) alone, so resuming is exact.
+/// Without source weights (or with equal ones) a window starts anywhere in the training tokens, so
+/// each source is seen in proportion to its size; with them, a window starts in source i with
+/// probability proportional to weight_i x the windows that fit in it, and stays inside it.
+/// `weights` must have passed `Corpus::window_shares`.
 pub fn train_offsets(
-    len: usize,
+    corpus: &Corpus,
+    weights: &[f64],
     seq_len: usize,
     batch: usize,
     seed: u64,
     step: usize,
 ) -> Vec<usize> {
     let mut rng = Rng::derive(seed, step as u64);
-    (0..batch).map(|_| rng.below(len - seq_len)).collect()
+    if uniform(weights) {
+        let len = corpus.train.len();
+        return (0..batch).map(|_| rng.below(len - seq_len)).collect();
+    }
+    let mass = corpus.source_mass(weights, seq_len);
+    let total: f64 = mass.iter().sum();
+    (0..batch)
+        .map(|_| {
+            let mut u = rng.uniform() * total;
+            // The last source with mass takes any rounding left over.
+            let last = mass
+                .iter()
+                .rposition(|&m| m > 0.0)
+                .expect("a weighted source");
+            let i = mass.iter().position(|&m| {
+                u -= m;
+                m > 0.0 && u < 0.0
+            });
+            let r = &corpus.sources[i.unwrap_or(last)].1;
+            r.start + rng.below(r.len() - seq_len)
+        })
+        .collect()
 }
 
 /// Up to `max_windows` evenly spaced, non-overlapping validation windows.
@@ -181,4 +262,61 @@ pub fn valid_offsets(len: usize, seq_len: usize, max_windows: usize) -> Vec<usiz
     let n = available.min(max_windows);
     let stride = available.checked_div(n).unwrap_or(0);
     (0..n).map(|i| i * stride * seq_len).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two sources of 1,000 and 3,000 tokens.
+    fn two_sources() -> Corpus {
+        Corpus {
+            train: (0..4000).collect(),
+            sources: vec![("a".into(), 0..1000), ("b".into(), 1000..4000)],
+            valid: Vec::new(),
+            valid_bytes_per_token: 1.0,
+            heldout: Vec::new(),
+        }
+    }
+
+    fn share_of_a(c: &Corpus, weights: &[f64], seq: usize) -> f64 {
+        let offs: Vec<usize> = (0..200)
+            .flat_map(|step| train_offsets(c, weights, seq, 50, 7, step))
+            .collect();
+        offs.iter().filter(|&&o| o < 1000).count() as f64 / offs.len() as f64
+    }
+
+    #[test]
+    fn source_weights_set_each_sources_share_of_windows() {
+        let (c, seq) = (two_sources(), 100);
+        // Equal weights change nothing: the same offsets as none.
+        assert_eq!(
+            train_offsets(&c, &[], seq, 16, 3, 5),
+            train_offsets(&c, &[2.0, 2.0], seq, 16, 3, 5)
+        );
+        // Weighted: a's mass is 3 x 900 against b's 1 x 2,900.
+        let w = [3.0, 1.0];
+        let want = c.window_shares(&w, seq).unwrap()[0];
+        assert!((want - 2700.0 / 5600.0).abs() < 1e-12);
+        assert!((share_of_a(&c, &w, seq) - want).abs() < 0.02);
+        assert_eq!(share_of_a(&c, &[0.0, 1.0], seq), 0.0);
+        assert_eq!(share_of_a(&c, &[1.0, 0.0], seq), 1.0);
+        // A weighted window never crosses into the next source.
+        for step in 0..100 {
+            for o in train_offsets(&c, &w, seq, 50, 1, step) {
+                assert!(o + seq < 1000 || (o >= 1000 && o + seq < 4000), "{o}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_source_weights_are_refused_by_name() {
+        let c = two_sources();
+        let e = c.window_shares(&[1.0], 100).unwrap_err().to_string();
+        assert!(e.contains("1 source weights for 2"), "{e}");
+        let e = c.window_shares(&[1.0, 1.0], 1000).unwrap_err().to_string();
+        assert!(e.contains("a has 1000 training tokens"), "{e}");
+        // A source too short for a window is fine when it is not sampled.
+        assert_eq!(c.window_shares(&[0.0, 1.0], 1000).unwrap(), vec![0.0, 1.0]);
+    }
 }

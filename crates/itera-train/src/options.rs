@@ -36,6 +36,10 @@ pub struct TrainOptions {
     /// Fraction of each training file held out for validation when no valid files are given.
     pub holdout: f64,
     pub train_files: Vec<PathBuf>,
+    /// Sampling weight of each training input, in order (empty: in proportion to size; see
+    /// `data::train_offsets`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_weights: Vec<f64>,
     pub valid_files: Vec<PathBuf>,
     pub optimizer: AdamWConfig,
     /// Which tensors learn (the others stay as they started).
@@ -83,6 +87,7 @@ impl TrainOptions {
             seed: 1,
             holdout: 0.02,
             train_files,
+            source_weights: Vec::new(),
             valid_files: Vec::new(),
             optimizer: AdamWConfig {
                 beta1: 0.9,
@@ -110,11 +115,49 @@ impl TrainOptions {
         if self.eval_every == 0 || self.save_every == 0 {
             return bad("eval_every and save_every must be > 0".into());
         }
+        let w = &self.source_weights;
+        if !w.is_empty() {
+            if w.len() != self.train_files.len() {
+                return bad(format!(
+                    "{} source weights for {} training inputs (one per --data argument)",
+                    w.len(),
+                    self.train_files.len()
+                ));
+            }
+            if w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) || w.iter().all(|x| *x == 0.0) {
+                return bad(format!(
+                    "source weights must be finite, >= 0 and not all 0, got {w:?}"
+                ));
+            }
+        }
         if !(0.0..1.0).contains(&self.ema) {
             return bad(format!("ema decay must be in [0, 1), got {}", self.ema));
         }
         self.distill
             .as_ref()
             .map_or(Ok(()), DistillOptions::validate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_weights_are_checked_against_the_inputs() {
+        let mut o = TrainOptions::new(vec!["a.txt".into(), "b.txt".into()], 10);
+        o.validate().unwrap();
+        for (w, says) in [
+            (vec![1.0], "1 source weights for 2"),
+            (vec![1.0, -1.0], "must be finite, >= 0"),
+            (vec![0.0, 0.0], "not all 0"),
+            (vec![1.0, f64::NAN], "must be finite"),
+        ] {
+            o.source_weights = w;
+            let e = o.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        o.source_weights = vec![1.0, 0.25];
+        o.validate().unwrap();
     }
 }

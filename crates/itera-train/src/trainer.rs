@@ -362,6 +362,7 @@ impl Run {
                 o.seq_len + 1
             )));
         }
+        corpus.window_shares(&o.source_weights, o.seq_len)?;
         if let Some(&bad) = corpus
             .train
             .iter()
@@ -385,7 +386,8 @@ impl Run {
         while self.step < stop_at {
             let t0 = Instant::now();
             let offsets = train_offsets(
-                corpus.train.len(),
+                corpus,
+                &o.source_weights,
                 o.seq_len,
                 o.batch_size,
                 o.seed,
@@ -687,7 +689,7 @@ mod tests {
         o.aux_weight = 0.0;
         let corpus = Corpus::load(&tok, &o.train_files, &[], o.holdout).unwrap();
         let run = Run::create(&dir, cfg, tok, o).unwrap();
-        let offsets = train_offsets(corpus.train.len(), 32, 4, 1, 0);
+        let offsets = train_offsets(&corpus, &[], 32, 4, 1, 0);
         let whole = run.shard(&corpus.train, &offsets, 7).unwrap();
         let halves =
             [&offsets[..2], &offsets[2..]].map(|offs| run.shard(&corpus.train, offs, 7).unwrap());

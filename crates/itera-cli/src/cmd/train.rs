@@ -36,6 +36,11 @@ pub struct TrainFlags {
     /// Training text files or folders (several allowed)
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    /// Sampling weight of each --data argument, in order, e.g. 1,1,1,1,0.25: a training window
+    /// starts in source i with probability proportional to weight_i x its tokens (default: all
+    /// 1, i.e. each source in proportion to its size)
+    #[arg(long, value_delimiter = ',')]
+    pub source_weights: Vec<f64>,
     /// Validation text; without it the last --holdout of each training file is held out
     #[arg(long, num_args = 1..)]
     pub valid: Vec<PathBuf>,
@@ -100,6 +105,7 @@ impl TrainFlags {
     pub fn new_run(&self, preset: &str, config: Option<PathBuf>, shared_state: bool) -> NewRun {
         let mut o = TrainOptions::new(self.data.clone(), self.steps.unwrap_or(1000));
         o.valid_files = self.valid.clone();
+        o.source_weights = self.source_weights.clone();
         o.holdout = self.holdout;
         o.batch_size = self.batch_size;
         o.lr = self.lr;
@@ -156,6 +162,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
     drive(run, a.flags.epochs, a.flags.json)
 }
 
+/// One line per training input: its tokens, weight, share of the windows and passes over it.
+fn report_sources(run: &Run, corpus: &itera_train::data::Corpus) -> Result<()> {
+    let o = &run.options;
+    let shares = corpus.window_shares(&o.source_weights, o.seq_len)?;
+    if corpus.sources.len() < 2 {
+        return Ok(());
+    }
+    let run_tokens = (o.steps * o.batch_size * o.seq_len) as f64;
+    for (i, ((name, r), share)) in corpus.sources.iter().zip(&shares).enumerate() {
+        let weight = o.source_weights.get(i).copied().unwrap_or(1.0);
+        tracing::info!(
+            "{name}: {} training tokens, weight {weight}, {:.1}% of the windows, {:.2} epochs over the run",
+            r.len(),
+            100.0 * share,
+            share * run_tokens / r.len().max(1) as f64
+        );
+    }
+    Ok(())
+}
+
 /// Trains `run` to its end with a progress bar (plain log lines without a terminal) and prints
 /// the result.
 pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
@@ -164,6 +190,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     if let Some(epochs) = epochs {
         run.set_epochs(epochs, &corpus);
     }
+    report_sources(&run, &corpus)?;
     let pb = bar(
         run.options.steps as u64,
         "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",

@@ -271,17 +271,21 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
-            "training speed: median {median_speed:.0} tokens/s over {} steps; {:.1} MFLOP per \
+        if steady.is_empty() {
+            println!("training speed: too few steps to time (the first 5 of a run warm up)");
+        } else {
+            println!(
+                "training speed: median {median_speed:.0} tokens/s over {} steps; {:.1} MFLOP per \
              token (3 x the forward's weight matmuls) = {:.1} GFLOP/s, {:.1}% of the {:.0} GFLOP/s \
              peak measured now; {:.2} cores busy",
-            steady.len(),
-            speed.flops_per_token / 1e6,
-            speed.flops_per_s / 1e9,
-            100.0 * speed.fraction_of_peak,
-            speed.peak_flops_per_s / 1e9,
-            speed.cpu_utilisation
-        );
+                steady.len(),
+                speed.flops_per_token / 1e6,
+                speed.flops_per_s / 1e9,
+                100.0 * speed.fraction_of_peak,
+                speed.peak_flops_per_s / 1e9,
+                speed.cpu_utilisation
+            );
+        }
         println!(
             "done: step {} val loss {:.4} val bpb {:.4}; model in {}/checkpoint (best in {}/best)",
             final_eval.step,

@@ -5,10 +5,73 @@
 
 use crate::format::dtype::{self, DType, BLOCK};
 
-#[cfg(target_arch = "x86_64")]
 use super::avx512::has_avx512_vnni;
 #[cfg(target_arch = "x86_64")]
 use super::{blocks_avx2::block_rows_avx2, blocks_avx512::block_rows_avx512};
+
+/// Whether the block formats run on the AVX-512 VNNI kernels. A CPU that has them can run the
+/// AVX2 kernels too, and which is faster is measured once (`vnni_is_faster`), not read from the
+/// vendor string: Zen 4 executes 512-bit operations as two 256-bit halves.
+/// `ITERA_BLOCK_KERNEL=avx512|avx2` fixes the choice (`ITERA_SIMD=avx2` rules out AVX-512).
+pub(super) fn vnni_blocks() -> bool {
+    use std::sync::OnceLock;
+    static USE: OnceLock<bool> = OnceLock::new();
+    *USE.get_or_init(|| {
+        has_avx512_vnni()
+            && match std::env::var("ITERA_BLOCK_KERNEL").as_deref() {
+                Ok("avx2") => false,
+                Ok("avx512") => true,
+                _ => vnni_is_faster(),
+            }
+    })
+}
+
+/// Times the two decode matvecs (one activation row against a 512 x 256 Q8_0 and Q4_0 matrix,
+/// 20 of each per trial, trials alternated, best of 5: a few milliseconds, once per process).
+#[cfg(target_arch = "x86_64")]
+fn vnni_is_faster() -> bool {
+    use super::blocks_avx2::matvec_avx2;
+    use super::blocks_avx512::matvec_avx512;
+    use super::{Data, Matrix};
+    let (rows, cols) = (512, 256);
+    let nb = cols / BLOCK;
+    let wave = |n: usize, f: f32| (0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<f32>>();
+    let w = wave(rows * cols, 0.37);
+    let mut q = QuantizedRows::default();
+    quantize_rows(&wave(cols, 0.11), cols, &mut q);
+    let mats: Vec<Matrix> = [DType::Q8_0, DType::Q4_0]
+        .iter()
+        .filter_map(|&d| Matrix::quantize(d, rows, cols, &w).ok())
+        .collect();
+    let mut y = vec![0.0; rows];
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..5 {
+        for (vnni, best) in best.iter_mut().enumerate() {
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                for m in &mats {
+                    let Data::Blocks(b) = &m.data else { continue };
+                    // SAFETY: AVX-512 F/BW/VNNI (checked by the caller) imply AVX2 + FMA
+                    // (`simd::detected`); all `rows` rows and the one activation row exist.
+                    unsafe {
+                        if vnni == 1 {
+                            matvec_avx512(b, 0, nb, &q, &mut y)
+                        } else {
+                            matvec_avx2(b, 0, nb, &q, &mut y)
+                        }
+                    }
+                }
+            }
+            *best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    best[1] <= best[0]
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_is_faster() -> bool {
+    false
+}
 
 /// Block formats repacked for SIMD: per row, codes of 8 bits (Q8_0) or 4 bits in "pair order"
 /// (for each 64 elements, byte j holds element j in its low nibble and element j + 32 in its high
@@ -125,7 +188,7 @@ pub(super) fn dot(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx512_vnni() {
+    if vnni_blocks() {
         // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); `block_rows_avx512` asserts the bounds
         // that keep every load inside the row's codes and the activation rows' slices.
         unsafe { block_rows_avx512(m, row, nb, x, x_first, out) };

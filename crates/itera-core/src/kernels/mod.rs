@@ -45,6 +45,7 @@ use crate::format::dtype::{self, DType, BLOCK};
 use crate::math::dot;
 use crate::simd::has_avx512;
 use avx512::has_avx512_vnni;
+use blocks::vnni_blocks;
 pub use blocks::QuantizedRows;
 use blocks::{quantize_rows, repack, Blocks};
 use panels::{pack_panels, PANEL};
@@ -83,8 +84,10 @@ const DECODE_PANELS_FROM: usize = 32;
 
 /// The instruction set the block kernels use on this machine, for reports.
 pub fn level() -> &'static str {
-    if has_avx512_vnni() {
+    if vnni_blocks() {
         "avx512-vnni"
+    } else if has_avx512_vnni() {
+        "avx2+fma (faster than avx512-vnni here, measured)"
     } else {
         crate::simd::level_name()
     }
@@ -315,7 +318,7 @@ impl Matrix {
                 let nb = c / BLOCK;
                 assert!(nb <= q.d.len() && (first + y.len()) * nb <= b.scale.len());
                 #[cfg(target_arch = "x86_64")]
-                if has_avx512_vnni() {
+                if vnni_blocks() {
                     // SAFETY: AVX-512 F/BW/VNNI present; bounds asserted above.
                     return unsafe { blocks_avx512::matvec_avx512(b, first, nb, q, y) };
                 }
@@ -338,7 +341,7 @@ impl Matrix {
         let (rows, c) = (self.rows, self.cols);
         let n = x.len() / c;
         #[cfg(target_arch = "x86_64")]
-        if let (Data::Blocks(b), true) = (&self.data, has_avx512_vnni()) {
+        if let (Data::Blocks(b), true) = (&self.data, vnni_blocks()) {
             // SAFETY: AVX-512 F/BW/VNNI present; bounds are asserted inside.
             return unsafe { blocks_avx512::matmul_avx512(b, rows, c / BLOCK, q, x_first, n, y) };
         }
@@ -481,23 +484,29 @@ pub(super) mod tests {
     }
 
     /// The test above, and the SIMD-versus-portable ones, once per instruction set this CPU
-    /// has: baseline, AVX2 and AVX-512 (each run as a child process with `ITERA_SIMD`, since the
-    /// level is fixed for a process).
+    /// has: baseline, AVX2 and AVX-512, the last with either block kernel (each run as a child
+    /// process with `ITERA_SIMD` / `ITERA_BLOCK_KERNEL`, since both are fixed for a process).
     #[test]
     fn every_simd_level_passes_the_kernel_tests() {
         if std::env::var_os("ITERA_SIMD").is_some() {
             return;
         }
-        for level in ["baseline", "avx2", "avx512"] {
+        for (level, blocks) in [
+            ("baseline", "avx2"),
+            ("avx2", "avx2"),
+            ("avx512", "avx2"),
+            ("avx512", "avx512"),
+        ] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .env("ITERA_SIMD", level)
+                .env("ITERA_BLOCK_KERNEL", blocks)
                 .args(["kernels::", "--test-threads", "1"])
                 .output()
                 .unwrap();
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success(),
-                "kernel tests at ITERA_SIMD={level}: {stdout}{}",
+                "kernel tests at ITERA_SIMD={level} ITERA_BLOCK_KERNEL={blocks}: {stdout}{}",
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(stdout.contains("matmul_matches_decoded_weights_for_every_format ... ok"));

@@ -72,9 +72,11 @@ def test_logits_are_the_runtime_s(model):
     report = model.eval(text)
     assert report["tokens"] == len(ids) - 1
     assert abs(nll - report["mean_nll"] * report["tokens"]) < 1e-3
-    # A prefix gives the same rows, and greedy decoding follows the argmax.
+    # A prefix gives the same rows, and greedy decoding follows the argmax of the logits of the
+    # prompt alone (generation does not condition on a leading "\n" as `eval` does).
     assert np.allclose(model.logits(ids[:3]), logits[:3], atol=1e-5)
-    first = model.tokenizer.decode([int(np.argmax(logits[-1]))])
+    prompt_logits = model.logits(model.tokenizer.encode(text))
+    first = model.tokenizer.decode([int(np.argmax(prompt_logits[-1]))])
     assert model.generate(text, max_tokens=1, temperature=0) == first
 
 

@@ -236,21 +236,23 @@ pub fn train_offsets(
         let len = corpus.train.len();
         return (0..batch).map(|_| rng.below(len - seq_len)).collect();
     }
+    // Source i owns [cum[i - 1], cum[i]) of the total mass; sources of weight 0 own nothing.
     let mass = corpus.source_mass(weights, seq_len);
-    let total: f64 = mass.iter().sum();
+    let cum: Vec<f64> = mass
+        .iter()
+        .scan(0.0, |acc, m| {
+            *acc += m;
+            Some(*acc)
+        })
+        .collect();
+    let last = mass
+        .iter()
+        .rposition(|&m| m > 0.0)
+        .expect("a weighted source");
     (0..batch)
         .map(|_| {
-            let mut u = rng.uniform() * total;
-            // The last source with mass takes any rounding left over.
-            let last = mass
-                .iter()
-                .rposition(|&m| m > 0.0)
-                .expect("a weighted source");
-            let i = mass.iter().position(|&m| {
-                u -= m;
-                m > 0.0 && u < 0.0
-            });
-            let r = &corpus.sources[i.unwrap_or(last)].1;
+            let u = rng.uniform() * cum[cum.len() - 1];
+            let r = &corpus.sources[cum.partition_point(|&c| c <= u).min(last)].1;
             r.start + rng.below(r.len() - seq_len)
         })
         .collect()

@@ -13,28 +13,34 @@ use crate::error::{Error, Result};
 
 /// Reads text files, or every `.txt` file under a folder, in sorted order.
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for p in inputs {
-        if p.is_dir() {
-            let mut found: Vec<PathBuf> = walk(p)?
-                .into_iter()
-                .filter(|f| f.extension().is_some_and(|e| e == "txt"))
-                .collect();
-            if found.is_empty() {
-                return Err(Error::file(p, "folder holds no .txt files"));
-            }
-            found.sort();
-            files.extend(found);
-        } else if p.is_file() {
-            files.push(p.clone());
-        } else {
-            return Err(Error::file(p, "no such file or folder"));
-        }
-    }
-    if files.is_empty() {
+    Ok(expand_sources(inputs)?.into_iter().flatten().collect())
+}
+
+/// `expand_inputs`, keeping each input's files apart (a folder is one source).
+pub fn expand_sources(inputs: &[PathBuf]) -> Result<Vec<Vec<PathBuf>>> {
+    if inputs.is_empty() {
         return Err(Error::Data("no input text given".into()));
     }
-    Ok(files)
+    inputs
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                let mut found: Vec<PathBuf> = walk(p)?
+                    .into_iter()
+                    .filter(|f| f.extension().is_some_and(|e| e == "txt"))
+                    .collect();
+                if found.is_empty() {
+                    return Err(Error::file(p, "folder holds no .txt files"));
+                }
+                found.sort();
+                Ok(found)
+            } else if p.is_file() {
+                Ok(vec![p.clone()])
+            } else {
+                Err(Error::file(p, "no such file or folder"))
+            }
+        })
+        .collect()
 }
 
 fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -107,9 +113,9 @@ impl Corpus {
     ) -> Result<Self> {
         let (mut tr, mut va, mut va_bytes) = (Vec::new(), Vec::new(), 0usize);
         let (mut heldout, mut sources) = (Vec::new(), Vec::new());
-        for input in train {
+        for (input, files) in train.iter().zip(expand_sources(train)?) {
             let start = tr.len();
-            for f in expand_inputs(std::slice::from_ref(input))? {
+            for f in files {
                 let text = read_text(&f)?;
                 if valid.is_empty() {
                     let cut = heldout_cut(&text, holdout);

@@ -43,14 +43,20 @@ fn vnni_is_faster() -> bool {
         .iter()
         .filter_map(|&d| Matrix::quantize(d, rows, cols, &w).ok())
         .collect();
+    let blocks: Vec<&Blocks> = mats
+        .iter()
+        .filter_map(|m| match &m.data {
+            Data::Blocks(b) => Some(b),
+            _ => None,
+        })
+        .collect();
     let mut y = vec![0.0; rows];
     let mut best = [f64::INFINITY; 2];
     for _ in 0..5 {
         for (vnni, best) in best.iter_mut().enumerate() {
             let t = std::time::Instant::now();
             for _ in 0..20 {
-                for m in &mats {
-                    let Data::Blocks(b) = &m.data else { continue };
+                for b in &blocks {
                     // SAFETY: AVX-512 F/BW/VNNI (checked by the caller) imply AVX2 + FMA
                     // (`simd::detected`); all `rows` rows and the one activation row exist.
                     unsafe {

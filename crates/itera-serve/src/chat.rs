@@ -12,7 +12,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::api::{error, now, parse_chat, ready_with_body, Message};
-use crate::completions::{collect, sse, submit, tokenize_prompt, usage};
+use crate::completions::{collect, sse, submit, tokenize_prompt, usage, usage_chunk};
 use crate::engine::{Event, TokenInfo};
 use crate::Shared;
 
@@ -151,15 +151,7 @@ pub(crate) async fn chat_completions(
             }
             out
         };
-        let finish = move |generated: usize| -> Vec<Value> {
-            if !include_usage {
-                return vec![];
-            }
-            let mut c = closing;
-            c["choices"] = json!([]);
-            c["usage"] = usage(prompt_tokens, generated);
-            vec![c]
-        };
+        let finish = usage_chunk(closing, include_usage, prompt_tokens);
         return sse(sub, render, finish);
     }
     let choices = match collect(&mut sub).await {

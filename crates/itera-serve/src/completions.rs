@@ -201,6 +201,23 @@ pub(crate) fn sse(
         .into_response()
 }
 
+/// The `finish` of `sse` for both endpoints: with `stream_options.include_usage`, one last chunk
+/// (`closing`, without choices) that carries the usage; otherwise nothing.
+pub(crate) fn usage_chunk(
+    mut closing: Value,
+    include_usage: bool,
+    prompt: usize,
+) -> impl FnOnce(usize) -> Vec<Value> + Send + 'static {
+    move |generated| {
+        if !include_usage {
+            return vec![];
+        }
+        closing["choices"] = json!([]);
+        closing["usage"] = usage(prompt, generated);
+        vec![closing]
+    }
+}
+
 /// OpenAI's usage object.
 pub(crate) fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion,
@@ -333,15 +350,7 @@ pub(crate) async fn completions(
             };
             vec![c]
         };
-        let finish = move |generated: usize| -> Vec<Value> {
-            if !include_usage {
-                return vec![];
-            }
-            let mut c = closing;
-            c["choices"] = json!([]);
-            c["usage"] = usage(prompt_total, generated);
-            vec![c]
-        };
+        let finish = usage_chunk(closing, include_usage, prompt_total);
         return sse(sub, render, finish);
     }
     let choices = match collect(&mut sub).await {

@@ -66,6 +66,18 @@ fn plain_and_streaming_completions_agree() {
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         "length"
     );
+    // With include_usage, every chunk carries `usage: null` and one last chunk, without
+    // choices, the usage of the whole completion.
+    let mut with_usage = req.clone();
+    with_usage["stream_options"] = json!({"include_usage": true});
+    let events = stream(addr, with_usage);
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["prompt_tokens"], 4);
+    assert_eq!(last["usage"]["completion_tokens"], 24);
+    assert_eq!(last["usage"]["total_tokens"], 28);
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert!(first["usage"].is_null() && first.get("usage").is_some());
     // The repeated prompt continued from the cached state.
     assert!(metric(addr, "prompt_cache_hits_total") >= 1.0);
     // A stop string ends the completion early, without the stop string.

@@ -69,6 +69,36 @@ fn eval_reports_consistent_numbers() {
         (v["word_perplexity"].as_f64().unwrap() - (nll * tokens / words).exp()).abs()
             < 1e-6 * v["word_perplexity"].as_f64().unwrap()
     );
+    // Several files: each scored as on its own, and a total over their summed bytes.
+    let text = std::fs::read_to_string(&f).unwrap();
+    let half = &text[..=text[..text.len() / 2].rfind('\n').unwrap()];
+    let g = tmp().join("eval-half.txt");
+    std::fs::write(&g, half).unwrap();
+    let (f, g) = (f.to_str().unwrap(), g.to_str().unwrap());
+    let one = |file: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&["eval", "--model", m, "--data", file, "--json"])).unwrap()
+    };
+    let both: serde_json::Value =
+        serde_json::from_str(&ok(&["eval", "--model", m, "--data", f, g, "--json"])).unwrap();
+    let files = both["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    for (r, file) in files.iter().zip([f, g]) {
+        assert_eq!(r["data"], file);
+        assert_eq!(r["bits_per_byte"], one(file)["bits_per_byte"]);
+    }
+    let bits = |r: &serde_json::Value| r["bits_per_byte"].as_f64().unwrap();
+    let bytes = |r: &serde_json::Value| r["bytes"].as_f64().unwrap();
+    let total = &both["total"];
+    assert_eq!(bytes(total), bytes(&files[0]) + bytes(&files[1]));
+    let weighted =
+        (bits(&files[0]) * bytes(&files[0]) + bits(&files[1]) * bytes(&files[1])) / bytes(total);
+    assert!((bits(total) - weighted).abs() < 1e-9);
+    assert!(total.get("word_perplexity").is_none());
+    // A missing second file is named, before any scoring.
+    assert!(
+        fails(&["eval", "--model", m, "--data", f, "/nonexistent-2.txt"])
+            .contains("/nonexistent-2.txt")
+    );
 }
 
 #[test]

@@ -159,21 +159,67 @@ pub fn text_tokens(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 pub fn report(text: &str, tokens: usize, total: f64) -> EvalReport {
     let words = text.split_whitespace().count();
     let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
-    let mean_nll = total / tokens as f64;
-    EvalReport {
-        tokens,
-        bytes: text.len(),
-        words,
-        lines,
-        mean_nll,
-        token_perplexity: mean_nll.exp(),
-        bits_per_byte: total / (text.len() as f64 * std::f64::consts::LN_2),
-        word_perplexity: (total / (words + lines) as f64).exp(),
+    EvalReport::from_counts(tokens, text.len(), words, lines, total)
+}
+
+impl EvalReport {
+    /// The measures of a total NLL `total` (nats) over these counts.
+    fn from_counts(tokens: usize, bytes: usize, words: usize, lines: usize, total: f64) -> Self {
+        let mean_nll = total / tokens as f64;
+        EvalReport {
+            tokens,
+            bytes,
+            words,
+            lines,
+            mean_nll,
+            token_perplexity: mean_nll.exp(),
+            bits_per_byte: total / (bytes as f64 * std::f64::consts::LN_2),
+            word_perplexity: (total / (words + lines) as f64).exp(),
+        }
+    }
+
+    /// Total NLL in nats.
+    pub fn total_nll(&self) -> f64 {
+        self.mean_nll * self.tokens as f64
+    }
+
+    /// Several texts scored separately, as one: their counts and NLLs summed, so bits per byte
+    /// weighs each text by its bytes (not the mean of the texts' figures). None for no parts.
+    pub fn combine(parts: &[EvalReport]) -> Option<Self> {
+        let sum = |f: fn(&EvalReport) -> usize| parts.iter().map(f).sum::<usize>();
+        (!parts.is_empty()).then(|| {
+            Self::from_counts(
+                sum(|r| r.tokens),
+                sum(|r| r.bytes),
+                sum(|r| r.words),
+                sum(|r| r.lines),
+                parts.iter().map(EvalReport::total_nll).sum(),
+            )
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{report, EvalReport};
+
+    /// Combining two texts' reports gives the report of their summed counts and NLLs: bits per
+    /// byte weighted by bytes, not the mean of the two.
+    #[test]
+    fn combined_reports_sum_counts_and_nll() {
+        let a = report("one two three\nfour\n", 6, 6.0);
+        let b = report("five six\n", 2, 4.0);
+        let c = EvalReport::combine(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!((c.tokens, c.bytes, c.words, c.lines), (8, 28, 6, 3));
+        assert!((c.total_nll() - 10.0).abs() < 1e-12);
+        assert!((c.mean_nll - 1.25).abs() < 1e-12);
+        let bpb = 10.0 / (28.0 * std::f64::consts::LN_2);
+        assert!((c.bits_per_byte - bpb).abs() < 1e-12);
+        assert!((c.bits_per_byte - (a.bits_per_byte + b.bits_per_byte) / 2.0).abs() > 0.01);
+        assert!((c.word_perplexity - (10.0f64 / 9.0).exp()).abs() < 1e-12);
+        assert!(EvalReport::combine(&[]).is_none());
+    }
+
     /// Segments cut only after newlines and cover the text; scoring by segments sees exactly
     /// the tokens of the whole text.
     #[test]

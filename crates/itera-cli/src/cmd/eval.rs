@@ -36,7 +36,7 @@ pub struct EvalArgs {
 
 /// The loaded model, scored the way its kind (or `--windowed`) asks.
 enum Scorer {
-    Recurrent(Generator),
+    Recurrent(Box<Generator>),
     Windowed(ModelDir),
 }
 
@@ -78,7 +78,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let scorer = if attention || a.windowed {
         Scorer::Windowed(ModelDir::load(&path).with_context(loading)?)
     } else {
-        Scorer::Recurrent(Generator::load(&path).with_context(loading)?)
+        Scorer::Recurrent(Box::new(Generator::load(&path).with_context(loading)?))
     };
     let mut reports = Vec::new();
     let t0 = Instant::now();

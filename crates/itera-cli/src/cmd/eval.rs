@@ -37,7 +37,7 @@ pub struct EvalArgs {
 /// The loaded model, scored the way its kind (or `--windowed`) asks.
 enum Scorer {
     Recurrent(Box<Generator>),
-    Windowed(ModelDir),
+    Windowed(Box<ModelDir>),
 }
 
 impl Scorer {
@@ -76,7 +76,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("--windowed needs a model directory (config.json + model.safetensors), not a .gguf file");
     }
     let scorer = if attention || a.windowed {
-        Scorer::Windowed(ModelDir::load(&path).with_context(loading)?)
+        Scorer::Windowed(Box::new(ModelDir::load(&path).with_context(loading)?))
     } else {
         Scorer::Recurrent(Box::new(Generator::load(&path).with_context(loading)?))
     };

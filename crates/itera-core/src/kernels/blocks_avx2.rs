@@ -12,29 +12,68 @@ use crate::format::dtype::BLOCK;
 /// the bias term, which is exactly -centre x scale x sum(x), drops out (measured on AMD EPYC
 /// Zen 3, AVX2: Q8_0 decode of `tiny` went from 0.50x to 0.64-0.71x f32 without the scalar
 /// bias loop; with nb = 4 blocks per row it cost as much as the products). Q4_1 keeps it.
-struct Unpack2 {
-    centred: bool,
+/// `K` is the format (`Kind`), a constant so that each format's kernel carries none of the
+/// others' branches and constants (see `with_kind`).
+struct Unpack2<const K: u8> {
     centre: std::arch::x86_64::__m256i,
     low: std::arch::x86_64::__m256i,
-    table: Option<std::arch::x86_64::__m256i>,
+    table: std::arch::x86_64::__m256i,
     spread: std::arch::x86_64::__m256i,
     bit: std::arch::x86_64::__m256i,
     ones: std::arch::x86_64::__m256i,
 }
 
-impl Unpack2 {
+/// The block formats as the AVX2 kernels tell them apart (`Blocks` has no dtype).
+mod kind {
+    pub(super) const Q8_0: u8 = 0;
+    pub(super) const Q4_0: u8 = 1;
+    pub(super) const Q5_0: u8 = 2;
+    pub(super) const Q4_1: u8 = 3;
+    pub(super) const NF4: u8 = 4;
+}
+
+/// Runs `$body` with `$k` bound to `m`'s format as a constant (`kind`).
+macro_rules! with_kind {
+    ($m:expr, $k:ident => $body:expr) => {{
+        let m: &Blocks = $m;
+        if !m.nibbles {
+            const $k: u8 = kind::Q8_0;
+            $body
+        } else if !m.high.is_empty() {
+            const $k: u8 = kind::Q5_0;
+            $body
+        } else if m.table.is_some() {
+            const $k: u8 = kind::NF4;
+            $body
+        } else if m.centre == 0 {
+            const $k: u8 = kind::Q4_1;
+            $body
+        } else {
+            const $k: u8 = kind::Q4_0;
+            $body
+        }
+    }};
+}
+
+impl<const K: u8> Unpack2<K> {
+    const CENTRED: bool = K != kind::Q4_1;
+    /// Codes under 32: `products_offset` applies.
+    const SMALL: bool = K == kind::Q4_0 || K == kind::Q5_0;
+
     #[inline(always)]
     unsafe fn new(m: &Blocks) -> Self {
         // SAFETY: this function's contract: the caller checked AVX2.
         unsafe {
             use std::arch::x86_64::*;
             Self {
-                centred: m.centre > 0,
                 centre: _mm256_set1_epi8(m.centre as i8),
                 low: _mm256_set1_epi8(0x0F),
-                table: m.table.map(|t| {
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr() as *const __m128i))
-                }),
+                table: match m.table {
+                    Some(t) => {
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr() as *const __m128i))
+                    }
+                    None => _mm256_setzero_si256(),
+                },
                 // Q5_0's fifth bits: byte j of a block takes bit j of the block's u32.
                 spread: _mm256_setr_epi8(
                     0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
@@ -46,21 +85,21 @@ impl Unpack2 {
         }
     }
 
-    /// Block `blk` of `row` as (the unsigned multiplier, the sign source): nibbles split, Q5_0's
-    /// fifth bit and NF4's table applied. Unchecked: the caller keeps `row` and `blk` inside.
+    /// Block `blk` of `row` as 32 unsigned codes: nibbles split, Q5_0's fifth bit and NF4's
+    /// table applied. Unchecked: the caller keeps `row` and `blk` inside.
     #[inline(always)]
-    unsafe fn block(
+    unsafe fn codes(
         &self,
         m: &Blocks,
         row: usize,
         nb: usize,
         blk: usize,
-    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    ) -> std::arch::x86_64::__m256i {
         // SAFETY: this function's contract: AVX2 checked, `row` and `blk` inside the matrix.
         unsafe {
             use std::arch::x86_64::*;
             let sb = row * nb;
-            let mut c = if !m.nibbles {
+            let c = if K == kind::Q8_0 {
                 _mm256_loadu_si256(m.codes.as_ptr().add((sb + blk) * BLOCK) as *const __m256i)
             } else if blk / 2 * 2 + 1 < nb {
                 let v = _mm256_loadu_si256(
@@ -82,21 +121,110 @@ impl Unpack2 {
                 }
                 _mm256_loadu_si256(tail.as_ptr() as *const __m256i)
             };
-            if !m.high.is_empty() {
-                let h = _mm256_set1_epi32(*m.high.get_unchecked(sb + blk) as i32);
+            self.finish(c, m, sb + blk)
+        }
+    }
+
+    /// Low codes of block `b` (row-major block index) finished: Q5_0's fifth bit added, NF4's
+    /// table applied. Unchecked: the caller keeps `b` inside.
+    #[inline(always)]
+    unsafe fn finish(
+        &self,
+        mut c: std::arch::x86_64::__m256i,
+        m: &Blocks,
+        b: usize,
+    ) -> std::arch::x86_64::__m256i {
+        // SAFETY: this function's contract: AVX2 checked, `b` inside the matrix.
+        unsafe {
+            use std::arch::x86_64::*;
+            if K == kind::Q5_0 {
+                let h = _mm256_set1_epi32(*m.high.get_unchecked(b) as i32);
                 let h = _mm256_shuffle_epi8(h, self.spread);
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(h, self.bit), self.bit);
                 c = _mm256_or_si256(c, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
             }
-            if let Some(t) = self.table {
-                c = _mm256_shuffle_epi8(t, c);
+            if K == kind::NF4 {
+                c = _mm256_shuffle_epi8(self.table, c);
             }
-            if self.centred {
+            c
+        }
+    }
+
+    /// The 32 products of unsigned codes `c` with the activations `xv` (at `xq`), summed to
+    /// 8 lanes, by the cheapest route the format allows (`products_offset` with the block's
+    /// `off`, or the sign trick of `block` and `products`).
+    #[inline(always)]
+    unsafe fn product(
+        &self,
+        c: std::arch::x86_64::__m256i,
+        xv: std::arch::x86_64::__m256i,
+        xq: *const i8,
+        off: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256 {
+        // SAFETY: this function's contract: AVX2 checked, 32 activations at `xq`.
+        unsafe {
+            use std::arch::x86_64::*;
+            if Self::SMALL {
+                self.products_offset(c, xv, off)
+            } else if Self::CENTRED {
+                let cs = _mm256_sub_epi8(c, self.centre);
+                self.products((_mm256_abs_epi8(cs), cs), xq)
+            } else {
+                self.products((c, c), xq)
+            }
+        }
+    }
+
+    /// Block `blk` of `row` as (the unsigned multiplier, the sign source): centred formats'
+    /// codes made signed. Unchecked: the caller keeps `row` and `blk` inside.
+    #[inline(always)]
+    unsafe fn block(
+        &self,
+        m: &Blocks,
+        row: usize,
+        nb: usize,
+        blk: usize,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        // SAFETY: this function's contract, passed on to `codes`.
+        unsafe {
+            use std::arch::x86_64::*;
+            let c = self.codes(m, row, nb, blk);
+            if Self::CENTRED {
                 let cs = _mm256_sub_epi8(c, self.centre);
                 (_mm256_abs_epi8(cs), cs)
             } else {
                 (c, c)
             }
+        }
+    }
+
+    /// centre x the pair sums of 32 activations, as `products_offset` subtracts them (once per
+    /// activation block, shared by every weight row).
+    #[inline(always)]
+    unsafe fn offset(&self, xv: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+        // SAFETY: this function's contract: AVX2 checked.
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm256_madd_epi16(_mm256_maddubs_epi16(self.centre, xv), self.ones)
+        }
+    }
+
+    /// `products` for the small-code formats (Q4_0, Q5_0: codes under 32, so the unsigned codes
+    /// times int8 activations cannot saturate the 16-bit pair sums): the unsigned codes
+    /// multiplied directly and the centre's share (`offset`) subtracted, one operation per row
+    /// where the sign trick takes three.
+    #[inline(always)]
+    unsafe fn products_offset(
+        &self,
+        c: std::arch::x86_64::__m256i,
+        xv: std::arch::x86_64::__m256i,
+        off: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256 {
+        // SAFETY: this function's contract: AVX2 checked.
+        unsafe {
+            use std::arch::x86_64::*;
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), self.ones);
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, off))
         }
     }
 
@@ -111,7 +239,7 @@ impl Unpack2 {
         unsafe {
             use std::arch::x86_64::*;
             let xv = _mm256_loadu_si256(xq as *const __m256i);
-            let xv = if self.centred {
+            let xv = if Self::CENTRED {
                 _mm256_sign_epi8(xv, cs)
             } else {
                 xv
@@ -136,7 +264,7 @@ unsafe fn hsum8(a: std::arch::x86_64::__m256) -> f32 {
 /// The AVX2 kernel: one weight row against X activation rows (each block unpacked once for the
 /// X rows). Inlined into the AVX2 entry points below; only call it from such a function.
 #[inline(always)]
-unsafe fn dot_blocks_avx2<const X: usize>(
+unsafe fn dot_blocks_avx2<const K: u8, const X: usize>(
     m: &Blocks,
     row: usize,
     nb: usize,
@@ -148,7 +276,7 @@ unsafe fn dot_blocks_avx2<const X: usize>(
     // activation rows x_first..x_first + X are inside the matrix and `x`.
     unsafe {
         use std::arch::x86_64::*;
-        let u = Unpack2::new(m);
+        let u = Unpack2::<K>::new(m);
         let sb = row * nb;
         let mut acc = [_mm256_setzero_ps(); X];
         for blk in 0..nb {
@@ -163,7 +291,7 @@ unsafe fn dot_blocks_avx2<const X: usize>(
         for (j, a) in acc.iter().enumerate() {
             let xs = &x.s[(x_first + j) * nb..(x_first + j + 1) * nb];
             let mut total = hsum8(*a);
-            if !u.centred {
+            if !Unpack2::<K>::CENTRED {
                 total += m.bias[sb..sb + nb]
                     .iter()
                     .zip(xs)
@@ -178,21 +306,55 @@ unsafe fn dot_blocks_avx2<const X: usize>(
 /// Weight rows row0..row0 + 8 against activation row 0 (the decode matvec): the activation
 /// block is loaded once for the 8 rows, and one tree of horizontal adds gives the 8 sums.
 #[inline(always)]
-unsafe fn rows8_avx2(m: &Blocks, row0: usize, nb: usize, x: &QuantizedRows, out: &mut [f32]) {
+unsafe fn rows8_avx2<const K: u8>(
+    m: &Blocks,
+    row0: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) {
     // SAFETY: this function's contract: the caller checked AVX2 + FMA and that rows
     // row0..row0 + 8 and activation row 0 are inside the matrix and `x`, and `out` holds 8.
     unsafe {
         use std::arch::x86_64::*;
-        let u = Unpack2::new(m);
+        let u = Unpack2::<K>::new(m);
         let mut acc = [_mm256_setzero_ps(); 8];
-        for blk in 0..nb {
+        let act = |blk: usize| {
             let xq = x.q.as_ptr().add(blk * BLOCK);
-            let xd = *x.d.get_unchecked(blk);
+            let xv = _mm256_loadu_si256(xq as *const __m256i);
+            (xq, xv, u.offset(xv), *x.d.get_unchecked(blk))
+        };
+        let mut blk = 0;
+        while blk < nb {
+            if K != kind::Q8_0 && blk + 1 < nb {
+                // A pair of nibble blocks: one 32-byte load per row serves both.
+                let (a0, a1) = (act(blk), act(blk + 1));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let sb = (row0 + r) * nb;
+                    let v = _mm256_loadu_si256(
+                        m.codes.as_ptr().add(sb * BLOCK / 2 + blk * 16) as *const __m256i
+                    );
+                    let c0 = u.finish(_mm256_and_si256(v, u.low), m, sb + blk);
+                    let c1 = u.finish(
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), u.low),
+                        m,
+                        sb + blk + 1,
+                    );
+                    let s0 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk) * a0.3);
+                    let s1 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk + 1) * a1.3);
+                    *a = _mm256_fmadd_ps(u.product(c0, a0.1, a0.0, a0.2), s0, *a);
+                    *a = _mm256_fmadd_ps(u.product(c1, a1.1, a1.0, a1.2), s1, *a);
+                }
+                blk += 2;
+                continue;
+            }
+            let (xq, xv, off, xd) = act(blk);
             for (r, a) in acc.iter_mut().enumerate() {
-                let p = u.products(u.block(m, row0 + r, nb, blk), xq);
+                let p = u.product(u.codes(m, row0 + r, nb, blk), xv, xq, off);
                 let s = _mm256_set1_ps(*m.scale.get_unchecked((row0 + r) * nb + blk) * xd);
                 *a = _mm256_fmadd_ps(p, s, *a);
             }
+            blk += 1;
         }
         let h = |a, b| _mm256_hadd_ps(a, b);
         let (t0, t1) = (h(acc[0], acc[1]), h(acc[2], acc[3]));
@@ -203,7 +365,7 @@ unsafe fn rows8_avx2(m: &Blocks, row0: usize, nb: usize, x: &QuantizedRows, out:
             _mm256_permute2f128_ps::<0x31>(u0, u1),
         );
         _mm256_storeu_ps(out.as_mut_ptr(), sums);
-        if !u.centred {
+        if !Unpack2::<K>::CENTRED {
             for (r, o) in out[..8].iter_mut().enumerate() {
                 let sb = (row0 + r) * nb;
                 for b in 0..nb {
@@ -228,7 +390,7 @@ pub(super) unsafe fn block_rows_avx2(
     // weight row and the activation rows inside their buffers.
     unsafe {
         assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
-        by_fours!(dot_blocks_avx2(m, row, nb, x, x_first, out));
+        with_kind!(m, K => by_fours!(dot_blocks_avx2::<K>(m, row, nb, x, x_first, out)));
     }
 }
 
@@ -246,13 +408,15 @@ pub(super) unsafe fn matvec_avx2(
     // weight rows and the activation row inside their buffers.
     unsafe {
         assert!((first + out.len()) * nb <= m.scale.len() && x.d.len() >= nb);
-        let mut k = 0;
-        while k + 8 <= out.len() {
-            rows8_avx2(m, first + k, nb, x, &mut out[k..k + 8]);
-            k += 8;
-        }
-        for (k, o) in out.iter_mut().enumerate().skip(k) {
-            dot_blocks_avx2::<1>(m, first + k, nb, x, 0, std::slice::from_mut(o));
-        }
+        with_kind!(m, K => {
+            let mut k = 0;
+            while k + 8 <= out.len() {
+                rows8_avx2::<K>(m, first + k, nb, x, &mut out[k..k + 8]);
+                k += 8;
+            }
+            for (k, o) in out.iter_mut().enumerate().skip(k) {
+                dot_blocks_avx2::<K, 1>(m, first + k, nb, x, 0, std::slice::from_mut(o));
+            }
+        })
     }
 }

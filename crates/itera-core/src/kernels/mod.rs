@@ -10,18 +10,18 @@
 //! (`format::dtype::block_codes`), so one kernel shape serves all five:
 //! `sum_i w_i x_i = scale * dx * sum_i code_i q_i + bias * dx * sum_i q_i`.
 
-/// `$kernel::<4>` over groups of four activation rows of `$out`, then `$kernel::<1>` on the rest:
+/// `$kernel::<.., 4>` over groups of four activation rows of `$out`, then `$kernel::<.., 1>` on the rest:
 /// the loop of the block kernels' batch entry points (the kernel must be inlined into the caller,
 /// a `target_feature` function, so it is named here rather than passed).
 macro_rules! by_fours {
-    ($kernel:ident($m:expr, $row:expr, $nb:expr, $x:expr, $x_first:expr, $out:expr)) => {{
+    ($kernel:ident $(::<$($g:ident),*>)? ($m:expr, $row:expr, $nb:expr, $x:expr, $x_first:expr, $out:expr)) => {{
         let mut j = 0;
         while j + 4 <= $out.len() {
-            $kernel::<4>($m, $row, $nb, $x, $x_first + j, &mut $out[j..j + 4]);
+            $kernel::<$($($g,)*)? 4>($m, $row, $nb, $x, $x_first + j, &mut $out[j..j + 4]);
             j += 4;
         }
         while j < $out.len() {
-            $kernel::<1>($m, $row, $nb, $x, $x_first + j, &mut $out[j..j + 1]);
+            $kernel::<$($($g,)*)? 1>($m, $row, $nb, $x, $x_first + j, &mut $out[j..j + 1]);
             j += 1;
         }
     }};

@@ -328,7 +328,8 @@ unsafe fn rows8_avx2<const K: u8>(
         while blk < nb {
             if K != kind::Q8_0 && blk + 1 < nb {
                 // A pair of nibble blocks: one 32-byte load per row serves both.
-                let (a0, a1) = (act(blk), act(blk + 1));
+                let (xq0, xv0, off0, xd0) = act(blk);
+                let (xq1, xv1, off1, xd1) = act(blk + 1);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let sb = (row0 + r) * nb;
                     let v = _mm256_loadu_si256(
@@ -340,10 +341,10 @@ unsafe fn rows8_avx2<const K: u8>(
                         m,
                         sb + blk + 1,
                     );
-                    let s0 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk) * a0.3);
-                    let s1 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk + 1) * a1.3);
-                    *a = _mm256_fmadd_ps(u.product(c0, a0.1, a0.0, a0.2), s0, *a);
-                    *a = _mm256_fmadd_ps(u.product(c1, a1.1, a1.0, a1.2), s1, *a);
+                    let s0 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk) * xd0);
+                    let s1 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk + 1) * xd1);
+                    *a = _mm256_fmadd_ps(u.product(c0, xv0, xq0, off0), s0, *a);
+                    *a = _mm256_fmadd_ps(u.product(c1, xv1, xq1, off1), s1, *a);
                 }
                 blk += 2;
                 continue;

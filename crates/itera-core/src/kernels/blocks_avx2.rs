@@ -150,33 +150,45 @@ impl<const K: u8> Unpack2<K> {
         }
     }
 
-    /// The 32 products of unsigned codes `c` with the activations `xv` (at `xq`), summed to
-    /// 8 lanes, by the cheapest route the format allows (`products_offset` with the block's
-    /// `off`, or the sign trick of `block` and `products`).
+    /// The 32 products of unsigned codes `c` with the activations `xv`, summed to 8 lanes, by
+    /// the cheapest route the format allows (`products_offset` with the block's `off`, or the
+    /// sign trick of `signed` and `products`).
     #[inline(always)]
     unsafe fn product(
         &self,
         c: std::arch::x86_64::__m256i,
         xv: std::arch::x86_64::__m256i,
-        xq: *const i8,
         off: std::arch::x86_64::__m256i,
     ) -> std::arch::x86_64::__m256 {
-        // SAFETY: this function's contract: AVX2 checked, 32 activations at `xq`.
+        // SAFETY: this function's contract: AVX2 checked.
         unsafe {
-            use std::arch::x86_64::*;
             if Self::SMALL {
                 self.products_offset(c, xv, off)
-            } else if Self::CENTRED {
-                let cs = _mm256_sub_epi8(c, self.centre);
-                self.products((_mm256_abs_epi8(cs), cs), xq)
             } else {
-                self.products((c, c), xq)
+                self.products(self.signed(c), xv)
             }
         }
     }
 
-    /// Block `blk` of `row` as (the unsigned multiplier, the sign source): centred formats'
-    /// codes made signed. Unchecked: the caller keeps `row` and `blk` inside.
+    /// Codes as (the unsigned multiplier, the sign source): a centred format's made signed.
+    #[inline(always)]
+    unsafe fn signed(
+        &self,
+        c: std::arch::x86_64::__m256i,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        // SAFETY: this function's contract: AVX2 checked.
+        unsafe {
+            use std::arch::x86_64::*;
+            if Self::CENTRED {
+                let cs = _mm256_sub_epi8(c, self.centre);
+                (_mm256_abs_epi8(cs), cs)
+            } else {
+                (c, c)
+            }
+        }
+    }
+
+    /// Block `blk` of `row` as `signed` gives it. Unchecked: the caller keeps `row` and `blk` inside.
     #[inline(always)]
     unsafe fn block(
         &self,
@@ -186,16 +198,7 @@ impl<const K: u8> Unpack2<K> {
         blk: usize,
     ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
         // SAFETY: this function's contract, passed on to `codes`.
-        unsafe {
-            use std::arch::x86_64::*;
-            let c = self.codes(m, row, nb, blk);
-            if Self::CENTRED {
-                let cs = _mm256_sub_epi8(c, self.centre);
-                (_mm256_abs_epi8(cs), cs)
-            } else {
-                (c, c)
-            }
-        }
+        unsafe { self.signed(self.codes(m, row, nb, blk)) }
     }
 
     /// centre x the pair sums of 32 activations, as `products_offset` subtracts them (once per
@@ -233,12 +236,11 @@ impl<const K: u8> Unpack2<K> {
     unsafe fn products(
         &self,
         (cu, cs): (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i),
-        xq: *const i8,
+        xv: std::arch::x86_64::__m256i,
     ) -> std::arch::x86_64::__m256 {
-        // SAFETY: this function's contract: AVX2 checked, 32 activations at `xq`.
+        // SAFETY: this function's contract: AVX2 checked.
         unsafe {
             use std::arch::x86_64::*;
-            let xv = _mm256_loadu_si256(xq as *const __m256i);
             let xv = if Self::CENTRED {
                 _mm256_sign_epi8(xv, cs)
             } else {
@@ -283,7 +285,8 @@ unsafe fn dot_blocks_avx2<const K: u8, const X: usize>(
             let c = u.block(m, row, nb, blk);
             for (j, a) in acc.iter_mut().enumerate() {
                 let xb = (x_first + j) * nb + blk;
-                let p = u.products(c, x.q.as_ptr().add(xb * BLOCK));
+                let xv = _mm256_loadu_si256(x.q.as_ptr().add(xb * BLOCK) as *const __m256i);
+                let p = u.products(c, xv);
                 let s = _mm256_set1_ps(m.scale[sb + blk] * *x.d.get_unchecked(xb));
                 *a = _mm256_fmadd_ps(p, s, *a);
             }
@@ -319,17 +322,22 @@ unsafe fn rows8_avx2<const K: u8>(
         use std::arch::x86_64::*;
         let u = Unpack2::<K>::new(m);
         let mut acc = [_mm256_setzero_ps(); 8];
+        // Block `blk` of the activations: its codes, `offset` (small-code formats) and scale.
         let act = |blk: usize| {
-            let xq = x.q.as_ptr().add(blk * BLOCK);
-            let xv = _mm256_loadu_si256(xq as *const __m256i);
-            (xq, xv, u.offset(xv), *x.d.get_unchecked(blk))
+            let xv = _mm256_loadu_si256(x.q.as_ptr().add(blk * BLOCK) as *const __m256i);
+            let off = if Unpack2::<K>::SMALL {
+                u.offset(xv)
+            } else {
+                _mm256_setzero_si256()
+            };
+            (xv, off, *x.d.get_unchecked(blk))
         };
         let mut blk = 0;
         while blk < nb {
             if K != kind::Q8_0 && blk + 1 < nb {
                 // A pair of nibble blocks: one 32-byte load per row serves both.
-                let (xq0, xv0, off0, xd0) = act(blk);
-                let (xq1, xv1, off1, xd1) = act(blk + 1);
+                let (xv0, off0, xd0) = act(blk);
+                let (xv1, off1, xd1) = act(blk + 1);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let sb = (row0 + r) * nb;
                     let v = _mm256_loadu_si256(
@@ -343,15 +351,15 @@ unsafe fn rows8_avx2<const K: u8>(
                     );
                     let s0 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk) * xd0);
                     let s1 = _mm256_set1_ps(*m.scale.get_unchecked(sb + blk + 1) * xd1);
-                    *a = _mm256_fmadd_ps(u.product(c0, xv0, xq0, off0), s0, *a);
-                    *a = _mm256_fmadd_ps(u.product(c1, xv1, xq1, off1), s1, *a);
+                    *a = _mm256_fmadd_ps(u.product(c0, xv0, off0), s0, *a);
+                    *a = _mm256_fmadd_ps(u.product(c1, xv1, off1), s1, *a);
                 }
                 blk += 2;
                 continue;
             }
-            let (xq, xv, off, xd) = act(blk);
+            let (xv, off, xd) = act(blk);
             for (r, a) in acc.iter_mut().enumerate() {
-                let p = u.product(u.codes(m, row0 + r, nb, blk), xv, xq, off);
+                let p = u.product(u.codes(m, row0 + r, nb, blk), xv, off);
                 let s = _mm256_set1_ps(*m.scale.get_unchecked((row0 + r) * nb + blk) * xd);
                 *a = _mm256_fmadd_ps(p, s, *a);
             }

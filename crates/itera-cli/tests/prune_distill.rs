@@ -37,6 +37,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
         "3,1",
         "--method",
         "frequency",
+        "--refit",
         "--out",
         o,
         "--report",
@@ -51,6 +52,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
     assert!(err.contains("top_k shrinks from 2 to 1"), "{err}");
     let v = json(&String::from_utf8_lossy(&run.stdout));
     assert_eq!(v["experts_per_layer"], serde_json::json!([3, 1]));
+    assert_eq!(v["refit"], serde_json::json!(0.001));
     let per_expert = 3 * 128 * 128 + 128;
     assert_eq!(
         v["parameters_before"].as_u64().unwrap() - v["parameters_after"].as_u64().unwrap(),

@@ -1,12 +1,16 @@
 //! Expert pruning: which experts of each MoE layer to keep (from routing statistics gathered on
 //! calibration text, at random, or by scoring every removable set), the smaller model without
-//! the others (their tensors and router rows gone, the survivors renumbered), and the dynamic
-//! skipping threshold chosen from the same statistics.
+//! the others (their tensors and router rows gone, the survivors renumbered), the kept experts'
+//! least-squares refit to the unpruned layers' outputs, and the dynamic skipping threshold chosen
+//! from the same statistics.
 
 use itera_core::error::{Error, Result};
 use itera_core::eval::score_tokens;
+use itera_core::exec::Par;
+use itera_core::kernels::{Matrix, QuantizedRows};
+use itera_core::math::{silu, top_k};
 use itera_core::rng::Rng;
-use itera_core::runtime::{RoutingStats, Runtime};
+use itera_core::runtime::{RoutingStats, Runtime, Scratch, PREFILL_CHUNK};
 use itera_core::tensors::{HostTensor, ModelSpec, SwigluSpec};
 use itera_core::{ModelConfig, Weights};
 
@@ -105,14 +109,21 @@ pub fn keep_counts(
     Ok(keep)
 }
 
+/// `tokens` read by `runtime` as one stream from a fresh state, through `scratch` (whose
+/// collectors, `routing` or `moe_inputs`, the caller has set).
+fn read_through(runtime: &Runtime, tokens: &[u32], scratch: &mut Scratch) -> Result<()> {
+    let mut state = runtime.new_state();
+    for chunk in tokens.chunks(PREFILL_CHUNK) {
+        runtime.prefill(chunk, &mut state, scratch)?;
+    }
+    Ok(())
+}
+
 /// Routing statistics of `runtime` over `tokens`, read as one stream from a fresh state.
 pub fn routing_stats(runtime: &Runtime, tokens: &[u32]) -> Result<RoutingStats> {
-    let mut state = runtime.new_state();
     let mut scratch = runtime.new_scratch();
     scratch.routing = Some(RoutingStats::new(&runtime.cfg));
-    for chunk in tokens.chunks(itera_core::runtime::PREFILL_CHUNK) {
-        runtime.prefill(chunk, &mut state, &mut scratch)?;
-    }
+    read_through(runtime, tokens, &mut scratch)?;
     Ok(scratch.routing.take().expect("set above"))
 }
 
@@ -310,6 +321,277 @@ pub fn prune(
     Ok((new, w))
 }
 
+/// How far `refit` pulls each refitted `down` matrix toward its old values: the ridge of the
+/// least-squares system, relative to the mean diagonal of its Gram matrix. (On `ptb-tiny` E10,
+/// drop 1 `search`, 16,384 PTB-train tokens: see docs/compression.md, "Refitting".)
+pub const REFIT_RIDGE: f64 = 1e-3;
+
+/// Rows of calibration tokens `refit` computes the experts on at a time.
+const REFIT_ROWS: usize = 1024;
+
+/// The kept experts refitted to stand in for the removed ones, with no gradient step: layer by
+/// layer, on the calibration tokens as the model pruned so far sees them, each kept expert's
+/// `down` matrix is set to minimise, over the tokens, |y - y'|^2 + ridge x |down - old down|^2,
+/// where y is the unpruned layer's output and y' the pruned layer's (its own top-k of the kept
+/// experts and renormalised gates; `moe_skip_beta` is not applied). That is linear least squares
+/// in the kept `down` matrices (the gate and up projections and the router stay as they are).
+/// Returns `weights` in the old expert numbering with those matrices replaced: `prune` with the
+/// same `kept` then removes the others. `progress(done, total)` counts MoE layers.
+pub fn refit(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    kept: &[Vec<usize>],
+    calib: &[u32],
+    ridge: f64,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Weights> {
+    let layers = moe_layers(cfg)?;
+    if !(ridge > 0.0 && ridge.is_finite()) {
+        return Err(Error::Argument(format!(
+            "the refit ridge must be a positive number, got {ridge}"
+        )));
+    }
+    let spec = ModelSpec::new(cfg);
+    // The pruned model's top-k (`prune` lowers it to the fewest experts kept), used for every
+    // model read on the way so that each layer sees the inputs the final model gives it.
+    let mut pruned_cfg = cfg.clone();
+    pruned_cfg.top_k = cfg.top_k.min(kept.iter().map(Vec::len).min().unwrap_or(0));
+    let mut out = weights.clone();
+    for (i, &l) in layers.iter().enumerate() {
+        // Layers before this one pruned and refitted, this one and later ones whole.
+        let plan: Vec<Vec<usize>> = layers
+            .iter()
+            .enumerate()
+            .map(|(j, &lj)| {
+                if j < i {
+                    kept[j].clone()
+                } else {
+                    (0..cfg.experts_in_layer(lj)).collect()
+                }
+            })
+            .collect();
+        let (c, w) = prune(&pruned_cfg, &out, &plan)?;
+        let runtime = Runtime::new(&c, &w)?;
+        let mut scratch = runtime.new_scratch();
+        scratch.moe_inputs = Some((l, Vec::new()));
+        read_through(&runtime, calib, &mut scratch)?;
+        let inputs = scratch.moe_inputs.take().expect("set above").1;
+        let moe = spec.layers[l].moe.as_ref().expect("an MoE layer");
+        let fit = LayerFit::new(cfg, weights, moe, &kept[i], pruned_cfg.top_k)?.fit(&inputs)?;
+        for (&e, down) in kept[i].iter().zip(fit.solve(ridge)?) {
+            out.tensors
+                .get_mut(&moe.experts[e].down.name)
+                .expect("checked by prune")
+                .data = down;
+        }
+        progress(i + 1, layers.len());
+    }
+    Ok(out)
+}
+
+/// One MoE layer's least-squares problem: the whole layer's experts and router, which of them
+/// are kept, and the sums the normal equations need.
+struct LayerFit<'a> {
+    cfg: &'a ModelConfig,
+    router: &'a [f32],
+    /// Per expert of the whole layer: gate, up, down.
+    experts: Vec<[Matrix; 3]>,
+    old_down: Vec<&'a [f32]>,
+    kept: &'a [usize],
+    /// Experts per token after pruning (the unpruned layer routes to `cfg.top_k`).
+    kept_top_k: usize,
+    /// Sum over tokens of f f^T, f = the kept experts' gated activations side by side
+    /// ([kept x hidden] per token, zero for an expert the token is not routed to).
+    gram: Vec<f64>,
+    /// Sum over tokens of y f^T ([d_model, kept x hidden]).
+    cross: Vec<f64>,
+}
+
+impl<'a> LayerFit<'a> {
+    fn new(
+        cfg: &'a ModelConfig,
+        weights: &'a Weights,
+        moe: &itera_core::tensors::MoeSpec,
+        kept: &'a [usize],
+        kept_top_k: usize,
+    ) -> Result<Self> {
+        let (d, hid) = (cfg.d_model, cfg.expert_hidden);
+        let matrix = |spec: &itera_core::tensors::Spec, rows, cols| {
+            Matrix::from_f32(rows, cols, weights.values(&spec.name)?.to_vec())
+        };
+        let experts = moe
+            .experts
+            .iter()
+            .map(|e| {
+                Ok([
+                    matrix(&e.gate, hid, d)?,
+                    matrix(&e.up, hid, d)?,
+                    matrix(&e.down, d, hid)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let old_down = moe
+            .experts
+            .iter()
+            .map(|e| weights.values(&e.down.name))
+            .collect::<Result<Vec<_>>>()?;
+        let dim = kept.len() * hid;
+        Ok(Self {
+            cfg,
+            router: weights.values(&moe.router.name)?,
+            experts,
+            old_down,
+            kept,
+            kept_top_k,
+            gram: vec![0.0; dim * dim],
+            cross: vec![0.0; d * dim],
+        })
+    }
+
+    /// Adds the tokens whose normalised inputs are `inputs` ([n, d_model]).
+    fn fit(mut self, inputs: &[f32]) -> Result<Self> {
+        let (d, hid) = (self.cfg.d_model, self.cfg.expert_hidden);
+        let e_all = self.experts.len();
+        let dim = self.kept.len() * hid;
+        let mut q = QuantizedRows::default();
+        for x in inputs.chunks(REFIT_ROWS * d) {
+            let n = x.len() / d;
+            // Every expert on every row: its activations and its output.
+            let mut acts = Vec::with_capacity(e_all);
+            let mut outs = Vec::with_capacity(e_all);
+            for [gate, up, down] in &self.experts {
+                let (mut g, mut u) = (vec![0.0; n * hid], vec![0.0; n * hid]);
+                gate.matmul(x, &mut g, &mut q, Par::Serial);
+                up.matmul(x, &mut u, &mut q, Par::Serial);
+                g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
+                let mut o = vec![0.0; n * d];
+                down.matmul(&g, &mut o, &mut q, Par::Serial);
+                acts.push(g);
+                outs.push(o);
+            }
+            let mut y = vec![0f64; d];
+            let mut f = vec![0f64; dim];
+            for t in 0..n {
+                let row = &x[t * d..(t + 1) * d];
+                let logits: Vec<f32> = (0..e_all)
+                    .map(|e| {
+                        let r = &self.router[e * d..(e + 1) * d];
+                        r.iter().zip(row).map(|(a, b)| a * b).sum()
+                    })
+                    .collect();
+                // The unpruned layer's output.
+                y.fill(0.0);
+                for (e, g) in gates(&logits, self.cfg.top_k) {
+                    for (y, o) in y.iter_mut().zip(&outs[e][t * d..(t + 1) * d]) {
+                        *y += g * *o as f64;
+                    }
+                }
+                // The pruned layer's gated activations.
+                let kept_logits: Vec<f32> = self.kept.iter().map(|&e| logits[e]).collect();
+                let chosen = gates(&kept_logits, self.kept_top_k);
+                f.fill(0.0);
+                for &(a, g) in &chosen {
+                    let act = &acts[self.kept[a]][t * hid..(t + 1) * hid];
+                    for (f, v) in f[a * hid..(a + 1) * hid].iter_mut().zip(act) {
+                        *f = g * *v as f64;
+                    }
+                }
+                for &(a, _) in &chosen {
+                    let fa = &f[a * hid..(a + 1) * hid];
+                    for &(b, _) in &chosen {
+                        let fb = &f[b * hid..(b + 1) * hid];
+                        for (r, &va) in fa.iter().enumerate() {
+                            let g = &mut self.gram[(a * hid + r) * dim + b * hid..][..hid];
+                            g.iter_mut().zip(fb).for_each(|(g, vb)| *g += va * vb);
+                        }
+                    }
+                    for (r, &yr) in y.iter().enumerate() {
+                        let c = &mut self.cross[r * dim + a * hid..][..hid];
+                        c.iter_mut().zip(fa).for_each(|(c, v)| *c += yr * v);
+                    }
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    /// The kept experts' new `down` matrices ([d_model, hidden] each, in `kept` order).
+    fn solve(self, ridge: f64) -> Result<Vec<Vec<f32>>> {
+        let (d, hid) = (self.cfg.d_model, self.cfg.expert_hidden);
+        let dim = self.kept.len() * hid;
+        let mut m = self.gram;
+        let trace: f64 = (0..dim).map(|i| m[i * dim + i]).sum();
+        let mu = if trace > 0.0 {
+            ridge * trace / dim as f64
+        } else {
+            1.0
+        };
+        (0..dim).for_each(|i| m[i * dim + i] += mu);
+        // Right-hand sides, one per output row r: cross[r] + mu x old down's row r.
+        let mut rhs = self.cross;
+        for r in 0..d {
+            for (a, &e) in self.kept.iter().enumerate() {
+                let old = &self.old_down[e][r * hid..(r + 1) * hid];
+                for (v, o) in rhs[r * dim + a * hid..][..hid].iter_mut().zip(old) {
+                    *v += mu * *o as f64;
+                }
+            }
+        }
+        cholesky_solve(&mut m, dim, &mut rhs)?;
+        Ok((0..self.kept.len())
+            .map(|a| {
+                (0..d)
+                    .flat_map(|r| rhs[r * dim + a * hid..][..hid].iter().map(|&v| v as f32))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// The top-k of `logits` with their renormalised softmax weights, as the runtime routes.
+fn gates(logits: &[f32], top: usize) -> Vec<(usize, f64)> {
+    let chosen = top_k(logits, top.min(logits.len()));
+    let max = chosen.iter().map(|&e| logits[e]).fold(f32::MIN, f32::max);
+    let w: Vec<f64> = chosen
+        .iter()
+        .map(|&e| ((logits[e] - max) as f64).exp())
+        .collect();
+    let sum: f64 = w.iter().sum();
+    chosen
+        .into_iter()
+        .zip(w)
+        .map(|(e, w)| (e, w / sum))
+        .collect()
+}
+
+/// Solves m x = b for each row b of `rhs` (in place), m symmetric positive definite [n, n]
+/// (overwritten by its Cholesky factor).
+fn cholesky_solve(m: &mut [f64], n: usize, rhs: &mut [f64]) -> Result<()> {
+    for j in 0..n {
+        let s = m[j * n + j] - (0..j).map(|k| m[j * n + k] * m[j * n + k]).sum::<f64>();
+        if s.is_nan() || s <= 0.0 {
+            return Err(Error::Argument(
+                "refit: the least-squares system is not positive definite".into(),
+            ));
+        }
+        let diag = s.sqrt();
+        m[j * n + j] = diag;
+        for i in j + 1..n {
+            let s = m[i * n + j] - (0..j).map(|k| m[i * n + k] * m[j * n + k]).sum::<f64>();
+            m[i * n + j] = s / diag;
+        }
+    }
+    for b in rhs.chunks_exact_mut(n) {
+        for i in 0..n {
+            b[i] = (b[i] - (0..i).map(|k| m[i * n + k] * b[k]).sum::<f64>()) / m[i * n + i];
+        }
+        for i in (0..n).rev() {
+            b[i] = (b[i] - (i + 1..n).map(|k| m[k * n + i] * b[k]).sum::<f64>()) / m[i * n + i];
+        }
+    }
+    Ok(())
+}
+
 /// The skipping threshold that makes a fraction `quantile` of tokens skip their second expert
 /// on the calibration text: that quantile of the second-to-first routing weight ratios, pooled
 /// over layers (0 when no layer routes to two or more experts).
@@ -464,6 +746,76 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Keeping every expert, the least-squares optimum is the old `down` (the pruned layer is the
+    /// whole layer); after dropping one expert per layer, the refitted model's calibration loss
+    /// is below the plainly pruned model's, and a ridge pulls the refit toward the old values.
+    #[test]
+    fn refit_keeps_a_whole_layer_and_recovers_part_of_a_removed_expert() {
+        let (cfg, w) = tiny();
+        let layers = moe_layers(&cfg).unwrap();
+        let toks = tokens(600);
+        let all: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 2, 3]).collect();
+        let same = refit(&cfg, &w, &all, &toks, 1e-6, |_, _| {}).unwrap();
+        for (name, t) in &w.tensors {
+            let diff = t
+                .data
+                .iter()
+                .zip(&same.tensors[name].data)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let scale = t.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(diff <= 1e-3 * scale, "{name}: {diff} (scale {scale})");
+        }
+        let kept: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 3]).collect();
+        let loss = |w: &Weights| {
+            let (c, p) = prune(&cfg, w, &kept).unwrap();
+            calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks).unwrap()
+        };
+        let full = calibration_loss(&Runtime::new(&cfg, &w).unwrap(), &toks).unwrap();
+        let plain = loss(&w);
+        let refitted = refit(&cfg, &w, &kept, &toks, REFIT_RIDGE, |_, _| {}).unwrap();
+        let better = loss(&refitted);
+        assert!(
+            (full - better).abs() < 0.5 * (full - plain).abs(),
+            "unpruned {full}, pruned {plain}, refitted {better}"
+        );
+        // Only the kept experts' down matrices change; a huge ridge leaves them nearly alone.
+        let down = |e: usize| format!("layers.{}.moe.experts.{e}.down.weight", layers[0]);
+        assert_ne!(
+            refitted.values(&down(0)).unwrap(),
+            w.values(&down(0)).unwrap()
+        );
+        assert_eq!(
+            refitted.values(&down(2)).unwrap(),
+            w.values(&down(2)).unwrap()
+        );
+        let up = format!("layers.{}.moe.experts.0.up.weight", layers[0]);
+        assert_eq!(refitted.values(&up).unwrap(), w.values(&up).unwrap());
+        let stiff = refit(&cfg, &w, &kept, &toks, 1e6, |_, _| {}).unwrap();
+        let moved = |r: &Weights| {
+            r.values(&down(0))
+                .unwrap()
+                .iter()
+                .zip(w.values(&down(0)).unwrap())
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>()
+        };
+        assert!(moved(&stiff) < 1e-3 * moved(&refitted));
+        assert!(refit(&cfg, &w, &kept, &toks, 0.0, |_, _| {}).is_err());
+        // Uneven counts: top_k shrinks to 1 and the refit fits that routing.
+        let uneven = vec![vec![1], vec![0, 1, 3]];
+        let loss = |w: &Weights| {
+            let (c, p) = prune(&cfg, w, &uneven).unwrap();
+            assert_eq!(c.top_k, 1);
+            calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks).unwrap()
+        };
+        let plain = loss(&w);
+        let better = loss(&refit(&cfg, &w, &uneven, &toks, REFIT_RIDGE, |_, _| {}).unwrap());
+        assert!(
+            (full - better).abs() < (full - plain).abs(),
+            "unpruned {full}, pruned {plain}, refitted {better}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `itera prune`: remove experts from every MoE layer (chosen by `--method` on calibration
-//! text), optionally heal with a short fine-tune, set dynamic expert skipping, and report the
-//! routers' load per expert. The rules live in `itera_quant::prune`; this module maps flags,
+//! text), optionally refit the kept experts by least squares and heal with a short fine-tune,
+//! set dynamic expert skipping, and report the routers' load per expert. The rules live in `itera_quant::prune`; this module maps flags,
 //! runs the heal through the ordinary trainer and writes the result.
 
 use std::path::{Path, PathBuf};
@@ -59,6 +59,15 @@ pub struct PruneArgs {
     /// Storage type of a .gguf output: f32, f16, bf16, q8_0, q5_0, q4_0, q4_1, nf4
     #[arg(long, default_value = "f32")]
     pub r#type: String,
+    /// After pruning, refit the kept experts' down projections by least squares so that each
+    /// pruned MoE layer reproduces the unpruned layer's output on the calibration text (seconds,
+    /// no gradient steps; before any --heal-steps)
+    #[arg(long)]
+    pub refit: bool,
+    /// Ridge of --refit, relative to the mean diagonal of its Gram matrix (pulls the refit toward
+    /// the old weights)
+    #[arg(long, default_value_t = prune::REFIT_RIDGE)]
+    pub refit_ridge: f64,
     /// Steps of fine-tuning after pruning, on the calibration text (0: none)
     #[arg(long, default_value_t = 0)]
     pub heal_steps: usize,
@@ -255,8 +264,8 @@ pub fn run(a: PruneArgs) -> Result<()> {
         }
         _ => {}
     }
-    if a.heal_steps > 0 && !pruning {
-        bail!("--heal-steps applies after pruning (--drop or --keep-per-layer)");
+    if (a.heal_steps > 0 || a.refit) && !pruning {
+        bail!("--heal-steps and --refit apply after pruning (--drop or --keep-per-layer)");
     }
     let is_gguf = a
         .out
@@ -294,6 +303,14 @@ pub fn run(a: PruneArgs) -> Result<()> {
             pb.set_position(d as u64);
         })?;
         pb.finish_and_clear();
+        if a.refit {
+            let pb = bar(1, "refit {bar:30} {pos}/{len} layers [{elapsed_precise}]");
+            weights = prune::refit(&cfg, &weights, &kept, &calib, a.refit_ridge, |d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64);
+            })?;
+            pb.finish_and_clear();
+        }
         (cfg, weights) = prune::prune(&cfg, &weights, &kept)?;
         if cfg.top_k < model.config.top_k {
             eprintln!(
@@ -356,6 +373,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
         "calibration_tokens": calib.len(),
         "calibration_nll_before": base_loss,
         "calibration_nll_after": loss,
+        "refit": a.refit.then_some(a.refit_ridge),
         "heal_steps": a.heal_steps,
         "expert_load_percent": shares(&stats).into_iter().map(|(l, s)| json!({"layer": l, "share": s})).collect::<Vec<_>>(),
     });

@@ -62,6 +62,9 @@ pub struct Scratch {
     pub logits: AlignedBuf,
     /// When set, MoE layers add what their routers did to it (`RoutingStats::new` to start).
     pub routing: Option<super::moe::RoutingStats>,
+    /// When set to (layer, rows), that MoE layer appends its normalised input rows ([d_model]
+    /// per token) to `rows` (what `itera prune --refit` fits the kept experts on).
+    pub moe_inputs: Option<(usize, Vec<f32>)>,
 }
 
 /// A growable f32 buffer whose contents start on a 64-byte boundary, so that a big output

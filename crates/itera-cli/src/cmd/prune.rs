@@ -1,7 +1,8 @@
 //! `itera prune`: remove experts from every MoE layer (chosen by `--method` on calibration
 //! text), optionally refit the kept experts by least squares and heal with a short fine-tune,
-//! set dynamic expert skipping, and report the routers' load per expert. The rules live in `itera_quant::prune`; this module maps flags,
-//! runs the heal through the ordinary trainer and writes the result.
+//! set dynamic expert skipping, and report the routers' load per expert. The rules live in
+//! `itera_quant::prune`; this module maps flags, runs the heal through the ordinary trainer and
+//! writes the result.
 
 use std::path::{Path, PathBuf};
 

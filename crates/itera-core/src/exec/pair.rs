@@ -191,7 +191,8 @@ pub fn both<F: Fn(usize) + Sync>(f: F) {
     let started = Instant::now();
     let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
     // The clock is read again only when the helper is still at work (half of a decode step's
-    // ~20 hand-offs): clock reads were 2% of a Q8_0 decode profile's samples (docs/performance.md).
+    // ~20 hand-offs): clock reads were 2% of a Q8_0 decode profile's samples
+    // (docs/performance.md).
     let mut late = false;
     if h.done.load(Acquire) != ticket {
         let waiting = Instant::now();

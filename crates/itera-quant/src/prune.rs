@@ -8,9 +8,9 @@ use itera_core::error::{Error, Result};
 use itera_core::eval::score_tokens;
 use itera_core::exec::Par;
 use itera_core::kernels::{Matrix, QuantizedRows};
-use itera_core::math::{silu, top_k};
+use itera_core::math::silu;
 use itera_core::rng::Rng;
-use itera_core::runtime::{RoutingStats, Runtime, Scratch, PREFILL_CHUNK};
+use itera_core::runtime::{route, RoutingStats, Runtime, Scratch, PREFILL_CHUNK};
 use itera_core::tensors::{HostTensor, ModelSpec, SwigluSpec};
 use itera_core::{ModelConfig, Weights};
 
@@ -241,15 +241,9 @@ fn subsets(n: usize, k: usize) -> Result<Vec<Vec<usize>>> {
     }
 }
 
-/// The model with only the `kept` experts of each MoE layer (old indices, in layer order):
-/// their tensors renumbered from 0, the router's rows of the others removed (the softmax over
-/// the remaining rows renormalises the kept experts' weights), `top_k` lowered to the fewest
-/// experts left if needed (compare the returned config's `top_k` with the old one to report it).
-pub fn prune(
-    cfg: &ModelConfig,
-    weights: &Weights,
-    kept: &[Vec<usize>],
-) -> Result<(ModelConfig, Weights)> {
+/// The MoE layers of `cfg`, once `kept` is checked to list, for each of them, distinct existing
+/// experts in ascending order.
+fn check_kept(cfg: &ModelConfig, kept: &[Vec<usize>]) -> Result<Vec<usize>> {
     let layers = moe_layers(cfg)?;
     if kept.len() != layers.len() {
         return Err(Error::Argument(format!(
@@ -267,6 +261,19 @@ pub fn prune(
             )));
         }
     }
+    Ok(layers)
+}
+
+/// The model with only the `kept` experts of each MoE layer (old indices, in layer order):
+/// their tensors renumbered from 0, the router's rows of the others removed (the softmax over
+/// the remaining rows renormalises the kept experts' weights), `top_k` lowered to the fewest
+/// experts left if needed (compare the returned config's `top_k` with the old one to report it).
+pub fn prune(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    kept: &[Vec<usize>],
+) -> Result<(ModelConfig, Weights)> {
+    let layers = check_kept(cfg, kept)?;
     let mut new = cfg.clone();
     let counts: Vec<usize> = kept.iter().map(Vec::len).collect();
     let (fewest, most) = (
@@ -347,13 +354,12 @@ pub fn refit(
     ridge: f64,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Weights> {
-    let layers = moe_layers(cfg)?;
+    let layers = check_kept(cfg, kept)?;
     if !(ridge > 0.0 && ridge.is_finite()) {
         return Err(Error::Argument(format!(
             "the refit ridge must be a positive number, got {ridge}"
         )));
     }
-    prune(cfg, weights, kept)?; // checks `kept` before any work
     let spec = ModelSpec::new(cfg);
     // The pruned model's top-k (`prune` lowers it to the fewest experts kept), used for every
     // model read on the way so that each layer sees the inputs the final model gives it.
@@ -396,7 +402,8 @@ pub fn refit(
 /// are kept, and the sums the normal equations need.
 struct LayerFit<'a> {
     cfg: &'a ModelConfig,
-    router: &'a [f32],
+    /// [experts, d_model]
+    router: Matrix,
     /// Per expert of the whole layer: gate, up, down.
     experts: Vec<[Matrix; 3]>,
     old_down: Vec<&'a [f32]>,
@@ -441,7 +448,7 @@ impl<'a> LayerFit<'a> {
         let dim = kept.len() * hid;
         Ok(Self {
             cfg,
-            router: weights.values(&moe.router.name)?,
+            router: matrix(&moe.router, moe.experts.len(), d)?,
             experts,
             old_down,
             kept,
@@ -472,19 +479,14 @@ impl<'a> LayerFit<'a> {
                 acts.push(g);
                 outs.push(o);
             }
+            let mut router = vec![0.0; n * e_all];
+            self.router.matmul(x, &mut router, &mut q, Par::Serial);
             let mut y = vec![0f64; d];
             let mut f = vec![0f64; dim];
-            for t in 0..n {
-                let row = &x[t * d..(t + 1) * d];
-                let logits: Vec<f32> = (0..e_all)
-                    .map(|e| {
-                        let r = &self.router[e * d..(e + 1) * d];
-                        r.iter().zip(row).map(|(a, b)| a * b).sum()
-                    })
-                    .collect();
+            for (t, logits) in router.chunks_exact(e_all).enumerate() {
                 // The unpruned layer's output.
                 y.fill(0.0);
-                for (e, g) in gates(&logits, self.cfg.top_k) {
+                for (e, g) in gates(logits, self.cfg.top_k) {
                     for (y, o) in y.iter_mut().zip(&outs[e][t * d..(t + 1) * d]) {
                         *y += g * *o as f64;
                     }
@@ -551,19 +553,14 @@ impl<'a> LayerFit<'a> {
     }
 }
 
-/// The top-k of `logits` with their renormalised softmax weights, as the runtime routes.
+/// The top-k of `logits` with their renormalised routing weights, routed as the runtime does.
 fn gates(logits: &[f32], top: usize) -> Vec<(usize, f64)> {
-    let chosen = top_k(logits, top.min(logits.len()));
-    let max = chosen.iter().map(|&e| logits[e]).fold(f32::MIN, f32::max);
-    let w: Vec<f64> = chosen
-        .iter()
-        .map(|&e| ((logits[e] - max) as f64).exp())
-        .collect();
-    let sum: f64 = w.iter().sum();
+    let (mut p, mut chosen) = (logits.to_vec(), Vec::new());
+    route(&mut p, top.min(logits.len()), &mut chosen);
+    let norm: f64 = chosen.iter().map(|&e| p[e] as f64).sum();
     chosen
         .into_iter()
-        .zip(w)
-        .map(|(e, w)| (e, w / sum))
+        .map(|e| (e, p[e] as f64 / norm))
         .collect()
 }
 

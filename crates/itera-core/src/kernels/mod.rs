@@ -11,8 +11,9 @@
 //! `sum_i w_i x_i = scale * dx * sum_i code_i q_i + bias * dx * sum_i q_i`.
 
 /// `$kernel::<.., 4>` over groups of four activation rows of `$out`, then `$kernel::<.., 1>` on
-/// the rest (after any leading const arguments given, e.g. the format): the loop of the block kernels' batch entry points (the kernel must be inlined into the caller,
-/// a `target_feature` function, so it is named here rather than passed).
+/// the rest (after any leading const arguments given, e.g. the format): the loop of the block
+/// kernels' batch entry points (the kernel must be inlined into the caller, a `target_feature`
+/// function, so it is named here rather than passed).
 macro_rules! by_fours {
     ($kernel:ident $(::<$($g:ident),*>)? ($m:expr, $row:expr, $nb:expr, $x:expr, $x_first:expr, $out:expr)) => {{
         let mut j = 0;

@@ -19,7 +19,7 @@ mod mixer;
 mod moe;
 mod state;
 
-pub use moe::{LayerRouting, RoutingStats};
+pub use moe::{route, LayerRouting, RoutingStats};
 pub use state::{AlignedBuf, LayerState, Scratch, State};
 
 use crate::config::{Mixer, ModelConfig};

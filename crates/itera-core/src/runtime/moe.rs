@@ -60,6 +60,20 @@ impl RoutingStats {
     }
 }
 
+/// One token's routing: its router logits `p` become the softmax over the experts and `chosen`
+/// its `top_k` experts, best first. (Pruning's refit routes with it too, to match the runtime.)
+#[inline]
+pub fn route(p: &mut [f32], top_k: usize, chosen: &mut Vec<usize>) {
+    let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in p.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    p.iter_mut().for_each(|v| *v /= sum);
+    top_k_into(p, top_k, chosen);
+}
+
 /// down(silu(gate x) * up x) for m rows of `input` [m, d]; returns the [m, d] result (in `eo`).
 #[allow(clippy::too_many_arguments)]
 fn swiglu_rows<'a>(
@@ -109,14 +123,7 @@ pub(super) fn moe_rows(
     s.expert_rows.iter_mut().for_each(|v| v.clear());
     let mut stats = s.routing.as_mut().map(|r| &mut r.layers[layer]);
     for (i, p) in router.chunks_exact_mut(e).enumerate() {
-        let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in p.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        p.iter_mut().for_each(|v| *v /= sum);
-        top_k_into(p, top_k, &mut s.chosen);
+        route(p, top_k, &mut s.chosen);
         let first = p[s.chosen[0]];
         if let Some(st) = stats.as_deref_mut() {
             st.tokens += 1;

@@ -55,9 +55,10 @@ pub fn run(opts: BenchArgs) -> Result<()> {
     // First, while this process is still small: a child forked from a large parent would count
     // the parent's pages in its peak RSS until it execs.
     let (first_token_ms, child_rss) = if want("startup") {
-        first_token(model, if opts.quick { 1 } else { 5 })?
+        let (ms, rss) = first_token(model, if opts.quick { 1 } else { 5 })?;
+        (ms, Some(rss))
     } else {
-        (f64::NAN, 0)
+        (f64::NAN, None)
     };
     let generator =
         Generator::load(model).with_context(|| format!("loading model {}", model.display()))?;
@@ -303,13 +304,17 @@ fn print_report(r: &Value) {
             f(&b["prefill_speedup"])
         );
     }
+    let scaled = |v: &Value, scale: f64| {
+        v.as_f64()
+            .map_or("-".into(), |x| format!("{:.1}", x * scale))
+    };
     println!(
-        "start to first token  {:.1} ms (process spawn to exit, `itera generate --max-tokens 1`)",
-        f(&r["start_to_first_token_ms"])
+        "start to first token  {} ms (process spawn to exit, `itera generate --max-tokens 1`)",
+        scaled(&r["start_to_first_token_ms"], 1.0)
     );
     println!(
-        "peak RSS              {:.1} MB (generate process), {:.1} MB (this benchmark)",
-        f(&r["generate_peak_rss_bytes"]) / 1e6,
-        f(&r["bench_peak_rss_bytes"]) / 1e6
+        "peak RSS              {} MB (generate process), {} MB (this benchmark)",
+        scaled(&r["generate_peak_rss_bytes"], 1e-6),
+        scaled(&r["bench_peak_rss_bytes"], 1e-6)
     );
 }

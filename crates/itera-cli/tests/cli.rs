@@ -452,6 +452,19 @@ fn bench_reports_every_measurement() {
         assert!(path.as_f64().unwrap() > 0.0, "{v}");
     }
     assert!(v["flops_per_token"].as_f64().unwrap() > 0.0);
+    // What --only skips is null, never a number (NaN or 0) that reads as a measurement.
+    let only: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench", "--model", m, "--quick", "--json", "--only", "peak",
+    ]))
+    .unwrap();
+    for path in [
+        &only["decode"]["tokens_per_s"],
+        &only["start_to_first_token_ms"],
+        &only["generate_peak_rss_bytes"],
+    ] {
+        assert!(path.is_null(), "{only}");
+    }
+    assert!(only["peak_flops"].as_f64().unwrap() > 0.0);
 }
 
 /// The PTB comparison's baselines: the shared-state SSM (a switch) and the attention preset train,

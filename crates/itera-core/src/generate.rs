@@ -110,7 +110,7 @@ impl<G: Deref<Target = Generator>> TokenStream<G> {
         };
         let rt = &generator.runtime;
         let mut scratch = rt.new_scratch();
-        let (mut state, mut sampler, pending) = match saved {
+        let (mut state, sampler, pending) = match saved {
             Some(s) => {
                 rt.check_state(&s.state)?;
                 scratch
@@ -125,6 +125,7 @@ impl<G: Deref<Target = Generator>> TokenStream<G> {
             }
             None => (rt.new_state(), Sampler::new(params)?, Vec::new()),
         };
+        let mut sampler = sampler.never_draw(generator.tokenizer.placeholders());
         sampler.observe_prompt(&ids);
         rt.prefill(&ids, &mut state, &mut scratch)?;
         let decoder = StreamDecoder::with_pending(&generator.tokenizer, pending);

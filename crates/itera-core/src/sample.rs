@@ -28,6 +28,9 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Added to the logits of these token ids (OpenAI's `logit_bias`, -100..100).
     pub logit_bias: Vec<(u32, f32)>,
+    /// Lets the sampler draw the tokenizer's placeholder tokens (PTB's `<unk>`: a word the corpus
+    /// removed, not text), which streams never draw otherwise (`Sampler::never_draw`).
+    pub allow_placeholders: bool,
 }
 
 impl Default for SamplingParams {
@@ -42,6 +45,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             min_p: 0.0,
             logit_bias: Vec::new(),
+            allow_placeholders: false,
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct Sampler {
     prompt: std::collections::HashSet<u32>,
     /// The adjusted copy of the logits.
     adjusted: Vec<f32>,
+    /// Token ids whose logits are set to -inf before anything else (`never_draw`).
+    banned: Vec<u32>,
 }
 
 impl Sampler {
@@ -144,7 +150,17 @@ impl Sampler {
             generated: Default::default(),
             prompt: Default::default(),
             adjusted: Vec::new(),
+            banned: Vec::new(),
         })
+    }
+
+    /// Never draws these tokens (the tokenizer's placeholders, from `Tokenizer::placeholders`),
+    /// unless the parameters allow placeholders.
+    pub fn never_draw(mut self, ids: impl IntoIterator<Item = u32>) -> Self {
+        if !self.params.allow_placeholders {
+            self.banned.extend(ids);
+        }
+        self
     }
 
     /// The RNG and history, to continue this sampler later (`restore`).
@@ -187,6 +203,11 @@ impl Sampler {
         let p = &self.params;
         a.clear();
         a.extend_from_slice(logits);
+        for &id in &self.banned {
+            if let Some(v) = a.get_mut(id as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             for &id in self.prompt.iter().chain(self.generated.keys()) {
                 if let Some(v) = a.get_mut(id as usize) {
@@ -222,7 +243,7 @@ impl Sampler {
 
     /// Draws the next token (and counts it as generated).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let id = if self.params.adjusts() {
+        let id = if self.params.adjusts() || !self.banned.is_empty() {
             let mut buf = std::mem::take(&mut self.adjusted);
             self.adjust_into(logits, &mut buf);
             let id = self.draw(&buf);
@@ -502,6 +523,36 @@ mod tests {
         assert!(Sampler::new(p(f32::NAN, 0, 1.0, 0)).is_err());
     }
 
+    /// A placeholder is never drawn, even as the most likely token, greedy or sampled; the others
+    /// keep their relative odds; `allow_placeholders` lifts the ban.
+    #[test]
+    fn placeholders_are_never_drawn_unless_allowed() {
+        let logits = [0.5, 3.0, 0.5, 0.0];
+        let p = |temperature, allow_placeholders| SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            allow_placeholders,
+            ..Default::default()
+        };
+        let greedy = |allow| {
+            Sampler::new(p(0.0, allow))
+                .unwrap()
+                .never_draw([1])
+                .sample(&logits)
+        };
+        assert_eq!(greedy(false), 0);
+        assert_eq!(greedy(true), 1);
+        let mut s = Sampler::new(p(1.0, false)).unwrap().never_draw([1]);
+        let draws: Vec<u32> = (0..3000).map(|_| s.sample(&logits)).collect();
+        assert!(!draws.contains(&1));
+        // Tokens 0 and 2 have equal logits: each about e^0.5 / (2 e^0.5 + 1) = 0.384 of draws.
+        let share = draws.iter().filter(|&&d| d == 2).count() as f64 / 3000.0;
+        assert!((share - 0.384).abs() < 0.04, "{share}");
+        let mut s = Sampler::new(p(1.0, true)).unwrap().never_draw([1]);
+        assert!((0..200).any(|_| s.sample(&logits) == 1));
+    }
+
     /// The adjustments do what they say: repetition divides positive / multiplies negative
     /// logits of every token seen (prompt too), presence subtracts once and frequency per time
     /// generated, the bias adds, min-p drops (to -inf) what is under min_p times the top
@@ -519,6 +570,7 @@ mod tests {
             frequency_penalty: 0.25,
             min_p: 0.0,
             logit_bias: vec![(4, 3.0)],
+            allow_placeholders: false,
         })
         .unwrap();
         s.observe_prompt(&[1]);

@@ -98,6 +98,12 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Tokens that stand for removed text rather than text (PTB's `<unk>`): generation never
+    /// draws them unless asked (`SamplingParams::allow_placeholders`).
+    pub fn placeholders(&self) -> impl Iterator<Item = u32> {
+        self.token_id(UNK).into_iter()
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -286,6 +292,7 @@ pub(crate) mod tests {
         assert_eq!(tok.decode(&ids).unwrap(), text);
         let unk = tok.token_id(UNK).unwrap();
         assert_eq!(tok.encode("<unk>").unwrap(), vec![unk]);
+        assert_eq!(tok.placeholders().collect::<Vec<_>>(), vec![unk]);
         // Unseen multi-byte characters split into byte tokens; the stream must still be valid UTF-8.
         let ids = tok.encode("日本").unwrap();
         assert!(ids.len() > 2);

@@ -47,6 +47,7 @@ fn params(
         frequency_penalty,
         min_p,
         logit_bias: Vec::new(),
+        allow_placeholders: false,
     }
 }
 

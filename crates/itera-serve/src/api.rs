@@ -313,6 +313,7 @@ fn common(
         frequency_penalty: f.float("frequency_penalty", 0.0, (-2.0, 2.0))? as f32,
         min_p: f.float("min_p", 0.0, (0.0, 0.99))? as f32,
         logit_bias,
+        allow_placeholders: false,
     };
     params
         .validate()

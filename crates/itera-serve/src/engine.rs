@@ -136,7 +136,7 @@ pub fn run(
                     continue;
                 }
             };
-            let mut sampler = sampler;
+            let mut sampler = sampler.never_draw(tokenizer.placeholders());
             sampler.observe_prompt(&job.prompt);
             if job.score_prompt {
                 let mut state = rt.new_state();

@@ -49,6 +49,10 @@ pub struct GenerateArgs {
     /// Keep only tokens with at least this fraction of the top token's probability (0 = off)
     #[arg(long, default_value_t = 0.0)]
     pub min_p: f32,
+    /// Also draw placeholder tokens (PTB's `<unk>`, a word its corpus removed), which are
+    /// otherwise never generated
+    #[arg(long)]
+    pub allow_unk: bool,
     /// Print one JSON object instead of streaming text
     #[arg(long)]
     pub json: bool,
@@ -68,6 +72,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         frequency_penalty: a.frequency_penalty,
         min_p: a.min_p,
         logit_bias: Vec::new(),
+        allow_placeholders: a.allow_unk,
     };
     let t0 = Instant::now();
     let saved = match &a.load_state {

@@ -84,6 +84,32 @@ pub fn score_tokens(
     Ok((out, next.unwrap_or_default()))
 }
 
+/// Mean NLL (nats) of `tokens[1..]`, each given every token before it: the recurrent protocol of
+/// `evaluate` on token ids (the trainer's validation).
+pub fn mean_nll(runtime: &Runtime, tokens: &[u32]) -> Result<f64> {
+    if tokens.len() < 2 {
+        return Err(Error::Argument(format!(
+            "{} token(s) to score: need at least two",
+            tokens.len()
+        )));
+    }
+    let (mut state, mut scratch) = (runtime.new_state(), runtime.new_scratch());
+    let (mut next, mut total) = (None, 0.0f64);
+    walk_scored(
+        runtime,
+        &mut state,
+        &mut scratch,
+        &mut next,
+        tokens,
+        |row, id| {
+            if let Some(row) = row {
+                total += (log_sum_exp(row) - row[id as usize]) as f64;
+            }
+        },
+    )?;
+    Ok(total / (tokens.len() - 1) as f64)
+}
+
 /// Runs `tokens` through `state` in chunks and calls `f(logits that predict it, id)` for each
 /// token; `next` holds the logits that predict the first token (None: nothing read yet) and is
 /// left holding those after the last.

@@ -29,7 +29,9 @@ pub struct TrainOptions {
     #[serde(default)]
     pub ema_start: usize,
     pub eval_every: usize,
-    /// Validation windows of seq_len tokens per evaluation.
+    /// Validation windows of seq_len tokens per evaluation; 0 scores the whole validation text
+    /// with the recurrent state carried through it, as `itera eval` does (attention models,
+    /// which have no such state, then use 64 windows). Runs saved before 0 existed keep theirs.
     pub eval_windows: usize,
     pub save_every: usize,
     pub seed: u64,
@@ -82,7 +84,7 @@ impl TrainOptions {
             ema: 0.0,
             ema_start: 0,
             eval_every: 200,
-            eval_windows: 64,
+            eval_windows: 0,
             save_every: 500,
             seed: 1,
             holdout: 0.02,

@@ -298,10 +298,32 @@ impl Run {
         .map_err(|e| Error::file(&path, e))
     }
 
-    /// Mean validation cross-entropy over fixed windows (no gradients).
+    /// Mean validation cross-entropy (no gradients): over the whole text through the inference
+    /// runtime, or over fixed windows (`TrainOptions::eval_windows`).
     pub fn validate(&self, corpus: &Corpus) -> Result<EvalMetrics> {
         let o = &self.options;
-        let offsets = valid_offsets(corpus.valid.len(), o.seq_len, o.eval_windows);
+        let metrics = |val_loss: f64| EvalMetrics {
+            step: self.step,
+            val_loss,
+            val_bpb: val_loss / (corpus.valid_bytes_per_token * std::f64::consts::LN_2),
+        };
+        if o.eval_windows == 0 && self.config.mixer.is_recurrent() {
+            let weights = match &self.ema {
+                Some(w) => w.clone(),
+                None => self.params.to_weights()?,
+            };
+            let runtime = itera_core::Runtime::new(&self.config, &weights)?;
+            return Ok(metrics(itera_core::eval::mean_nll(
+                &runtime,
+                &corpus.valid,
+            )?));
+        }
+        let windows = if o.eval_windows == 0 {
+            64
+        } else {
+            o.eval_windows
+        };
+        let offsets = valid_offsets(corpus.valid.len(), o.seq_len, windows);
         if offsets.is_empty() {
             return Err(Error::Train(format!(
                 "validation text has {} tokens, fewer than one window of {}",
@@ -327,13 +349,7 @@ impl Run {
             let (ce, _) = model.loss(&x, &y)?;
             total += ce.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         }
-        let val_loss = total / offsets.len() as f64;
-        let val_bpb = val_loss / (corpus.valid_bytes_per_token * std::f64::consts::LN_2);
-        Ok(EvalMetrics {
-            step: self.step,
-            val_loss,
-            val_bpb,
-        })
+        Ok(metrics(total / offsets.len() as f64))
     }
 
     /// Trains until `options.steps`, reporting through `on_event`; returns the final validation.
@@ -678,6 +694,34 @@ mod tests {
         let (cfg, tok, o) = (a.config.clone(), a.tokenizer.clone(), a.options.clone());
         assert!(Run::create(&a_dir, cfg, tok, o).is_err());
         std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    /// With `eval_windows` 0, validation scores the whole held-out text through the inference
+    /// runtime with the state carried through it: the mean of the per-token scores
+    /// `itera_core::eval::score_tokens` gives for the run's weights, not the windowed loss.
+    #[test]
+    fn whole_text_validation_is_the_runtime_protocol() {
+        let dir = std::env::temp_dir().join(format!("itera-val-{}", std::process::id()));
+        let (cfg, tok, mut o) = setup(&dir);
+        o.eval_windows = 0;
+        let corpus = Corpus::load(&tok, &o.train_files, &[], o.holdout).unwrap();
+        let mut run = Run::create(&dir, cfg.clone(), tok, o).unwrap();
+        run.train_until(&corpus, 5, &mut |_| {}).unwrap();
+        let whole = run.validate(&corpus).unwrap().val_loss;
+        let rt = itera_core::Runtime::new(&cfg, &run.weights().unwrap()).unwrap();
+        let mut state = rt.new_state();
+        let (scores, _) =
+            itera_core::eval::score_tokens(&rt, &mut state, None, &corpus.valid, 0).unwrap();
+        let nll: f64 = scores.iter().flatten().map(|s| -s.logprob as f64).sum();
+        let want = nll / (corpus.valid.len() - 1) as f64;
+        assert!((whole - want).abs() < 1e-4 * want, "{whole} vs {want}");
+        run.options.eval_windows = 8;
+        let windowed = run.validate(&corpus).unwrap().val_loss;
+        assert!(
+            windowed.is_finite() && (whole - windowed).abs() > 1e-4,
+            "{whole} {windowed}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A step's shards (one per core) average to the one-graph gradient of the whole batch when

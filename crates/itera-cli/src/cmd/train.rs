@@ -89,7 +89,9 @@ pub struct TrainFlags {
     pub ema_start: usize,
     #[arg(long, default_value_t = 200)]
     pub eval_every: usize,
-    #[arg(long, default_value_t = 64)]
+    /// Validation windows of seq-len tokens; 0 = the whole validation text with the state carried
+    /// through it, as `itera eval` scores it (attention models: 64 windows)
+    #[arg(long, default_value_t = 0)]
     pub eval_windows: usize,
     #[arg(long, default_value_t = 500)]
     pub save_every: usize,

@@ -243,7 +243,14 @@ impl Sampler {
 
     /// Draws the next token (and counts it as generated).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let id = if self.params.adjusts() || !self.banned.is_empty() {
+        // Greedy with only the ban on: the argmax stands unless it is banned, so the adjusted
+        // copy of the logits is made only then.
+        let greedy_unbanned = (self.params.temperature == 0.0 && !self.params.adjusts())
+            .then(|| crate::math::argmax(logits) as u32)
+            .filter(|id| !self.banned.contains(id));
+        let id = if let Some(id) = greedy_unbanned {
+            id
+        } else if self.params.adjusts() || !self.banned.is_empty() {
             let mut buf = std::mem::take(&mut self.adjusted);
             self.adjust_into(logits, &mut buf);
             let id = self.draw(&buf);
@@ -543,6 +550,9 @@ mod tests {
         };
         assert_eq!(greedy(false), 0);
         assert_eq!(greedy(true), 1);
+        // Greedy whose argmax is not banned (the path that skips the adjusted copy).
+        let mut s = Sampler::new(p(0.0, false)).unwrap().never_draw([1]);
+        assert_eq!(s.sample(&[0.5, 0.0, 4.0, 3.0]), 2);
         let mut s = Sampler::new(p(1.0, false)).unwrap().never_draw([1]);
         let draws: Vec<u32> = (0..3000).map(|_| s.sample(&logits)).collect();
         assert!(!draws.contains(&1));

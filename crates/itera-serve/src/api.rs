@@ -134,6 +134,7 @@ const COMPLETION_FIELDS: &[&str] = &[
     "top_k",
     "min_p",
     "repetition_penalty",
+    "allow_placeholders",
     "session",
 ];
 const CHAT_FIELDS: &[&str] = &[
@@ -157,6 +158,7 @@ const CHAT_FIELDS: &[&str] = &[
     "top_k",
     "min_p",
     "repetition_penalty",
+    "allow_placeholders",
     "response_format",
     "tools",
     "tool_choice",
@@ -313,7 +315,7 @@ fn common(
         frequency_penalty: f.float("frequency_penalty", 0.0, (-2.0, 2.0))? as f32,
         min_p: f.float("min_p", 0.0, (0.0, 0.99))? as f32,
         logit_bias,
-        allow_placeholders: false,
+        allow_placeholders: f.bool("allow_placeholders")?,
     };
     params
         .validate()

@@ -37,6 +37,7 @@ const KEYS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "allow_placeholders",
     "logit_bias",
     "seed",
     "suffix",

@@ -314,3 +314,29 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert!(results.iter().any(|r| r.0 == 200));
     assert!(metric(addr, "requests_rejected_total") >= 1.0);
 }
+
+/// PTB's `<unk>` (token 1 of `models/ptb-tiny`) is never generated, even pushed to the top by
+/// `logit_bias`, unless the request sets `allow_placeholders`.
+#[test]
+fn placeholders_are_generated_only_when_allowed() {
+    let addr = start(ServeConfig {
+        model: shipped_model().join("../ptb-tiny"),
+        ..ServeConfig::default()
+    });
+    let tokens = |allow: bool| {
+        let body = json!({"prompt": "the company said", "max_tokens": 4, "temperature": 0,
+            "logprobs": 0, "logit_bias": {"1": 100}, "allow_placeholders": allow});
+        let (status, v) = complete(addr, body);
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["logprobs"]["tokens"].clone()
+    };
+    assert_eq!(tokens(true), json!(vec!["<unk>"; 4]));
+    let banned = tokens(false);
+    assert_eq!(banned.as_array().unwrap().len(), 4);
+    assert!(!banned.to_string().contains("unk"), "{banned}");
+    let (status, _) = complete(
+        addr,
+        json!({"prompt": "x", "max_tokens": 1, "allow_placeholders": 1}),
+    );
+    assert_eq!(status, 400);
+}

@@ -36,6 +36,7 @@ fn params(
     presence_penalty: f32,
     frequency_penalty: f32,
     min_p: f32,
+    allow_placeholders: bool,
 ) -> SamplingParams {
     SamplingParams {
         temperature,
@@ -47,7 +48,7 @@ fn params(
         frequency_penalty,
         min_p,
         logit_bias: Vec::new(),
-        allow_placeholders: false,
+        allow_placeholders,
     }
 }
 
@@ -96,7 +97,7 @@ impl NativeModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty, presence_penalty, frequency_penalty, min_p))]
+    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty, presence_penalty, frequency_penalty, min_p, allow_placeholders))]
     fn generate(
         &self,
         py: Python<'_>,
@@ -111,6 +112,7 @@ impl NativeModel {
         presence_penalty: f32,
         frequency_penalty: f32,
         min_p: f32,
+        allow_placeholders: bool,
     ) -> PyResult<String> {
         let p = params(
             temperature,
@@ -121,6 +123,7 @@ impl NativeModel {
             presence_penalty,
             frequency_penalty,
             min_p,
+            allow_placeholders,
         );
         let saved = self.next.lock().expect("not poisoned").take();
         let g = &self.generator;
@@ -142,7 +145,7 @@ impl NativeModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, seed, repetition_penalty, presence_penalty, frequency_penalty, min_p))]
+    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, seed, repetition_penalty, presence_penalty, frequency_penalty, min_p, allow_placeholders))]
     fn stream(
         &self,
         py: Python<'_>,
@@ -156,6 +159,7 @@ impl NativeModel {
         presence_penalty: f32,
         frequency_penalty: f32,
         min_p: f32,
+        allow_placeholders: bool,
     ) -> PyResult<NativeStream> {
         let p = params(
             temperature,
@@ -166,6 +170,7 @@ impl NativeModel {
             presence_penalty,
             frequency_penalty,
             min_p,
+            allow_placeholders,
         );
         let saved = self.next.lock().expect("not poisoned").take();
         let g = self.generator.clone();

@@ -118,3 +118,10 @@ def test_generation_releases_the_gil(model):
         ticks += 1
     t.join()
     assert done and ticks > 1000
+
+
+def test_placeholders_are_generated_only_when_allowed():
+    ptb = Model.load(os.path.join(os.path.dirname(MODEL), "ptb-tiny"))
+    allowed = ptb.generate("the company said", max_tokens=60, seed=2, allow_placeholders=True)
+    assert "<unk>" in allowed
+    assert "<unk>" not in ptb.generate("the company said", max_tokens=60, seed=2)

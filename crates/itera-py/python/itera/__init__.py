@@ -30,7 +30,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # The CLI's defaults (`itera generate --help`), so the same seed gives the same text.
 _DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, seed=42, repetition_penalty=1.0,
-                 presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0)
+                 presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
+                 allow_placeholders=False)
 
 
 class Tokenizer:
@@ -92,18 +93,21 @@ class Model:
                  **sampling) -> str:
         """The text generated after `prompt` (without it), cut before the first `stop` string.
         Sampling: temperature (0 = greedy), top_k, top_p, seed, repetition_penalty,
-        presence_penalty, frequency_penalty, min_p."""
+        presence_penalty, frequency_penalty, min_p, allow_placeholders (PTB's `<unk>` is never
+        generated unless True, as in `itera generate --allow-unk`)."""
         s = self._sampling(sampling)
         return self._native.generate(prompt, max_tokens, s["temperature"], s["top_k"], s["top_p"],
                                      s["seed"], list(stop or []), s["repetition_penalty"],
-                                     s["presence_penalty"], s["frequency_penalty"], s["min_p"])
+                                     s["presence_penalty"], s["frequency_penalty"], s["min_p"],
+                                     s["allow_placeholders"])
 
     def stream(self, prompt: str, max_tokens: int = 100, **sampling) -> Stream:
         """Like `generate`, as an iterator of text pieces."""
         s = self._sampling(sampling)
         return Stream(self._native.stream(prompt, max_tokens, s["temperature"], s["top_k"], s["top_p"],
                                           s["seed"], s["repetition_penalty"], s["presence_penalty"],
-                                          s["frequency_penalty"], s["min_p"]))
+                                          s["frequency_penalty"], s["min_p"],
+                                          s["allow_placeholders"]))
 
     def eval(self, text: str) -> Dict:
         """Scores `text` as `itera eval` does: bits_per_byte, perplexity, mean_nll, counts."""

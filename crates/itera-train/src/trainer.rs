@@ -29,6 +29,10 @@ use crate::reference::{Model, Params};
 /// Mixed into the run's seed for the dropout masks (independent of the batch sampling).
 const DROPOUT_STREAM: u64 = 0xD40D_0D40;
 
+/// Windows per validation when `eval_windows` is 0 but the mixer carries no state to walk the
+/// whole text with (attention).
+const STATELESS_EVAL_WINDOWS: usize = 64;
+
 /// Saved beside the weights so `--resume` knows where it stands.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct TrainState {
@@ -308,18 +312,14 @@ impl Run {
             val_bpb: val_loss / (corpus.valid_bytes_per_token * std::f64::consts::LN_2),
         };
         if o.eval_windows == 0 && self.config.mixer.is_recurrent() {
-            let weights = match &self.ema {
-                Some(w) => w.clone(),
-                None => self.params.to_weights()?,
-            };
-            let runtime = itera_core::Runtime::new(&self.config, &weights)?;
+            let runtime = itera_core::Runtime::new(&self.config, &self.measured_weights()?)?;
             return Ok(metrics(itera_core::eval::mean_nll(
                 &runtime,
                 &corpus.valid,
             )?));
         }
         let windows = if o.eval_windows == 0 {
-            64
+            STATELESS_EVAL_WINDOWS
         } else {
             o.eval_windows
         };
@@ -508,10 +508,11 @@ impl Run {
         let tmp = self.dir.join(format!("{name}.tmp"));
         let old = self.dir.join(format!("{name}.old"));
         let _ = std::fs::remove_dir_all(&tmp);
-        // The best model is what validation measured: the average when there is one.
-        let weights = match (&self.ema, full) {
-            (Some(ema), false) => ema.clone(),
-            _ => self.weights()?,
+        // The best model is what validation measured; a checkpoint keeps the raw weights.
+        let weights = if full {
+            self.weights()?
+        } else {
+            self.measured_weights()?
         };
         ModelDir::save(&tmp, &self.config, &weights, &self.tokenizer)?;
         if full {
@@ -603,6 +604,14 @@ impl Run {
     /// Snapshot of the current weights (e.g. for a test, a checkpoint or an export).
     pub fn weights(&self) -> Result<Weights> {
         self.params.to_weights()
+    }
+
+    /// The weights validation measures and `best/` holds: the average when there is one.
+    fn measured_weights(&self) -> Result<Weights> {
+        match &self.ema {
+            Some(ema) => Ok(ema.clone()),
+            None => self.weights(),
+        }
     }
 }
 

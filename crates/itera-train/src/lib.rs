@@ -1,8 +1,8 @@
 //! Itera-Lite training, on candle: corpora from package registries (`corpora`), token data
 //! (`data`), the reference model and its fused ops (`reference`), AdamW (`optim`), the teacher of
 //! a distillation run (`distill`), a run's options (`options`), the rules of a
-//! new run (`new_run`), the training loop with checkpoints and logs (`trainer`), and PNG charts
-//! (`plot`).
+//! new run (`new_run`), the training loop with checkpoints and logs (`trainer`), PNG charts
+//! (`plot`), and the process settings training runs under (`process`).
 
 pub mod corpora;
 pub mod data;
@@ -12,6 +12,7 @@ pub mod new_run;
 pub mod optim;
 pub mod options;
 pub mod plot;
+pub mod process;
 pub mod reference;
 pub mod trainer;
 

@@ -28,7 +28,7 @@ fn conv_pre_row(xb: &[f32], tw: &[f32], di: usize, k: usize, t: usize, pre: &mut
 
 itera_core::multiversion! {
     /// One sequence of the conv forward: out = silu(conv(x)).
-    fn conv_forward_sequence(xb: &[f32], tw: &[f32], t_len: usize, di: usize, k: usize, ob: &mut [f32]) {
+    pub(super) fn conv_forward_sequence(xb: &[f32], tw: &[f32], t_len: usize, di: usize, k: usize, ob: &mut [f32]) {
         for t in 0..t_len {
             let row = &mut ob[t * di..(t + 1) * di];
             conv_pre_row(xb, tw, di, k, t, row);
@@ -42,7 +42,7 @@ itera_core::multiversion! {
 itera_core::multiversion! {
     /// One sequence of the conv backward: fills dL/dx, returns this sequence's share of dL/d(taps,
     /// bias) in the tap-major layout.
-    fn conv_backward_sequence(xb: &[f32], gb: &[f32], tw: &[f32], t_len: usize, di: usize, k: usize, gxb: &mut [f32]) -> Vec<f32> {
+    pub(super) fn conv_backward_sequence(xb: &[f32], gb: &[f32], tw: &[f32], t_len: usize, di: usize, k: usize, gxb: &mut [f32]) -> Vec<f32> {
         let mut gw = vec![0.0f32; (k + 1) * di];
         let mut gpre = vec![0.0f32; di];
         for t in 0..t_len {
@@ -238,53 +238,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{compare, var};
     use super::*;
-    use candle_core::{Device, Var};
-    use itera_core::rng::Rng;
-
-    fn var(shape: &[usize], seed: u64) -> Var {
-        let mut rng = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn close(a: &Tensor, b: &Tensor) {
-        let (a, b) = (
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
-        }
-    }
-
-    /// Fused op and candle's composite autograd give the same values and gradients.
-    fn compare(
-        inputs: &[Var],
-        fused: impl Fn(&[&Tensor]) -> Tensor,
-        composite: impl Fn(&[&Tensor]) -> Tensor,
-    ) {
-        let t: Vec<&Tensor> = inputs.iter().map(|v| v.as_tensor()).collect();
-        let r = var(fused(&t).dims(), 99);
-        let (a, b) = (fused(&t), composite(&t));
-        close(&a, &b);
-        let ga = (a * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (b * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in &t {
-            close(ga.get(v).unwrap(), gb.get(v).unwrap());
-        }
-    }
 
     #[test]
     fn conv_matches_composite() {

@@ -1,6 +1,7 @@
 //! The training side of the model, on candle: the reference model (`model`) and the fused ops
 //! it is built from, each with a hand-written backward checked against finite differences or
-//! candle's own autograd (`scan`: the SSM core; `conv_norm`: causal conv + SiLU and RMSNorm;
+//! candle's own autograd (`scan`: the SSM core; `mixer_core`: the whole mixer between its
+//! projections, over the scan's and the conv's kernels; `conv_norm`: causal conv + SiLU and RMSNorm;
 //! `swiglu`: the experts' gate silu(g) * u; `lm_head_loss`: the tied LM head fused with
 //! cross-entropy, over `gemm`; `distill_loss`: the
 //! same head fused with the distillation loss against a teacher), plus the windowed
@@ -11,6 +12,7 @@ pub mod conv_norm;
 pub mod distill_loss;
 pub mod gemm;
 pub mod lm_head_loss;
+pub mod mixer_core;
 pub mod model;
 pub mod scan;
 pub mod swiglu;
@@ -66,5 +68,56 @@ impl Params {
 
     pub fn parameter_count(&self) -> usize {
         self.tensors.values().map(|t| t.elem_count()).sum()
+    }
+}
+
+/// Helpers of the fused ops' tests: random variables and the fused-against-composite check.
+#[cfg(test)]
+mod testing {
+    use candle_core::{Device, Tensor, Var};
+    use itera_core::rng::Rng;
+
+    pub fn var(shape: &[usize], seed: u64) -> Var {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    pub fn close(a: &Tensor, b: &Tensor) {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    /// Fused op and candle's composite autograd give the same values and gradients.
+    pub fn compare(
+        inputs: &[Var],
+        fused: impl Fn(&[&Tensor]) -> Tensor,
+        composite: impl Fn(&[&Tensor]) -> Tensor,
+    ) {
+        let t: Vec<&Tensor> = inputs.iter().map(|v| v.as_tensor()).collect();
+        let r = var(fused(&t).dims(), 99);
+        let (a, b) = (fused(&t), composite(&t));
+        close(&a, &b);
+        let ga = (a * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (b * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in &t {
+            close(ga.get(v).unwrap(), gb.get(v).unwrap());
+        }
     }
 }

@@ -13,7 +13,8 @@ use itera_core::tensors::{AttentionSpec, MixerSpec, ModelSpec, MoeSpec, SsmSpec,
 use super::conv_norm::{causal_conv_silu, rms_norm};
 use super::distill_loss::{distill_loss, DistillLossSpec, Parts, TeacherLogits};
 use super::lm_head_loss::lm_head_loss;
-use super::scan::{ssm_core, ssm_core_ungated};
+use super::mixer_core::{mixer_core, MixerWeights};
+use super::scan::ssm_core_ungated;
 use super::swiglu::swiglu_gate;
 use super::Params;
 use crate::error::{Error, Result};
@@ -200,27 +201,20 @@ impl<'a> Model<'a> {
         Ok((loss, out.aux_loss))
     }
 
-    /// Mamba-1 mixer on h [B*T, d] -> [B*T, d].
+    /// Mamba-1 mixer on h [B*T, d] -> [B*T, d]: the two projections here, the rest fused.
     fn mixer(&self, h: &Tensor, b: usize, t: usize, m: &SsmSpec) -> Result<Tensor> {
-        let cfg = self.cfg;
-        let (di, n, r) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank);
-        let xz = linear(h, self.w(&m.in_proj)?)?; // [BT, 2Di]
-        let xs = xz.narrow(1, 0, di)?.reshape((b, t, di))?;
-        let z = xz.narrow(1, di, di)?.reshape((b, t, di))?;
-        let xc = causal_conv_silu(&xs, self.w(&m.conv)?, self.w(&m.conv_bias)?)?; // [B, T, Di]
-        let dbc = linear(&xc.reshape((b * t, di))?, self.w(&m.x_proj)?)?; // [BT, R + 2N]
-        let dt_raw = linear(&dbc.narrow(1, 0, r)?, self.w(&m.dt_proj)?)?.reshape((b, t, di))?;
-        let bc = dbc.narrow(1, r, 2 * n)?.reshape((b, t, 2 * n))?;
-        let y = ssm_core(
-            &xc,
-            &dt_raw,
-            &z,
-            &bc,
-            self.w(&m.a_log)?,
-            self.w(&m.d)?,
-            self.w(&m.dt_bias)?,
-        )?;
-        let y = y.reshape((b * t, di))?;
+        let di = self.cfg.d_inner();
+        let xz = linear(h, self.w(&m.in_proj)?)?.reshape((b, t, 2 * di))?;
+        let weights = MixerWeights {
+            conv: self.w(&m.conv)?,
+            conv_bias: self.w(&m.conv_bias)?,
+            x_proj: self.w(&m.x_proj)?,
+            dt_proj: self.w(&m.dt_proj)?,
+            a_log: self.w(&m.a_log)?,
+            d: self.w(&m.d)?,
+            dt_bias: self.w(&m.dt_bias)?,
+        };
+        let y = mixer_core(&xz, &weights)?.reshape((b * t, di))?;
         Ok(linear(&y, self.w(&m.out_proj)?)?)
     }
 

@@ -35,12 +35,12 @@ pub struct SsmCore {
     gated: bool,
 }
 
-struct Dims {
-    b: usize,
-    t: usize,
-    di: usize,
-    n: usize,
-    gated: bool,
+pub(super) struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub di: usize,
+    pub n: usize,
+    pub gated: bool,
 }
 
 fn dims(u: &Shape, bc: &Shape, p: &Shape, gated: bool) -> candle_core::Result<Dims> {
@@ -60,7 +60,7 @@ fn dims(u: &Shape, bc: &Shape, p: &Shape, gated: bool) -> candle_core::Result<Di
 }
 
 /// Unpacks `p` into (A state-major [N][d_inner], D, dt_bias).
-fn params(p: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub(super) fn params(p: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let w = d.n + 2;
     let a = (0..d.di * d.n)
         .map(|k| -p[(k % d.di) * w + k / d.di].exp())
@@ -70,12 +70,54 @@ fn params(p: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (a, dd, bias)
 }
 
+/// One sequence's scan inputs: x, dt_raw and z, each a [T, Di] matrix whose row t starts at
+/// t * stride (the same in all three: interleaved in `SsmCore`'s u, separate in `mixer_core`).
+#[derive(Clone, Copy)]
+pub(super) struct Inputs<'a> {
+    pub x: &'a [f32],
+    pub raw: &'a [f32],
+    pub z: &'a [f32],
+    pub stride: usize,
+}
+
+impl<'a> Inputs<'a> {
+    /// Row t of x, dt_raw and z, each exactly `di` long.
+    #[inline(always)]
+    fn row(&self, t: usize, di: usize) -> (&[f32], &[f32], &[f32]) {
+        let at = t * self.stride;
+        (
+            &self.x[at..at + di],
+            &self.raw[at..at + di],
+            &self.z[at..at + di],
+        )
+    }
+
+    /// Sequence `bi` of `SsmCore`'s u [B, T, 3 Di].
+    fn interleaved(u: &'a [f32], bi: usize, d: &Dims) -> Inputs<'a> {
+        let u = &u[bi * d.t * 3 * d.di..(bi + 1) * d.t * 3 * d.di];
+        Inputs {
+            x: u,
+            raw: &u[d.di..],
+            z: &u[2 * d.di..],
+            stride: 3 * d.di,
+        }
+    }
+}
+
+/// One sequence's gradients of x, dt_raw and z, each [T, Di] row-major (`g_z` untouched when
+/// ungated).
+pub(super) struct InputGrads<'a> {
+    pub x: &'a mut [f32],
+    pub raw: &'a mut [f32],
+    pub z: &'a mut [f32],
+}
+
 /// Forward over one sequence. Fills `out`; optionally records h_t ([N][d_inner] per step), dt_t
 /// and the pre-gate y_t.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn core_sequence(
-    u: &[f32],
+    u: &Inputs,
     bc: &[f32],
     a: &[f32],
     d_skip: &[f32],
@@ -93,9 +135,7 @@ fn core_sequence(
     let mut dx = vec![0.0f32; di];
     let mut y = vec![0.0f32; di];
     for t in 0..d.t {
-        let ut = &u[t * 3 * di..(t + 1) * 3 * di];
-        let (x, rest) = ut.split_at(di);
-        let (raw, z) = rest.split_at(di);
+        let (x, raw, z) = u.row(t, di);
         for i in 0..di {
             dt[i] = softplus(raw[i] + bias[i]);
             dx[i] = dt[i] * x[i];
@@ -126,20 +166,20 @@ fn core_sequence(
     }
 }
 
-/// Gradients of one sequence: fills dL/du and dL/dbc, returns this sequence's share of dL/dp.
+/// Gradients of one sequence: fills dL/d(x, dt_raw, z) and dL/dbc, returns this sequence's share of dL/dp.
 /// Every loop runs across channels (state-major layout); the sums over channels that B and C
 /// need are lane-wise dot products.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn core_backward(
-    ub: &[f32],
+    ub: &Inputs,
     bcb: &[f32],
     gout: &[f32],
     a: &[f32],
     d_skip: &[f32],
     bias: &[f32],
     d: &Dims,
-    gu: &mut [f32],
+    gu: InputGrads,
     gbc: &mut [f32],
 ) -> Vec<f32> {
     let (t_len, di, n) = (d.t, d.di, d.n);
@@ -168,9 +208,7 @@ fn core_backward(
     let (mut gy, mut dx) = (vec![0.0f32; di], vec![0.0f32; di]);
     let (mut g_dt, mut g_x, mut g) = (vec![0.0f32; di], vec![0.0f32; di], vec![0.0f32; di]);
     for t in (0..t_len).rev() {
-        let ut = &ub[t * 3 * di..(t + 1) * 3 * di];
-        let (x, rest) = ut.split_at(di);
-        let (raw, z) = rest.split_at(di);
+        let (x, raw, z) = ub.row(t, di);
         let dt = &dts[t * di..(t + 1) * di];
         let bt = &bcb[t * 2 * n..t * 2 * n + n];
         let ct = &bcb[t * 2 * n + n..(t + 1) * 2 * n];
@@ -180,8 +218,9 @@ fn core_backward(
         } else {
             &zeros[..]
         };
-        let (g_xt, rest) = gu[t * 3 * di..(t + 1) * 3 * di].split_at_mut(di);
-        let (g_rawt, g_zt) = rest.split_at_mut(di);
+        let rows = t * di..(t + 1) * di;
+        let (g_xt, g_rawt) = (&mut gu.x[rows.clone()], &mut gu.raw[rows.clone()]);
+        let g_zt = &mut gu.z[rows];
         let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
         let go = &gout[t * di..(t + 1) * di];
         let yt = &ys[t * di..(t + 1) * di];
@@ -237,7 +276,7 @@ fn core_backward(
 
 itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn core_sequence_fast(u: &[f32], bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
+    pub(super) fn core_sequence_fast(u: &Inputs, bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
         core_sequence(u, bc, a, d_skip, bias, d, out, None)
     }
 }
@@ -258,15 +297,15 @@ fn dt_backward(g_dt: &[f32], raw: &[f32], bias: &[f32], g_raw: &mut [f32], g_bia
 
 itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn core_backward_fast(
-        ub: &[f32],
+    pub(super) fn core_backward_fast(
+        ub: &Inputs,
         bcb: &[f32],
         gout: &[f32],
         a: &[f32],
         d_skip: &[f32],
         bias: &[f32],
         d: &Dims,
-        gu: &mut [f32],
+        gu: InputGrads,
         gbc: &mut [f32],
     ) -> Vec<f32> {
         core_backward(ub, bcb, gout, a, d_skip, bias, d, gu, gbc)
@@ -298,9 +337,16 @@ impl CustomOp3 for SsmCore {
         out.par_chunks_mut(d.t * d.di)
             .enumerate()
             .for_each(|(bi, ob)| {
-                let ub = &u[bi * d.t * 3 * d.di..(bi + 1) * d.t * 3 * d.di];
                 let bcb = &bc[bi * d.t * 2 * d.n..(bi + 1) * d.t * 2 * d.n];
-                core_sequence_fast(ub, bcb, &a, &d_skip, &bias, &d, ob);
+                core_sequence_fast(
+                    &Inputs::interleaved(u, bi, &d),
+                    bcb,
+                    &a,
+                    &d_skip,
+                    &bias,
+                    &d,
+                    ob,
+                );
             });
         Ok((CpuStorage::F32(out), Shape::from((d.b, d.t, d.di))))
     }
@@ -328,10 +374,25 @@ impl CustomOp3 for SsmCore {
             .zip(g_bc.par_chunks_mut(t_len * 2 * n))
             .enumerate()
             .map(|(bi, (gu, gbc))| {
-                let ub = &u_v[bi * t_len * 3 * di..(bi + 1) * t_len * 3 * di];
+                let ub = Inputs::interleaved(&u_v, bi, &d);
                 let bcb = &bc_v[bi * t_len * 2 * n..(bi + 1) * t_len * 2 * n];
                 let gout = &g_v[bi * t_len * di..(bi + 1) * t_len * di];
-                core_backward_fast(ub, bcb, gout, &a, &d_skip, &bias, &d, gu, gbc)
+                let mut g = vec![0.0f32; 3 * t_len * di];
+                let (gx, rest) = g.split_at_mut(t_len * di);
+                let (graw, gz) = rest.split_at_mut(t_len * di);
+                let grads = InputGrads {
+                    x: gx,
+                    raw: graw,
+                    z: gz,
+                };
+                let gp = core_backward_fast(&ub, bcb, gout, &a, &d_skip, &bias, &d, grads, gbc);
+                // Interleave (x, dt_raw, z) as u's rows.
+                for (t, row) in gu.chunks_exact_mut(3 * di).enumerate() {
+                    for (j, part) in row.chunks_exact_mut(di).enumerate() {
+                        part.copy_from_slice(&g[(j * t_len + t) * di..][..di]);
+                    }
+                }
+                gp
             })
             .collect();
         let mut g_p = vec![0.0f32; di * (n + 2)];

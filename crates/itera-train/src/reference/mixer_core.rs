@@ -1,0 +1,385 @@
+//! The Mamba-1 mixer between its two projections as one training op: causal conv + SiLU, x_proj,
+//! dt_proj and the gated selective scan, forward and backward over slices.
+//!
+//! Built from candle ops (`conv_norm`, two matmuls, `scan`) the same arithmetic was about twelve
+//! graph nodes per layer over [B*T, d_inner] tensors, and candle's backward gives every node's
+//! gradient a zero-filled tensor plus an add (`GradStore::or_insert`): a 2026-12-01 profile of the
+//! training steps had those fills, adds and copies at 26% of the step time. As one op the mixer
+//! takes one gradient in and gives one out. The composite stays as the test's reference.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv_norm::{conv_backward_sequence, conv_forward_sequence};
+use super::gemm::{matmul, View};
+use super::scan::{
+    core_backward_fast, core_sequence_fast, f32_slice, params, Dims, InputGrads, Inputs,
+};
+
+/// Sizes of the mixer: d_inner, the SSM state, dt's rank and the conv's taps.
+#[derive(Clone, Copy, Debug)]
+pub struct MixerDims {
+    pub di: usize,
+    pub n: usize,
+    pub r: usize,
+    pub k: usize,
+}
+
+impl MixerDims {
+    /// Lengths of the packed parameter vector's parts, in order: the conv's taps and bias
+    /// tap-major [K + 1, Di], x_proj [R + 2N, Di], dt_proj [Di, R], and the scan's (A_log, D,
+    /// dt_bias) channel-major [Di, N + 2].
+    fn parts(&self) -> [usize; 4] {
+        let (di, n, r, k) = (self.di, self.n, self.r, self.k);
+        [(k + 1) * di, (r + 2 * n) * di, di * r, di * (n + 2)]
+    }
+}
+
+/// What the forward computes for the whole batch and the backward needs again.
+struct Saved {
+    /// The conv's input x and the gate z [B*T, Di] each, copied out of xz.
+    xs: Vec<f32>,
+    z: Vec<f32>,
+    /// The conv's output, the scan's x [B*T, Di].
+    xc: Vec<f32>,
+    /// x_proj's output (dt low-rank, B, C) [B*T, R + 2N].
+    dbc: Vec<f32>,
+    /// dt before its bias and softplus [B*T, Di].
+    raw: Vec<f32>,
+    /// (B, C) [B*T, 2N].
+    bc: Vec<f32>,
+}
+
+impl Saved {
+    /// Sequence `bi`'s scan inputs (each [T, Di] row-major).
+    fn inputs(&self, bi: usize, t: usize, di: usize) -> Inputs<'_> {
+        let seq = bi * t * di..(bi + 1) * t * di;
+        Inputs {
+            x: &self.xc[seq.clone()],
+            raw: &self.raw[seq.clone()],
+            z: &self.z[seq],
+            stride: di,
+        }
+    }
+}
+
+/// Inputs: xz [B, T, 2 Di] (in_proj's output: x, then the gate z), and the packed parameters
+/// (`MixerDims::parts`). Output y [B, T, Di], before out_proj.
+struct MixerCore {
+    dims: MixerDims,
+    /// The forward's intermediates, kept for the backward when autograd will ask for it.
+    saved: Option<Mutex<Option<Saved>>>,
+}
+
+impl MixerCore {
+    fn scan_dims(&self, b: usize, t: usize) -> Dims {
+        Dims {
+            b,
+            t,
+            di: self.dims.di,
+            n: self.dims.n,
+            gated: true,
+        }
+    }
+
+    fn check(&self, xz: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
+        let (b, t, di2) = xz.dims3()?;
+        let len = w.dims1()?;
+        let want: usize = self.dims.parts().iter().sum();
+        if di2 != 2 * self.dims.di || len != want {
+            candle_core::bail!(
+                "mixer_core: xz {xz:?} and {len} packed parameters disagree with {:?}",
+                self.dims
+            );
+        }
+        Ok((b, t))
+    }
+
+    /// Everything up to the scan: x and z out of xz, the conv, x_proj and dt_proj.
+    fn prepare(&self, xz: &[f32], w: &[f32], b: usize, t: usize) -> Saved {
+        let MixerDims { di, n, r, k } = self.dims;
+        let rows = b * t;
+        let [tw, wx, wdt, _] = split(w, self.dims);
+        let (mut xs, mut z) = (Vec::with_capacity(rows * di), Vec::with_capacity(rows * di));
+        for row in xz.chunks_exact(2 * di) {
+            xs.extend_from_slice(&row[..di]);
+            z.extend_from_slice(&row[di..]);
+        }
+        let mut xc = vec![0.0f32; rows * di];
+        xc.par_chunks_mut(t * di)
+            .zip(xs.par_chunks(t * di))
+            .for_each(|(ob, xb)| conv_forward_sequence(xb, tw, t, di, k, ob));
+        let wdbc = r + 2 * n;
+        let mut dbc = vec![0.0f32; rows * wdbc];
+        matmul(
+            &mut dbc,
+            View::rows(&xc, rows, di),
+            View::rows(wx, wdbc, di).t(),
+            false,
+        );
+        let mut raw = vec![0.0f32; rows * di];
+        let low = View {
+            cols: r,
+            ..View::rows(&dbc, rows, wdbc)
+        };
+        matmul(&mut raw, low, View::rows(wdt, di, r).t(), false);
+        let mut bc = Vec::with_capacity(rows * 2 * n);
+        for row in dbc.chunks_exact(wdbc) {
+            bc.extend_from_slice(&row[r..]);
+        }
+        Saved {
+            xs,
+            z,
+            xc,
+            dbc,
+            raw,
+            bc,
+        }
+    }
+}
+
+/// The packed parameters' four parts (`MixerDims::parts`).
+fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 4] {
+    let [a, b, c, _] = dims.parts();
+    let (tw, rest) = w.split_at(a);
+    let (wx, rest) = rest.split_at(b);
+    let (wdt, p) = rest.split_at(c);
+    [tw, wx, wdt, p]
+}
+
+/// Sums per-sequence partial gradients.
+fn sum_parts(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut acc = vec![0.0f32; len];
+    for p in parts {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    acc
+}
+
+impl CustomOp2 for MixerCore {
+    fn name(&self) -> &'static str {
+        "mixer_core"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t) = self.check(l1.shape(), l2.shape())?;
+        let (xz, w) = (
+            f32_slice(s1, l1, "xz")?,
+            f32_slice(s2, l2, "mixer parameters")?,
+        );
+        let saved = self.prepare(xz, w, b, t);
+        let d = self.scan_dims(b, t);
+        let (a, d_skip, bias) = params(split(w, self.dims)[3], &d);
+        let di = self.dims.di;
+        let mut out = vec![0.0f32; b * t * di];
+        out.par_chunks_mut(t * di)
+            .zip(saved.bc.par_chunks(t * 2 * d.n))
+            .enumerate()
+            .for_each(|(bi, (ob, bcb))| {
+                let u = saved.inputs(bi, t, di);
+                core_sequence_fast(&u, bcb, &a, &d_skip, &bias, &d, ob)
+            });
+        if let Some(slot) = &self.saved {
+            *slot.lock().expect("not poisoned") = Some(saved);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, t, di))))
+    }
+
+    fn bwd(
+        &self,
+        xz: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, t) = self.check(xz.shape(), w.shape())?;
+        let MixerDims { di, n, r, k } = self.dims;
+        let w_v = w.to_vec1::<f32>()?;
+        let saved = self
+            .saved
+            .as_ref()
+            .and_then(|s| s.lock().expect("not poisoned").take());
+        let Some(saved) = saved else {
+            candle_core::bail!("mixer_core: backward without its forward's intermediates");
+        };
+        let g_out = grad.flatten_all()?.to_vec1::<f32>()?;
+        let d = self.scan_dims(b, t);
+        let [tw, wx, wdt, p] = split(&w_v, self.dims);
+        let (a, d_skip, bias) = params(p, &d);
+        let (rows, wdbc, seq) = (b * t, r + 2 * n, t * di);
+
+        // The scan: dL/d(xc, dt_raw, z) and dL/d(B, C).
+        let mut g_xc = vec![0.0f32; rows * di];
+        let mut g_raw = vec![0.0f32; rows * di];
+        let mut g_z = vec![0.0f32; rows * di];
+        let mut g_bc = vec![0.0f32; rows * 2 * n];
+        let gp_parts: Vec<Vec<f32>> = g_xc
+            .par_chunks_mut(seq)
+            .zip(g_raw.par_chunks_mut(seq))
+            .zip(g_z.par_chunks_mut(seq))
+            .zip(g_bc.par_chunks_mut(t * 2 * n))
+            .enumerate()
+            .map(|(bi, (((x, raw), z), gbc))| {
+                let u = saved.inputs(bi, t, di);
+                let bcb = &saved.bc[bi * t * 2 * n..(bi + 1) * t * 2 * n];
+                let gob = &g_out[bi * seq..(bi + 1) * seq];
+                let grads = InputGrads { x, raw, z };
+                core_backward_fast(&u, bcb, gob, &a, &d_skip, &bias, &d, grads, gbc)
+            })
+            .collect();
+        let g_p = sum_parts(gp_parts, p.len());
+
+        // dt_raw = low · dt_proj^T, low = dbc[:, ..R].
+        let g_raw = View::rows(&g_raw, rows, di);
+        let low = View {
+            cols: r,
+            ..View::rows(&saved.dbc, rows, wdbc)
+        };
+        let mut g_wdt = vec![0.0f32; di * r];
+        matmul(&mut g_wdt, g_raw.t(), low, false);
+        let mut g_low = vec![0.0f32; rows * r];
+        matmul(&mut g_low, g_raw, View::rows(wdt, di, r), false);
+        let mut g_dbc = Vec::with_capacity(rows * wdbc);
+        for (l, bcr) in g_low.chunks_exact(r).zip(g_bc.chunks_exact(2 * n)) {
+            g_dbc.extend_from_slice(l);
+            g_dbc.extend_from_slice(bcr);
+        }
+
+        // dbc = xc · x_proj^T; xc also feeds the scan directly (g_xc holds that part).
+        let mut g_wx = vec![0.0f32; wdbc * di];
+        let g_dbc = View::rows(&g_dbc, rows, wdbc);
+        matmul(&mut g_wx, g_dbc.t(), View::rows(&saved.xc, rows, di), false);
+        matmul(&mut g_xc, g_dbc, View::rows(wx, wdbc, di), true);
+
+        // The conv, then dL/dxz = (dL/dxs, dL/dz).
+        let mut g_xs = vec![0.0f32; rows * di];
+        let tw_parts: Vec<Vec<f32>> = g_xs
+            .par_chunks_mut(seq)
+            .zip(saved.xs.par_chunks(seq))
+            .zip(g_xc.par_chunks(seq))
+            .map(|((gxb, xb), gb)| conv_backward_sequence(xb, gb, tw, t, di, k, gxb))
+            .collect();
+        let g_tw = sum_parts(tw_parts, tw.len());
+        let mut g_xz = Vec::with_capacity(rows * 2 * di);
+        for (gx, gz) in g_xs.chunks_exact(di).zip(g_z.chunks_exact(di)) {
+            g_xz.extend_from_slice(gx);
+            g_xz.extend_from_slice(gz);
+        }
+        let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p].concat();
+        let dev = xz.device();
+        Ok((
+            Some(Tensor::from_vec(g_xz, xz.shape(), dev)?),
+            Some(Tensor::from_vec(g_w, w.shape(), dev)?),
+        ))
+    }
+}
+
+/// The mixer's weights by role, as the model names them.
+pub struct MixerWeights<'a> {
+    /// [Di, K] and [Di].
+    pub conv: &'a Tensor,
+    pub conv_bias: &'a Tensor,
+    /// [R + 2N, Di].
+    pub x_proj: &'a Tensor,
+    /// [Di, R].
+    pub dt_proj: &'a Tensor,
+    /// [Di, N], [Di], [Di].
+    pub a_log: &'a Tensor,
+    pub d: &'a Tensor,
+    pub dt_bias: &'a Tensor,
+}
+
+/// y [B, T, Di] = the gated selective scan of the conv'd x half of xz [B, T, 2 Di], with dt, B
+/// and C projected from it, gated by silu of the z half (Mamba-1, between in_proj and out_proj).
+pub fn mixer_core(xz: &Tensor, m: &MixerWeights) -> candle_core::Result<Tensor> {
+    let (di, k) = m.conv.dims2()?;
+    let n = m.a_log.dim(1)?;
+    let r = m.dt_proj.dim(1)?;
+    let dims = MixerDims { di, n, r, k };
+    let tw = Tensor::cat(&[m.conv, &m.conv_bias.unsqueeze(1)?], 1)?.t()?;
+    let p = Tensor::cat(&[m.a_log, &m.d.unsqueeze(1)?, &m.dt_bias.unsqueeze(1)?], 1)?;
+    let w = Tensor::cat(
+        &[
+            tw.flatten_all()?,
+            m.x_proj.flatten_all()?,
+            m.dt_proj.flatten_all()?,
+            p.flatten_all()?,
+        ],
+        0,
+    )?;
+    let tracked = xz.track_op() || w.track_op();
+    let op = MixerCore {
+        dims,
+        saved: tracked.then(|| Mutex::new(None)),
+    };
+    xz.contiguous()?.apply_op2(&w, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv_norm::causal_conv_silu;
+    use super::super::scan::ssm_core;
+    use super::super::testing::{compare, var};
+    use super::*;
+
+    /// The fused op against the composite it replaces (conv op, two candle matmuls, scan op),
+    /// values and the gradients of every input.
+    #[test]
+    fn matches_the_composite_mixer() {
+        let (b, t, di, n, r, k) = (2, 9, 6, 3, 2, 4);
+        let inputs = [
+            var(&[b, t, 2 * di], 1),
+            var(&[di, k], 2),
+            var(&[di], 3),
+            var(&[r + 2 * n, di], 4),
+            var(&[di, r], 5),
+            var(&[di, n], 6),
+            var(&[di], 7),
+            var(&[di], 8),
+        ];
+        compare(
+            &inputs,
+            |v| {
+                let m = MixerWeights {
+                    conv: v[1],
+                    conv_bias: v[2],
+                    x_proj: v[3],
+                    dt_proj: v[4],
+                    a_log: v[5],
+                    d: v[6],
+                    dt_bias: v[7],
+                };
+                mixer_core(v[0], &m).unwrap()
+            },
+            |v| {
+                let xs = v[0].narrow(2, 0, di).unwrap();
+                let z = v[0].narrow(2, di, di).unwrap();
+                let xc = causal_conv_silu(&xs, v[1], v[2]).unwrap();
+                let flat = xc.reshape((b * t, di)).unwrap();
+                let dbc = flat.matmul(&v[3].t().unwrap()).unwrap();
+                let raw = dbc
+                    .narrow(1, 0, r)
+                    .unwrap()
+                    .matmul(&v[4].t().unwrap())
+                    .unwrap();
+                let bc = dbc
+                    .narrow(1, r, 2 * n)
+                    .unwrap()
+                    .reshape((b, t, 2 * n))
+                    .unwrap();
+                let raw = raw.reshape((b, t, di)).unwrap();
+                ssm_core(&xc, &raw, &z, &bc, v[5], v[6], v[7]).unwrap()
+            },
+        );
+    }
+}

@@ -5,9 +5,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, Criterion};
-use itera_train::reference::conv_norm::causal_conv_silu;
-use itera_train::reference::mixer_core::{mixer_core, MixerWeights};
-use itera_train::reference::scan::ssm_core;
+use itera_train::reference::mixer_core::{mixer_composite, mixer_core, MixerWeights};
 
 const B: usize = 8;
 const T: usize = 128;
@@ -27,42 +25,6 @@ fn var(shape: &[usize], seed: u32) -> Var {
     Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
 }
 
-fn weights<'a>(v: &[&'a Tensor]) -> MixerWeights<'a> {
-    MixerWeights {
-        conv: v[1],
-        conv_bias: v[2],
-        x_proj: v[3],
-        dt_proj: v[4],
-        a_log: v[5],
-        d: v[6],
-        dt_bias: v[7],
-    }
-}
-
-fn composite(v: &[&Tensor]) -> Tensor {
-    let m = weights(v);
-    let xs = v[0].narrow(2, 0, DI).unwrap();
-    let z = v[0].narrow(2, DI, DI).unwrap();
-    let xc = causal_conv_silu(&xs, m.conv, m.conv_bias).unwrap();
-    let dbc = xc
-        .reshape((B * T, DI))
-        .unwrap()
-        .matmul(&m.x_proj.t().unwrap())
-        .unwrap();
-    let raw = dbc
-        .narrow(1, 0, R)
-        .unwrap()
-        .matmul(&m.dt_proj.t().unwrap())
-        .unwrap();
-    let bc = dbc
-        .narrow(1, R, 2 * N)
-        .unwrap()
-        .reshape((B, T, 2 * N))
-        .unwrap();
-    let raw = raw.reshape((B, T, DI)).unwrap();
-    ssm_core(&xc, &raw, &z, &bc, m.a_log, m.d, m.dt_bias).unwrap()
-}
-
 fn mixer(c: &mut Criterion) {
     let vars = [
         var(&[B, T, 2 * DI], 1),
@@ -77,19 +39,18 @@ fn mixer(c: &mut Criterion) {
     let v: Vec<&Tensor> = vars.iter().map(|x| x.as_tensor()).collect();
     let mut group = c.benchmark_group("mixer_forward_backward");
     group.sample_size(20);
-    group.bench_function("fused", |bench| {
-        bench.iter(|| {
-            mixer_core(v[0], &weights(&v))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        })
-    });
-    group.bench_function("composite", |bench| {
-        bench.iter(|| composite(&v).sum_all().unwrap().backward().unwrap())
-    });
+    type Mixer = fn(&Tensor, &MixerWeights) -> candle_core::Result<Tensor>;
+    for (name, mixer) in [
+        ("fused", mixer_core as Mixer),
+        ("composite", mixer_composite),
+    ] {
+        group.bench_function(name, |bench| {
+            bench.iter(|| {
+                let y = mixer(v[0], &MixerWeights::from_slice(&v[1..])).unwrap();
+                y.sum_all().unwrap().backward().unwrap()
+            })
+        });
+    }
     group.finish();
 }
 

@@ -15,6 +15,9 @@ from itera import IteraError, Model, generate_text, load_model
 
 MODEL = os.environ["ITERA_MODEL"]
 BIN = os.environ["ITERA_BIN"]
+with open(os.path.join(MODEL, "config.json")) as f:
+    CONFIG = json.load(f)
+VOCAB = CONFIG["vocab_size"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def cli_text(*args):
 
 def test_the_original_api(model):
     m, config = load_model(MODEL)
-    assert config["preset"] == "tiny" and config["vocab_size"] == 8000
+    assert config["preset"] == CONFIG["preset"] and config["vocab_size"] == VOCAB
+    assert config["n_layers"] == CONFIG["n_layers"] and config["moe_layers"] == CONFIG["moe_layers"]
     text = generate_text(m, prompt="Once upon a time", max_length=20)
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time")
 
@@ -64,7 +68,7 @@ def test_logits_are_the_runtime_s(model):
     text = "It is a truth universally acknowledged.\n"
     ids = model.tokenizer.encode("\n") + model.tokenizer.encode(text)
     logits = model.logits(ids)
-    assert logits.shape == (len(ids), 8000) and logits.dtype == np.float32
+    assert logits.shape == (len(ids), VOCAB) and logits.dtype == np.float32
     # Each position's log-softmax scores the next token as `eval` does (conditioned on "\n").
     x = logits[:-1].astype(np.float64)
     lse = np.log(np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)) + x.max(axis=1)
@@ -83,7 +87,7 @@ def test_logits_are_the_runtime_s(model):
 def test_tokenizer_round_trips(model):
     ids = model.tokenizer.encode("naïve café — ok")
     assert model.tokenizer.decode(ids) == "naïve café — ok"
-    assert model.tokenizer.vocab_size == 8000
+    assert model.tokenizer.vocab_size == VOCAB
     with pytest.raises(IteraError, match="out of range"):
         model.tokenizer.decode([10**6])
 

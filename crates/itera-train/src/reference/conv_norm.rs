@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::scan::f32_slice;
+use super::scan::{f32_slice, sum_parts};
 use itera_core::math::sigmoid;
 
 /// out[b, t, d] = silu(bias[d] + sum_j w[d, j] * x[b, t - (K-1) + j, d]), zero before t = 0.
@@ -122,12 +122,7 @@ impl CustomOp2 for CausalConvSilu {
                 conv_backward_sequence(xb, gb, &wv, t_len, di, k, gxb)
             })
             .collect();
-        let mut gw = vec![0.0f32; (k + 1) * di];
-        for p in parts {
-            for (a, v) in gw.iter_mut().zip(p) {
-                *a += v;
-            }
-        }
+        let gw = sum_parts(parts, (k + 1) * di);
         Ok((
             Some(Tensor::from_vec(gx, x.shape(), x.device())?),
             Some(Tensor::from_vec(gw, tw.shape(), tw.device())?),

@@ -15,7 +15,8 @@ use rayon::prelude::*;
 use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_sequence};
 use super::gemm::{matmul, View};
 use super::scan::{
-    core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, Dims, InputGrads, Inputs,
+    core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, sum_parts, Dims,
+    InputGrads, Inputs,
 };
 
 /// Sizes of the mixer: d_inner, the SSM state, dt's rank and the conv's taps.
@@ -147,17 +148,6 @@ fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 4] {
     let (wx, rest) = rest.split_at(b);
     let (wdt, p) = rest.split_at(c);
     [tw, wx, wdt, p]
-}
-
-/// Sums per-sequence partial gradients.
-fn sum_parts(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
-    let mut acc = vec![0.0f32; len];
-    for p in parts {
-        for (a, v) in acc.iter_mut().zip(p) {
-            *a += v;
-        }
-    }
-    acc
 }
 
 impl CustomOp2 for MixerCore {

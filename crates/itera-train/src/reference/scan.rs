@@ -27,6 +27,17 @@ pub(crate) fn f32_slice<'a>(
     Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
+/// Sums the per-sequence partial gradients of a fused op's parameters.
+pub(crate) fn sum_parts(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut acc = vec![0.0f32; len];
+    for p in parts {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    acc
+}
+
 /// The whole SSM core of a Mamba mixer between the projections, fused:
 ///   dt = softplus(dt_raw + dt_bias); y = scan(x, dt, A = -exp(A_log), B, C) + D * x; out = y * silu(z)
 /// Inputs: `u` [B, T, 3*Di] = (x, dt_raw, z); `bc` [B, T, 2N] = (B, C);
@@ -395,12 +406,7 @@ impl CustomOp3 for SsmCore {
                 gp
             })
             .collect();
-        let mut g_p = vec![0.0f32; di * (n + 2)];
-        for part in parts {
-            for (acc, v) in g_p.iter_mut().zip(part) {
-                *acc += v;
-            }
-        }
+        let g_p = sum_parts(parts, di * (n + 2));
         let dev = u.device();
         Ok((
             Some(Tensor::from_vec(g_u, u.shape(), dev)?),

@@ -1,13 +1,15 @@
 //! `itera export --format onnx` checked by an independent runtime: `onnx.checker` accepts both
 //! graphs, and onnxruntime (installed from PyPI into a test venv) gives our runtime's logits:
 //! the prefill graph over two 64-token sequences, and a 64-token walk through the step graph
-//! feeding `present.*` back as `past.*`, to 1e-4 for f32 models (`tiny`, `micro`, and `tiny`
-//! pruned to 3 and 2 experts with dynamic skipping at beta 0.6). From a Q8_0
+//! feeding `present.*` back as `past.*`, to 1e-4 for f32 models (the shipped model, `micro`, and the
+//! shipped model pruned to 3, 2, 4 and 2 experts with dynamic skipping at beta 0.6). From a Q8_0
 //! GGUF (int8 weights with blocked DequantizeLinear) the graphs are the dequantized model
 //! exactly: 1e-4 against our f32 runtime over the same dequantized weights. Against our Q8_0
 //! runtime, whose integer kernels round the activations to int8 per block of 32 (decode, and
-//! expert calls under 32 rows in prefill), the bound is 5% of the largest logit magnitude
-//! (measured: 1.8% for a 64-token walk of `tiny`, 0.6% for its prefill).
+//! expert calls under 32 rows in prefill), the bounds are 10% of the largest logit magnitude for
+//! any one logit and 1% for the mean difference (measured with the shipped EN8 model over random
+//! tokens: 5.4% at one position of a 64-token walk, a mean of 0.18%, 0.4% for its prefill; the
+//! previous `tiny` model, two MoE layers instead of four, gave 1.8% and 0.6%).
 
 mod common;
 #[path = "../../../tests/support/python.rs"]
@@ -45,12 +47,14 @@ for i in range(t):
     state = {s["input"]: out[names.index(s["output"])] for s in cfg["state"]}
 walk = np.stack(walk, axis=1)
 print(json.dumps({"prefill": float(np.abs(prefill - ours_prefill).max()),
-                  "step": float(np.abs(walk - ours_step).max()), "scale": float(np.abs(ours_step).max())}))
+                  "step": float(np.abs(walk - ours_step).max()), "scale": float(np.abs(ours_step).max()),
+                  "step_mean": float(np.abs(walk - ours_step).mean())}))
 "#;
 
 /// Exports `model`, runs the script against our runtime's logits for `ours` (the same model,
-/// or the same weights in another form); returns (prefill diff, step diff, scale).
-fn compare(model: &Path, ours: &Path, name: &str) -> (f64, f64, f64) {
+/// or the same weights in another form); returns the largest (prefill, step) differences, the
+/// largest logit magnitude, and the mean step difference.
+fn compare(model: &Path, ours: &Path, name: &str) -> (f64, f64, f64, f64) {
     let out = tmp().join(format!("onnx-{name}"));
     ok(&[
         "export",
@@ -102,6 +106,7 @@ fn compare(model: &Path, ours: &Path, name: &str) -> (f64, f64, f64) {
         r["prefill"].as_f64().unwrap(),
         r["step"].as_f64().unwrap(),
         r["scale"].as_f64().unwrap(),
+        r["step_mean"].as_f64().unwrap(),
     )
 }
 
@@ -120,7 +125,7 @@ fn onnxruntime_runs_the_exported_graphs_like_our_runtime() {
         "--tokens",
         "1000",
         "--keep-per-layer",
-        "3,2",
+        "3,2,4,2",
         "--skip-beta",
         "0.6",
         "--out",
@@ -131,7 +136,7 @@ fn onnxruntime_runs_the_exported_graphs_like_our_runtime() {
         (model().clone(), "micro"),
         (pruned, "pruned"),
     ] {
-        let (prefill, step, scale) = compare(&model, &model, name);
+        let (prefill, step, scale, _) = compare(&model, &model, name);
         eprintln!("{name}: prefill {prefill}, step {step}, logits up to {scale}");
         assert!(
             prefill < 1e-4 && step < 1e-4,
@@ -175,7 +180,7 @@ fn onnxruntime_runs_the_exported_graphs_like_our_runtime() {
         &tok,
     )
     .unwrap();
-    let (prefill, step, scale) = compare(&gguf, &dequantized, "q8_0-exact");
+    let (prefill, step, scale, _) = compare(&gguf, &dequantized, "q8_0-exact");
     eprintln!(
         "q8_0 vs its dequantized weights: prefill {prefill}, step {step}, logits up to {scale}"
     );
@@ -184,11 +189,11 @@ fn onnxruntime_runs_the_exported_graphs_like_our_runtime() {
         "q8_0 exact: prefill {prefill}, step {step}"
     );
     // Against our Q8_0 runtime itself, whose integer kernels round activations to int8.
-    let (prefill, step, scale) = compare(&gguf, &gguf, "q8_0");
-    eprintln!("q8_0: prefill {prefill}, step {step}, logits up to {scale}");
+    let (prefill, step, scale, mean) = compare(&gguf, &gguf, "q8_0");
+    eprintln!("q8_0: prefill {prefill}, step {step} (mean {mean}), logits up to {scale}");
     assert!(
-        prefill < 0.05 * scale && step < 0.05 * scale,
-        "q8_0: prefill {prefill}, step {step} (logits up to {scale})"
+        prefill < 0.1 * scale && step < 0.1 * scale && mean < 0.01 * scale,
+        "q8_0: prefill {prefill}, step {step} (mean {mean}; logits up to {scale})"
     );
     // The attention baseline has no recurrent step: refused with a reason.
     let cfg = tmp().join("attention.json");

@@ -22,7 +22,7 @@ fn json(out: &str) -> serde_json::Value {
 fn a_pruned_model_runs_in_every_command_and_the_server() {
     let (m, f, dir) = (shipped(), fixture(), tmp());
     let f = f.to_str().unwrap();
-    let out = dir.join("pruned-3-1");
+    let out = dir.join("pruned-3-1-2-4");
     let _ = std::fs::remove_dir_all(&out);
     let o = out.to_str().unwrap();
     let run = itera(&[
@@ -34,7 +34,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
         "--tokens",
         "1500",
         "--keep-per-layer",
-        "3,1",
+        "3,1,2,4",
         "--method",
         "frequency",
         "--refit",
@@ -51,12 +51,12 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("top_k shrinks from 2 to 1"), "{err}");
     let v = json(&String::from_utf8_lossy(&run.stdout));
-    assert_eq!(v["experts_per_layer"], serde_json::json!([3, 1]));
+    assert_eq!(v["experts_per_layer"], serde_json::json!([3, 1, 2, 4]));
     assert_eq!(v["refit"], serde_json::json!(0.001));
     let per_expert = 3 * 128 * 128 + 128;
     assert_eq!(
         v["parameters_before"].as_u64().unwrap() - v["parameters_after"].as_u64().unwrap(),
-        4 * per_expert
+        6 * per_expert
     );
     assert!(out.join("routing.png").is_file());
     // The kept expert of the one-expert layer is the one routed most often.
@@ -65,7 +65,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
 
     let inspect = ok(&["inspect", "--model", o]);
     assert!(
-        inspect.contains("experts per layer [3, 1], top-1"),
+        inspect.contains("experts per layer [3, 1, 2, 4], top-1"),
         "{inspect}"
     );
     let text = ok(&[
@@ -82,7 +82,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
     assert!(!text.trim().is_empty());
     let e = json(&ok(&["eval", "--model", o, "--data", f, "--json"]));
     assert!(e["bits_per_byte"].as_f64().unwrap().is_finite());
-    let q = dir.join("pruned-3-1.q8_0.gguf");
+    let q = dir.join("pruned-3-1-2-4.q8_0.gguf");
     ok(&[
         "quantize",
         "--model",
@@ -149,7 +149,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
     ]));
     let beta = v["moe_skip_beta"].as_f64().unwrap();
     assert!(beta > 0.0 && beta < 1.0, "{beta}");
-    assert_eq!(v["experts_per_layer"], serde_json::json!([3, 3]));
+    assert_eq!(v["experts_per_layer"], serde_json::json!([3, 3, 3, 3]));
     ok(&[
         "generate",
         "--model",
@@ -195,7 +195,7 @@ fn healing_and_distillation_train_and_bad_requests_touch_nothing() {
         "32",
         "--json",
     ]));
-    assert_eq!(v["experts_per_layer"], serde_json::json!([2, 2]));
+    assert_eq!(v["experts_per_layer"], serde_json::json!([2, 2, 2, 2]));
     let metrics = std::fs::read_to_string(dir.join("healed.heal/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"kl\"")).count(), 3);
 

@@ -12,6 +12,13 @@ pub fn shipped_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/itera-lite-tiny")
 }
 
+/// How many tokens the shipped model's tokenizer makes of `text` (what `usage` must report).
+pub fn shipped_token_count(text: &str) -> usize {
+    let path = shipped_model().join("tokenizer.json");
+    let tokenizer = itera_core::Tokenizer::from_file(&path).unwrap();
+    tokenizer.encode(text).unwrap().len()
+}
+
 /// Starts a server on 127.0.0.1:0 and waits until /health says ready.
 pub fn start(cfg: ServeConfig) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();

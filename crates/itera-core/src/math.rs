@@ -65,8 +65,14 @@ pub fn silu(v: f32) -> f32 {
 /// log(sum(exp(row))) computed stably.
 #[inline(always)]
 pub fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let max = max(row);
     max + sum_exp(row, max).ln()
+}
+
+/// The largest value (-inf for an empty row).
+#[inline(always)]
+pub fn max(row: &[f32]) -> f32 {
+    row.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// RMSNorm of one row: out = x / sqrt(mean(x^2) + eps) * w.
@@ -131,16 +137,39 @@ crate::multiversion! {
     }
 }
 
-/// sum_i e^(v_i - shift), in 8 independent lanes so it vectorises.
+/// Independent lanes of the exp sums: one AVX-512 register (two on AVX2). With 8, the
+/// AVX-512 builds ran them at half width (ymm) (2026-12-01, the LM-head loss's profile).
+const EXP_LANES: usize = 16;
+
+/// sum_i e^(v_i - shift), in independent lanes so it vectorises.
 #[inline(always)]
 pub fn sum_exp(values: &[f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = values.chunks_exact(8);
+    let mut acc = [0.0f32; EXP_LANES];
+    let chunks = values.chunks_exact(EXP_LANES);
     let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - shift)).sum();
     for c in chunks {
-        for i in 0..8 {
+        for i in 0..EXP_LANES {
             acc[i] += exp(c[i] - shift);
         }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// v_i = e^(v_i - shift) in place; returns their sum (independent lanes, so it vectorises).
+#[inline(always)]
+pub fn exp_in_place(values: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; EXP_LANES];
+    let mut chunks = values.chunks_exact_mut(EXP_LANES);
+    for c in &mut chunks {
+        for i in 0..EXP_LANES {
+            c[i] = exp(c[i] - shift);
+            acc[i] += c[i];
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        tail += *v;
     }
     acc.iter().sum::<f32>() + tail
 }

@@ -19,12 +19,15 @@ itera_core::multiversion! {
 
 itera_core::multiversion! {
     /// -log softmax(row)[target], and replaces the logits by d loss / d logits =
-    /// (softmax - one_hot(target)) * scale.
+    /// (softmax - one_hot(target)) * scale. One exp per logit: the exps of the sum are kept
+    /// and rescaled (computing them again after the log-sum-exp took a third of this function).
     fn nll_grad_row(row: &mut [f32], target: usize, scale: f32) -> f64 {
-        let lse = log_sum_exp(row);
-        let nll = (lse - row[target]) as f64;
+        let (max, logit) = (itera_core::math::max(row), row[target]);
+        let sum = itera_core::math::exp_in_place(row, max);
+        let nll = (max + sum.ln() - logit) as f64;
+        let k = scale / sum;
         for x in row.iter_mut() {
-            *x = itera_core::math::exp(*x - lse) * scale;
+            *x *= k;
         }
         row[target] -= scale;
         nll
@@ -107,7 +110,7 @@ impl EagerGrads {
 
 /// Rows of the LM head processed at once: [rows, vocab] logits stay a few MB instead of the
 /// whole batch's [B*T, vocab].
-const HEAD_CHUNK: usize = 256;
+const HEAD_CHUNK: usize = 1024;
 
 /// Mean cross-entropy of the tied LM head, fused: loss = CE(h · W^T, targets) without ever
 /// materialising the full logits; the gradients come from the forward (`EagerGrads`).

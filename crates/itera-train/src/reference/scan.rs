@@ -296,10 +296,14 @@ itera_core::multiversion! {
 /// g_bias.
 #[inline(always)]
 fn dt_backward(g_dt: &[f32], raw: &[f32], bias: &[f32], g_raw: &mut [f32], g_bias: &mut [f32]) {
-    lanewise([g_dt, raw, bias], [g_raw, g_bias], |&[g_dt, raw, bias], [g_raw, g_bias]| {
-        *g_raw = g_dt * sigmoid(raw + bias);
-        *g_bias += *g_raw;
-    });
+    lanewise(
+        [g_dt, raw, bias],
+        [g_raw, g_bias],
+        |&[g_dt, raw, bias], [g_raw, g_bias]| {
+            *g_raw = g_dt * sigmoid(raw + bias);
+            *g_bias += *g_raw;
+        },
+    );
 }
 
 /// Runs `f` on every element of equally long slices: lane i of each input, and a mutable
@@ -319,8 +323,7 @@ pub(super) fn lanewise<const I: usize, const O: usize>(
     let mut at = 0;
     while at + L <= n {
         let x: [[f32; L]; I] = std::array::from_fn(|k| ins[k][at..at + L].try_into().unwrap());
-        let mut y: [[f32; L]; O] =
-            std::array::from_fn(|k| outs[k][at..at + L].try_into().unwrap());
+        let mut y: [[f32; L]; O] = std::array::from_fn(|k| outs[k][at..at + L].try_into().unwrap());
         for lane in 0..L {
             let mut v: [f32; O] = std::array::from_fn(|k| y[k][lane]);
             f(&std::array::from_fn(|k| x[k][lane]), v.each_mut());

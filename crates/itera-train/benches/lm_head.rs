@@ -1,0 +1,46 @@
+//! The fused LM-head loss, forward + backward, at `tiny`'s sizes (d 128, vocab 8,000) for one
+//! training shard of 16 x 128 tokens: three [N, d] x [d, V]-sized matmuls and a softmax over
+//! every row, 12.6 GFLOP (printed as a fraction of the machine's peak when run with `--bench`).
+//! Run with `cargo bench -p itera-train --bench lm_head`.
+
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, Criterion};
+use itera_train::reference::lm_head_loss::lm_head_loss;
+
+const N: usize = 2048;
+const D: usize = 128;
+const V: usize = 8000;
+
+fn var(shape: &[usize], seed: u32) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n as u32)
+        .map(|i| {
+            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+                * 0.2
+        })
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn head(c: &mut Criterion) {
+    let (h, w) = (var(&[N, D], 1), var(&[V, D], 2));
+    let targets: Vec<u32> = (0..N as u32).map(|i| i * 7919 % V as u32).collect();
+    let t = Tensor::from_vec(targets, N, &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("lm_head_loss_forward_backward");
+    group.sample_size(20);
+    group.bench_function("fused", |bench| {
+        bench.iter(|| {
+            let loss = lm_head_loss(h.as_tensor(), w.as_tensor(), &t).unwrap();
+            loss.backward().unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, head);
+
+fn main() {
+    itera_train::process::prepare();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

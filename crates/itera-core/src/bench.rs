@@ -187,8 +187,13 @@ crate::multiversion! {
 /// Peak f32 FLOP/s of this machine now: independent FMA chains in the widest registers, on every
 /// core at once, best of three ~0.2 s runs. Returns (FLOP/s, threads, instruction set).
 pub fn peak_flops() -> (f64, usize, &'static str) {
+    peak_flops_at(crate::simd::level())
+}
+
+/// `peak_flops` in the registers of `level` (at most what the CPU has).
+pub fn peak_flops_at(level: crate::simd::Level) -> (f64, usize, &'static str) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (kernel, isa) = fma_kernel();
+    let (kernel, isa) = fma_kernel(level.min(crate::simd::detected()));
     // Calibrate the iteration count to ~0.2 s on one thread.
     let mut iters = 1u64 << 16;
     loop {
@@ -217,18 +222,21 @@ pub fn peak_flops() -> (f64, usize, &'static str) {
 /// A timed FMA loop: iterations -> (a result to keep, FLOPs done).
 type FmaKernel = fn(u64) -> (f32, u64);
 
-fn fma_kernel() -> (FmaKernel, &'static str) {
+/// The FMA loop for `level`, which the caller has checked the CPU supports.
+fn fma_kernel(level: crate::simd::Level) -> (FmaKernel, &'static str) {
+    use crate::simd::Level;
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::simd::has_avx512() {
-            // SAFETY: AVX-512F is present (checked just above).
+        if level == Level::Avx512 {
+            // SAFETY: AVX-512F is present (the caller's contract: `detected()` or below).
             return (|n| unsafe { fma_avx512(n) }, "avx512");
         }
-        if crate::simd::has_avx2() {
-            // SAFETY: AVX2 and FMA are present (checked just above).
+        if level == Level::Avx2 {
+            // SAFETY: AVX2 and FMA are present (likewise).
             return (|n| unsafe { fma_avx2(n) }, "avx2+fma");
         }
     }
+    let _ = level;
     (fma_scalar, "scalar")
 }
 

@@ -66,7 +66,9 @@ pub fn level() -> Level {
     })
 }
 
-fn detected() -> Level {
+/// What this CPU supports, whatever `ITERA_SIMD` says (what third-party kernels such as
+/// `gemm`'s dispatch on).
+pub fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;

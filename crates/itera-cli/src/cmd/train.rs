@@ -307,7 +307,9 @@ struct TrainSpeed {
     /// norms and element-wise work are not counted.
     flops_per_token: f64,
     flops_per_s: f64,
-    /// `itera bench`'s peak: FMA chains in the widest registers on every core, measured now.
+    /// `itera bench`'s peak: FMA chains in the widest registers on every core, measured now;
+    /// the CPU's widest, whatever `ITERA_SIMD` says, because `gemm`'s training matmuls pick
+    /// their kernels from the CPU's flags alone.
     peak_flops_per_s: f64,
     fraction_of_peak: f64,
     /// Process CPU time / wall time from the 5th step of this invocation to its last (any
@@ -323,7 +325,7 @@ impl TrainSpeed {
     ) -> Self {
         let macs = itera_core::tensors::ModelSpec::new(cfg).per_token(|s| s.len());
         let flops_per_token = 6.0 * macs as f64;
-        let (peak, _, _) = itera_core::bench::peak_flops();
+        let (peak, _, _) = itera_core::bench::peak_flops_at(itera_core::simd::detected());
         let cpu_utilisation = match clock {
             [(c0, t0), (c1, t1)] if t1 > t0 => (c1 - c0) / (*t1 - *t0).as_secs_f64(),
             _ => 0.0,

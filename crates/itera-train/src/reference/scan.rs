@@ -123,8 +123,8 @@ pub(super) struct InputGrads<'a> {
     pub z: &'a mut [f32],
 }
 
-/// Forward over one sequence. Fills `out`; optionally records h_t ([N][d_inner] per step), dt_t
-/// and the pre-gate y_t.
+/// Forward over one sequence. Fills `out`; optionally appends h_t ([N][d_inner] per step), dt_t
+/// and the pre-gate y_t to the three records (appended, so they need no zero-filling first).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn core_sequence(
@@ -135,7 +135,7 @@ fn core_sequence(
     bias: &[f32],
     d: &Dims,
     out: &mut [f32],
-    mut record: Option<(&mut [f32], &mut [f32], &mut [f32])>,
+    mut record: Option<(&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>)>,
 ) {
     let (di, n) = (d.di, d.n);
     // Re-sliced to exactly `di` so the per-channel loops carry no bounds checks (a check, or a
@@ -170,9 +170,9 @@ fn core_sequence(
             out_t.copy_from_slice(&y);
         }
         if let Some((hs, dts, ys)) = record.as_mut() {
-            hs[t * di * n..(t + 1) * di * n].copy_from_slice(&h);
-            dts[t * di..(t + 1) * di].copy_from_slice(&dt);
-            ys[t * di..(t + 1) * di].copy_from_slice(&y);
+            hs.extend_from_slice(&h);
+            dts.extend_from_slice(&dt);
+            ys.extend_from_slice(&y);
         }
     }
 }
@@ -195,9 +195,9 @@ fn core_backward(
 ) -> Vec<f32> {
     let (t_len, di, n) = (d.t, d.di, d.n);
     let (d_skip, bias) = (&d_skip[..di], &bias[..di]);
-    let mut hs = vec![0.0f32; t_len * di * n];
-    let mut dts = vec![0.0f32; t_len * di];
-    let mut ys = vec![0.0f32; t_len * di];
+    let mut hs = Vec::with_capacity(t_len * di * n);
+    let mut dts = Vec::with_capacity(t_len * di);
+    let mut ys = Vec::with_capacity(t_len * di);
     let mut out = vec![0.0f32; t_len * di];
     core_sequence(
         ub,

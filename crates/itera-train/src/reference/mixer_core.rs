@@ -352,9 +352,10 @@ mod tests {
     use super::*;
 
     /// The fused op against the composite it replaces, values and every input's gradient.
+    /// d_inner 18: one full 16-lane chunk of the scan's lane-wise loops and a tail.
     #[test]
     fn matches_the_composite_mixer() {
-        let (b, t, di, n, r, k) = (2, 9, 6, 3, 2, 4);
+        let (b, t, di, n, r, k) = (2, 9, 18, 3, 2, 4);
         let inputs = [
             var(&[b, t, 2 * di], 1),
             var(&[di, k], 2),

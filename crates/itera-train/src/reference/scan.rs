@@ -512,6 +512,23 @@ mod tests {
     use candle_core::{Device, Var};
     use itera_core::rng::Rng;
 
+    /// Every element, in the 16-lane chunks and the tail, with an output that is also read.
+    #[test]
+    fn lanewise_matches_a_plain_loop() {
+        let n = 37;
+        let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..n).map(|i| 100.0 - i as f32).collect();
+        let (mut x, mut y) = (vec![0.0f32; n], vec![1.0f32; n]);
+        lanewise([&a, &b], [&mut x, &mut y], |&[a, b], [x, y]| {
+            *x = a * b;
+            *y += *x;
+        });
+        for i in 0..n {
+            assert_eq!(x[i], a[i] * b[i]);
+            assert_eq!(y[i], 1.0 + a[i] * b[i]);
+        }
+    }
+
     struct Case {
         b: usize,
         t: usize,
@@ -557,10 +574,11 @@ mod tests {
     }
 
     fn check_gradients(gated: bool) {
+        // d_inner 18: one full 16-lane chunk of the lane-wise loops and a tail.
         let c = Case {
             b: 2,
             t: 6,
-            di: 3,
+            di: 18,
             n: 4,
         };
         let mut rng = Rng::new(7);

@@ -3,24 +3,16 @@
 //! every row, 12.6 GFLOP (printed as a fraction of the machine's peak when run with `--bench`).
 //! Run with `cargo bench -p itera-train --bench lm_head`.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
+mod common;
+
+use common::var;
 use criterion::{criterion_group, Criterion};
 use itera_train::reference::lm_head_loss::lm_head_loss;
 
 const N: usize = 2048;
 const D: usize = 128;
 const V: usize = 8000;
-
-fn var(shape: &[usize], seed: u32) -> Var {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n as u32)
-        .map(|i| {
-            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
-                * 0.2
-        })
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-}
 
 fn head(c: &mut Criterion) {
     let (h, w) = (var(&[N, D], 1), var(&[V, D], 2));
@@ -40,7 +32,5 @@ fn head(c: &mut Criterion) {
 criterion_group!(benches, head);
 
 fn main() {
-    itera_train::process::prepare();
-    benches();
-    Criterion::default().configure_from_args().final_summary();
+    common::main_with(benches);
 }

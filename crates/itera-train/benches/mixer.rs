@@ -3,7 +3,10 @@
 //! against the composite of candle matmuls and the smaller fused ops it replaced.
 //! Run with `cargo bench -p itera-train`.
 
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::Tensor;
+use common::var;
 use criterion::{criterion_group, Criterion};
 use itera_train::reference::mixer_core::{mixer_composite, mixer_core, MixerWeights};
 
@@ -13,17 +16,6 @@ const DI: usize = 256;
 const N: usize = 8;
 const R: usize = 8;
 const K: usize = 4;
-
-fn var(shape: &[usize], seed: u32) -> Var {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n as u32)
-        .map(|i| {
-            ((i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
-                * 0.2
-        })
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-}
 
 fn mixer(c: &mut Criterion) {
     let vars = [
@@ -57,9 +49,5 @@ fn mixer(c: &mut Criterion) {
 criterion_group!(benches, mixer);
 
 fn main() {
-    // The allocator and thread settings of `itera train`: without them every iteration
-    // re-faults its large buffers, which hid the difference (2026-12-01).
-    itera_train::process::prepare();
-    benches();
-    Criterion::default().configure_from_args().final_summary();
+    common::main_with(benches);
 }

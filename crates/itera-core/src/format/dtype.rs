@@ -232,7 +232,7 @@ fn quantize_block(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
         }
         DType::Q4_1 => {
             let min = x.iter().copied().fold(f32::INFINITY, f32::min);
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = crate::math::max(x);
             let d = (max - min) / 15.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             for (c, v) in q.iter_mut().zip(x) {

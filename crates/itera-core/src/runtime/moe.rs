@@ -64,7 +64,7 @@ impl RoutingStats {
 /// its `top_k` experts, best first. (Pruning's refit routes with it too, to match the runtime.)
 #[inline]
 pub fn route(p: &mut [f32], top_k: usize, chosen: &mut Vec<usize>) {
-    let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let max = crate::math::max(p);
     let mut sum = 0.0;
     for v in p.iter_mut() {
         *v = (*v - max).exp();

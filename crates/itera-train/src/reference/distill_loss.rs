@@ -69,10 +69,10 @@ itera_core::multiversion! {
         let ce = (lse1 - zs[target]) as f64;
         // Log-probabilities at temperature T: the teacher's into zt; the student's computed twice
         // (here and below) rather than stored.
-        let max_s = zs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * inv_t;
+        let max_s = itera_core::math::max(zs) * inv_t;
         let sum_s: f32 = zs.iter().map(|&v| exp(v * inv_t - max_s)).sum();
         let lse_s = max_s + sum_s.ln();
-        let max_t = zt.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * inv_t;
+        let max_t = itera_core::math::max(zt) * inv_t;
         let sum_t: f32 = zt.iter().map(|&v| exp(v * inv_t - max_t)).sum();
         let lse_t = max_t + sum_t.ln();
         zt.iter_mut().for_each(|v| *v = *v * inv_t - lse_t);

@@ -110,7 +110,7 @@ impl EagerGrads {
 
 /// Rows of the LM head processed at once: [rows, vocab] logits stay a few MB instead of the
 /// whole batch's [B*T, vocab].
-const HEAD_CHUNK: usize = 1024;
+const HEAD_CHUNK: usize = 256;
 
 /// Mean cross-entropy of the tied LM head, fused: loss = CE(h · W^T, targets) without ever
 /// materialising the full logits; the gradients come from the forward (`EagerGrads`).

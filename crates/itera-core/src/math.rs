@@ -1,8 +1,40 @@
 //! Scalar math written so that loops over it vectorise (libm's expf is an opaque call).
 
+/// How a kernel computes `a * b + c` (see `multiversion!`): `Fused` in the AVX2 and AVX-512
+/// versions (one FMA, one rounding), `Separate` in the baseline one and everywhere else.
+pub trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// One fused multiply-add: an instruction where the function is compiled with FMA.
+pub enum Fused {}
+
+/// A multiply, then an add: what plain `a * b + c` computes.
+pub enum Separate {}
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// e^x to ~2 ulp: 2^k * P(r) with r = x - k ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_with::<Separate>(x)
+}
+
+/// `exp` with its multiply-adds computed as `M` says.
+#[inline(always)]
+pub fn exp_with<M: MulAdd>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -11,13 +43,13 @@ pub fn exp(x: f32) -> f32 {
     // The sum's low mantissa bits then hold k as an integer, so 2^k is built with integer ops only
     // (a float-to-int `as` cast saturates, which LLVM cannot vectorise).
     const SHIFT: f32 = 12_582_912.0;
-    let shifted = x * LOG2E + SHIFT;
+    let shifted = M::mul_add(x, LOG2E, SHIFT);
     let k = shifted - SHIFT;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let r = M::mul_add(k, -LN2_LO, M::mul_add(k, -LN2_HI, x));
+    let mut p = M::mul_add(r, 1.0 / 720.0, 1.0 / 120.0);
+    for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = M::mul_add(r, p, c);
+    }
     let two_k = shifted.to_bits().wrapping_sub(SHIFT.to_bits() - 127) << 23;
     p * f32::from_bits(two_k)
 }
@@ -48,18 +80,36 @@ pub fn ln_1p(v: f32) -> f32 {
 /// softplus(v) = ln(1 + e^v), computed without overflow.
 #[inline(always)]
 pub fn softplus(v: f32) -> f32 {
-    v.max(0.0) + ln_1p(exp(-v.abs()))
+    softplus_with::<Separate>(v)
+}
+
+/// `softplus` with `exp_with::<M>`.
+#[inline(always)]
+pub fn softplus_with<M: MulAdd>(v: f32) -> f32 {
+    v.max(0.0) + ln_1p(exp_with::<M>(-v.abs()))
 }
 
 #[inline(always)]
 pub fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + exp(-v))
+    sigmoid_with::<Separate>(v)
+}
+
+/// `sigmoid` with `exp_with::<M>`.
+#[inline(always)]
+pub fn sigmoid_with<M: MulAdd>(v: f32) -> f32 {
+    1.0 / (1.0 + exp_with::<M>(-v))
 }
 
 /// SiLU (swish): v * sigmoid(v).
 #[inline(always)]
 pub fn silu(v: f32) -> f32 {
-    v * sigmoid(v)
+    silu_with::<Separate>(v)
+}
+
+/// `silu` with `exp_with::<M>`.
+#[inline(always)]
+pub fn silu_with<M: MulAdd>(v: f32) -> f32 {
+    v * sigmoid_with::<M>(v)
 }
 
 /// log(sum(exp(row))) computed stably.
@@ -158,17 +208,23 @@ pub fn sum_exp(values: &[f32], shift: f32) -> f32 {
 /// v_i = e^(v_i - shift) in place; returns their sum (independent lanes, so it vectorises).
 #[inline(always)]
 pub fn exp_in_place(values: &mut [f32], shift: f32) -> f32 {
+    exp_in_place_with::<Separate>(values, shift)
+}
+
+/// `exp_in_place` with `exp_with::<M>`.
+#[inline(always)]
+pub fn exp_in_place_with<M: MulAdd>(values: &mut [f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; EXP_LANES];
     let mut chunks = values.chunks_exact_mut(EXP_LANES);
     for c in &mut chunks {
         for i in 0..EXP_LANES {
-            c[i] = exp(c[i] - shift);
+            c[i] = exp_with::<M>(c[i] - shift);
             acc[i] += c[i];
         }
     }
     let mut tail = 0.0;
     for v in chunks.into_remainder() {
-        *v = exp(*v - shift);
+        *v = exp_with::<M>(*v - shift);
         tail += *v;
     }
     acc.iter().sum::<f32>() + tail

@@ -5,21 +5,27 @@
 //! separate baseline functions.)
 
 /// Defines `fn NAME(args) -> R { body }` with AVX-512 and AVX2 + FMA twins chosen at run time.
+///
+/// `fn NAME<M>(args)` also names a type parameter, `M: math::MulAdd`, that the body passes on to
+/// its arithmetic (`math::exp_with::<M>`, `M::mul_add`): the twins get `math::Fused` (one FMA
+/// instruction per `a * b + c`), the baseline `math::Separate` (there a fused multiply-add is a
+/// libm call). Rust never contracts `a * b + c` into an FMA by itself, so without this the twins
+/// run a multiply and an add: the blocked scan measured 1.6x faster with FMAs (2026-12-01).
 #[macro_export]
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$m:ident>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[allow(clippy::too_many_arguments, clippy::extra_unused_type_parameters)]
+            fn portable<$m: $crate::math::MulAdd>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                    portable($($arg),*)
+                    portable::<$crate::math::Fused>($($arg),*)
                 }
                 if $crate::simd::has_avx512() {
                     // SAFETY: the CPU supports AVX-512 F/BW/VL (checked by has_avx512).
@@ -28,14 +34,19 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    portable($($arg),*)
+                    portable::<$crate::math::Fused>($($arg),*)
                 }
                 if $crate::simd::has_avx2() {
                     // SAFETY: the CPU supports AVX2 and FMA (checked by has_avx2).
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            portable($($arg),*)
+            portable::<$crate::math::Separate>($($arg),*)
+        }
+    };
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $crate::multiversion! {
+            $(#[$meta])* $vis fn $name<_Unused>($($arg: $ty),*) $(-> $ret)? $body
         }
     };
 }

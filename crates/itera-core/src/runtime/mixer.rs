@@ -67,7 +67,7 @@ crate::multiversion! {
 crate::multiversion! {
     /// softplus(dt), the selective scan (state [N][d_inner], vectorised over channels), the D skip
     /// and the SiLU(z) gate, for channels c0..c1 of every row, in row order.
-    fn scan_range(io: MixerIo, c0: usize, c1: usize) {
+    fn scan_range<M>(io: MixerIo, c0: usize, c1: usize) {
         let (di, n, r, w) = (io.di, io.n, io.r, c1 - c0);
         let layer = io.layer;
         let width = r + 2 * n;
@@ -79,7 +79,7 @@ crate::multiversion! {
             // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
             let x = unsafe { io.xc.part(i * di + c0, w) };
             for (v, b) in dt.iter_mut().zip(&layer.dt_b[c0..c1]) {
-                *v = softplus(*v + b);
+                *v = crate::math::softplus_with::<M>(*v + b);
             }
             let bc = &io.dbc[i * width + r..(i + 1) * width];
             y.fill(0.0);
@@ -89,14 +89,14 @@ crate::multiversion! {
                 let a = &layer.a_t[j * di + c0..j * di + c1];
                 let (b, c) = (bc[j], bc[n + j]);
                 for ch in 0..w {
-                    h[ch] = crate::math::exp(dt[ch] * a[ch]) * h[ch] + dt[ch] * x[ch] * b;
-                    y[ch] += c * h[ch];
+                    h[ch] = M::mul_add(crate::math::exp_with::<M>(dt[ch] * a[ch]), h[ch], dt[ch] * x[ch] * b);
+                    y[ch] = M::mul_add(c, h[ch], y[ch]);
                 }
             }
             let z = &io.xz[i * 2 * di + di + c0..i * 2 * di + di + c1];
             let dskip = &layer.d_skip[c0..c1];
             for ch in 0..w {
-                y[ch] = (y[ch] + dskip[ch] * x[ch]) * silu(z[ch]);
+                y[ch] = M::mul_add(dskip[ch], x[ch], y[ch]) * crate::math::silu_with::<M>(z[ch]);
             }
         }
     }

@@ -21,9 +21,9 @@ itera_core::multiversion! {
     /// -log softmax(row)[target], and replaces the logits by d loss / d logits =
     /// (softmax - one_hot(target)) * scale. One exp per logit: the exps of the sum are kept
     /// and rescaled (computing them again after the log-sum-exp took a third of this function).
-    fn nll_grad_row(row: &mut [f32], target: usize, scale: f32) -> f64 {
+    fn nll_grad_row<M>(row: &mut [f32], target: usize, scale: f32) -> f64 {
         let (max, logit) = (itera_core::math::max(row), row[target]);
-        let sum = itera_core::math::exp_in_place(row, max);
+        let sum = itera_core::math::exp_in_place_with::<M>(row, max);
         let nll = (max + sum.ln() - logit) as f64;
         let k = scale / sum;
         for x in row.iter_mut() {

@@ -9,7 +9,7 @@
 //! vectorises; the parameter tensor `p` stays channel-major ([d_inner, N + 2]).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use itera_core::math::{sigmoid, silu, softplus};
+use itera_core::math::{exp_with, sigmoid_with, silu_with, softplus_with, MulAdd};
 use rayon::prelude::*;
 
 pub(crate) fn f32_slice<'a>(
@@ -127,7 +127,7 @@ pub(super) struct InputGrads<'a> {
 /// and the pre-gate y_t to the three records (appended, so they need no zero-filling first).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn core_sequence(
+fn core_sequence<M: MulAdd>(
     u: &Inputs,
     bc: &[f32],
     a: &[f32],
@@ -148,7 +148,7 @@ fn core_sequence(
     for t in 0..d.t {
         let (x, raw, z) = u.row(t, di);
         for i in 0..di {
-            dt[i] = softplus(raw[i] + bias[i]);
+            dt[i] = softplus_with::<M>(raw[i] + bias[i]);
             dx[i] = dt[i] * x[i];
             y[i] = d_skip[i] * x[i];
         }
@@ -157,14 +157,14 @@ fn core_sequence(
             let (bj, cj) = (bct[j], bct[n + j]);
             let (hj, aj) = (&mut h[j * di..(j + 1) * di], &a[j * di..(j + 1) * di]);
             for i in 0..di {
-                hj[i] = itera_core::math::exp(dt[i] * aj[i]) * hj[i] + dx[i] * bj;
-                y[i] += cj * hj[i];
+                hj[i] = M::mul_add(exp_with::<M>(dt[i] * aj[i]), hj[i], dx[i] * bj);
+                y[i] = M::mul_add(cj, hj[i], y[i]);
             }
         }
         let out_t = &mut out[t * di..(t + 1) * di];
         if d.gated {
             for i in 0..di {
-                out_t[i] = y[i] * silu(z[i]);
+                out_t[i] = y[i] * silu_with::<M>(z[i]);
             }
         } else {
             out_t.copy_from_slice(&y);
@@ -182,7 +182,7 @@ fn core_sequence(
 /// need are lane-wise dot products.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn core_backward(
+fn core_backward<M: MulAdd>(
     ub: &Inputs,
     bcb: &[f32],
     gout: &[f32],
@@ -199,7 +199,7 @@ fn core_backward(
     let mut dts = Vec::with_capacity(t_len * di);
     let mut ys = Vec::with_capacity(t_len * di);
     let mut out = vec![0.0f32; t_len * di];
-    core_sequence(
+    core_sequence::<M>(
         ub,
         bcb,
         a,
@@ -238,7 +238,7 @@ fn core_backward(
         if d.gated {
             // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
             lanewise([go, yt, z], [g_zt, &mut gy], |&[go, y, z], [g_z, g_y]| {
-                let s = sigmoid(z);
+                let s = sigmoid_with::<M>(z);
                 *g_z = go * y * s * (1.0 + z * (1.0 - s));
                 *g_y = go * z * s;
             });
@@ -258,12 +258,12 @@ fn core_backward(
             let (bj, cj) = (bt[j], ct[j]);
             gc_t[j] += itera_core::math::dot(&gy, h_now);
             for i in 0..di {
-                g[i] = gh_j[i] + gy[i] * cj;
-                let decay = itera_core::math::exp(dt[i] * a_j[i]);
+                g[i] = M::mul_add(gy[i], cj, gh_j[i]);
+                let decay = exp_with::<M>(dt[i] * a_j[i]);
                 let g_decay = g[i] * h_old[i] * decay; // dL/d(dt*A)
-                g_dt[i] += g_decay * a_j[i] + g[i] * bj * x[i];
-                ga_j[i] += g_decay * dt[i];
-                g_x[i] += g[i] * bj;
+                g_dt[i] = M::mul_add(g_decay, a_j[i], M::mul_add(g[i] * bj, x[i], g_dt[i]));
+                ga_j[i] = M::mul_add(g_decay, dt[i], ga_j[i]);
+                g_x[i] = M::mul_add(g[i], bj, g_x[i]);
                 gh_j[i] = g[i] * decay;
             }
             gb_t[j] += itera_core::math::dot(&g, &dx);
@@ -271,7 +271,7 @@ fn core_backward(
         for i in 0..di {
             g_xt[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
         }
-        dt_backward(&g_dt, raw, bias, g_rawt, &mut g_bias);
+        dt_backward::<M>(&g_dt, raw, bias, g_rawt, &mut g_bias);
     }
     // Pack as p's layout: d/dA_log = d/dA * A.
     let mut gp = vec![0.0f32; di * (n + 2)];
@@ -287,20 +287,26 @@ fn core_backward(
 
 itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn core_sequence_fast(u: &Inputs, bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
-        core_sequence(u, bc, a, d_skip, bias, d, out, None)
+    pub(super) fn core_sequence_fast<M>(u: &Inputs, bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
+        core_sequence::<M>(u, bc, a, d_skip, bias, d, out, None)
     }
 }
 
 /// Through dt = softplus(raw + bias): g_raw = g_dt * sigmoid(raw + bias), also summed into
 /// g_bias.
 #[inline(always)]
-fn dt_backward(g_dt: &[f32], raw: &[f32], bias: &[f32], g_raw: &mut [f32], g_bias: &mut [f32]) {
+fn dt_backward<M: MulAdd>(
+    g_dt: &[f32],
+    raw: &[f32],
+    bias: &[f32],
+    g_raw: &mut [f32],
+    g_bias: &mut [f32],
+) {
     lanewise(
         [g_dt, raw, bias],
         [g_raw, g_bias],
         |&[g_dt, raw, bias], [g_raw, g_bias]| {
-            *g_raw = g_dt * sigmoid(raw + bias);
+            *g_raw = g_dt * sigmoid_with::<M>(raw + bias);
             *g_bias += *g_raw;
         },
     );
@@ -347,7 +353,7 @@ pub(super) fn lanewise<const I: usize, const O: usize>(
 
 itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn core_backward_fast(
+    pub(super) fn core_backward_fast<M>(
         ub: &Inputs,
         bcb: &[f32],
         gout: &[f32],
@@ -358,7 +364,7 @@ itera_core::multiversion! {
         gu: InputGrads,
         gbc: &mut [f32],
     ) -> Vec<f32> {
-        core_backward(ub, bcb, gout, a, d_skip, bias, d, gu, gbc)
+        core_backward::<M>(ub, bcb, gout, a, d_skip, bias, d, gu, gbc)
     }
 }
 

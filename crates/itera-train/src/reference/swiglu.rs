@@ -3,7 +3,7 @@
 //! backward alone; this is one pass each way.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use itera_core::math::sigmoid;
+use itera_core::math::sigmoid_with;
 use rayon::prelude::*;
 
 use super::scan::f32_slice;
@@ -15,18 +15,18 @@ struct SwigluGate;
 
 itera_core::multiversion! {
     /// out = silu(g) * u.
-    fn gate_forward(g: &[f32], u: &[f32], out: &mut [f32]) {
+    fn gate_forward<M>(g: &[f32], u: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = g * sigmoid(g) * u;
+            *o = g * sigmoid_with::<M>(g) * u;
         }
     }
 }
 
 itera_core::multiversion! {
     /// dg = grad * u * silu'(g), du = grad * silu(g); silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
-    fn gate_backward(g: &[f32], u: &[f32], grad: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    fn gate_backward<M>(g: &[f32], u: &[f32], grad: &[f32], dg: &mut [f32], du: &mut [f32]) {
         for i in 0..g.len() {
-            let s = sigmoid(g[i]);
+            let s = sigmoid_with::<M>(g[i]);
             du[i] = grad[i] * g[i] * s;
             dg[i] = grad[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
         }

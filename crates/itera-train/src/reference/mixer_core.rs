@@ -66,10 +66,14 @@ impl Saved {
     }
 }
 
-/// Inputs: xz [B, T, 2 Di] (in_proj's output: x, then the gate z), and the packed parameters
-/// (`MixerDims::parts`). Output y [B, T, Di], before out_proj.
+/// Inputs: xz [B*T, 2 Di] (in_proj's output rows: x, then the gate z), and the packed parameters
+/// (`MixerDims::parts`). Output y [B*T, Di], before out_proj. Rows rather than [B, T, ...]
+/// tensors, so that the model needs no reshape around the op: candle's backward gives each
+/// reshape a zero-filled gradient and an add, here [B*T, 2 Di] and [B*T, Di] per layer.
 struct MixerCore {
     dims: MixerDims,
+    /// Sequence length T: the rows are B sequences of T.
+    t: usize,
     /// The forward's intermediates, kept for the backward when autograd will ask for it.
     saved: Option<Mutex<Option<Saved>>>,
 }
@@ -86,16 +90,18 @@ impl MixerCore {
     }
 
     fn check(&self, xz: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
-        let (b, t, di2) = xz.dims3()?;
+        let (rows, di2) = xz.dims2()?;
         let len = w.dims1()?;
         let want: usize = self.dims.parts().iter().sum();
-        if di2 != 2 * self.dims.di || len != want {
+        if di2 != 2 * self.dims.di || len != want || self.t == 0 || rows % self.t != 0 {
             candle_core::bail!(
-                "mixer_core: xz {xz:?} and {len} packed parameters disagree with {:?}",
+                "mixer_core: xz {xz:?} ({} tokens per sequence) and {len} packed parameters \
+                 disagree with {:?}",
+                self.t,
                 self.dims
             );
         }
-        Ok((b, t))
+        Ok((rows / self.t, self.t))
     }
 
     /// Everything up to the scan: x and z out of xz, the conv, x_proj and dt_proj.
@@ -182,7 +188,7 @@ impl CustomOp2 for MixerCore {
         if let Some(slot) = &self.saved {
             *slot.lock().expect("not poisoned") = Some(saved);
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, t, di))))
+        Ok((CpuStorage::F32(out), Shape::from((b * t, di))))
     }
 
     fn bwd(
@@ -305,9 +311,10 @@ impl<'a> MixerWeights<'a> {
     }
 }
 
-/// y [B, T, Di] = the gated selective scan of the conv'd x half of xz [B, T, 2 Di], with dt, B
-/// and C projected from it, gated by silu of the z half (Mamba-1, between in_proj and out_proj).
-pub fn mixer_core(xz: &Tensor, m: &MixerWeights) -> candle_core::Result<Tensor> {
+/// y [B*T, Di] = the gated selective scan of the conv'd x half of xz [B*T, 2 Di] (B sequences of
+/// `seq_len` rows), with dt, B and C projected from it, gated by silu of the z half (Mamba-1,
+/// between in_proj and out_proj).
+pub fn mixer_core(xz: &Tensor, seq_len: usize, m: &MixerWeights) -> candle_core::Result<Tensor> {
     let (di, k) = m.conv.dims2()?;
     let n = m.a_log.dim(1)?;
     let r = m.dt_proj.dim(1)?;
@@ -326,6 +333,7 @@ pub fn mixer_core(xz: &Tensor, m: &MixerWeights) -> candle_core::Result<Tensor> 
     let tracked = xz.track_op() || w.track_op();
     let op = MixerCore {
         dims,
+        t: seq_len,
         saved: tracked.then(|| Mutex::new(None)),
     };
     xz.contiguous()?.apply_op2(&w, op)
@@ -357,7 +365,7 @@ mod tests {
     fn matches_the_composite_mixer() {
         let (b, t, di, n, r, k) = (2, 9, 18, 3, 2, 4);
         let inputs = [
-            var(&[b, t, 2 * di], 1),
+            var(&[b * t, 2 * di], 1),
             var(&[di, k], 2),
             var(&[di], 3),
             var(&[r + 2 * n, di], 4),
@@ -368,8 +376,12 @@ mod tests {
         ];
         compare(
             &inputs,
-            |v| mixer_core(v[0], &MixerWeights::from_slice(&v[1..])).unwrap(),
-            |v| mixer_composite(v[0], &MixerWeights::from_slice(&v[1..])).unwrap(),
+            |v| mixer_core(v[0], t, &MixerWeights::from_slice(&v[1..])).unwrap(),
+            |v| {
+                let xz = v[0].reshape((b, t, 2 * di)).unwrap();
+                let y = mixer_composite(&xz, &MixerWeights::from_slice(&v[1..])).unwrap();
+                y.reshape((b * t, di)).unwrap()
+            },
         );
     }
 }

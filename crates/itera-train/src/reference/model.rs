@@ -12,6 +12,7 @@ use itera_core::tensors::{AttentionSpec, MixerSpec, ModelSpec, MoeSpec, SsmSpec,
 
 use super::conv_norm::{causal_conv_silu, rms_norm};
 use super::distill_loss::{distill_loss, DistillLossSpec, Parts, TeacherLogits};
+use super::linear::linear;
 use super::lm_head_loss::lm_head_loss;
 use super::mixer_core::{mixer_core, MixerWeights};
 use super::scan::ssm_core_ungated;
@@ -35,10 +36,6 @@ pub struct ForwardOutput {
     pub hidden: Tensor,
     /// Scalar; zero when the model has no MoE layer.
     pub aux_loss: Tensor,
-}
-
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
 }
 
 impl<'a> Model<'a> {
@@ -137,7 +134,7 @@ impl<'a> Model<'a> {
             let h = rms_norm(&x, self.w(&layer.norm)?, cfg.norm_eps)?;
             let mixed = match &layer.mixer {
                 MixerSpec::Ssm(m) if m.shared.is_some() => self.shared_mixer(&h, b, t, m)?,
-                MixerSpec::Ssm(m) => self.mixer(&h, b, t, m)?,
+                MixerSpec::Ssm(m) => self.mixer(&h, t, m)?,
                 MixerSpec::Attention(a) => self.attention(&h, b, t, a)?,
             };
             x = (x + self.locked(&mixed, b, t, drop.residual)?)?;
@@ -202,9 +199,8 @@ impl<'a> Model<'a> {
     }
 
     /// Mamba-1 mixer on h [B*T, d] -> [B*T, d]: the two projections here, the rest fused.
-    fn mixer(&self, h: &Tensor, b: usize, t: usize, m: &SsmSpec) -> Result<Tensor> {
-        let di = self.cfg.d_inner();
-        let xz = linear(h, self.w(&m.in_proj)?)?.reshape((b, t, 2 * di))?;
+    fn mixer(&self, h: &Tensor, t: usize, m: &SsmSpec) -> Result<Tensor> {
+        let xz = linear(h, self.w(&m.in_proj)?)?;
         let weights = MixerWeights {
             conv: self.w(&m.conv)?,
             conv_bias: self.w(&m.conv_bias)?,
@@ -214,7 +210,7 @@ impl<'a> Model<'a> {
             d: self.w(&m.d)?,
             dt_bias: self.w(&m.dt_bias)?,
         };
-        let y = mixer_core(&xz, &weights)?.reshape((b * t, di))?;
+        let y = mixer_core(&xz, t, &weights)?;
         Ok(linear(&y, self.w(&m.out_proj)?)?)
     }
 

@@ -7,7 +7,7 @@ use super::state::{grow, Scratch, State};
 use super::Layer;
 use crate::config::ModelConfig;
 use crate::exec::{Disjoint, Par};
-use crate::math::{silu, softplus};
+use crate::math::{exp_with, silu, silu_with, softplus, softplus_with};
 
 /// What the conv and scan passes of one layer read and write, as shared pointers: rows of the
 /// activations and one state pointer per stream.
@@ -79,7 +79,7 @@ crate::multiversion! {
             // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
             let x = unsafe { io.xc.part(i * di + c0, w) };
             for (v, b) in dt.iter_mut().zip(&layer.dt_b[c0..c1]) {
-                *v = crate::math::softplus_with::<M>(*v + b);
+                *v = softplus_with::<M>(*v + b);
             }
             let bc = &io.dbc[i * width + r..(i + 1) * width];
             y.fill(0.0);
@@ -89,14 +89,14 @@ crate::multiversion! {
                 let a = &layer.a_t[j * di + c0..j * di + c1];
                 let (b, c) = (bc[j], bc[n + j]);
                 for ch in 0..w {
-                    h[ch] = M::mul_add(crate::math::exp_with::<M>(dt[ch] * a[ch]), h[ch], dt[ch] * x[ch] * b);
+                    h[ch] = M::mul_add(exp_with::<M>(dt[ch] * a[ch]), h[ch], dt[ch] * x[ch] * b);
                     y[ch] = M::mul_add(c, h[ch], y[ch]);
                 }
             }
             let z = &io.xz[i * 2 * di + di + c0..i * 2 * di + di + c1];
             let dskip = &layer.d_skip[c0..c1];
             for ch in 0..w {
-                y[ch] = M::mul_add(dskip[ch], x[ch], y[ch]) * crate::math::silu_with::<M>(z[ch]);
+                y[ch] = M::mul_add(dskip[ch], x[ch], y[ch]) * silu_with::<M>(z[ch]);
             }
         }
     }

@@ -11,7 +11,7 @@ use itera_core::kernels::{Matrix, QuantizedRows};
 use itera_core::math::silu;
 use itera_core::rng::Rng;
 use itera_core::runtime::{route, RoutingStats, Runtime, Scratch, PREFILL_CHUNK};
-use itera_core::tensors::{HostTensor, ModelSpec, SwigluSpec};
+use itera_core::tensors::{HostTensor, ModelSpec, Spec, SwigluSpec};
 use itera_core::{ModelConfig, Weights};
 
 /// How the experts to remove are chosen.
@@ -338,20 +338,36 @@ pub const REFIT_RIDGE: f64 = 1e-3;
 /// Rows of calibration tokens `refit` computes the experts on at a time.
 const REFIT_ROWS: usize = 1024;
 
+/// Which hidden units each kept expert may hold after `refit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefitUnits {
+    /// Its own: only its `down` matrix changes.
+    Own,
+    /// Its own and the removed experts' of the same layer, `expert_hidden` of them chosen by the
+    /// fit: a removed expert's unit (its gate and up rows and `down` column) moves into a kept
+    /// expert where it best serves the tokens that expert now gets, in place of a unit of the
+    /// kept expert's own that contributes least.
+    WithRemoved,
+}
+
 /// The kept experts refitted to stand in for the removed ones, with no gradient step: layer by
 /// layer, on the calibration tokens as the model pruned so far sees them, each kept expert's
 /// `down` matrix is set to minimise, over the tokens, |y - y'|^2 + ridge x |down - old down|^2,
 /// where y is the unpruned layer's output and y' the pruned layer's (its own top-k of the kept
 /// experts and renormalised gates; `moe_skip_beta` is not applied). That is linear least squares
-/// in the kept `down` matrices (the gate and up projections and the router stay as they are).
-/// Returns `weights` in the old expert numbering with those matrices replaced: `prune` with the
-/// same `kept` then removes the others. `progress(done, total)` counts MoE layers.
+/// in the kept `down` matrices (the router stays as it is). With `RefitUnits::WithRemoved` each
+/// kept expert first chooses its hidden units among its own and the removed experts' (the
+/// least-squares problem over all of them, then the units whose removal raises the residual
+/// least taken out one at a time, as Optimal Brain Surgeon does for weights).
+/// Returns `weights` in the old expert numbering with the kept experts' tensors replaced: `prune`
+/// with the same `kept` then removes the others. `progress(done, total)` counts MoE layers.
 pub fn refit(
     cfg: &ModelConfig,
     weights: &Weights,
     kept: &[Vec<usize>],
     calib: &[u32],
     ridge: f64,
+    units: RefitUnits,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Weights> {
     let layers = check_kept(cfg, kept)?;
@@ -386,20 +402,39 @@ pub fn refit(
         read_through(&runtime, calib, &mut scratch)?;
         let inputs = scratch.moe_inputs.take().expect("set above").1;
         let moe = spec.layers[l].moe.as_ref().expect("an MoE layer");
-        let fit = LayerFit::new(cfg, weights, moe, &kept[i], pruned_cfg.top_k)?.fit(&inputs)?;
-        for (&e, down) in kept[i].iter().zip(fit.solve(ridge)?) {
-            out.tensors
-                .get_mut(&moe.experts[e].down.name)
-                .expect("checked by prune")
-                .data = down;
+        let fit = LayerFit::new(cfg, weights, moe, &kept[i], pruned_cfg.top_k, units)?;
+        for (&e, (chosen, down)) in kept[i].iter().zip(fit.fit(&inputs)?.solve(ridge)?) {
+            let (d, hid) = (cfg.d_model, cfg.expert_hidden);
+            let rows = |pick: fn(&SwigluSpec) -> &Spec| -> Result<Vec<f32>> {
+                let mut v = Vec::with_capacity(hid * d);
+                for &(src, u) in &chosen {
+                    v.extend_from_slice(
+                        &weights.values(&pick(&moe.experts[src]).name)?[u * d..][..d],
+                    );
+                }
+                Ok(v)
+            };
+            for (spec, data) in [
+                (&moe.experts[e].gate, rows(|s| &s.gate)?),
+                (&moe.experts[e].up, rows(|s| &s.up)?),
+                (&moe.experts[e].down, down),
+            ] {
+                out.tensors
+                    .get_mut(&spec.name)
+                    .expect("checked by prune")
+                    .data = data;
+            }
         }
         progress(i + 1, layers.len());
     }
     Ok(out)
 }
 
+/// A hidden unit of an MoE layer: (expert of the whole layer, unit within it).
+type Unit = (usize, usize);
+
 /// One MoE layer's least-squares problem: the whole layer's experts and router, which of them
-/// are kept, and the sums the normal equations need.
+/// are kept, the hidden units each kept expert may hold, and the sums the normal equations need.
 struct LayerFit<'a> {
     cfg: &'a ModelConfig,
     /// [experts, d_model]
@@ -410,10 +445,14 @@ struct LayerFit<'a> {
     kept: &'a [usize],
     /// Experts per token after pruning (the unpruned layer routes to `cfg.top_k`).
     kept_top_k: usize,
-    /// Sum over tokens of f f^T, f = the kept experts' gated activations side by side
-    /// ([kept x hidden] per token, zero for an expert the token is not routed to).
+    /// Per kept expert: its candidate units as (expert of the whole layer, unit), and where they
+    /// start among the features.
+    candidates: Vec<Vec<Unit>>,
+    offsets: Vec<usize>,
+    /// Sum over tokens of f f^T, f = every kept expert's candidate units' gated activations side
+    /// by side (zero for an expert the token is not routed to).
     gram: Vec<f64>,
-    /// Sum over tokens of y f^T ([d_model, kept x hidden]).
+    /// Sum over tokens of y f^T ([d_model, features]).
     cross: Vec<f64>,
 }
 
@@ -424,9 +463,10 @@ impl<'a> LayerFit<'a> {
         moe: &itera_core::tensors::MoeSpec,
         kept: &'a [usize],
         kept_top_k: usize,
+        units: RefitUnits,
     ) -> Result<Self> {
         let (d, hid) = (cfg.d_model, cfg.expert_hidden);
-        let matrix = |spec: &itera_core::tensors::Spec, rows, cols| {
+        let matrix = |spec: &Spec, rows, cols| {
             Matrix::from_f32(rows, cols, weights.values(&spec.name)?.to_vec())
         };
         let experts = moe
@@ -445,7 +485,29 @@ impl<'a> LayerFit<'a> {
             .iter()
             .map(|e| weights.values(&e.down.name))
             .collect::<Result<Vec<_>>>()?;
-        let dim = kept.len() * hid;
+        let removed: Vec<usize> = (0..experts.len()).filter(|e| !kept.contains(e)).collect();
+        let candidates: Vec<Vec<Unit>> = kept
+            .iter()
+            .map(|&e| {
+                let mut sources = vec![e];
+                if units == RefitUnits::WithRemoved {
+                    sources.extend(&removed);
+                }
+                sources
+                    .iter()
+                    .flat_map(|&s| (0..hid).map(move |u| (s, u)))
+                    .collect()
+            })
+            .collect();
+        let offsets = candidates
+            .iter()
+            .scan(0, |at, c| {
+                let start = *at;
+                *at += c.len();
+                Some(start)
+            })
+            .collect();
+        let dim: usize = candidates.iter().map(Vec::len).sum();
         Ok(Self {
             cfg,
             router: matrix(&moe.router, moe.experts.len(), d)?,
@@ -453,16 +515,22 @@ impl<'a> LayerFit<'a> {
             old_down,
             kept,
             kept_top_k,
+            candidates,
+            offsets,
             gram: vec![0.0; dim * dim],
             cross: vec![0.0; d * dim],
         })
+    }
+
+    fn dim(&self) -> usize {
+        self.candidates.iter().map(Vec::len).sum()
     }
 
     /// Adds the tokens whose normalised inputs are `inputs` ([n, d_model]).
     fn fit(mut self, inputs: &[f32]) -> Result<Self> {
         let (d, hid) = (self.cfg.d_model, self.cfg.expert_hidden);
         let e_all = self.experts.len();
-        let dim = self.kept.len() * hid;
+        let dim = self.dim();
         let mut q = QuantizedRows::default();
         for x in inputs.chunks(REFIT_ROWS * d) {
             let n = x.len() / d;
@@ -496,22 +564,22 @@ impl<'a> LayerFit<'a> {
                 let chosen = gates(&kept_logits, self.kept_top_k);
                 f.fill(0.0);
                 for &(a, g) in &chosen {
-                    let act = &acts[self.kept[a]][t * hid..(t + 1) * hid];
-                    for (f, v) in f[a * hid..(a + 1) * hid].iter_mut().zip(act) {
-                        *f = g * *v as f64;
+                    let at = self.offsets[a];
+                    for (f, &(s, u)) in f[at..].iter_mut().zip(&self.candidates[a]) {
+                        *f = g * acts[s][t * hid + u] as f64;
                     }
                 }
                 for &(a, _) in &chosen {
-                    let fa = &f[a * hid..(a + 1) * hid];
+                    let (fa, na) = (&f[self.offsets[a]..], self.candidates[a].len());
                     for &(b, _) in &chosen {
-                        let fb = &f[b * hid..(b + 1) * hid];
-                        for (r, &va) in fa.iter().enumerate() {
-                            let g = &mut self.gram[(a * hid + r) * dim + b * hid..][..hid];
-                            g.iter_mut().zip(fb).for_each(|(g, vb)| *g += va * vb);
+                        let (ob, nb) = (self.offsets[b], self.candidates[b].len());
+                        for (r, &va) in fa[..na].iter().enumerate() {
+                            let g = &mut self.gram[(self.offsets[a] + r) * dim + ob..][..nb];
+                            g.iter_mut().zip(&f[ob..]).for_each(|(g, vb)| *g += va * vb);
                         }
                     }
                     for (r, &yr) in y.iter().enumerate() {
-                        let c = &mut self.cross[r * dim + a * hid..][..hid];
+                        let c = &mut self.cross[r * dim + self.offsets[a]..][..na];
                         c.iter_mut().zip(fa).for_each(|(c, v)| *c += yr * v);
                     }
                 }
@@ -520,37 +588,127 @@ impl<'a> LayerFit<'a> {
         Ok(self)
     }
 
-    /// The kept experts' new `down` matrices ([d_model, hidden] each, in `kept` order).
-    fn solve(self, ridge: f64) -> Result<Vec<Vec<f32>>> {
+    /// Per kept expert (in `kept` order): the units it holds, as (expert, unit) of the whole
+    /// layer, and its new `down` matrix ([d_model, hidden]).
+    fn solve(self, ridge: f64) -> Result<Vec<(Vec<Unit>, Vec<f32>)>> {
         let (d, hid) = (self.cfg.d_model, self.cfg.expert_hidden);
-        let dim = self.kept.len() * hid;
-        let mut m = self.gram;
-        let trace: f64 = (0..dim).map(|i| m[i * dim + i]).sum();
-        let mu = if trace > 0.0 {
-            ridge * trace / dim as f64
-        } else {
-            1.0
+        let dim = self.dim();
+        let ridge_of = |m: &[f64], n: usize| {
+            let trace: f64 = (0..n).map(|i| m[i * n + i]).sum();
+            if trace > 0.0 {
+                ridge * trace / n as f64
+            } else {
+                1.0
+            }
         };
-        (0..dim).for_each(|i| m[i * dim + i] += mu);
-        // Right-hand sides, one per output row r: cross[r] + mu x old down's row r.
-        let mut rhs = self.cross;
+        // Which features stay: all when each expert has exactly `hid` candidates.
+        let keep = if self.candidates.iter().all(|c| c.len() == hid) {
+            (0..dim).collect()
+        } else {
+            let owner: Vec<usize> = (0..self.candidates.len())
+                .flat_map(|a| std::iter::repeat_n(a, self.candidates[a].len()))
+                .collect();
+            let mut m = self.gram.clone();
+            let mu = ridge_of(&m, dim);
+            (0..dim).for_each(|i| m[i * dim + i] += mu);
+            select_features(m, &self.cross, d, &owner, hid)?
+        };
+        let n = keep.len();
+        let mut m: Vec<f64> = keep
+            .iter()
+            .flat_map(|&i| keep.iter().map(move |&j| (i, j)))
+            .map(|(i, j)| self.gram[i * dim + j])
+            .collect();
+        let mu = ridge_of(&m, n);
+        (0..n).for_each(|i| m[i * n + i] += mu);
+        // The kept features in order, as (kept expert, (expert, unit)).
+        let features: Vec<(usize, Unit)> = keep
+            .iter()
+            .map(|&i| {
+                let a = self.offsets.partition_point(|&o| o <= i) - 1;
+                (a, self.candidates[a][i - self.offsets[a]])
+            })
+            .collect();
+        // Right-hand sides, one per output row r: cross[r] + mu x the unit's old down column.
+        let mut rhs = vec![0f64; d * n];
         for r in 0..d {
-            for (a, &e) in self.kept.iter().enumerate() {
-                let old = &self.old_down[e][r * hid..(r + 1) * hid];
-                for (v, o) in rhs[r * dim + a * hid..][..hid].iter_mut().zip(old) {
-                    *v += mu * *o as f64;
-                }
+            for (k, (&i, &(_, (s, u)))) in keep.iter().zip(&features).enumerate() {
+                rhs[r * n + k] =
+                    self.cross[r * dim + i] + mu * self.old_down[s][r * hid + u] as f64;
             }
         }
-        cholesky_solve(&mut m, dim, &mut rhs)?;
+        cholesky_solve(&mut m, n, &mut rhs)?;
         Ok((0..self.kept.len())
             .map(|a| {
-                (0..d)
-                    .flat_map(|r| rhs[r * dim + a * hid..][..hid].iter().map(|&v| v as f32))
-                    .collect()
+                let cols: Vec<usize> = (0..n).filter(|&k| features[k].0 == a).collect();
+                let units = cols.iter().map(|&k| features[k].1).collect();
+                let down = (0..d)
+                    .flat_map(|r| cols.iter().map(move |&k| (r, k)))
+                    .map(|(r, k)| rhs[r * n + k] as f32)
+                    .collect();
+                (units, down)
             })
             .collect())
     }
+}
+
+/// The features of the least-squares problem with Gram matrix `m` ([n, n], ridge added) and
+/// cross sums `cross` ([outputs, n]) that remain when, one at a time, the feature whose removal
+/// raises the residual least is taken out (Optimal Brain Surgeon: that rise is
+/// |w_j|^2 / (m^-1)_jj, and the inverse and the solution are updated in place), until each
+/// owner (`owner[j]`) has `per_owner` left. Indices in increasing order.
+fn select_features(
+    mut m: Vec<f64>,
+    cross: &[f64],
+    outputs: usize,
+    owner: &[usize],
+    per_owner: usize,
+) -> Result<Vec<usize>> {
+    let n = owner.len();
+    // The inverse, column by column, from the Cholesky factor.
+    let mut inv = vec![0f64; n * n];
+    (0..n).for_each(|i| inv[i * n + i] = 1.0);
+    cholesky_solve(&mut m, n, &mut inv)?;
+    // The solution w = cross m^-1 ([outputs, n]); m^-1 is symmetric.
+    let mut w = vec![0f64; outputs * n];
+    for r in 0..outputs {
+        for (i, row) in inv.chunks_exact(n).enumerate() {
+            w[r * n + i] = row
+                .iter()
+                .zip(&cross[r * n..(r + 1) * n])
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+    }
+    let owners = owner.iter().max().map_or(0, |&o| o + 1);
+    let mut left = vec![0usize; owners];
+    owner.iter().for_each(|&o| left[o] += 1);
+    let mut active = vec![true; n];
+    while left.iter().any(|&c| c > per_owner) {
+        let cost =
+            |j: usize| (0..outputs).map(|r| w[r * n + j].powi(2)).sum::<f64>() / inv[j * n + j];
+        let j = (0..n)
+            .filter(|&j| active[j] && left[owner[j]] > per_owner)
+            .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+            .expect("an owner has more than it keeps");
+        let pivot = inv[j * n + j];
+        let col: Vec<f64> = (0..n).map(|i| inv[i * n + j]).collect();
+        for i in (0..n).filter(|&i| active[i]) {
+            let ci = col[i] / pivot;
+            for k in (0..n).filter(|&k| active[k]) {
+                inv[i * n + k] -= ci * col[k];
+            }
+        }
+        for r in 0..outputs {
+            let wj = w[r * n + j] / pivot;
+            for k in (0..n).filter(|&k| active[k]) {
+                w[r * n + k] -= wj * col[k];
+            }
+        }
+        active[j] = false;
+        left[owner[j]] -= 1;
+    }
+    Ok((0..n).filter(|&j| active[j]).collect())
 }
 
 /// The top-k of `logits` with their renormalised routing weights, routed as the runtime does.
@@ -757,7 +915,7 @@ mod tests {
         let layers = moe_layers(&cfg).unwrap();
         let toks = tokens(600);
         let all: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 2, 3]).collect();
-        let same = refit(&cfg, &w, &all, &toks, 1e-6, |_, _| {}).unwrap();
+        let same = refit(&cfg, &w, &all, &toks, 1e-6, RefitUnits::Own, |_, _| {}).unwrap();
         for (name, t) in &w.tensors {
             let diff = t
                 .data
@@ -774,7 +932,16 @@ mod tests {
         };
         let full = calibration_loss(&Runtime::new(&cfg, &w).unwrap(), &toks).unwrap();
         let plain = loss(&w);
-        let refitted = refit(&cfg, &w, &kept, &toks, REFIT_RIDGE, |_, _| {}).unwrap();
+        let refitted = refit(
+            &cfg,
+            &w,
+            &kept,
+            &toks,
+            REFIT_RIDGE,
+            RefitUnits::Own,
+            |_, _| {},
+        )
+        .unwrap();
         let better = loss(&refitted);
         assert!(
             (full - better).abs() < 0.5 * (full - plain).abs(),
@@ -792,7 +959,7 @@ mod tests {
         );
         let up = format!("layers.{}.moe.experts.0.up.weight", layers[0]);
         assert_eq!(refitted.values(&up).unwrap(), w.values(&up).unwrap());
-        let stiff = refit(&cfg, &w, &kept, &toks, 1e6, |_, _| {}).unwrap();
+        let stiff = refit(&cfg, &w, &kept, &toks, 1e6, RefitUnits::Own, |_, _| {}).unwrap();
         let moved = |r: &Weights| {
             r.values(&down(0))
                 .unwrap()
@@ -802,8 +969,16 @@ mod tests {
                 .sum::<f32>()
         };
         assert!(moved(&stiff) < 1e-3 * moved(&refitted));
-        assert!(refit(&cfg, &w, &kept, &toks, 0.0, |_, _| {}).is_err());
-        let e = refit(&cfg, &w, &[vec![0, 9], vec![1]], &toks, 1e-3, |_, _| {});
+        assert!(refit(&cfg, &w, &kept, &toks, 0.0, RefitUnits::Own, |_, _| {}).is_err());
+        let e = refit(
+            &cfg,
+            &w,
+            &[vec![0, 9], vec![1]],
+            &toks,
+            1e-3,
+            RefitUnits::Own,
+            |_, _| {},
+        );
         assert!(e.unwrap_err().to_string().contains("below 4"));
         // Uneven counts: top_k shrinks to 1 and the refit fits that routing.
         let uneven = vec![vec![1], vec![0, 1, 3]];
@@ -813,11 +988,143 @@ mod tests {
             calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks).unwrap()
         };
         let plain = loss(&w);
-        let better = loss(&refit(&cfg, &w, &uneven, &toks, REFIT_RIDGE, |_, _| {}).unwrap());
+        let better = loss(
+            &refit(
+                &cfg,
+                &w,
+                &uneven,
+                &toks,
+                REFIT_RIDGE,
+                RefitUnits::Own,
+                |_, _| {},
+            )
+            .unwrap(),
+        );
         assert!(
             (full - better).abs() < (full - plain).abs(),
             "unpruned {full}, pruned {plain}, refitted {better}"
         );
+    }
+
+    /// Optimal Brain Surgeon's selection keeps what the targets are made of: two outputs built
+    /// from features 1 and 4 of six random ones (plus a little noise), two kept, whether the six
+    /// have one owner or two of three each.
+    #[test]
+    fn selection_keeps_the_features_the_targets_need() {
+        let mut rng = Rng::new(5);
+        let (tokens, n) = (500, 6);
+        let mut gram = vec![0f64; n * n];
+        let mut cross = vec![0f64; 2 * n];
+        for _ in 0..tokens {
+            let f: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+            let y = [
+                3.0 * f[1] - 2.0 * f[4] + 0.01 * rng.normal(),
+                f[1] + f[4] + 0.01 * rng.normal(),
+            ];
+            for i in 0..n {
+                (0..n).for_each(|j| gram[i * n + j] += f[i] * f[j]);
+                (0..2).for_each(|r| cross[r * n + i] += y[r] * f[i]);
+            }
+        }
+        (0..n).for_each(|i| gram[i * n + i] += 1e-6);
+        let one = select_features(gram.clone(), &cross, 2, &[0; 6], 2).unwrap();
+        assert_eq!(one, vec![1, 4]);
+        let two = select_features(gram.clone(), &cross, 2, &[0, 0, 0, 1, 1, 1], 1).unwrap();
+        assert_eq!(two, vec![1, 4]);
+        // Keeping everything keeps everything; a singular system is an error, not a panic.
+        assert_eq!(
+            select_features(gram, &cross, 2, &[0; 6], 6).unwrap().len(),
+            6
+        );
+        assert!(select_features(vec![0.0; n * n], &cross, 2, &[0; 6], 2).is_err());
+    }
+
+    /// With units of the removed experts on offer, each kept expert still holds exactly
+    /// `expert_hidden` units, every one of them a whole unit of the old layer (its gate and up
+    /// rows copied together, from its own expert or a removed one, each unit at most once), some
+    /// taken from the removed experts, and the calibration loss ends at or below the plain
+    /// refit's; with nothing removed it is the plain refit.
+    #[test]
+    fn merged_units_are_whole_old_units_and_fit_at_least_as_well() {
+        let (cfg, w) = tiny();
+        let layers = moe_layers(&cfg).unwrap();
+        let toks = tokens(600);
+        let all: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 2, 3]).collect();
+        let same = refit(
+            &cfg,
+            &w,
+            &all,
+            &toks,
+            1e-3,
+            RefitUnits::WithRemoved,
+            |_, _| {},
+        );
+        let plain = refit(&cfg, &w, &all, &toks, 1e-3, RefitUnits::Own, |_, _| {});
+        for (name, t) in &same.unwrap().tensors {
+            assert_eq!(t.data, plain.as_ref().unwrap().tensors[name].data, "{name}");
+        }
+        let kept: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 2, 3]).collect();
+        let loss = |w: &Weights| {
+            let (c, p) = prune(&cfg, w, &kept).unwrap();
+            calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks).unwrap()
+        };
+        let own = refit(
+            &cfg,
+            &w,
+            &kept,
+            &toks,
+            REFIT_RIDGE,
+            RefitUnits::Own,
+            |_, _| {},
+        )
+        .unwrap();
+        let merged = refit(
+            &cfg,
+            &w,
+            &kept,
+            &toks,
+            REFIT_RIDGE,
+            RefitUnits::WithRemoved,
+            |_, _| {},
+        )
+        .unwrap();
+        let (l_own, l_merged) = (loss(&own), loss(&merged));
+        assert!(
+            l_merged <= l_own + 1e-4,
+            "own units {l_own}, merged {l_merged}"
+        );
+        let (d, hid) = (cfg.d_model, cfg.expert_hidden);
+        let rows = |w: &Weights, l: usize, e: usize, m: &str| -> Vec<Vec<f32>> {
+            let name = format!("layers.{l}.moe.experts.{e}.{m}.weight");
+            w.values(&name)
+                .unwrap()
+                .chunks(d)
+                .map(<[f32]>::to_vec)
+                .collect()
+        };
+        let mut from_removed = 0;
+        for &l in &layers {
+            for &e in &kept[0] {
+                let (gate, up) = (rows(&merged, l, e, "gate"), rows(&merged, l, e, "up"));
+                assert_eq!(gate.len(), hid);
+                let mut seen = Vec::new();
+                for (g, u) in gate.iter().zip(&up) {
+                    let src = (0..4)
+                        .flat_map(|s| (0..hid).map(move |k| (s, k)))
+                        .find(|&(s, k)| rows(&w, l, s, "gate")[k] == *g)
+                        .expect("a unit of the old layer");
+                    assert_eq!(rows(&w, l, src.0, "up")[src.1], *u, "{src:?}");
+                    assert!(
+                        src.0 == e || src.0 == 1,
+                        "layer {l} expert {e} took {src:?}"
+                    );
+                    assert!(!seen.contains(&src), "{src:?} twice");
+                    from_removed += usize::from(src.0 == 1);
+                    seen.push(src);
+                }
+            }
+        }
+        assert!(from_removed > 0, "no unit of the removed expert was taken");
     }
 
     #[test]

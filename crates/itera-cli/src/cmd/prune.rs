@@ -69,6 +69,11 @@ pub struct PruneArgs {
     /// the old weights)
     #[arg(long, default_value_t = prune::REFIT_RIDGE)]
     pub refit_ridge: f64,
+    /// Refit (implies --refit) letting each kept expert swap the hidden units it needs least for
+    /// units of the removed experts (their gate and up rows move with them): the same size, more
+    /// of the removed experts kept
+    #[arg(long)]
+    pub merge_units: bool,
     /// Steps of fine-tuning after pruning, on the calibration text (0: none)
     #[arg(long, default_value_t = 0)]
     pub heal_steps: usize,
@@ -265,8 +270,10 @@ pub fn run(a: PruneArgs) -> Result<()> {
         }
         _ => {}
     }
-    if (a.heal_steps > 0 || a.refit) && !pruning {
-        bail!("--heal-steps and --refit apply after pruning (--drop or --keep-per-layer)");
+    if (a.heal_steps > 0 || a.refit || a.merge_units) && !pruning {
+        bail!(
+            "--heal-steps, --refit and --merge-units apply after pruning (--drop or --keep-per-layer)"
+        );
     }
     let is_gguf = a
         .out
@@ -304,12 +311,25 @@ pub fn run(a: PruneArgs) -> Result<()> {
             pb.set_position(d as u64);
         })?;
         pb.finish_and_clear();
-        if a.refit {
+        if a.refit || a.merge_units {
+            let units = if a.merge_units {
+                prune::RefitUnits::WithRemoved
+            } else {
+                prune::RefitUnits::Own
+            };
             let pb = bar(1, "refit {bar:30} {pos}/{len} layers [{elapsed_precise}]");
-            weights = prune::refit(&cfg, &weights, &kept, &calib, a.refit_ridge, |d, t| {
-                pb.set_length(t as u64);
-                pb.set_position(d as u64);
-            })?;
+            weights = prune::refit(
+                &cfg,
+                &weights,
+                &kept,
+                &calib,
+                a.refit_ridge,
+                units,
+                |d, t| {
+                    pb.set_length(t as u64);
+                    pb.set_position(d as u64);
+                },
+            )?;
             pb.finish_and_clear();
         }
         (cfg, weights) = prune::prune(&cfg, &weights, &kept)?;
@@ -374,7 +394,8 @@ pub fn run(a: PruneArgs) -> Result<()> {
         "calibration_tokens": calib.len(),
         "calibration_nll_before": base_loss,
         "calibration_nll_after": loss,
-        "refit": a.refit.then_some(a.refit_ridge),
+        "refit": (a.refit || a.merge_units).then_some(a.refit_ridge),
+        "merge_units": a.merge_units,
         "heal_steps": a.heal_steps,
         "expert_load_percent": shares(&stats).into_iter().map(|(l, s)| json!({"layer": l, "share": s})).collect::<Vec<_>>(),
     });

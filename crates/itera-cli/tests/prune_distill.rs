@@ -37,7 +37,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
         "3,1,2,4",
         "--method",
         "frequency",
-        "--refit",
+        "--merge-units",
         "--out",
         o,
         "--report",
@@ -53,6 +53,7 @@ fn a_pruned_model_runs_in_every_command_and_the_server() {
     let v = json(&String::from_utf8_lossy(&run.stdout));
     assert_eq!(v["experts_per_layer"], serde_json::json!([3, 1, 2, 4]));
     assert_eq!(v["refit"], serde_json::json!(0.001));
+    assert_eq!(v["merge_units"], serde_json::json!(true));
     let per_expert = 3 * 128 * 128 + 128;
     assert_eq!(
         v["parameters_before"].as_u64().unwrap() - v["parameters_after"].as_u64().unwrap(),
@@ -295,6 +296,24 @@ fn healing_and_distillation_train_and_bad_requests_touch_nothing() {
                 "prune", "--model", &m, "--data", f, "--drop", "1", "--method", "magic", "--out", o,
             ],
             "unknown pruning method",
+        ),
+        (
+            vec![
+                "prune",
+                "--model",
+                &m,
+                "--data",
+                f,
+                "--drop",
+                "1",
+                "--method",
+                "reap",
+                "--score-refitted",
+                "--merge-units",
+                "--out",
+                o,
+            ],
+            "--score-refitted applies to --method search",
         ),
         (
             vec![

@@ -141,7 +141,10 @@ pub fn calibration_loss(runtime: &Runtime, tokens: &[u32]) -> Result<f64> {
 }
 
 /// The experts each MoE layer keeps (ascending old indices), `keep[i]` of them in the i-th.
-/// `stats` come from `routing_stats` on the calibration text; `Search` also scores `calib`.
+/// `stats` come from `routing_stats` on the calibration text; `Search` also scores `calib`,
+/// each set after `then` when given (the refit that will follow: which experts are cheapest to
+/// lose can depend on what the refit recovers).
+#[allow(clippy::too_many_arguments)]
 pub fn choose(
     cfg: &ModelConfig,
     weights: &Weights,
@@ -149,6 +152,7 @@ pub fn choose(
     keep: &[usize],
     stats: &RoutingStats,
     calib: &[u32],
+    then: Option<Refit>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<usize>>> {
     let layers = moe_layers(cfg)?;
@@ -203,7 +207,14 @@ pub fn choose(
                         .enumerate()
                         .map(|(j, &l)| if j == i { kept.clone() } else { all(l) })
                         .collect();
-                    let (c, w) = prune(cfg, weights, &plan)?;
+                    let (c, w) = match then {
+                        Some(how) => prune(
+                            cfg,
+                            &refit(cfg, weights, &plan, calib, how, |_, _| {})?,
+                            &plan,
+                        )?,
+                        None => prune(cfg, weights, &plan)?,
+                    };
                     let loss = calibration_loss(&Runtime::new(&c, &w)?, calib)?;
                     if best.as_ref().is_none_or(|b| loss < b.0) {
                         best = Some((loss, kept));
@@ -350,6 +361,13 @@ pub enum RefitUnits {
     WithRemoved,
 }
 
+/// How `refit` fits: its ridge (see `REFIT_RIDGE`) and the units the kept experts may hold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Refit {
+    pub ridge: f64,
+    pub units: RefitUnits,
+}
+
 /// The kept experts refitted to stand in for the removed ones, with no gradient step: layer by
 /// layer, on the calibration tokens as the model pruned so far sees them, each kept expert's
 /// `down` matrix is set to minimise, over the tokens, |y - y'|^2 + ridge x |down - old down|^2,
@@ -359,17 +377,18 @@ pub enum RefitUnits {
 /// kept expert first chooses its hidden units among its own and the removed experts' (the
 /// least-squares problem over all of them, then the units whose removal raises the residual
 /// least taken out one at a time, as Optimal Brain Surgeon does for weights).
-/// Returns `weights` in the old expert numbering with the kept experts' tensors replaced: `prune`
-/// with the same `kept` then removes the others. `progress(done, total)` counts MoE layers.
+/// A layer that keeps all its experts is left as it is. Returns `weights` in the old expert
+/// numbering with the kept experts' tensors replaced: `prune` with the same `kept` then removes
+/// the others. `progress(done, total)` counts MoE layers.
 pub fn refit(
     cfg: &ModelConfig,
     weights: &Weights,
     kept: &[Vec<usize>],
     calib: &[u32],
-    ridge: f64,
-    units: RefitUnits,
+    how: Refit,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Weights> {
+    let Refit { ridge, units } = how;
     let layers = check_kept(cfg, kept)?;
     if !(ridge > 0.0 && ridge.is_finite()) {
         return Err(Error::Argument(format!(
@@ -383,6 +402,10 @@ pub fn refit(
     pruned_cfg.top_k = cfg.top_k.min(kept.iter().map(Vec::len).min().unwrap_or(0));
     let mut out = weights.clone();
     for (i, &l) in layers.iter().enumerate() {
+        if kept[i].len() == cfg.experts_in_layer(l) {
+            progress(i + 1, layers.len());
+            continue;
+        }
         // Layers before this one pruned and refitted, this one and later ones whole.
         let plan: Vec<Vec<usize>> = layers
             .iter()
@@ -787,6 +810,10 @@ mod tests {
         (cfg, w)
     }
 
+    fn how(ridge: f64, units: RefitUnits) -> Refit {
+        Refit { ridge, units }
+    }
+
     fn tokens(n: usize) -> Vec<u32> {
         (0..n as u32).map(|i| (i * 7 + i / 3) % 64).collect()
     }
@@ -883,7 +910,7 @@ mod tests {
         let keep = keep_counts(&cfg, Some(1), None).unwrap();
         for method in ["random", "frequency", "gate", "reap", "search"] {
             let m = Method::parse(method, 7).unwrap();
-            let kept = choose(&cfg, &w, m, &keep, &stats, &toks[..100], |_, _| {}).unwrap();
+            let kept = choose(&cfg, &w, m, &keep, &stats, &toks[..100], None, |_, _| {}).unwrap();
             assert!(kept.iter().all(|k| k.len() == 3), "{method}: {kept:?}");
             if m == Method::Frequency {
                 for (k, &l) in kept.iter().zip(&moe_layers(&cfg).unwrap()) {
@@ -893,14 +920,28 @@ mod tests {
                 }
             }
             if m == Method::Search {
-                // Layer 0's choice scores best among all its single-expert removals.
-                let loss_of = |k0: Vec<usize>| {
-                    let (c, p) = prune(&cfg, &w, &[k0, vec![0, 1, 2, 3]]).unwrap();
-                    calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks[..100]).unwrap()
-                };
-                let chosen = loss_of(kept[0].clone());
-                for k0 in subsets(4, 3).unwrap() {
-                    assert!(chosen <= loss_of(k0.clone()), "{k0:?} beats {:?}", kept[0]);
+                // Layer 0's choice scores best among all its single-expert removals, as removed
+                // or, when the search is told the refit that follows, as refitted.
+                let merge = how(REFIT_RIDGE, RefitUnits::WithRemoved);
+                for then in [None, Some(merge)] {
+                    let kept = choose(&cfg, &w, m, &keep, &stats, &toks[..100], then, |_, _| {});
+                    let kept = kept.unwrap();
+                    let loss_of = |k0: Vec<usize>| {
+                        let plan = [k0, vec![0, 1, 2, 3]];
+                        let w = match then {
+                            Some(h) => refit(&cfg, &w, &plan, &toks[..100], h, |_, _| {}).unwrap(),
+                            None => w.clone(),
+                        };
+                        let (c, p) = prune(&cfg, &w, &plan).unwrap();
+                        calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks[..100]).unwrap()
+                    };
+                    let chosen = loss_of(kept[0].clone());
+                    for k0 in subsets(4, 3).unwrap() {
+                        assert!(
+                            chosen <= loss_of(k0.clone()),
+                            "{k0:?} beats {kept:?} ({then:?})"
+                        );
+                    }
                 }
             }
         }
@@ -915,7 +956,18 @@ mod tests {
         let layers = moe_layers(&cfg).unwrap();
         let toks = tokens(600);
         let all: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 2, 3]).collect();
-        let same = refit(&cfg, &w, &all, &toks, 1e-6, RefitUnits::Own, |_, _| {}).unwrap();
+        let same = refit(
+            &cfg,
+            &w,
+            &all,
+            &toks,
+            Refit {
+                ridge: 1e-6,
+                units: RefitUnits::Own,
+            },
+            |_, _| {},
+        )
+        .unwrap();
         for (name, t) in &w.tensors {
             let diff = t
                 .data
@@ -937,8 +989,7 @@ mod tests {
             &w,
             &kept,
             &toks,
-            REFIT_RIDGE,
-            RefitUnits::Own,
+            how(REFIT_RIDGE, RefitUnits::Own),
             |_, _| {},
         )
         .unwrap();
@@ -959,7 +1010,18 @@ mod tests {
         );
         let up = format!("layers.{}.moe.experts.0.up.weight", layers[0]);
         assert_eq!(refitted.values(&up).unwrap(), w.values(&up).unwrap());
-        let stiff = refit(&cfg, &w, &kept, &toks, 1e6, RefitUnits::Own, |_, _| {}).unwrap();
+        let stiff = refit(
+            &cfg,
+            &w,
+            &kept,
+            &toks,
+            Refit {
+                ridge: 1e6,
+                units: RefitUnits::Own,
+            },
+            |_, _| {},
+        )
+        .unwrap();
         let moved = |r: &Weights| {
             r.values(&down(0))
                 .unwrap()
@@ -969,14 +1031,24 @@ mod tests {
                 .sum::<f32>()
         };
         assert!(moved(&stiff) < 1e-3 * moved(&refitted));
-        assert!(refit(&cfg, &w, &kept, &toks, 0.0, RefitUnits::Own, |_, _| {}).is_err());
+        assert!(refit(
+            &cfg,
+            &w,
+            &kept,
+            &toks,
+            Refit {
+                ridge: 0.0,
+                units: RefitUnits::Own
+            },
+            |_, _| {}
+        )
+        .is_err());
         let e = refit(
             &cfg,
             &w,
             &[vec![0, 9], vec![1]],
             &toks,
-            1e-3,
-            RefitUnits::Own,
+            how(1e-3, RefitUnits::Own),
             |_, _| {},
         );
         assert!(e.unwrap_err().to_string().contains("below 4"));
@@ -994,8 +1066,7 @@ mod tests {
                 &w,
                 &uneven,
                 &toks,
-                REFIT_RIDGE,
-                RefitUnits::Own,
+                how(REFIT_RIDGE, RefitUnits::Own),
                 |_, _| {},
             )
             .unwrap(),
@@ -1055,11 +1126,20 @@ mod tests {
             &w,
             &all,
             &toks,
-            1e-3,
-            RefitUnits::WithRemoved,
+            how(1e-3, RefitUnits::WithRemoved),
             |_, _| {},
         );
-        let plain = refit(&cfg, &w, &all, &toks, 1e-3, RefitUnits::Own, |_, _| {});
+        let plain = refit(
+            &cfg,
+            &w,
+            &all,
+            &toks,
+            Refit {
+                ridge: 1e-3,
+                units: RefitUnits::Own,
+            },
+            |_, _| {},
+        );
         for (name, t) in &same.unwrap().tensors {
             assert_eq!(t.data, plain.as_ref().unwrap().tensors[name].data, "{name}");
         }
@@ -1073,8 +1153,7 @@ mod tests {
             &w,
             &kept,
             &toks,
-            REFIT_RIDGE,
-            RefitUnits::Own,
+            how(REFIT_RIDGE, RefitUnits::Own),
             |_, _| {},
         )
         .unwrap();
@@ -1083,8 +1162,7 @@ mod tests {
             &w,
             &kept,
             &toks,
-            REFIT_RIDGE,
-            RefitUnits::WithRemoved,
+            how(REFIT_RIDGE, RefitUnits::WithRemoved),
             |_, _| {},
         )
         .unwrap();

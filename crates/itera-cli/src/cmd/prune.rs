@@ -74,6 +74,10 @@ pub struct PruneArgs {
     /// of the removed experts kept
     #[arg(long)]
     pub merge_units: bool,
+    /// --method search: score each candidate set after the refit that follows (--refit or
+    /// --merge-units) instead of as plainly removed (one refit per set: slower)
+    #[arg(long)]
+    pub score_refitted: bool,
     /// Steps of fine-tuning after pruning, on the calibration text (0: none)
     #[arg(long, default_value_t = 0)]
     pub heal_steps: usize,
@@ -270,6 +274,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
         }
         _ => {}
     }
+    if a.score_refitted && !(a.method == "search" && (a.refit || a.merge_units)) {
+        bail!("--score-refitted applies to --method search with --refit or --merge-units");
+    }
     if (a.heal_steps > 0 || a.refit || a.merge_units) && !pruning {
         bail!(
             "--heal-steps, --refit and --merge-units apply after pruning (--drop or --keep-per-layer)"
@@ -306,30 +313,34 @@ pub fn run(a: PruneArgs) -> Result<()> {
             1,
             "search {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
         );
-        kept = prune::choose(&cfg, &weights, method, &keep, &stats, &calib, |d, t| {
-            pb.set_length(t as u64);
-            pb.set_position(d as u64);
-        })?;
-        pb.finish_and_clear();
-        if a.refit || a.merge_units {
-            let units = if a.merge_units {
+        let refit = (a.refit || a.merge_units).then_some(prune::Refit {
+            ridge: a.refit_ridge,
+            units: if a.merge_units {
                 prune::RefitUnits::WithRemoved
             } else {
                 prune::RefitUnits::Own
-            };
+            },
+        });
+        kept = prune::choose(
+            &cfg,
+            &weights,
+            method,
+            &keep,
+            &stats,
+            &calib,
+            refit.filter(|_| a.score_refitted),
+            |d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64);
+            },
+        )?;
+        pb.finish_and_clear();
+        if let Some(how) = refit {
             let pb = bar(1, "refit {bar:30} {pos}/{len} layers [{elapsed_precise}]");
-            weights = prune::refit(
-                &cfg,
-                &weights,
-                &kept,
-                &calib,
-                a.refit_ridge,
-                units,
-                |d, t| {
-                    pb.set_length(t as u64);
-                    pb.set_position(d as u64);
-                },
-            )?;
+            weights = prune::refit(&cfg, &weights, &kept, &calib, how, |d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64);
+            })?;
             pb.finish_and_clear();
         }
         (cfg, weights) = prune::prune(&cfg, &weights, &kept)?;

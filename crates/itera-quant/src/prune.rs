@@ -814,6 +814,17 @@ mod tests {
         Refit { ridge, units }
     }
 
+    /// `refit` of `w` on `toks` with no progress report.
+    fn fit(
+        (cfg, w): (&ModelConfig, &Weights),
+        kept: &[Vec<usize>],
+        toks: &[u32],
+        ridge: f64,
+        units: RefitUnits,
+    ) -> Result<Weights> {
+        refit(cfg, w, kept, toks, how(ridge, units), |_, _| {})
+    }
+
     fn tokens(n: usize) -> Vec<u32> {
         (0..n as u32).map(|i| (i * 7 + i / 3) % 64).collect()
     }
@@ -948,7 +959,7 @@ mod tests {
     }
 
     /// Keeping every expert, the least-squares optimum is the old `down` (the pruned layer is the
-    /// whole layer); after dropping one expert per layer, the refitted model's calibration loss
+    /// whole layer, which `refit` leaves as it is); after dropping one expert per layer, the refitted model's calibration loss
     /// is below the plainly pruned model's, and a ridge pulls the refit toward the old values.
     #[test]
     fn refit_keeps_a_whole_layer_and_recovers_part_of_a_removed_expert() {
@@ -956,26 +967,32 @@ mod tests {
         let layers = moe_layers(&cfg).unwrap();
         let toks = tokens(600);
         let all: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 2, 3]).collect();
-        let same = refit(
-            &cfg,
-            &w,
-            &all,
-            &toks,
-            Refit {
-                ridge: 1e-6,
-                units: RefitUnits::Own,
-            },
-            |_, _| {},
-        )
-        .unwrap();
-        for (name, t) in &w.tensors {
-            let diff = t
-                .data
+        // `refit` leaves whole layers alone; the fit itself finds their old `down` again.
+        for units in [RefitUnits::Own, RefitUnits::WithRemoved] {
+            let same = fit((&cfg, &w), &all, &toks, 1e-6, units).unwrap();
+            assert!(same
+                .tensors
                 .iter()
-                .zip(&same.tensors[name].data)
+                .all(|(n, t)| t.data == w.tensors[n].data));
+        }
+        let l = layers[0];
+        let rt = Runtime::new(&cfg, &w).unwrap();
+        let mut scratch = rt.new_scratch();
+        scratch.moe_inputs = Some((l, Vec::new()));
+        read_through(&rt, &toks, &mut scratch).unwrap();
+        let inputs = scratch.moe_inputs.take().unwrap().1;
+        let moe = ModelSpec::new(&cfg).layers[l].moe.clone().unwrap();
+        let whole = LayerFit::new(&cfg, &w, &moe, &all[0], cfg.top_k, RefitUnits::Own).unwrap();
+        let solved = whole.fit(&inputs).unwrap().solve(1e-6).unwrap();
+        for (e, (units, down)) in solved.iter().enumerate() {
+            assert!(units.iter().enumerate().all(|(u, &unit)| unit == (e, u)));
+            let old = w.values(&moe.experts[e].down.name).unwrap();
+            let diff = down
+                .iter()
+                .zip(old)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            let scale = t.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(diff <= 1e-3 * scale, "{name}: {diff} (scale {scale})");
+            let scale = old.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(diff <= 1e-3 * scale, "expert {e}: {diff} (scale {scale})");
         }
         let kept: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 3]).collect();
         let loss = |w: &Weights| {
@@ -984,15 +1001,7 @@ mod tests {
         };
         let full = calibration_loss(&Runtime::new(&cfg, &w).unwrap(), &toks).unwrap();
         let plain = loss(&w);
-        let refitted = refit(
-            &cfg,
-            &w,
-            &kept,
-            &toks,
-            how(REFIT_RIDGE, RefitUnits::Own),
-            |_, _| {},
-        )
-        .unwrap();
+        let refitted = fit((&cfg, &w), &kept, &toks, REFIT_RIDGE, RefitUnits::Own).unwrap();
         let better = loss(&refitted);
         assert!(
             (full - better).abs() < 0.5 * (full - plain).abs(),
@@ -1010,18 +1019,7 @@ mod tests {
         );
         let up = format!("layers.{}.moe.experts.0.up.weight", layers[0]);
         assert_eq!(refitted.values(&up).unwrap(), w.values(&up).unwrap());
-        let stiff = refit(
-            &cfg,
-            &w,
-            &kept,
-            &toks,
-            Refit {
-                ridge: 1e6,
-                units: RefitUnits::Own,
-            },
-            |_, _| {},
-        )
-        .unwrap();
+        let stiff = fit((&cfg, &w), &kept, &toks, 1e6, RefitUnits::Own).unwrap();
         let moved = |r: &Weights| {
             r.values(&down(0))
                 .unwrap()
@@ -1031,25 +1029,13 @@ mod tests {
                 .sum::<f32>()
         };
         assert!(moved(&stiff) < 1e-3 * moved(&refitted));
-        assert!(refit(
-            &cfg,
-            &w,
-            &kept,
-            &toks,
-            Refit {
-                ridge: 0.0,
-                units: RefitUnits::Own
-            },
-            |_, _| {}
-        )
-        .is_err());
-        let e = refit(
-            &cfg,
-            &w,
+        assert!(fit((&cfg, &w), &kept, &toks, 0.0, RefitUnits::Own).is_err());
+        let e = fit(
+            (&cfg, &w),
             &[vec![0, 9], vec![1]],
             &toks,
-            how(1e-3, RefitUnits::Own),
-            |_, _| {},
+            1e-3,
+            RefitUnits::Own,
         );
         assert!(e.unwrap_err().to_string().contains("below 4"));
         // Uneven counts: top_k shrinks to 1 and the refit fits that routing.
@@ -1060,17 +1046,7 @@ mod tests {
             calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks).unwrap()
         };
         let plain = loss(&w);
-        let better = loss(
-            &refit(
-                &cfg,
-                &w,
-                &uneven,
-                &toks,
-                how(REFIT_RIDGE, RefitUnits::Own),
-                |_, _| {},
-            )
-            .unwrap(),
-        );
+        let better = loss(&fit((&cfg, &w), &uneven, &toks, REFIT_RIDGE, RefitUnits::Own).unwrap());
         assert!(
             (full - better).abs() < (full - plain).abs(),
             "unpruned {full}, pruned {plain}, refitted {better}"
@@ -1114,56 +1090,24 @@ mod tests {
     /// `expert_hidden` units, every one of them a whole unit of the old layer (its gate and up
     /// rows copied together, from its own expert or a removed one, each unit at most once), some
     /// taken from the removed experts, and the calibration loss ends at or below the plain
-    /// refit's; with nothing removed it is the plain refit.
+    /// refit's.
     #[test]
     fn merged_units_are_whole_old_units_and_fit_at_least_as_well() {
         let (cfg, w) = tiny();
         let layers = moe_layers(&cfg).unwrap();
         let toks = tokens(600);
-        let all: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 1, 2, 3]).collect();
-        let same = refit(
-            &cfg,
-            &w,
-            &all,
-            &toks,
-            how(1e-3, RefitUnits::WithRemoved),
-            |_, _| {},
-        );
-        let plain = refit(
-            &cfg,
-            &w,
-            &all,
-            &toks,
-            Refit {
-                ridge: 1e-3,
-                units: RefitUnits::Own,
-            },
-            |_, _| {},
-        );
-        for (name, t) in &same.unwrap().tensors {
-            assert_eq!(t.data, plain.as_ref().unwrap().tensors[name].data, "{name}");
-        }
         let kept: Vec<Vec<usize>> = layers.iter().map(|_| vec![0, 2, 3]).collect();
         let loss = |w: &Weights| {
             let (c, p) = prune(&cfg, w, &kept).unwrap();
             calibration_loss(&Runtime::new(&c, &p).unwrap(), &toks).unwrap()
         };
-        let own = refit(
-            &cfg,
-            &w,
+        let own = fit((&cfg, &w), &kept, &toks, REFIT_RIDGE, RefitUnits::Own).unwrap();
+        let merged = fit(
+            (&cfg, &w),
             &kept,
             &toks,
-            how(REFIT_RIDGE, RefitUnits::Own),
-            |_, _| {},
-        )
-        .unwrap();
-        let merged = refit(
-            &cfg,
-            &w,
-            &kept,
-            &toks,
-            how(REFIT_RIDGE, RefitUnits::WithRemoved),
-            |_, _| {},
+            REFIT_RIDGE,
+            RefitUnits::WithRemoved,
         )
         .unwrap();
         let (l_own, l_merged) = (loss(&own), loss(&merged));

@@ -194,11 +194,22 @@ fn healing_and_distillation_train_and_bad_requests_touch_nothing() {
         "2",
         "--heal-seq-len",
         "32",
+        "--heal-ema",
+        "0.5",
         "--json",
     ]));
     assert_eq!(v["experts_per_layer"], serde_json::json!([2, 2, 2, 2]));
     let metrics = std::fs::read_to_string(dir.join("healed.heal/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"kl\"")).count(), 3);
+    // With --heal-ema the result is the average, which the heal run's best/ also holds, not the
+    // last weights (checkpoint/).
+    let score = |m: &str| {
+        json(&ok(&["eval", "--model", m, "--data", f, "--json"]))["bits_per_byte"].clone()
+    };
+    let best = dir.join("healed.heal/best");
+    let last = dir.join("healed.heal/checkpoint");
+    assert_eq!(score(h), score(best.to_str().unwrap()));
+    assert_ne!(score(h), score(last.to_str().unwrap()));
 
     // Distil the micro test model into a half-width student, then resume it.
     let teacher = model().to_str().unwrap().to_string();

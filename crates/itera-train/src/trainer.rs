@@ -607,7 +607,7 @@ impl Run {
     }
 
     /// The weights validation measures and `best/` holds: the average when there is one.
-    fn measured_weights(&self) -> Result<Weights> {
+    pub fn measured_weights(&self) -> Result<Weights> {
         match &self.ema {
             Some(ema) => Ok(ema.clone()),
             None => self.weights(),

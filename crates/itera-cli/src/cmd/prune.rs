@@ -95,6 +95,10 @@ pub struct PruneArgs {
     /// the cross-entropy (0: cross-entropy only)
     #[arg(long, default_value_t = 0.0)]
     pub heal_kl: f64,
+    /// Keep an exponential moving average of the healed weights with this decay (0: off), from
+    /// the end of the fine-tune's warmup; the average is the result
+    #[arg(long, default_value_t = 0.0)]
+    pub heal_ema: f64,
     /// Run directory of the fine-tune (default: the output's name + .heal)
     #[arg(long)]
     pub heal_run: Option<PathBuf>,
@@ -198,7 +202,7 @@ fn report(stats: &RoutingStats, png: &Path, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// Fine-tunes the pruned model through the ordinary trainer; returns its final weights.
+/// Fine-tunes the pruned model through the ordinary trainer; returns its final weights (their average with --heal-ema).
 fn heal(a: &PruneArgs, cfg: &ModelConfig, w: &Weights, model: &ModelDir) -> Result<Weights> {
     let out = a.out.as_ref().expect("checked: healing writes a model");
     let dir = a
@@ -210,6 +214,8 @@ fn heal(a: &PruneArgs, cfg: &ModelConfig, w: &Weights, model: &ModelDir) -> Resu
     o.batch_size = a.heal_batch_size;
     o.seq_len = a.heal_seq_len.unwrap_or(cfg.context);
     o.warmup = (a.heal_steps / 10).max(1);
+    o.ema = a.heal_ema;
+    o.ema_start = o.warmup;
     o.eval_every = a.heal_steps;
     o.save_every = a.heal_steps;
     o.seed = a.seed;
@@ -246,7 +252,8 @@ fn heal(a: &PruneArgs, cfg: &ModelConfig, w: &Weights, model: &ModelDir) -> Resu
         dir.display(),
         result.val_loss
     );
-    Ok(run.weights()?)
+    // The moving average when --heal-ema keeps one, else the last weights.
+    Ok(run.measured_weights()?)
 }
 
 pub fn run(a: PruneArgs) -> Result<()> {

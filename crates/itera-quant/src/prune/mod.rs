@@ -1,9 +1,8 @@
 //! Expert pruning: which experts of each MoE layer to keep (from routing statistics gathered on
 //! calibration text, at random, or by scoring every removable set), the smaller model without
-//! the others (their tensors and router rows gone, the survivors renumbered), the kept experts'
-//! least-squares refit to the unpruned layers' outputs (optionally taking over the removed
-//! experts' hidden units), and the dynamic skipping threshold chosen from the same statistics.
-
+//! the others (their tensors and router rows gone, the survivors renumbered), and the dynamic
+//! skipping threshold chosen from the same statistics. The kept experts' least-squares refit
+//! lives in `refit`.
 use itera_core::error::{Error, Result};
 use itera_core::eval::score_tokens;
 use itera_core::rng::Rng;

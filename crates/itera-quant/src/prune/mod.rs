@@ -3,6 +3,7 @@
 //! the others (their tensors and router rows gone, the survivors renumbered), and the dynamic
 //! skipping threshold chosen from the same statistics. The kept experts' least-squares refit
 //! lives in `refit`.
+
 use itera_core::error::{Error, Result};
 use itera_core::eval::score_tokens;
 use itera_core::rng::Rng;

@@ -60,6 +60,9 @@ pub enum TrainOnly {
     All,
     /// MoE routers and RMSNorm gains only (healing a pruned model without moving its experts).
     RouterAndNorms,
+    /// The MoE layers (routers and experts) and the RMSNorm gains: heals a pruned model where it
+    /// was cut, leaving its mixers and embedding as they were trained.
+    Moe,
 }
 
 impl TrainOnly {
@@ -67,6 +70,7 @@ impl TrainOnly {
         match self {
             Self::All => true,
             Self::RouterAndNorms => matches!(role, Some(Role::Router | Role::Norm)),
+            Self::Moe => matches!(role, Some(Role::Router | Role::Expert | Role::Norm)),
         }
     }
 }

@@ -28,6 +28,8 @@ pub enum HealArg {
     All,
     /// Only the MoE routers and the RMSNorm gains
     Router,
+    /// The MoE layers (routers and experts) and the RMSNorm gains; mixers and embedding stay
+    Moe,
 }
 
 #[derive(Args)]
@@ -232,6 +234,7 @@ fn heal(a: &PruneArgs, cfg: &ModelConfig, w: &Weights, model: &ModelDir) -> Resu
     o.train_only = match a.heal {
         HealArg::All => TrainOnly::All,
         HealArg::Router => TrainOnly::RouterAndNorms,
+        HealArg::Moe => TrainOnly::Moe,
     };
     let mut run = Run::create_from(&dir, cfg.clone(), model.tokenizer.clone(), o, w)?;
     let corpus = run.load_corpus()?;

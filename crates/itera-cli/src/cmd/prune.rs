@@ -204,7 +204,8 @@ fn report(stats: &RoutingStats, png: &Path, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// Fine-tunes the pruned model through the ordinary trainer; returns its final weights (their average with --heal-ema).
+/// Fine-tunes the pruned model through the ordinary trainer; returns its final weights (their
+/// average with --heal-ema).
 fn heal(a: &PruneArgs, cfg: &ModelConfig, w: &Weights, model: &ModelDir) -> Result<Weights> {
     let out = a.out.as_ref().expect("checked: healing writes a model");
     let dir = a

@@ -12,13 +12,22 @@ use super::scan::f32_slice;
 
 struct Linear;
 
+/// The f32 data of a contiguous CPU tensor's storage, without a copy.
+pub(super) fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(s) => f32_slice(s, layout, what),
+        _ => candle_core::bail!("`{what}` is not on the CPU"),
+    }
+}
+
 /// The f32 data of a contiguous CPU tensor, lent to `f` without a copy.
 fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => Ok(f(f32_slice(s, layout, what)?)),
-        _ => candle_core::bail!("linear: `{what}` is not on the CPU"),
-    }
+    Ok(f(cpu_f32(&storage, layout, what)?))
 }
 
 impl CustomOp2 for Linear {

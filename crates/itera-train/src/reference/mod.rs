@@ -2,7 +2,7 @@
 //! it is built from, each with a hand-written backward checked against finite differences or
 //! candle's own autograd (`linear`: every projection, x · Wᵀ; `scan`: the SSM core; `mixer_core`: the whole mixer between its
 //! projections, over the scan's and the conv's kernels; `conv_norm`: causal conv + SiLU and RMSNorm;
-//! `swiglu`: the experts' gate silu(g) * u; `lm_head_loss`: the tied LM head fused with
+//! `swiglu`: the experts' gate silu(g) * u; `moe`: the MoE layer's routed experts; `lm_head_loss`: the tied LM head fused with
 //! cross-entropy, over `gemm`; `distill_loss`: the
 //! same head fused with the distillation loss against a teacher), plus the windowed
 //! evaluation of models with a bounded context (`windowed`). Inference never uses any of this:
@@ -15,6 +15,7 @@ pub mod linear;
 pub mod lm_head_loss;
 pub mod mixer_core;
 pub mod model;
+pub mod moe;
 pub mod scan;
 pub mod swiglu;
 pub mod windowed;

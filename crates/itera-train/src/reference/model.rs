@@ -6,7 +6,6 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Tensor, D};
 use itera_core::config::ModelConfig;
-use itera_core::math::top_k;
 use itera_core::rng::Rng;
 use itera_core::tensors::{AttentionSpec, MixerSpec, ModelSpec, MoeSpec, SsmSpec, SwigluSpec};
 
@@ -15,6 +14,7 @@ use super::distill_loss::{distill_loss, DistillLossSpec, Parts, TeacherLogits};
 use super::linear::linear;
 use super::lm_head_loss::lm_head_loss;
 use super::mixer_core::{mixer_core, MixerWeights};
+use super::moe::{moe_composite, moe_experts, Routing};
 use super::scan::ssm_core_ungated;
 use super::swiglu::swiglu_gate;
 use super::Params;
@@ -283,42 +283,27 @@ impl<'a> Model<'a> {
     }
 
     /// Top-k MoE of SwiGLU experts on h [N, d]; returns (output [N, d], load-balancing loss).
+    /// The experts run as one fused op unless dropout inside them is on for this step.
     fn moe(&self, h: &Tensor, moe: &MoeSpec) -> Result<(Tensor, Tensor)> {
         let e_count = moe.experts.len();
-        let (n_tok, k) = (h.dim(0)?, self.cfg.top_k.min(e_count));
+        let k = self.cfg.top_k.min(e_count);
         let router = self.w(&moe.router)?;
         let probs = candle_nn::ops::softmax(&linear(h, router)?, D::Minus1)?; // [N, E]
-        let probs_v = probs.to_vec2::<f32>()?;
-        let mut mask = vec![0f32; n_tok * e_count];
-        let mut routed: Vec<Vec<u32>> = vec![Vec::new(); e_count];
-        for (i, row) in probs_v.iter().enumerate() {
-            for e in top_k(row, k) {
-                mask[i * e_count + e] = 1.0;
-                routed[e].push(i as u32);
-            }
-        }
-        let mask = Tensor::from_vec(mask, (n_tok, e_count), h.device())?;
-        let gated = (&probs * &mask)?;
-        let gates = gated.broadcast_div(&gated.sum_keepdim(1)?)?;
-        let mut out = h.zeros_like()?;
-        for (e, idx) in routed.iter().enumerate() {
-            if idx.is_empty() {
-                continue;
-            }
-            let idx_t = Tensor::new(idx.as_slice(), h.device())?;
-            let xe = h.index_select(&idx_t, 0)?;
-            let ye = self.swiglu(&xe, &moe.experts[e])?;
-            let ge = gates.index_select(&idx_t, 0)?.narrow(1, e, 1)?;
-            out = out.index_add(&idx_t, &ye.broadcast_mul(&ge)?, 0)?;
-        }
-        // Switch load balancing: E * sum_e f_e * P_e, f_e = share of routed slots, P_e = mean prob.
-        let f: Vec<f32> = routed
+        let routing = Routing::new(&probs.flatten_all()?.to_vec1()?, e_count, k);
+        let experts = moe
+            .experts
             .iter()
-            .map(|r| r.len() as f32 / (n_tok * k) as f32)
-            .collect();
-        let f = Tensor::from_vec(f, e_count, h.device())?;
-        let p_mean = probs.mean(0)?;
-        let aux = ((p_mean * f)?.sum_all()? * e_count as f64)?;
+            .map(|x| Ok([self.w(&x.gate)?, self.w(&x.up)?, self.w(&x.down)?]))
+            .collect::<Result<Vec<_>>>()?;
+        let p = self.cfg.dropout.expert;
+        let load = Tensor::from_vec(routing.load(), e_count, h.device())?;
+        let out = if self.noise.is_some() && p > 0.0 {
+            moe_composite(h, &probs, &experts, &routing, &|a| self.elementwise(&a, p))?
+        } else {
+            moe_experts(h, &probs, &experts, std::sync::Arc::new(routing))?
+        };
+        // Switch load balancing: E * sum_e f_e * P_e, f_e = share of routed slots, P_e = mean prob.
+        let aux = ((probs.mean(0)? * load)?.sum_all()? * e_count as f64)?;
         Ok((out, aux))
     }
 }

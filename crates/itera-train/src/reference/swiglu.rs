@@ -33,6 +33,22 @@ itera_core::multiversion! {
     }
 }
 
+/// `gate_forward` over `CHUNK`-element tasks: out = silu(g) * u.
+pub(super) fn forward_par(g: &[f32], u: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| gate_forward(g, u, o));
+}
+
+/// `gate_backward` over `CHUNK`-element tasks: dg and du from the gradient of silu(g) * u.
+pub(super) fn backward_par(g: &[f32], u: &[f32], grad: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .zip(grad.par_chunks(CHUNK))
+        .for_each(|(((dg, du), (g, u)), gr)| gate_backward(g, u, gr, dg, du));
+}
+
 impl CustomOp2 for SwigluGate {
     fn name(&self) -> &'static str {
         "swiglu_gate"
@@ -54,9 +70,7 @@ impl CustomOp2 for SwigluGate {
         }
         let (g, u) = (f32_slice(s1, l1, "g")?, f32_slice(s2, l2, "u")?);
         let mut out = vec![0.0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| gate_forward(g, u, o));
+        forward_par(g, u, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -71,11 +85,7 @@ impl CustomOp2 for SwigluGate {
         let uv = u.flatten_all()?.to_vec1::<f32>()?;
         let grv = grad.flatten_all()?.to_vec1::<f32>()?;
         let (mut dg, mut du) = (vec![0.0f32; gv.len()], vec![0.0f32; gv.len()]);
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(gv.par_chunks(CHUNK).zip(uv.par_chunks(CHUNK)))
-            .zip(grv.par_chunks(CHUNK))
-            .for_each(|(((dg, du), (g, u)), gr)| gate_backward(g, u, gr, dg, du));
+        backward_par(&gv, &uv, &grv, &mut dg, &mut du);
         Ok((
             Some(Tensor::from_vec(dg, g.shape(), g.device())?),
             Some(Tensor::from_vec(du, u.shape(), u.device())?),

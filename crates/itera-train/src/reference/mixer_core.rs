@@ -16,7 +16,7 @@ use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_se
 use super::gemm::{matmul, View};
 use super::scan::{
     core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, sum_parts, Dims,
-    InputGrads, Inputs,
+    InputGrads, Inputs, Trace,
 };
 
 /// Sizes of the mixer: d_inner, the SSM state, dt's rank and the conv's taps.
@@ -51,6 +51,9 @@ struct Saved {
     raw: Vec<f32>,
     /// (B, C) [B*T, 2N].
     bc: Vec<f32>,
+    /// Each sequence's scan trace, recorded by a forward that autograd will differentiate (so
+    /// the backward does not run the scan forward again); empty otherwise.
+    traces: Vec<Trace>,
 }
 
 impl Saved {
@@ -143,6 +146,7 @@ impl MixerCore {
             dbc,
             raw,
             bc,
+            traces: Vec::new(),
         }
     }
 }
@@ -173,18 +177,24 @@ impl CustomOp2 for MixerCore {
             f32_slice(s1, l1, "xz")?,
             f32_slice(s2, l2, "mixer parameters")?,
         );
-        let saved = self.prepare(xz, w, b, t);
+        let mut saved = self.prepare(xz, w, b, t);
         let d = self.scan_dims(b, t);
         let (a, d_skip, bias) = params(split(w, self.dims)[3], &d);
         let di = self.dims.di;
+        let record = self.saved.is_some();
         let mut out = vec![0.0f32; b * t * di];
-        out.par_chunks_mut(t * di)
+        let traces: Vec<Option<Trace>> = out
+            .par_chunks_mut(t * di)
             .zip(saved.bc.par_chunks(t * 2 * d.n))
             .enumerate()
-            .for_each(|(bi, (ob, bcb))| {
+            .map(|(bi, (ob, bcb))| {
                 let u = saved.inputs(bi, t, di);
-                core_sequence_fast(&u, bcb, &a, &d_skip, &bias, &d, ob)
-            });
+                let mut trace = record.then(Trace::default);
+                core_sequence_fast(&u, bcb, &a, &d_skip, &bias, &d, ob, trace.as_mut());
+                trace
+            })
+            .collect();
+        saved.traces = traces.into_iter().flatten().collect();
         if let Some(slot) = &self.saved {
             *slot.lock().expect("not poisoned") = Some(saved);
         }
@@ -230,7 +240,18 @@ impl CustomOp2 for MixerCore {
                 let bcb = &saved.bc[bi * t * 2 * n..(bi + 1) * t * 2 * n];
                 let gob = &g_out[bi * seq..(bi + 1) * seq];
                 let grads = InputGrads { x, raw, z };
-                core_backward_fast(&u, bcb, gob, &a, &d_skip, &bias, &d, grads, gbc)
+                core_backward_fast(
+                    &u,
+                    bcb,
+                    gob,
+                    &a,
+                    &d_skip,
+                    &bias,
+                    &d,
+                    grads,
+                    gbc,
+                    saved.traces.get(bi),
+                )
             })
             .collect();
         let g_p = sum_parts(gp_parts, p.len());

@@ -123,8 +123,16 @@ pub(super) struct InputGrads<'a> {
     pub z: &'a mut [f32],
 }
 
-/// Forward over one sequence. Fills `out`; optionally appends h_t ([N][d_inner] per step), dt_t
-/// and the pre-gate y_t to the three records (appended, so they need no zero-filling first).
+/// What the backward needs of one sequence's forward: h_t ([N][d_inner] per step), dt_t and the
+/// pre-gate y_t, each appended step by step (so they need no zero-filling first).
+#[derive(Default)]
+pub(super) struct Trace {
+    hs: Vec<f32>,
+    dts: Vec<f32>,
+    ys: Vec<f32>,
+}
+
+/// Forward over one sequence. Fills `out`; with a trace, also records it there.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn core_sequence<M: MulAdd>(
@@ -135,9 +143,14 @@ fn core_sequence<M: MulAdd>(
     bias: &[f32],
     d: &Dims,
     out: &mut [f32],
-    mut record: Option<(&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>)>,
+    mut trace: Option<&mut Trace>,
 ) {
     let (di, n) = (d.di, d.n);
+    if let Some(tr) = trace.as_mut() {
+        tr.hs.reserve(d.t * di * n);
+        tr.dts.reserve(d.t * di);
+        tr.ys.reserve(d.t * di);
+    }
     // Re-sliced to exactly `di` so the per-channel loops carry no bounds checks (a check, or a
     // branch on `gated`, inside them kept LLVM from vectorising: they ran scalar `exp`s).
     let (d_skip, bias) = (&d_skip[..di], &bias[..di]);
@@ -169,15 +182,16 @@ fn core_sequence<M: MulAdd>(
         } else {
             out_t.copy_from_slice(&y);
         }
-        if let Some((hs, dts, ys)) = record.as_mut() {
-            hs.extend_from_slice(&h);
-            dts.extend_from_slice(&dt);
-            ys.extend_from_slice(&y);
+        if let Some(tr) = trace.as_mut() {
+            tr.hs.extend_from_slice(&h);
+            tr.dts.extend_from_slice(&dt);
+            tr.ys.extend_from_slice(&y);
         }
     }
 }
 
 /// Gradients of one sequence: fills dL/d(x, dt_raw, z) and dL/dbc, returns this sequence's share of dL/dp.
+/// Takes the forward's trace when it kept one, else runs the forward again to record it.
 /// Every loop runs across channels (state-major layout); the sums over channels that B and C
 /// need are lane-wise dot products.
 #[allow(clippy::too_many_arguments)]
@@ -192,23 +206,22 @@ fn core_backward<M: MulAdd>(
     d: &Dims,
     gu: InputGrads,
     gbc: &mut [f32],
+    trace: Option<&Trace>,
 ) -> Vec<f32> {
     let (t_len, di, n) = (d.t, d.di, d.n);
     let (d_skip, bias) = (&d_skip[..di], &bias[..di]);
-    let mut hs = Vec::with_capacity(t_len * di * n);
-    let mut dts = Vec::with_capacity(t_len * di);
-    let mut ys = Vec::with_capacity(t_len * di);
-    let mut out = vec![0.0f32; t_len * di];
-    core_sequence::<M>(
-        ub,
-        bcb,
-        a,
-        d_skip,
-        bias,
-        d,
-        &mut out,
-        Some((&mut hs, &mut dts, &mut ys)),
-    );
+    let recorded;
+    let trace = match trace {
+        Some(tr) => tr,
+        None => {
+            let mut tr = Trace::default();
+            let mut out = vec![0.0f32; t_len * di];
+            core_sequence::<M>(ub, bcb, a, d_skip, bias, d, &mut out, Some(&mut tr));
+            recorded = tr;
+            &recorded
+        }
+    };
+    let (hs, dts, ys) = (&trace.hs, &trace.dts, &trace.ys);
     let mut g_a = vec![0.0f32; di * n];
     let mut g_d = vec![0.0f32; di];
     let mut g_bias = vec![0.0f32; di];
@@ -287,8 +300,8 @@ fn core_backward<M: MulAdd>(
 
 itera_core::multiversion! {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn core_sequence_fast<M>(u: &Inputs, bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32]) {
-        core_sequence::<M>(u, bc, a, d_skip, bias, d, out, None)
+    pub(super) fn core_sequence_fast<M>(u: &Inputs, bc: &[f32], a: &[f32], d_skip: &[f32], bias: &[f32], d: &Dims, out: &mut [f32], trace: Option<&mut Trace>) {
+        core_sequence::<M>(u, bc, a, d_skip, bias, d, out, trace)
     }
 }
 
@@ -363,8 +376,9 @@ itera_core::multiversion! {
         d: &Dims,
         gu: InputGrads,
         gbc: &mut [f32],
+        trace: Option<&Trace>,
     ) -> Vec<f32> {
-        core_backward::<M>(ub, bcb, gout, a, d_skip, bias, d, gu, gbc)
+        core_backward::<M>(ub, bcb, gout, a, d_skip, bias, d, gu, gbc, trace)
     }
 }
 
@@ -402,6 +416,7 @@ impl CustomOp3 for SsmCore {
                     &bias,
                     &d,
                     ob,
+                    None,
                 );
             });
         Ok((CpuStorage::F32(out), Shape::from((d.b, d.t, d.di))))
@@ -441,7 +456,8 @@ impl CustomOp3 for SsmCore {
                     raw: graw,
                     z: gz,
                 };
-                let gp = core_backward_fast(&ub, bcb, gout, &a, &d_skip, &bias, &d, grads, gbc);
+                let gp =
+                    core_backward_fast(&ub, bcb, gout, &a, &d_skip, &bias, &d, grads, gbc, None);
                 // Interleave (x, dt_raw, z) as u's rows.
                 for (t, row) in gu.chunks_exact_mut(3 * di).enumerate() {
                     for (j, part) in row.chunks_exact_mut(di).enumerate() {

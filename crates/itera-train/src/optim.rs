@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::reference::scan::cpu_f32;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AdamWConfig {
@@ -72,8 +73,10 @@ impl AdamW {
             for (share, store) in grads {
                 if let Some(t) = store.get(slot.var.as_tensor()) {
                     // With one store of share 1 this is exactly its gradient (0 + 1 x v = v).
-                    let t = t.flatten_all()?.to_vec1::<f32>()?;
-                    g.iter_mut().zip(t).for_each(|(acc, v)| *acc += share * v);
+                    let t = t.contiguous()?;
+                    let (storage, layout) = t.storage_and_layout();
+                    let t = cpu_f32(&storage, layout, name)?;
+                    g.iter_mut().zip(t).for_each(|(acc, &v)| *acc += share * v);
                 }
             }
             if g.iter().any(|x| !x.is_finite()) {
@@ -95,30 +98,36 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        for (slot, g) in self.slots.values_mut().zip(g_all) {
-            let mut p = slot.var.flatten_all()?.to_vec1::<f32>()?;
+        for ((name, slot), g) in self.slots.iter_mut().zip(g_all) {
+            let mut p = vec![0.0f32; g.len()];
             let decay = if slot.decay {
                 1.0 - lr * self.cfg.weight_decay
             } else {
                 1.0
             };
             let eps = self.cfg.eps;
-            // Element-wise, so split across the cores in chunks (it ran on one core: 2% of a step).
-            p.par_chunks_mut(UPDATE_CHUNK)
-                .zip(g.par_chunks(UPDATE_CHUNK))
-                .zip(slot.m.par_chunks_mut(UPDATE_CHUNK))
-                .zip(slot.v.par_chunks_mut(UPDATE_CHUNK))
-                .for_each(|(((p, g), ms), vs)| {
-                    for i in 0..p.len() {
-                        let gi = g[i] as f64 * scale;
-                        let m = b1 * ms[i] as f64 + (1.0 - b1) * gi;
-                        let v = b2 * vs[i] as f64 + (1.0 - b2) * gi * gi;
-                        ms[i] = m as f32;
-                        vs[i] = v as f32;
-                        let update = (m / bc1) / ((v / bc2).sqrt() + eps);
-                        p[i] = (p[i] as f64 * decay - lr * update) as f32;
-                    }
-                });
+            {
+                // The current values read in place (the guard must go before `set` below).
+                let (storage, layout) = slot.var.storage_and_layout();
+                let old = cpu_f32(&storage, layout, name)?;
+                // Element-wise, so split across the cores in chunks (it ran on one core: 2% of a step).
+                p.par_chunks_mut(UPDATE_CHUNK)
+                    .zip(old.par_chunks(UPDATE_CHUNK))
+                    .zip(g.par_chunks(UPDATE_CHUNK))
+                    .zip(slot.m.par_chunks_mut(UPDATE_CHUNK))
+                    .zip(slot.v.par_chunks_mut(UPDATE_CHUNK))
+                    .for_each(|((((p, old), g), ms), vs)| {
+                        for i in 0..p.len() {
+                            let gi = g[i] as f64 * scale;
+                            let m = b1 * ms[i] as f64 + (1.0 - b1) * gi;
+                            let v = b2 * vs[i] as f64 + (1.0 - b2) * gi * gi;
+                            ms[i] = m as f32;
+                            vs[i] = v as f32;
+                            let update = (m / bc1) / ((v / bc2).sqrt() + eps);
+                            p[i] = (old[i] as f64 * decay - lr * update) as f32;
+                        }
+                    });
+            }
             slot.var
                 .set(&Tensor::from_vec(p, slot.var.shape(), &Device::Cpu)?)?;
         }

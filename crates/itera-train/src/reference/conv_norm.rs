@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::scan::{f32_slice, sum_parts};
+use super::scan::{cpu_f32, f32_slice, sum_parts};
 use itera_core::math::{dot, rms_norm_rows, sigmoid};
 
 /// out[b, t, d] = silu(bias[d] + sum_j w[d, j] * x[b, t - (K-1) + j, d]), zero before t = 0.
@@ -204,9 +204,15 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let d = w.dim(0)?;
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let wv = w.to_vec1::<f32>()?;
-        let gv = grad.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
+        let ((sx, lx), (sw, lw), (sg, lg)) = (
+            x.storage_and_layout(),
+            w.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let xv = cpu_f32(&sx, lx, "x")?;
+        let wv = cpu_f32(&sw, lw, "weight")?;
+        let gv = cpu_f32(&sg, lg, "gradient")?;
         let mut gx = vec![0.0f32; xv.len()];
         let parts: Vec<Vec<f32>> = gx
             .par_chunks_mut(NORM_ROWS * d)
@@ -216,7 +222,7 @@ impl CustomOp2 for RmsNorm {
             )
             .map(|(gxc, (xc, gc))| {
                 let mut gw = vec![0.0f32; d];
-                norm_backward_rows(xc, gc, &wv, self.eps, gxc, &mut gw);
+                norm_backward_rows(xc, gc, wv, self.eps, gxc, &mut gw);
                 gw
             })
             .collect();

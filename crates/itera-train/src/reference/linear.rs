@@ -8,21 +8,9 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::gemm::{matmul, View};
-use super::scan::f32_slice;
+use super::scan::{cpu_f32, f32_slice};
 
 struct Linear;
-
-/// The f32 data of a contiguous CPU tensor's storage, without a copy.
-pub(super) fn cpu_f32<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    match storage {
-        candle_core::Storage::Cpu(s) => f32_slice(s, layout, what),
-        _ => candle_core::bail!("`{what}` is not on the CPU"),
-    }
-}
 
 /// The f32 data of a contiguous CPU tensor, lent to `f` without a copy.
 fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {

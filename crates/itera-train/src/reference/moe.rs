@@ -15,8 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use itera_core::math::{dot, top_k_into};
 
 use super::gemm::{matmul, View};
-use super::linear::{cpu_f32, linear};
-use super::scan::f32_slice;
+use super::linear::linear;
+use super::scan::{cpu_f32, f32_slice};
 use super::swiglu::{backward_par, forward_par, swiglu_gate};
 use crate::error::Result;
 

@@ -27,6 +27,18 @@ pub(crate) fn f32_slice<'a>(
     Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
+/// The f32 data of a contiguous CPU tensor's storage, without a copy.
+pub(crate) fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(s) => f32_slice(s, layout, what),
+        _ => candle_core::bail!("`{what}` is not on the CPU"),
+    }
+}
+
 /// Sums the per-sequence partial gradients of a fused op's parameters.
 pub(crate) fn sum_parts(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     let mut acc = vec![0.0f32; len];

@@ -16,7 +16,7 @@ use super::lm_head_loss::lm_head_loss;
 use super::mixer_core::{mixer_core, MixerWeights};
 use super::moe::{moe_composite, moe_experts, Routing};
 use super::scan::ssm_core_ungated;
-use super::swiglu::swiglu_gate;
+use super::swiglu::swiglu_mlp;
 use super::Params;
 use crate::error::{Error, Result};
 
@@ -276,10 +276,8 @@ impl<'a> Model<'a> {
 
     /// SwiGLU feed-forward on h [N, d].
     fn swiglu(&self, h: &Tensor, m: &SwigluSpec) -> Result<Tensor> {
-        let g = linear(h, self.w(&m.gate)?)?;
-        let u = linear(h, self.w(&m.up)?)?;
-        let hidden = self.elementwise(&swiglu_gate(&g, &u)?, self.cfg.dropout.expert)?;
-        Ok(linear(&hidden, self.w(&m.down)?)?)
+        let w = [self.w(&m.gate)?, self.w(&m.up)?, self.w(&m.down)?];
+        swiglu_mlp(h, w, &|a| self.elementwise(&a, self.cfg.dropout.expert))
     }
 
     /// Top-k MoE of SwiGLU experts on h [N, d]; returns (output [N, d], load-balancing loss).

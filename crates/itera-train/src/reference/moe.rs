@@ -15,9 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use itera_core::math::{dot, top_k_into};
 
 use super::gemm::{matmul, View};
-use super::linear::linear;
 use super::scan::{cpu_f32, f32_slice};
-use super::swiglu::{backward_par, forward_par, swiglu_gate};
+use super::swiglu::{backward_par, forward_par, swiglu_mlp};
 use crate::error::Result;
 
 /// Which experts each token goes to: the top k of its routing probabilities.
@@ -84,9 +83,11 @@ impl Routing {
     }
 }
 
-/// One expert's activations on its tokens, kept for the backward: the gate and up projections
+/// One expert's activations on its tokens, kept for the backward: its input rows, the gate and up projections
 /// and silu(g) * u [n_e, H] each, and the expert's output [n_e, d].
 struct ExpertSaved {
+    /// The expert's input rows [n_e, d].
+    x: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
     a: Vec<f32>,
@@ -113,7 +114,7 @@ fn gather(src: &[f32], idx: &[u32], width: usize) -> Vec<f32> {
 }
 
 impl MoeExperts {
-    /// (N, E, d) after checking the three inputs against each other and the routing.
+    /// (N, d) after checking the three inputs against each other and the routing.
     fn check(&self, h: &Shape, probs: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
         let ((n, d), (n_p, e)) = (h.dims2()?, probs.dims2()?);
         let len = w.dims1()?;
@@ -151,8 +152,8 @@ impl MoeExperts {
         for (ex, idx) in self.routing.tokens.iter().enumerate() {
             let ne = idx.len();
             let [wg, wu, wd] = self.expert(w, ex, d);
-            let xe = gather(h, idx, d);
-            let xe = View::rows(&xe, ne, d);
+            let x = gather(h, idx, d);
+            let xe = View::rows(&x, ne, d);
             let (mut g, mut u, mut a) =
                 (vec![0.0; ne * hd], vec![0.0; ne * hd], vec![0.0; ne * hd]);
             matmul(&mut g, xe, View::rows(wg, hd, d).t(), false);
@@ -172,21 +173,21 @@ impl MoeExperts {
                     *o += v * gate;
                 }
             }
-            saved.push(ExpertSaved { g, u, a, y });
+            saved.push(ExpertSaved { x, g, u, a, y });
         }
         (out, saved)
     }
 
-    /// dL/d(h, probs, packed weights) from dL/d(output) `go`.
+    /// dL/d(h, probs, packed weights) from dL/d(output) `go` [N, d].
     fn backward(
         &self,
-        (h, probs, w, go): (&[f32], &[f32], &[f32], &[f32]),
+        (probs, w, go): (&[f32], &[f32], &[f32]),
         saved: &[ExpertSaved],
         d: usize,
     ) -> [Vec<f32>; 3] {
         let (e, k, hd) = (self.routing.experts, self.routing.k, self.hidden);
         let (gates, sums) = self.routing.gates(probs);
-        let (mut dh, mut dw) = (vec![0.0f32; h.len()], vec![0.0f32; w.len()]);
+        let (mut dh, mut dw) = (vec![0.0f32; go.len()], vec![0.0f32; w.len()]);
         let mut dgate = vec![0.0f32; probs.len()];
         for ((ex, idx), s) in self.routing.tokens.iter().enumerate().zip(saved) {
             let ne = idx.len();
@@ -209,8 +210,7 @@ impl MoeExperts {
             let (mut dg, mut du) = (vec![0.0f32; ne * hd], vec![0.0f32; ne * hd]);
             backward_par(&s.g, &s.u, &da, &mut dg, &mut du);
             // g = x · gateᵀ, u = x · upᵀ.
-            let xe = gather(h, idx, d);
-            let xe = View::rows(&xe, ne, d);
+            let xe = View::rows(&s.x, ne, d);
             let (dg, du) = (View::rows(&dg, ne, hd), View::rows(&du, ne, hd));
             matmul(dwg, dg.t(), xe, false);
             matmul(dwu, du.t(), xe, false);
@@ -284,12 +284,10 @@ impl CustomOp3 for MoeExperts {
             candle_core::bail!("moe_experts: backward without its forward's activations");
         };
         let grad = grad.contiguous()?;
-        let (sh, lh) = h.storage_and_layout();
         let (sp, lp) = probs.storage_and_layout();
         let (sw, lw) = w.storage_and_layout();
         let (sg, lg) = grad.storage_and_layout();
         let slices = (
-            cpu_f32(&sh, lh, "h")?,
             cpu_f32(&sp, lp, "probs")?,
             cpu_f32(&sw, lw, "expert weights")?,
             cpu_f32(&sg, lg, "gradient")?,
@@ -365,10 +363,7 @@ pub fn moe_composite(
             continue;
         }
         let idx_t = Tensor::new(idx.as_slice(), h.device())?;
-        let xe = h.index_select(&idx_t, 0)?;
-        let [gate, up, down] = experts[e];
-        let a = hidden(swiglu_gate(&linear(&xe, gate)?, &linear(&xe, up)?)?)?;
-        let ye = linear(&a, down)?;
+        let ye = swiglu_mlp(&h.index_select(&idx_t, 0)?, experts[e], hidden)?;
         let ge = gates.index_select(&idx_t, 0)?.narrow(1, e, 1)?;
         out = out.index_add(&idx_t, &ye.broadcast_mul(&ge)?, 0)?;
     }
@@ -377,6 +372,7 @@ pub fn moe_composite(
 
 #[cfg(test)]
 mod tests {
+    use super::super::linear::linear;
     use super::super::testing::{compare, var};
     use super::*;
     use candle_core::D;

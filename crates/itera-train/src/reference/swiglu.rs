@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use itera_core::math::sigmoid_with;
 use rayon::prelude::*;
 
+use super::linear::linear;
 use super::scan::f32_slice;
 
 /// Elements per parallel task.
@@ -96,6 +97,18 @@ impl CustomOp2 for SwigluGate {
 /// silu(g) * u, element-wise; g and u of the same shape.
 pub fn swiglu_gate(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SwigluGate)
+}
+
+/// A SwiGLU feed-forward from candle ops on h [N, d] with weights (gate [H, d], up [H, d],
+/// down [d, H]): down(hidden(silu(h gateᵀ) * (h upᵀ))), `hidden` being the caller's dropout or
+/// nothing. The dense feed-forward layers and the MoE composite's experts.
+pub fn swiglu_mlp(
+    h: &Tensor,
+    [gate, up, down]: [&Tensor; 3],
+    hidden: &dyn Fn(Tensor) -> crate::error::Result<Tensor>,
+) -> crate::error::Result<Tensor> {
+    let a = hidden(swiglu_gate(&linear(h, gate)?, &linear(h, up)?)?)?;
+    Ok(linear(&a, down)?)
 }
 
 #[cfg(test)]

@@ -132,6 +132,7 @@ fn valid() -> &'static Valid {
                     DType::F32
                 }
             },
+            Default::default(),
         )
         .unwrap();
         let weights = std::fs::read(dir.join("model.safetensors")).unwrap();

@@ -3,19 +3,21 @@
 //! shipped model is written in each format we share with ggml (Q8_0, Q5_0, Q4_0, Q4_1, F16,
 //! BF16) as a GGUF file by our writer; gguf-py reads the file, dequantizes each tensor, and must
 //! get our dequantized values bit for bit; and it quantizes the f32 originals itself, and must
-//! get our bytes (codes and scales) byte for byte.
+//! get our bytes (codes and scales) byte for byte. Files written with fitted scales
+//! (`Rounding::Fitted`, Q8_0 / Q5_0 / Q4_0) must dequantize bit for bit too, and differ from
+//! gguf-py's own quantization (the fit changes scales and codes, not the layout).
 
 #[path = "../../../tests/support/python.rs"]
 mod python;
 
 use std::path::Path;
 
-use itera_core::format::dtype::{self, DType};
+use itera_core::format::dtype::{self, DType, Rounding};
 use itera_core::format::gguf::{self, GgufFile, TensorData};
 use itera_core::ModelDir;
 
 const SCRIPT: &str = r#"
-import sys, json
+import sys, json, os
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import quantize, dequantize
@@ -34,7 +36,7 @@ for q_path, deq_path in zip(sys.argv[2::2], sys.argv[3::2]):
         codes = np.asarray(quantize(original, t.tensor_type)).view(np.uint8).reshape(-1)
         stored = np.asarray(t.data).view(np.uint8).reshape(-1)
         byte_diff = int(np.count_nonzero(codes != stored))
-        report[t.tensor_type.name + " " + t.name] = [deq_diff, byte_diff, int(theirs.size)]
+        report[os.path.basename(q_path) + " " + t.tensor_type.name + " " + t.name] = [deq_diff, byte_diff, int(theirs.size)]
 print(json.dumps(report))
 "#;
 
@@ -45,6 +47,7 @@ fn f32_file(model: &ModelDir, values: impl Fn(&str) -> Vec<f32>) -> GgufFile {
         "reference",
         |n| Ok(model.weights.values(n)?.to_vec()),
         |_| DType::F32,
+        Rounding::Reference,
     )
     .unwrap();
     for t in &mut file.tensors {
@@ -71,17 +74,24 @@ fn gguf_py_dequantizes_our_files_bit_for_bit_and_quantizes_to_our_bytes() {
         DType::F16,
         DType::BF16,
     ];
+    let fitted = [DType::Q8_0, DType::Q5_0, DType::Q4_0].map(|d| (d, Rounding::Fitted));
     let mut args = vec![src.display().to_string()];
-    for dtype in formats {
+    for (dtype, rounding) in formats
+        .map(|d| (d, Rounding::Reference))
+        .into_iter()
+        .chain(fitted)
+    {
         let file = gguf::model_file(
             &model.config,
             "{}",
             "reference",
             |n| Ok(model.weights.values(n)?.to_vec()),
             |s| if s.quantizable(32) { dtype } else { DType::F32 },
+            rounding,
         )
         .unwrap();
-        let q_path = dir.join(format!("{}.gguf", dtype.name()));
+        let stem = format!("{}-{rounding:?}", dtype.name()).to_lowercase();
+        let q_path = dir.join(format!("{stem}.gguf"));
         file.write(&q_path).unwrap();
         // Our own dequantization of every tensor, as f32.
         let by_name =
@@ -90,7 +100,7 @@ fn gguf_py_dequantizes_our_files_bit_for_bit_and_quantizes_to_our_bytes() {
             let t = by_name(n);
             dtype::dequantize(t.dtype, &t.bytes, t.elements()).unwrap()
         });
-        let deq_path = dir.join(format!("{}.deq.gguf", dtype.name()));
+        let deq_path = dir.join(format!("{stem}.deq.gguf"));
         deq.write(&deq_path).unwrap();
         args.push(q_path.display().to_string());
         args.push(deq_path.display().to_string());
@@ -100,6 +110,7 @@ fn gguf_py_dequantizes_our_files_bit_for_bit_and_quantizes_to_our_bytes() {
     let out = python::run(&python, SCRIPT, &argv);
     let report: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&out).unwrap();
     let mut checked = std::collections::BTreeMap::<String, usize>::new();
+    let mut differing = 0;
     for (name, v) in &report {
         let (deq_diff, byte_diff, n) = (
             v[0].as_u64().unwrap(),
@@ -110,19 +121,32 @@ fn gguf_py_dequantizes_our_files_bit_for_bit_and_quantizes_to_our_bytes() {
             deq_diff, 0,
             "{name}: {deq_diff} of {n} dequantized values differ from gguf-py"
         );
-        assert_eq!(
-            byte_diff, 0,
-            "{name}: {byte_diff} bytes differ from gguf-py's quantization"
-        );
-        *checked
-            .entry(name.split(' ').next().unwrap().to_string())
-            .or_default() += n as usize;
+        let mut key = name.split(' ');
+        let (file, dtype) = (key.next().unwrap(), key.next().unwrap());
+        if file.contains("fitted") {
+            differing += byte_diff;
+        } else {
+            assert_eq!(
+                byte_diff, 0,
+                "{name}: {byte_diff} bytes differ from gguf-py's quantization"
+            );
+        }
+        *checked.entry(format!("{file} {dtype}")).or_default() += n as usize;
     }
-    for dtype in formats {
+    assert!(
+        differing > 100_000,
+        "fitted scales changed only {differing} bytes"
+    );
+    for (dtype, rounding) in formats
+        .map(|d| (d, Rounding::Reference))
+        .into_iter()
+        .chain(fitted)
+    {
+        let key = format!("{}-{rounding:?}.gguf {}", dtype.name(), dtype.name()).to_lowercase();
         let n = checked
-            .get(&dtype.name().to_uppercase())
-            .copied()
-            .unwrap_or(0);
-        assert!(n > 1_000_000, "{}: only {n} values checked", dtype.name());
+            .iter()
+            .find(|(k, _)| k.to_lowercase() == key)
+            .map_or(0, |(_, n)| *n);
+        assert!(n > 1_000_000, "{key}: only {n} values checked");
     }
 }

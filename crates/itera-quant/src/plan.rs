@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use itera_core::format::dtype::{DType, BLOCK};
+use itera_core::format::dtype::{DType, Rounding, BLOCK};
 use itera_core::format::gguf::{self, GgufFile};
 use itera_core::kernels::Matrix;
 use itera_core::runtime::TensorSource;
@@ -108,7 +108,7 @@ impl Plan {
     }
 
     /// The model as one GGUF: metadata, config, tokenizer and every tensor in its planned type.
-    pub fn to_gguf(&self, model: &ModelDir, name: &str) -> Result<GgufFile> {
+    pub fn to_gguf(&self, model: &ModelDir, name: &str, rounding: Rounding) -> Result<GgufFile> {
         self.validate(&model.config)?;
         gguf::model_file(
             &model.config,
@@ -116,6 +116,7 @@ impl Plan {
             name,
             |n| Ok(model.weights.values(n)?.to_vec()),
             |s| self.dtype(&s.name),
+            rounding,
         )
     }
 }

@@ -395,7 +395,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
                 .map_or("itera-lite".into(), |n| n.to_string_lossy())
         );
         Plan::uniform(&cfg, dtype)
-            .to_gguf(&pruned, &name)?
+            .to_gguf(&pruned, &name, Default::default())?
             .write(out)?;
     } else {
         ModelDir::save(out, &cfg, &pruned.weights, &pruned.tokenizer)?;

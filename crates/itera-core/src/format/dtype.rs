@@ -262,6 +262,112 @@ fn quantize_block(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// How a block format picks each block's scale and codes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rounding {
+    /// ggml's reference quantizer, byte for byte (the block's extreme on the end code).
+    #[default]
+    Reference,
+    /// For the symmetric formats (Q8_0, Q5_0, Q4_0): the scale that minimises the block's squared
+    /// error (see `fit_block`). Same layout, so every GGUF reader decodes it; other types as
+    /// `Reference`. Measured (docs/compression.md): Q4_0 loses 4-20% less quality than with the
+    /// reference on the shipped and pruned models.
+    Fitted,
+}
+
+/// `quantize` with a choice of rounding.
+pub fn quantize_with(dtype: DType, x: &[f32], rounding: Rounding) -> Result<Vec<u8>> {
+    let Some(levels) = symmetric_levels(dtype).filter(|_| rounding == Rounding::Fitted) else {
+        return quantize(dtype, x);
+    };
+    let mut out = Vec::with_capacity(dtype.bytes_for(x.len())?);
+    for b in x.chunks_exact(BLOCK) {
+        let (d, k) = fit_block(b, levels);
+        put_f16(&mut out, d);
+        if dtype == DType::Q8_0 {
+            out.extend(k.iter().map(|&v| v as i8 as u8));
+            continue;
+        }
+        let mut q = k.map(|v| (v + levels.0) as u8);
+        if dtype == DType::Q5_0 {
+            let qh = q
+                .iter()
+                .enumerate()
+                .fold(0u32, |h, (j, &c)| h | (((c >> 4) as u32) << j));
+            out.extend_from_slice(&qh.to_le_bytes());
+            q.iter_mut().for_each(|c| *c &= 0x0F);
+        }
+        pack_nibbles(&q, &mut out);
+    }
+    Ok(out)
+}
+
+/// Whether `Rounding::Fitted` changes how `dtype` is encoded.
+pub fn has_fitted_scales(dtype: DType) -> bool {
+    symmetric_levels(dtype).is_some()
+}
+
+/// The code range (-lo ..= hi) of a symmetric block format, value = scale * code.
+fn symmetric_levels(dtype: DType) -> Option<(i32, i32)> {
+    match dtype {
+        DType::Q8_0 => Some((127, 127)),
+        DType::Q5_0 => Some((16, 15)),
+        DType::Q4_0 => Some((8, 7)),
+        _ => None,
+    }
+}
+
+/// One block's (f16-representable scale, codes) with the least squared error found: 41 inverse
+/// scales from 20% below to 20% above the reference's in 1% steps (as llama.cpp's `make_qx_quants` searches),
+/// each with the least-squares scale for the codes it rounds to; the best scale is rounded to f16
+/// and the codes rounded again with it, kept only if that lowers the error further. The reference
+/// choice is the starting point, so no block ends worse than with it.
+fn fit_block(x: &[f32], (lo, hi): (i32, i32)) -> (f32, [i32; BLOCK]) {
+    let m = signed_absmax(x);
+    let codes = |d: f32| {
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        x.iter()
+            .map(|&v| ((v * id).round() as i32).clamp(-lo, hi))
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("a block")
+    };
+    let err = |d: f32, k: &[i32; BLOCK]| -> f64 {
+        k.iter()
+            .zip(x)
+            .map(|(&c, &v)| ((v - d * c as f32) as f64).powi(2))
+            .sum()
+    };
+    if m == 0.0 {
+        return (0.0, [0; BLOCK]);
+    }
+    // The reference: the extreme m on code -lo, the scale stored as f16.
+    let reference = codes(m / -(lo as f32));
+    let d0 = f16::from_f32(m / -(lo as f32)).to_f32();
+    let mut best = (d0, reference, err(d0, &reference));
+    for step in -20..=20 {
+        // m on code -lo * (1 + step / 100).
+        let k = codes(m / -(lo as f32 * (1.0 + step as f32 * 0.01)));
+        let (xk, kk) = k.iter().zip(x).fold((0f64, 0f64), |(xk, kk), (&c, &v)| {
+            (xk + v as f64 * c as f64, kk + (c * c) as f64)
+        });
+        if kk > 0.0 {
+            let d = f16::from_f32((xk / kk) as f32).to_f32();
+            let e = err(d, &k);
+            if e < best.2 {
+                best = (d, k, e);
+            }
+        }
+    }
+    let (d, k, e) = best;
+    let again = codes(d);
+    if err(d, &again) < e {
+        (d, again)
+    } else {
+        (d, k)
+    }
+}
+
 /// One block's weights as (codes, scale, bias): w[i] = scale * value(code[i]) + bias, where
 /// `value` is the identity except for NF4 (see `code_value`). Every block format reduces to this,
 /// which is what the integer kernels compute with: codes are unsigned (Q8_0's int8 offset by 128).
@@ -447,6 +553,44 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Fitted scales: the same layout (every block decodes), no block's squared error above the
+    /// reference's, and clearly less error overall (on these blocks 13% less for Q4_0, 14% for
+    /// Q5_0, 27% for Q8_0); other types are untouched.
+    #[test]
+    fn fitted_scales_never_lose_to_the_reference() {
+        let x = edge_blocks();
+        let sq = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum()
+        };
+        for dtype in DType::ALL {
+            let reference = quantize(dtype, &x).unwrap();
+            let fitted = quantize_with(dtype, &x, Rounding::Fitted).unwrap();
+            assert_eq!(fitted.len(), reference.len());
+            if symmetric_levels(dtype).is_none() {
+                assert_eq!(fitted, reference, "{dtype:?} has no fitted variant");
+                continue;
+            }
+            let (r, f) = (
+                dequantize(dtype, &reference, x.len()).unwrap(),
+                dequantize(dtype, &fitted, x.len()).unwrap(),
+            );
+            let (mut total_r, mut total_f) = (0.0, 0.0);
+            for ((xb, rb), fb) in x.chunks(32).zip(r.chunks(32)).zip(f.chunks(32)) {
+                let (er, ef) = (sq(xb, rb), sq(xb, fb));
+                assert!(ef <= er * (1.0 + 1e-9) + 1e-18, "{dtype:?}: {ef} > {er}");
+                total_r += er;
+                total_f += ef;
+            }
+            let gain = 1.0 - total_f / total_r;
+            let want = if dtype == DType::Q8_0 { 0.2 } else { 0.1 };
+            assert!(
+                gain > want,
+                "{dtype:?}: error only {:.1}% lower",
+                gain * 100.0
+            );
         }
     }
 

@@ -348,23 +348,24 @@ fn size_keys(cfg: &ModelConfig) -> [(&'static str, usize); 11] {
 }
 
 /// A model as one GGUF file: metadata, config, tokenizer and every tensor of the table in its
-/// storage type (`dtype_of` picks it per tensor; `values` gives the f32 values by name).
+/// storage type (`dtype_of` picks it per tensor; `values` gives the f32 values by name), the block
+/// types rounded as `rounding` says.
 pub fn model_file(
     cfg: &ModelConfig,
     tokenizer_json: &str,
     name: &str,
     values: impl Fn(&str) -> Result<Vec<f32>>,
     dtype_of: impl Fn(&Spec) -> DType,
+    rounding: crate::format::dtype::Rounding,
 ) -> Result<GgufFile> {
     let mut tensors = Vec::new();
     for spec in ModelSpec::new(cfg).all() {
         let dtype = dtype_of(spec);
-        let bytes = crate::format::dtype::quantize(dtype, &values(&spec.name)?).map_err(|e| {
-            Error::Tensor {
+        let bytes = crate::format::dtype::quantize_with(dtype, &values(&spec.name)?, rounding)
+            .map_err(|e| Error::Tensor {
                 name: spec.name.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         tensors.push(TensorData {
             name: spec.name.clone(),
             shape: spec.shape.clone(),

@@ -245,41 +245,29 @@ impl<'a> LayerFit<'a> {
             }
             let mut router = vec![0.0; n * e_all];
             self.router.matmul(x, &mut router, &mut q, Par::Serial);
-            let mut y = vec![0f64; d];
-            let mut f = vec![0f64; dim];
+            // Per token (a row each): the unpruned layer's output y [n, d] and the pruned
+            // layer's gated activations f [n, dim] (zero for the experts it is not routed to).
+            let (mut ys, mut fs) = (vec![0f64; n * d], vec![0f64; n * dim]);
             for (t, logits) in router.chunks_exact(e_all).enumerate() {
-                // The unpruned layer's output.
-                y.fill(0.0);
+                let y = &mut ys[t * d..(t + 1) * d];
                 for (e, g) in gates(logits, self.cfg.top_k) {
                     for (y, o) in y.iter_mut().zip(&outs[e][t * d..(t + 1) * d]) {
                         *y += g * *o as f64;
                     }
                 }
-                // The pruned layer's gated activations.
+                let f = &mut fs[t * dim..(t + 1) * dim];
                 let kept_logits: Vec<f32> = self.kept.iter().map(|&e| logits[e]).collect();
-                let chosen = gates(&kept_logits, self.kept_top_k);
-                f.fill(0.0);
-                for &(a, g) in &chosen {
+                for (a, g) in gates(&kept_logits, self.kept_top_k) {
                     let at = self.offsets[a];
                     for (f, &(s, u)) in f[at..].iter_mut().zip(&self.candidates[a]) {
                         *f = g * acts[s][t * hid + u] as f64;
                     }
                 }
-                for &(a, _) in &chosen {
-                    let (fa, na) = (&f[self.offsets[a]..], self.candidates[a].len());
-                    for &(b, _) in &chosen {
-                        let (ob, nb) = (self.offsets[b], self.candidates[b].len());
-                        for (r, &va) in fa[..na].iter().enumerate() {
-                            let g = &mut self.gram[(self.offsets[a] + r) * dim + ob..][..nb];
-                            g.iter_mut().zip(&f[ob..]).for_each(|(g, vb)| *g += va * vb);
-                        }
-                    }
-                    for (r, &yr) in y.iter().enumerate() {
-                        let c = &mut self.cross[r * dim + self.offsets[a]..][..na];
-                        c.iter_mut().zip(fa).for_each(|(c, v)| *c += yr * v);
-                    }
-                }
             }
+            // The chunk's sums f^T f and y^T f as blocked products (accumulated per token as
+            // outer products, they took most of a 131,072-token refit: compression.md).
+            add_products(&fs, &fs, n, &mut self.gram);
+            add_products(&ys, &fs, n, &mut self.cross);
         }
         Ok(self)
     }
@@ -345,6 +333,53 @@ impl<'a> LayerFit<'a> {
                 (units, down)
             })
             .collect())
+    }
+}
+
+/// Rows of `add_products`' output block: four rows by two AVX-512 registers of columns, eight
+/// registers of sums.
+const BLOCK_ROWS: usize = 4;
+const BLOCK_COLS: usize = 16;
+
+/// Tokens `add_products` takes at a time: 64 rows of `tiny`'s 768 features are 384 KB, inside
+/// L2 while every block of the output passes over them.
+const SPAN: usize = 64;
+
+itera_core::multiversion! {
+    /// out [ra, rb] += a^T b for a [n, ra] and b [n, rb] (row-major, one row per token), in
+    /// f64: the Gram matrix of a ridge as small as 1e-6 must stay positive definite (f32 sums
+    /// of a few thousand products are not). Each output block of BLOCK_ROWS x BLOCK_COLS stays in
+    /// registers while SPAN tokens pass: per token, one broadcast of a's value for each row and
+    /// one load of b's BLOCK_COLS values. Blocks cut off at the edges go element by element.
+    fn add_products(a: &[f64], b: &[f64], n: usize, out: &mut [f64]) {
+        let (ra, rb) = (a.len() / n, b.len() / n);
+        let (ra_full, rb_full) = (ra / BLOCK_ROWS * BLOCK_ROWS, rb / BLOCK_COLS * BLOCK_COLS);
+        for t0 in (0..n).step_by(SPAN) {
+            let tokens = t0..(t0 + SPAN).min(n);
+            for i0 in (0..ra_full).step_by(BLOCK_ROWS) {
+                for j0 in (0..rb_full).step_by(BLOCK_COLS) {
+                    let mut acc = [[0f64; BLOCK_COLS]; BLOCK_ROWS];
+                    for t in tokens.clone() {
+                        let bt: &[f64; BLOCK_COLS] =
+                            b[t * rb + j0..][..BLOCK_COLS].try_into().expect("a block");
+                        for (i, acc_i) in acc.iter_mut().enumerate() {
+                            let av = a[t * ra + i0 + i];
+                            for (s, &bv) in acc_i.iter_mut().zip(bt) {
+                                *s += av * bv;
+                            }
+                        }
+                    }
+                    for (i, acc_i) in acc.iter().enumerate() {
+                        let o = &mut out[(i0 + i) * rb + j0..][..BLOCK_COLS];
+                        o.iter_mut().zip(acc_i).for_each(|(o, s)| *o += s);
+                    }
+                }
+            }
+            let edge = (0..ra).flat_map(|i| (0..rb).map(move |j| (i, j)));
+            for (i, j) in edge.filter(|&(i, j)| i >= ra_full || j >= rb_full) {
+                out[i * rb + j] += tokens.clone().map(|t| a[t * ra + i] * b[t * rb + j]).sum::<f64>();
+            }
+        }
     }
 }
 

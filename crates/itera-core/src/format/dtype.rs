@@ -166,6 +166,20 @@ fn pack_nibbles(q: &[u8; BLOCK], out: &mut Vec<u8>) {
     }
 }
 
+/// Q4_0's or Q5_0's codes after the scale: Q5_0 first stores each code's fifth bit (bit j of
+/// a u32 for code j), then both pack the low four bits as nibbles.
+fn pack_low_bits(dtype: DType, mut q: [u8; BLOCK], out: &mut Vec<u8>) {
+    if dtype == DType::Q5_0 {
+        let qh = q
+            .iter()
+            .enumerate()
+            .fold(0u32, |h, (j, &c)| h | (((c >> 4) as u32) << j));
+        out.extend_from_slice(&qh.to_le_bytes());
+        q.iter_mut().for_each(|c| *c &= 0x0F);
+    }
+    pack_nibbles(&q, out);
+}
+
 fn unpack_nibbles(b: &[u8]) -> [u8; BLOCK] {
     let mut q = [0u8; BLOCK];
     for j in 0..16 {
@@ -220,15 +234,7 @@ fn quantize_block(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
                     .min(top as f32) as u8;
             }
             put_f16(out, d);
-            if dtype == DType::Q5_0 {
-                let qh = q
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |h, (j, &c)| h | (((c >> 4) as u32) << j));
-                out.extend_from_slice(&qh.to_le_bytes());
-                q.iter_mut().for_each(|c| *c &= 0x0F);
-            }
-            pack_nibbles(&q, out);
+            pack_low_bits(dtype, q, out);
         }
         DType::Q4_1 => {
             let min = x.iter().copied().fold(f32::INFINITY, f32::min);
@@ -288,16 +294,7 @@ pub fn quantize_with(dtype: DType, x: &[f32], rounding: Rounding) -> Result<Vec<
             out.extend(k.iter().map(|&v| v as i8 as u8));
             continue;
         }
-        let mut q = k.map(|v| (v + levels.0) as u8);
-        if dtype == DType::Q5_0 {
-            let qh = q
-                .iter()
-                .enumerate()
-                .fold(0u32, |h, (j, &c)| h | (((c >> 4) as u32) << j));
-            out.extend_from_slice(&qh.to_le_bytes());
-            q.iter_mut().for_each(|c| *c &= 0x0F);
-        }
-        pack_nibbles(&q, &mut out);
+        pack_low_bits(dtype, k.map(|v| (v + levels.0) as u8), &mut out);
     }
     Ok(out)
 }

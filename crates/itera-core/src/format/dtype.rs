@@ -321,13 +321,9 @@ fn symmetric_levels(dtype: DType) -> Option<(i32, i32)> {
 /// choice is the starting point, so no block ends worse than with it.
 fn fit_block(x: &[f32], (lo, hi): (i32, i32)) -> (f32, [i32; BLOCK]) {
     let m = signed_absmax(x);
-    let codes = |d: f32| {
+    let codes = |d: f32| -> [i32; BLOCK] {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        x.iter()
-            .map(|&v| ((v * id).round() as i32).clamp(-lo, hi))
-            .collect::<Vec<_>>()
-            .try_into()
-            .expect("a block")
+        std::array::from_fn(|i| ((x[i] * id).round() as i32).clamp(-lo, hi))
     };
     let err = |d: f32, k: &[i32; BLOCK]| -> f64 {
         k.iter()

@@ -375,8 +375,10 @@ itera_core::multiversion! {
                     }
                 }
             }
-            let edge = (0..ra).flat_map(|i| (0..rb).map(move |j| (i, j)));
-            for (i, j) in edge.filter(|&(i, j)| i >= ra_full || j >= rb_full) {
+            // The rows past the last whole block (all columns), then the columns past it.
+            let edge = (ra_full..ra).flat_map(|i| (0..rb).map(move |j| (i, j)));
+            let edge = edge.chain((0..ra_full).flat_map(|i| (rb_full..rb).map(move |j| (i, j))));
+            for (i, j) in edge {
                 out[i * rb + j] += tokens.clone().map(|t| a[t * ra + i] * b[t * rb + j]).sum::<f64>();
             }
         }

@@ -140,13 +140,26 @@ pub struct QuantizedRows {
     pub(super) s: Vec<f32>,
 }
 
+/// Each block of 32 activations to int8 with step amax / 127, rounding half away from zero (as
+/// `f32::round`). The AVX2 version gives the same bytes; the portable loop does not vectorise
+/// (`round` and the saturating cast are scalar) and was 8.4% of a one-thread Q8_0 decode's
+/// samples on an AVX2 Zen 3, more than the scan.
+pub(super) fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows) {
+    let blocks = x.len() / BLOCK;
+    out.q.resize(x.len(), 0);
+    out.d.resize(blocks, 0.0);
+    out.s.resize(blocks, 0.0);
+    debug_assert_eq!(cols % BLOCK, 0);
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx2() {
+        // SAFETY: AVX2 + FMA present; the outputs were sized for `x` above.
+        return unsafe { super::blocks_avx2::quantize_avx2(x, out) };
+    }
+    quantize_portable(x, out)
+}
+
 crate::multiversion! {
-    pub(super) fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows) {
-        let blocks = x.len() / BLOCK;
-        out.q.resize(x.len(), 0);
-        out.d.resize(blocks, 0.0);
-        out.s.resize(blocks, 0.0);
-        debug_assert_eq!(cols % BLOCK, 0);
+    fn quantize_portable(x: &[f32], out: &mut QuantizedRows) {
         for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(out.q.chunks_exact_mut(BLOCK)).enumerate() {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -277,6 +290,38 @@ mod tests {
     use crate::kernels::{Data, Matrix};
 
     use crate::kernels::tests::random;
+
+    /// The activation quantization is the plain formula (step amax / 127, `f32::round`), ties
+    /// included: blocks whose amax is 127 have step 1, so x.5 values are exact ties.
+    #[test]
+    fn activation_quantization_is_the_plain_formula() {
+        let mut x = random(8 * BLOCK, 7);
+        for (i, v) in x[..2 * BLOCK].iter_mut().enumerate() {
+            *v = if i % BLOCK == 5 {
+                127.0
+            } else {
+                (i % 19) as f32 - 9.5
+            };
+        }
+        x[2 * BLOCK..3 * BLOCK].fill(0.0);
+        x[3 * BLOCK + 4] = -0.0;
+        let mut q = QuantizedRows::default();
+        quantize_rows(&x, 4 * BLOCK, &mut q);
+        let mut portable = QuantizedRows::default();
+        quantize_rows(&x, 4 * BLOCK, &mut portable);
+        quantize_portable(&x, &mut portable);
+        assert_eq!((&q.q, &q.d, &q.s), (&portable.q, &portable.d, &portable.s));
+        for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let want: Vec<i8> = xb.iter().map(|v| (v * id).round() as i8).collect();
+            assert_eq!(&q.q[b * BLOCK..(b + 1) * BLOCK], &want[..], "block {b}");
+            let sum: i32 = want.iter().map(|&v| v as i32).sum();
+            assert_eq!((q.d[b], q.s[b]), (d, d * sum as f32), "block {b}");
+        }
+        assert_eq!(q.q[6..9], [-4, -3, -2]);
+    }
 
     /// Every SIMD kernel this CPU has (the dispatched one, and the AVX2 one explicitly, which
     /// AVX-512 machines would not otherwise run) gives the portable kernel's sums: even and odd

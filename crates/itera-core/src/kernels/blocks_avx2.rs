@@ -429,3 +429,63 @@ pub(super) unsafe fn matvec_avx2(
         })
     }
 }
+
+/// `blocks::quantize_rows` with AVX2 (the same bytes): per block of 32, the largest magnitude,
+/// then each value times 127 / amax rounded half away from zero (truncation, plus one step
+/// outwards where the exact remainder is at least a half) and packed to int8.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedRows) {
+    // SAFETY: this function's contract: the caller checked AVX2 + FMA; every load and store is
+    // inside a whole block of `x` or `out.q` (chunks of 32), and `out.d` / `out.s` hold one
+    // value per block (asserted).
+    unsafe {
+        use std::arch::x86_64::*;
+        assert!(
+            out.q.len() >= x.len() && out.d.len() * BLOCK >= x.len() && out.s.len() == out.d.len()
+        );
+        let sign = _mm256_set1_ps(-0.0);
+        let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (b, (xb, qb)) in x
+            .chunks_exact(BLOCK)
+            .zip(out.q.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xb.as_ptr().add(8 * i)));
+            let a = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let r = v.map(|v| {
+                let t = _mm256_mul_ps(v, id);
+                let whole = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
+                let rest = _mm256_andnot_ps(sign, _mm256_sub_ps(t, whole));
+                let outwards = _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GE_OQ>(rest, half),
+                    _mm256_or_ps(one, _mm256_and_ps(sign, t)),
+                );
+                _mm256_cvttps_epi32(_mm256_add_ps(whole, outwards))
+            });
+            let sum = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256::<1>(sum),
+            );
+            let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum)));
+            // packs interleave the 128-bit lanes: 4-byte groups come out as r0 r1 r2 r3 (low
+            // halves), then the high halves; `order` puts each row's two groups together.
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(r[0], r[1]),
+                _mm256_packs_epi32(r[2], r[3]),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, bytes);
+            out.d[b] = d;
+            out.s[b] = d * sum as f32;
+        }
+    }
+}

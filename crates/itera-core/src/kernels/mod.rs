@@ -41,7 +41,7 @@ use ::half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::exec::Par;
+use crate::exec::{Disjoint, Par};
 use crate::format::dtype::{self, DType, BLOCK};
 use crate::math::dot;
 use crate::simd::has_avx512;
@@ -57,6 +57,35 @@ pub struct Matrix {
     pub cols: usize,
     pub dtype: DType,
     data: Data,
+}
+
+/// One product of `Matrix::matmul_group`: y [n, w.rows] = x [n, w.cols] · wᵀ. It holds its
+/// output's borrow, so nothing else touches the output while the group runs.
+pub struct Product<'a> {
+    w: &'a Matrix,
+    x: &'a [f32],
+    y: Disjoint<f32>,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Product<'a> {
+    pub fn new(w: &'a Matrix, x: &'a [f32], y: &'a mut [f32]) -> Self {
+        let n = x.len() / w.cols;
+        assert!(
+            x.len() == n * w.cols && y.len() == n * w.rows,
+            "product: x [{}] and y [{}] for a [{}, {}] matrix",
+            x.len(),
+            y.len(),
+            w.rows,
+            w.cols
+        );
+        Self {
+            w,
+            x,
+            y: Disjoint::new(y),
+            _out: std::marker::PhantomData,
+        }
+    }
 }
 
 enum Data {
@@ -294,6 +323,66 @@ impl Matrix {
         }
     }
 
+    /// Independent products on the threads `par` allows. When each has one activation row and
+    /// `par` is the pair, one hand-off serves them all, each thread taking its half of every
+    /// product's weight rows: decode's MoE layer then costs two hand-offs (the chosen experts'
+    /// gate and up products, then their down products) instead of one per matmul, six. Otherwise
+    /// they run one after another, as `matmul` runs each. `qs` are reusable buffers.
+    pub fn matmul_group(products: &[Product], qs: &mut Vec<QuantizedRows>, par: Par) {
+        let single = products.iter().all(|p| p.x.len() == p.w.cols);
+        let work: usize = products.iter().map(|p| p.w.rows * p.w.cols).sum();
+        if qs.len() < products.len().max(1) {
+            qs.resize_with(products.len().max(1), Default::default);
+        }
+        if !(single && par == Par::Pair && work >= PAIR_FROM) {
+            for p in products {
+                // SAFETY: `Product`'s one part, its whole output, used by this thread alone.
+                let y = unsafe { p.y.part(0, p.y.len()) };
+                p.w.matmul(p.x, y, &mut qs[0], par);
+            }
+            return;
+        }
+        // Products that read the same input as the one before share its quantized copy.
+        let shares = |i: usize| i > 0 && std::ptr::eq(products[i - 1].x, products[i].x);
+        let (mut slot, mut quantized) = (0, false);
+        for (i, p) in products.iter().enumerate() {
+            if !shares(i) {
+                (slot, quantized) = (i, false);
+            }
+            if matches!(p.w.data, Data::Blocks(_)) && !quantized {
+                quantize_rows(p.x, p.w.cols, &mut qs[slot]);
+                quantized = true;
+            }
+        }
+        let qs = &*qs;
+        crate::exec::pair::both(|half| {
+            let mut slot = 0;
+            for (i, p) in products.iter().enumerate() {
+                if !shares(i) {
+                    slot = i;
+                }
+                let rows = p.w.rows;
+                let (r0, r1) = if rows >= 2 * PANEL {
+                    let at = rows.div_ceil(2 * PANEL) * PANEL;
+                    [(0, at), (at, rows)][half]
+                } else if i % 2 == half {
+                    (0, rows)
+                } else {
+                    continue;
+                };
+                // SAFETY: `Product`'s contract: its output is used by this group only, and the
+                // halves write the disjoint rows [0, at) and [at, rows) (or one half all of it).
+                let y = unsafe { p.y.part(r0, r1 - r0) };
+                match &p.w.data {
+                    Data::F32(w) => {
+                        panels::panel_rows(w, rows, p.w.cols, p.x, 1, y, 0, r0, r1, false)
+                    }
+                    _ => p.w.rows_range(p.x, r0, y, &qs[slot]),
+                }
+            }
+        });
+    }
+
     /// y[j] = row (first + j) · x for one activation row.
     fn rows_range(&self, x: &[f32], first: usize, y: &mut [f32], q: &QuantizedRows) {
         let n = x.len() / self.cols;
@@ -427,6 +516,49 @@ pub(super) mod tests {
                         check_against_decoded(dtype, &dec, &x, &y, rows, cols, n, par);
                     }
                 }
+            }
+        }
+    }
+
+    /// A group of products (formats mixed, inputs shared and not, one row or several; a matrix
+    /// too small to split) gives each product's own `matmul`, bit for bit, on one thread and
+    /// with the pair helper.
+    #[test]
+    fn a_group_of_products_equals_each_matmul() {
+        let shapes = [
+            (128, 128, DType::Q8_0),
+            (128, 128, DType::F32),
+            (40, 128, DType::Q4_0),
+        ];
+        let mats: Vec<Matrix> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c, d))| {
+                Matrix::quantize(d, r, c, &random(r * c, 10 + i as u64)).unwrap()
+            })
+            .collect();
+        for n in [1, 3] {
+            let (shared, own) = (random(n * 128, 20), random(n * 128, 21));
+            // Q8_0 and f32 read `shared`, Q4_0 `own`, then Q8_0 `shared` again.
+            let plan = [(0, &shared), (1, &shared), (2, &own), (0, &shared)];
+            let want: Vec<Vec<f32>> = plan
+                .iter()
+                .map(|&(m, x)| {
+                    let mut y = vec![0.0; n * mats[m].rows];
+                    mats[m].matmul(x, &mut y, &mut QuantizedRows::default(), Par::Serial);
+                    y
+                })
+                .collect();
+            for par in [Par::Serial, Par::Pair] {
+                let mut ys: Vec<Vec<f32>> = want.iter().map(|w| vec![f32::NAN; w.len()]).collect();
+                let products: Vec<Product> = plan
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(&(m, x), y)| Product::new(&mats[m], x, y))
+                    .collect();
+                Matrix::matmul_group(&products, &mut Vec::new(), par);
+                drop(products);
+                assert_eq!(ys, want, "{n} rows, {par:?}");
             }
         }
     }

@@ -75,7 +75,7 @@ fn pair_panel_rows(
 /// (i, r) goes to `y[i * ystride + r - r0]` (ystride 0 for a single row). `stream`: full-width
 /// tiles use non-temporal stores (y 64-byte aligned, ystride a multiple of 16).
 #[allow(clippy::too_many_arguments)]
-fn panel_rows(
+pub(super) fn panel_rows(
     w: &[f32],
     rows: usize,
     cols: usize,

@@ -8,7 +8,7 @@ use super::state::{grow, Scratch};
 use super::{Ffn, Moe, Swiglu};
 use crate::config::ModelConfig;
 use crate::exec::Par;
-use crate::kernels::QuantizedRows;
+use crate::kernels::{Matrix, Product, QuantizedRows};
 use crate::math::{rms_norm_rows, silu, top_k_into};
 
 /// What the routers did over the calls made with a scratch that collects them: per MoE layer
@@ -74,27 +74,52 @@ pub fn route(p: &mut [f32], top_k: usize, chosen: &mut Vec<usize>) {
     top_k_into(p, top_k, chosen);
 }
 
-/// down(silu(gate x) * up x) for m rows of `input` [m, d]; returns the [m, d] result (in `eo`).
+/// down(silu(gate x) * up x) for each job (an MLP and its number of rows) over consecutive rows
+/// of `input` [sum of rows, d]: every job's gate and up products as one group, then every down
+/// product as another (`Matrix::matmul_group`: one hand-off each in decode, whatever the number
+/// of experts). Returns the [sum of rows, d] result (in `eo`).
 #[allow(clippy::too_many_arguments)]
-fn swiglu_rows<'a>(
-    mlp: &Swiglu,
+fn swiglu_jobs<'a>(
+    jobs: &[(&Swiglu, usize)],
     input: &[f32],
-    m: usize,
+    d: usize,
     eg: &mut Vec<f32>,
     eu: &mut Vec<f32>,
     eo: &'a mut Vec<f32>,
-    q: &mut QuantizedRows,
+    qs: &mut Vec<QuantizedRows>,
     par: Par,
 ) -> &'a [f32] {
-    let (hid, d) = (mlp.gate.rows, mlp.down.rows);
-    let (eg, eu) = (grow(eg, m * hid), grow(eu, m * hid));
-    mlp.gate.matmul(input, eg, q, par);
-    mlp.up.matmul(input, eu, q, par);
+    let hidden: usize = jobs.iter().map(|(mlp, m)| m * mlp.gate.rows).sum();
+    let rows: usize = jobs.iter().map(|(_, m)| m).sum();
+    let (eg, eu, eo) = (grow(eg, hidden), grow(eu, hidden), grow(eo, rows * d));
+    {
+        let (mut gs, mut us, mut xs) = (&mut eg[..], &mut eu[..], input);
+        let mut products = Vec::with_capacity(2 * jobs.len());
+        for (mlp, m) in jobs {
+            let ((g, gr), (u, ur)) = (
+                gs.split_at_mut(m * mlp.gate.rows),
+                us.split_at_mut(m * mlp.up.rows),
+            );
+            let (x, xr) = xs.split_at(m * d);
+            products.push(Product::new(&mlp.gate, x, g));
+            products.push(Product::new(&mlp.up, x, u));
+            (gs, us, xs) = (gr, ur, xr);
+        }
+        Matrix::matmul_group(&products, qs, par);
+    }
     for (g, u) in eg.iter_mut().zip(eu.iter()) {
         *g = silu(*g) * u;
     }
-    let eo = grow(eo, m * d);
-    mlp.down.matmul(eg, eo, q, par);
+    let (mut hs, mut os) = (&eg[..], &mut eo[..]);
+    let mut products = Vec::with_capacity(jobs.len());
+    for (mlp, m) in jobs {
+        let (h, hr) = hs.split_at(m * mlp.down.cols);
+        let (o, or) = os.split_at_mut(m * d);
+        products.push(Product::new(&mlp.down, h, o));
+        (hs, os) = (hr, or);
+    }
+    Matrix::matmul_group(&products, qs, par);
+    drop(products);
     eo
 }
 
@@ -143,28 +168,40 @@ pub(super) fn moe_rows(
             s.expert_rows[j].push((i, p[j] / norm));
         }
     }
-    for (j, (ex, assigned)) in moe.experts.iter().zip(&s.expert_rows).enumerate() {
-        let m = assigned.len();
-        if m == 0 {
-            continue;
-        }
-        let eh = grow(&mut s.eh, m * d);
-        for (dst, &(i, _)) in eh.chunks_exact_mut(d).zip(assigned) {
-            dst.copy_from_slice(&h[i * d..(i + 1) * d]);
-        }
-        let eo = swiglu_rows(ex, eh, m, &mut s.eg, &mut s.eu, &mut s.eo, &mut s.q, par);
-        for (o, &(i, gate)) in eo.chunks_exact(d).zip(assigned) {
+    // Every expert's rows gathered in expert order, so that all experts run as one group.
+    let routed: usize = s.expert_rows.iter().map(Vec::len).sum();
+    let eh = grow(&mut s.eh, routed * d);
+    let mut dst = eh.chunks_exact_mut(d);
+    for &(i, _) in s.expert_rows.iter().flatten() {
+        dst.next()
+            .expect("one row per routed token")
+            .copy_from_slice(&h[i * d..(i + 1) * d]);
+    }
+    let jobs: Vec<(&Swiglu, usize)> = moe
+        .experts
+        .iter()
+        .zip(&s.expert_rows)
+        .filter(|(_, assigned)| !assigned.is_empty())
+        .map(|(ex, assigned)| (ex, assigned.len()))
+        .collect();
+    let eo = swiglu_jobs(
+        &jobs, eh, d, &mut s.eg, &mut s.eu, &mut s.eo, &mut s.qs, par,
+    );
+    let mut outs = eo.chunks_exact(d);
+    for (j, assigned) in s.expert_rows.iter().enumerate() {
+        for &(i, gate) in assigned {
+            let o = outs.next().expect("one output per routed token");
             for (a, b) in s.x[i * d..(i + 1) * d].iter_mut().zip(o) {
                 *a += gate * b;
             }
-        }
-        if let Some(st) = stats.as_deref_mut() {
-            st.count[j] += m as u64;
-            for (o, &(_, gate)) in eo.chunks_exact(d).zip(assigned) {
+            if let Some(st) = stats.as_deref_mut() {
                 let norm = o.iter().map(|v| v * v).sum::<f32>().sqrt();
                 st.gate_sum[j] += gate as f64;
                 st.reap_sum[j] += (gate * norm) as f64;
             }
+        }
+        if let Some(st) = stats.as_deref_mut() {
+            st.count[j] += assigned.len() as u64;
         }
     }
 }
@@ -174,7 +211,16 @@ pub(super) fn ffn_rows(ffn: &Ffn, cfg: &ModelConfig, rows: usize, s: &mut Scratc
     let h = grow(&mut s.h, rows * cfg.d_model);
     rms_norm_rows(&s.x, &ffn.norm, cfg.norm_eps, h);
     let (eg, eu, eo) = (&mut s.eg, &mut s.eu, &mut s.eo);
-    let out = swiglu_rows(&ffn.mlp, h, rows, eg, eu, eo, &mut s.q, par);
+    let out = swiglu_jobs(
+        &[(&ffn.mlp, rows)],
+        h,
+        cfg.d_model,
+        eg,
+        eu,
+        eo,
+        &mut s.qs,
+        par,
+    );
     for (a, b) in s.x.iter_mut().zip(out.iter()) {
         *a += b;
     }

@@ -55,6 +55,8 @@ pub struct Scratch {
     pub(super) eu: Vec<f32>,
     pub(super) eo: Vec<f32>,
     pub(super) q: QuantizedRows,
+    /// One per product of a grouped matmul (`Matrix::matmul_group`).
+    pub(super) qs: Vec<QuantizedRows>,
     pub(super) conv_ptrs: Vec<Disjoint<f32>>,
     pub(super) ssm_ptrs: Vec<Disjoint<f32>>,
     /// One per thread when streams are split between threads (`forward_split`).

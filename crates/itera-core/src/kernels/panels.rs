@@ -30,6 +30,22 @@ pub(super) fn pack_panels(rows: usize, cols: usize, w: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The panels that hold weight rows [r0, r1) (r0 a multiple of PANEL): each one's index, its
+/// [cols][PANEL] values and how many real rows it holds (the last may be partial).
+#[inline(always)]
+fn panels_of(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    r0: usize,
+    r1: usize,
+) -> impl Iterator<Item = (usize, &[f32], usize)> {
+    (r0 / PANEL..r1.div_ceil(PANEL)).map(move |p| {
+        let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
+        (p, panel, (rows - p * PANEL).min(PANEL))
+    })
+}
+
 /// y = W x for one activation row over the panel layout, on the threads `par` allows when the
 /// matrix is big enough.
 pub(super) fn matvec(w: &[f32], rows: usize, cols: usize, x: &[f32], y: &mut [f32], par: Par) {
@@ -116,9 +132,7 @@ unsafe fn panel_rows_raw(
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         let (y, ylen) = y.raw();
-        for p in r0 / PANEL..r1.div_ceil(PANEL) {
-            let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
-            let width = (rows - p * PANEL).min(PANEL);
+        for (p, panel, width) in panels_of(w, rows, cols, r0, r1) {
             for t in 0..n.div_ceil(MR) {
                 let mr = (n - t * MR).min(MR);
                 let ypos = base + t * MR * ystride + p * PANEL - r0;
@@ -177,9 +191,7 @@ unsafe fn panel_rows_avx2(
 ) {
     assert!(x.len() >= n * cols);
     let (y, ylen) = y.raw();
-    for p in r0 / PANEL..r1.div_ceil(PANEL) {
-        let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
-        let width = (rows - p * PANEL).min(PANEL);
+    for (p, panel, width) in panels_of(w, rows, cols, r0, r1) {
         // Both halves of the panel per tile of rows: the tile's activations come from memory
         // once per panel, as in the AVX-512 tiles (half panels outermost read them twice: the
         // LM head over 2,048 rows took 84.6 against 75.8 ms, one criterion run each, Zen 3).
@@ -274,9 +286,7 @@ unsafe fn tile_avx2<const R: usize, const V: usize>(
 
 crate::multiversion! {
     fn panel_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: Disjoint<f32>, base: usize, ystride: usize, r0: usize, r1: usize) {
-        for p in r0 / PANEL..r1.div_ceil(PANEL) {
-            let panel = &w[p * PANEL * cols..(p + 1) * PANEL * cols];
-            let width = (rows - p * PANEL).min(PANEL);
+        for (p, panel, width) in panels_of(w, rows, cols, r0, r1) {
             for i in 0..n {
                 let xi = &x[i * cols..(i + 1) * cols];
                 let mut acc = [0.0f32; PANEL];

@@ -145,10 +145,7 @@ pub struct QuantizedRows {
 /// (`round` and the saturating cast are scalar) and was 8.4% of a one-thread Q8_0 decode's
 /// samples on an AVX2 Zen 3, more than the scan.
 pub(super) fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows) {
-    let blocks = x.len() / BLOCK;
-    out.q.resize(x.len(), 0);
-    out.d.resize(blocks, 0.0);
-    out.s.resize(blocks, 0.0);
+    out.size_for(x.len());
     debug_assert_eq!(cols % BLOCK, 0);
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
@@ -156,6 +153,15 @@ pub(super) fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows) {
         return unsafe { super::blocks_avx2::quantize_avx2(x, out) };
     }
     quantize_portable(x, out)
+}
+
+impl QuantizedRows {
+    /// Room for `len` activations: their codes and one scale and sum per block.
+    fn size_for(&mut self, len: usize) {
+        self.q.resize(len, 0);
+        self.d.resize(len / BLOCK, 0.0);
+        self.s.resize(len / BLOCK, 0.0);
+    }
 }
 
 crate::multiversion! {
@@ -308,7 +314,7 @@ mod tests {
         let mut q = QuantizedRows::default();
         quantize_rows(&x, 4 * BLOCK, &mut q);
         let mut portable = QuantizedRows::default();
-        quantize_rows(&x, 4 * BLOCK, &mut portable);
+        portable.size_for(x.len());
         quantize_portable(&x, &mut portable);
         assert_eq!((&q.q, &q.d, &q.s), (&portable.q, &portable.d, &portable.s));
         for (b, xb) in x.chunks_exact(BLOCK).enumerate() {

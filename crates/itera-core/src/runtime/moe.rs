@@ -74,14 +74,14 @@ pub fn route(p: &mut [f32], top_k: usize, chosen: &mut Vec<usize>) {
     top_k_into(p, top_k, chosen);
 }
 
-/// down(silu(gate x) * up x) for each job (an MLP and its number of rows) over consecutive rows
-/// of `input` [sum of rows, d]: every job's gate and up products as one group, then every down
-/// product as another (`Matrix::matmul_group`: one hand-off each in decode, whatever the number
-/// of experts). Returns the [sum of rows, d] result (in `eo`).
+/// down(silu(gate x) * up x) for each job (an MLP and its input rows [m, d]): every job's gate
+/// and up products as one group, then every down product as another (`Matrix::matmul_group`:
+/// one hand-off each in decode, whatever the number of experts; jobs that read the same input
+/// slice share its quantized copy). Returns the jobs' results one after another, [sum of m, d]
+/// (in `eo`).
 #[allow(clippy::too_many_arguments)]
 fn swiglu_jobs<'a>(
-    jobs: &[(&Swiglu, usize)],
-    input: &[f32],
+    jobs: &[(&Swiglu, &[f32])],
     d: usize,
     eg: &mut Vec<f32>,
     eu: &mut Vec<f32>,
@@ -89,21 +89,22 @@ fn swiglu_jobs<'a>(
     qs: &mut Vec<QuantizedRows>,
     par: Par,
 ) -> &'a [f32] {
-    let hidden: usize = jobs.iter().map(|(mlp, m)| m * mlp.gate.rows).sum();
-    let rows: usize = jobs.iter().map(|(_, m)| m).sum();
+    let rows_of = |x: &[f32]| x.len() / d;
+    let hidden: usize = jobs.iter().map(|(mlp, x)| rows_of(x) * mlp.gate.rows).sum();
+    let rows: usize = jobs.iter().map(|(_, x)| rows_of(x)).sum();
     let (eg, eu, eo) = (grow(eg, hidden), grow(eu, hidden), grow(eo, rows * d));
     {
-        let (mut gs, mut us, mut xs) = (&mut eg[..], &mut eu[..], input);
+        let (mut gs, mut us) = (&mut eg[..], &mut eu[..]);
         let mut products = Vec::with_capacity(2 * jobs.len());
-        for (mlp, m) in jobs {
+        for &(mlp, x) in jobs {
+            let m = rows_of(x);
             let ((g, gr), (u, ur)) = (
                 gs.split_at_mut(m * mlp.gate.rows),
                 us.split_at_mut(m * mlp.up.rows),
             );
-            let (x, xr) = xs.split_at(m * d);
             products.push(Product::new(&mlp.gate, x, g));
             products.push(Product::new(&mlp.up, x, u));
-            (gs, us, xs) = (gr, ur, xr);
+            (gs, us) = (gr, ur);
         }
         Matrix::matmul_group(&products, qs, par);
     }
@@ -112,7 +113,8 @@ fn swiglu_jobs<'a>(
     }
     let (mut hs, mut os) = (&eg[..], &mut eo[..]);
     let mut products = Vec::with_capacity(jobs.len());
-    for (mlp, m) in jobs {
+    for &(mlp, x) in jobs {
+        let m = rows_of(x);
         let (h, hr) = hs.split_at(m * mlp.down.cols);
         let (o, or) = os.split_at_mut(m * d);
         products.push(Product::new(&mlp.down, h, o));
@@ -168,25 +170,37 @@ pub(super) fn moe_rows(
             s.expert_rows[j].push((i, p[j] / norm));
         }
     }
-    // Every expert's rows gathered in expert order, so that all experts run as one group.
-    let routed: usize = s.expert_rows.iter().map(Vec::len).sum();
-    let eh = grow(&mut s.eh, routed * d);
+    // Each expert reads `h` itself when it takes every row in order (always in decode: then
+    // the experts share one quantized input), else its rows gathered into `eh`.
+    let takes_all = |assigned: &[(usize, f32)]| {
+        assigned.len() == rows && assigned.iter().enumerate().all(|(k, &(i, _))| i == k)
+    };
+    let gathered: usize = s
+        .expert_rows
+        .iter()
+        .filter(|a| !takes_all(a))
+        .map(Vec::len)
+        .sum();
+    let eh = grow(&mut s.eh, gathered * d);
     let mut dst = eh.chunks_exact_mut(d);
-    for &(i, _) in s.expert_rows.iter().flatten() {
+    for &(i, _) in s.expert_rows.iter().filter(|a| !takes_all(a)).flatten() {
         dst.next()
-            .expect("one row per routed token")
+            .expect("one row per gathered token")
             .copy_from_slice(&h[i * d..(i + 1) * d]);
     }
-    let jobs: Vec<(&Swiglu, usize)> = moe
-        .experts
-        .iter()
-        .zip(&s.expert_rows)
-        .filter(|(_, assigned)| !assigned.is_empty())
-        .map(|(ex, assigned)| (ex, assigned.len()))
-        .collect();
-    let eo = swiglu_jobs(
-        &jobs, eh, d, &mut s.eg, &mut s.eu, &mut s.eo, &mut s.qs, par,
-    );
+    let h = &*h;
+    let mut rest = &*eh;
+    let mut jobs = Vec::with_capacity(e);
+    for (ex, assigned) in moe.experts.iter().zip(&s.expert_rows) {
+        if takes_all(assigned) {
+            jobs.push((ex, h));
+        } else if !assigned.is_empty() {
+            let (mine, tail) = rest.split_at(assigned.len() * d);
+            jobs.push((ex, mine));
+            rest = tail;
+        }
+    }
+    let eo = swiglu_jobs(&jobs, d, &mut s.eg, &mut s.eu, &mut s.eo, &mut s.qs, par);
     let mut outs = eo.chunks_exact(d);
     for (j, assigned) in s.expert_rows.iter().enumerate() {
         for &(i, gate) in assigned {
@@ -211,16 +225,7 @@ pub(super) fn ffn_rows(ffn: &Ffn, cfg: &ModelConfig, rows: usize, s: &mut Scratc
     let h = grow(&mut s.h, rows * cfg.d_model);
     rms_norm_rows(&s.x, &ffn.norm, cfg.norm_eps, h);
     let (eg, eu, eo) = (&mut s.eg, &mut s.eu, &mut s.eo);
-    let out = swiglu_jobs(
-        &[(&ffn.mlp, rows)],
-        h,
-        cfg.d_model,
-        eg,
-        eu,
-        eo,
-        &mut s.qs,
-        par,
-    );
+    let out = swiglu_jobs(&[(&ffn.mlp, &*h)], cfg.d_model, eg, eu, eo, &mut s.qs, par);
     for (a, b) in s.x.iter_mut().zip(out.iter()) {
         *a += b;
     }

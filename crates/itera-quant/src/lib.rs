@@ -3,6 +3,8 @@
 //! a mixed-precision plan from those measurements. The kernels that run the result live in
 //! `itera_core::kernels`. Also expert pruning (`prune`): the other way to make a model smaller.
 
+pub mod gptq;
+mod linalg;
 pub mod plan;
 pub mod prune;
 pub mod sensitivity;

@@ -120,7 +120,7 @@ pub struct PruneArgs {
 
 /// `tokens` tokens of calibration text: an equal share from the start of each file, so every
 /// source of a mixed corpus is represented.
-fn calibration(model: &ModelDir, files: &[PathBuf], tokens: usize) -> Result<Vec<u32>> {
+pub(super) fn calibration(model: &ModelDir, files: &[PathBuf], tokens: usize) -> Result<Vec<u32>> {
     if tokens < 2 {
         bail!("--tokens must be at least 2");
     }

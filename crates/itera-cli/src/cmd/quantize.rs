@@ -43,6 +43,14 @@ pub struct QuantizeArgs {
     /// the models in docs/compression.md)
     #[arg(long)]
     pub fit_scales: bool,
+    /// Calibration text (training text, never what you report on): quantize every q8_0, q5_0
+    /// and q4_0 matrix by GPTQ with the inputs it sees on this text, so that its products change
+    /// least (combines with --fit-scales; the layout is unchanged)
+    #[arg(long, num_args = 1..)]
+    pub gptq: Vec<PathBuf>,
+    /// Tokens of --gptq calibration text (an equal share from each file)
+    #[arg(long, default_value_t = 65536)]
+    pub gptq_tokens: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -187,7 +195,18 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     } else {
         Rounding::Reference
     };
-    let file = plan.to_gguf(&model, &format!("{name}-{}", a.scheme), rounding)?;
+    let mut file = plan.to_gguf(&model, &format!("{name}-{}", a.scheme), rounding)?;
+    let mut gptq_tensors = Vec::new();
+    if !a.gptq.is_empty() {
+        let calib = super::prune::calibration(&model, &a.gptq, a.gptq_tokens)?;
+        let runtime = itera_core::runtime::Runtime::new(&model.config, &model.weights)?;
+        let grams = itera_quant::gptq::input_grams(&runtime, &calib)?;
+        gptq_tensors =
+            itera_quant::gptq::apply(&mut file, &model.config, &model.weights, &grams, rounding)?;
+        if gptq_tensors.is_empty() {
+            bail!("--gptq applies to tensors stored as q8_0, q5_0 or q4_0; this plan has none");
+        }
+    }
     file.write(&a.out)?;
     let size = std::fs::metadata(&a.out)?.len();
     let f32_weights = 4 * model.weights.parameter_count();
@@ -197,6 +216,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         "weight_bytes": weight_bytes, "f32_weight_bytes": f32_weights,
         "weight_ratio": f32_weights as f64 / weight_bytes as f64,
         "bits_per_weight": file.bits_per_weight(),
+        "gptq_tensors": gptq_tensors.len(),
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);

@@ -286,17 +286,49 @@ pub fn quantize_with(dtype: DType, x: &[f32], rounding: Rounding) -> Result<Vec<
     let Some(levels) = symmetric_levels(dtype).filter(|_| rounding == Rounding::Fitted) else {
         return quantize(dtype, x);
     };
-    let mut out = Vec::with_capacity(dtype.bytes_for(x.len())?);
-    for b in x.chunks_exact(BLOCK) {
-        let (d, k) = fit_block(b, levels);
-        put_f16(&mut out, d);
+    dtype.bytes_for(x.len())?;
+    let blocks: Vec<SymmetricBlock> = x
+        .chunks_exact(BLOCK)
+        .map(|b| fit_block(b, levels))
+        .collect();
+    Ok(encode_symmetric(dtype, &blocks))
+}
+
+/// One block of a symmetric format (Q8_0, Q5_0, Q4_0) as its encoder takes it: the scale
+/// (f16-representable) and the codes, value = scale * code.
+pub type SymmetricBlock = (f32, [i32; BLOCK]);
+
+/// The scale `rounding` gives one block `x` of a symmetric format, f16-representable: ggml's
+/// reference choice (the extreme on the end code) or `Rounding::Fitted`'s. None for other types.
+pub fn symmetric_scale(dtype: DType, x: &[f32], rounding: Rounding) -> Option<f32> {
+    let (lo, hi) = symmetric_levels(dtype)?;
+    Some(match rounding {
+        Rounding::Reference => f16::from_f32(signed_absmax(x) / -(lo as f32)).to_f32(),
+        Rounding::Fitted => fit_block(x, (lo, hi)).0,
+    })
+}
+
+/// The code of value `v` at scale `d` in a symmetric format: round(v / d), clamped to its
+/// range (0 when d is 0).
+pub fn symmetric_code(dtype: DType, v: f32, d: f32) -> i32 {
+    let (lo, hi) = symmetric_levels(dtype).expect("a symmetric block format");
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    ((v * id).round() as i32).clamp(-lo, hi)
+}
+
+/// Symmetric blocks in `dtype`'s ggml byte layout (codes must lie in its range).
+pub fn encode_symmetric(dtype: DType, blocks: &[SymmetricBlock]) -> Vec<u8> {
+    let (lo, _) = symmetric_levels(dtype).expect("a symmetric block format");
+    let mut out = Vec::with_capacity(blocks.len() * dtype.block_bytes());
+    for (d, k) in blocks {
+        put_f16(&mut out, *d);
         if dtype == DType::Q8_0 {
             out.extend(k.iter().map(|&v| v as i8 as u8));
-            continue;
+        } else {
+            pack_low_bits(dtype, k.map(|v| (v + lo) as u8), &mut out);
         }
-        pack_low_bits(dtype, k.map(|v| (v + levels.0) as u8), &mut out);
     }
-    Ok(out)
+    out
 }
 
 /// Whether `Rounding::Fitted` changes how `dtype` is encoded.

@@ -3,7 +3,7 @@
 //! order and updating each stream's state in place. Conv and scan work per channel range, so a
 //! call can split them by channels; the scan has an AVX-512 version beside the portable one.
 
-use super::state::{grow, Scratch, State};
+use super::state::{grow, note_inputs, Scratch, State};
 use super::Layer;
 use crate::config::ModelConfig;
 use crate::exec::{Disjoint, Par};
@@ -312,6 +312,7 @@ pub(super) fn mixer_rows(
     let (di, n, r, k) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank, cfg.d_conv);
     let rows = streams.len();
     let xz = grow(&mut s.xz, rows * 2 * di);
+    note_inputs(&mut s.inputs, &layer.in_proj, &s.h);
     layer.in_proj.matmul(&s.h, xz, &mut s.q, par);
     s.conv_ptrs.clear();
     s.ssm_ptrs.clear();
@@ -340,11 +341,13 @@ pub(super) fn mixer_rows(
         k,
     };
     mixer_split(io, conv_range, par);
+    note_inputs(&mut s.inputs, &layer.x_proj, xc);
     layer.x_proj.matmul(xc, dbc, &mut s.q, par);
     let dt_low = grow(&mut s.dt_low, rows * r);
     for (lo, row) in dt_low.chunks_exact_mut(r).zip(dbc.chunks_exact(r + 2 * n)) {
         lo.copy_from_slice(&row[..r]);
     }
+    note_inputs(&mut s.inputs, &layer.dt_proj, dt_low);
     layer.dt_proj.matmul(dt_low, dt, &mut s.q, par);
     match &layer.shared {
         None => {
@@ -360,8 +363,10 @@ pub(super) fn mixer_rows(
         }
         Some(sio) => {
             let u = grow(&mut s.u, rows * n);
+            note_inputs(&mut s.inputs, &sio.ssm_in, xc);
             sio.ssm_in.matmul(xc, u, &mut s.q, par);
             shared_scan(layer, streams, states, li, dbc, dt, u, r);
+            note_inputs(&mut s.inputs, &sio.ssm_out, u);
             sio.ssm_out.matmul(u, y, &mut s.q, par);
             for (i, yr) in y.chunks_exact_mut(di).enumerate() {
                 let (x, z) = (
@@ -375,6 +380,7 @@ pub(super) fn mixer_rows(
         }
     }
     let out = grow(&mut s.out, rows * cfg.d_model);
+    note_inputs(&mut s.inputs, &layer.out_proj, y);
     layer.out_proj.matmul(y, out, &mut s.q, par);
 }
 

@@ -20,7 +20,7 @@ mod moe;
 mod state;
 
 pub use moe::{route, LayerRouting, RoutingStats};
-pub use state::{AlignedBuf, LayerState, Scratch, State};
+pub use state::{AlignedBuf, InputHook, LayerState, Scratch, State};
 
 use crate::config::{Mixer, ModelConfig};
 use crate::error::{Error, Result};
@@ -213,7 +213,8 @@ impl Runtime {
         &self.spec
     }
 
-    /// Every weight matrix with its table entry, in file order (for reports and byte counts).
+    /// Every weight matrix with its table entry, in file order (for reports and byte counts; a
+    /// matrix's address identifies it to a `Scratch::inputs` hook).
     pub fn matrices(&self) -> Vec<(&Spec, &Matrix)> {
         fn swiglu<'a>(out: &mut Vec<(&'a Spec, &'a Matrix)>, s: &'a SwigluSpec, m: &'a Swiglu) {
             out.extend([(&s.gate, &m.gate), (&s.up, &m.up), (&s.down, &m.down)]);

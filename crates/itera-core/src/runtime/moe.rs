@@ -4,7 +4,7 @@
 //! token's weaker experts (`moe_skip_beta`) and records routing statistics (`RoutingStats`) and,
 //! when asked, one layer's inputs (`Scratch::moe_inputs`).
 
-use super::state::{grow, Scratch};
+use super::state::{grow, note_inputs, InputHook, Scratch};
 use super::{Ffn, Moe, Swiglu};
 use crate::config::ModelConfig;
 use crate::exec::Par;
@@ -87,6 +87,7 @@ fn swiglu_jobs<'a>(
     eu: &mut Vec<f32>,
     eo: &'a mut Vec<f32>,
     qs: &mut Vec<QuantizedRows>,
+    inputs: &mut Option<InputHook>,
     par: Par,
 ) -> &'a [f32] {
     let rows_of = |x: &[f32]| x.len() / d;
@@ -98,6 +99,8 @@ fn swiglu_jobs<'a>(
         let mut products = Vec::with_capacity(2 * jobs.len());
         for &(mlp, x) in jobs {
             let m = rows_of(x);
+            note_inputs(inputs, &mlp.gate, x);
+            note_inputs(inputs, &mlp.up, x);
             let ((g, gr), (u, ur)) = (
                 gs.split_at_mut(m * mlp.gate.rows),
                 us.split_at_mut(m * mlp.up.rows),
@@ -116,6 +119,7 @@ fn swiglu_jobs<'a>(
     for &(mlp, x) in jobs {
         let m = rows_of(x);
         let (h, hr) = hs.split_at(m * mlp.down.cols);
+        note_inputs(inputs, &mlp.down, h);
         let (o, or) = os.split_at_mut(m * d);
         products.push(Product::new(&mlp.down, h, o));
         (hs, os) = (hr, or);
@@ -145,6 +149,7 @@ pub(super) fn moe_rows(
         inputs.extend_from_slice(h);
     }
     let router = grow(&mut s.router, rows * e);
+    note_inputs(&mut s.inputs, &moe.router, h);
     moe.router.matmul(h, router, &mut s.q, par);
     s.expert_rows.resize_with(e, Vec::new);
     s.expert_rows.iter_mut().for_each(|v| v.clear());
@@ -200,7 +205,8 @@ pub(super) fn moe_rows(
             rest = tail;
         }
     }
-    let eo = swiglu_jobs(&jobs, d, &mut s.eg, &mut s.eu, &mut s.eo, &mut s.qs, par);
+    let (eg, eu, eo, qs) = (&mut s.eg, &mut s.eu, &mut s.eo, &mut s.qs);
+    let eo = swiglu_jobs(&jobs, d, eg, eu, eo, qs, &mut s.inputs, par);
     let mut outs = eo.chunks_exact(d);
     for (j, assigned) in s.expert_rows.iter().enumerate() {
         for &(i, gate) in assigned {
@@ -225,7 +231,8 @@ pub(super) fn ffn_rows(ffn: &Ffn, cfg: &ModelConfig, rows: usize, s: &mut Scratc
     let h = grow(&mut s.h, rows * cfg.d_model);
     rms_norm_rows(&s.x, &ffn.norm, cfg.norm_eps, h);
     let (eg, eu, eo) = (&mut s.eg, &mut s.eu, &mut s.eo);
-    let out = swiglu_jobs(&[(&ffn.mlp, &*h)], cfg.d_model, eg, eu, eo, &mut s.qs, par);
+    let (qs, inputs) = (&mut s.qs, &mut s.inputs);
+    let out = swiglu_jobs(&[(&ffn.mlp, &*h)], cfg.d_model, eg, eu, eo, qs, inputs, par);
     for (a, b) in s.x.iter_mut().zip(out.iter()) {
         *a += b;
     }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::exec::Disjoint;
-use crate::kernels::QuantizedRows;
+use crate::kernels::{Matrix, QuantizedRows};
 
 /// Per-layer recurrent state: the last d_conv-1 conv inputs and the SSM state.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -67,6 +67,20 @@ pub struct Scratch {
     /// When set to (layer, rows), that MoE layer appends its normalised input rows ([d_model]
     /// per token) to `rows` (what `itera prune --refit` fits the kept experts on).
     pub moe_inputs: Option<(usize, Vec<f32>)>,
+    /// When set, called with every weight matrix a layer multiplies and the input rows it
+    /// multiplies them by (what `itera quantize --gptq` sums its Gram matrices from).
+    pub inputs: Option<InputHook>,
+}
+
+/// See `Scratch::inputs`: a matrix of the runtime (`Runtime::matrices` names them) and its input
+/// rows ([rows, cols]).
+pub type InputHook = Box<dyn FnMut(&Matrix, &[f32]) + Send>;
+
+/// Passes `x` to the hook, if one is set.
+pub(super) fn note_inputs(hook: &mut Option<InputHook>, m: &Matrix, x: &[f32]) {
+    if let Some(f) = hook {
+        f(m, x);
+    }
 }
 
 /// A growable f32 buffer whose contents start on a 64-byte boundary, so that a big output

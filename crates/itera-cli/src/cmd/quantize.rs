@@ -198,14 +198,17 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let mut file = plan.to_gguf(&model, &format!("{name}-{}", a.scheme), rounding)?;
     let mut gptq_tensors = Vec::new();
     if !a.gptq.is_empty() {
+        if !plan.types.values().any(|&d| dtype::has_fitted_scales(d)) {
+            bail!("--gptq applies to tensors stored as q8_0, q5_0 or q4_0; this plan has none");
+        }
+        if a.gptq_tokens < 2 {
+            bail!("--gptq-tokens must be at least 2");
+        }
         let calib = super::prune::calibration(&model, &a.gptq, a.gptq_tokens)?;
         let runtime = itera_core::runtime::Runtime::new(&model.config, &model.weights)?;
         let grams = itera_quant::gptq::input_grams(&runtime, &calib)?;
         gptq_tensors =
             itera_quant::gptq::apply(&mut file, &model.config, &model.weights, &grams, rounding)?;
-        if gptq_tensors.is_empty() {
-            bail!("--gptq applies to tensors stored as q8_0, q5_0 or q4_0; this plan has none");
-        }
     }
     file.write(&a.out)?;
     let size = std::fs::metadata(&a.out)?.len();

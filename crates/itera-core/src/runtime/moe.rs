@@ -2,7 +2,7 @@
 //! weights, one matmul per expert over the rows routed to it) and the dense SwiGLU used on
 //! layers without MoE. Both add their output to the residual stream `s.x`. Optionally skips a
 //! token's weaker experts (`moe_skip_beta`) and records routing statistics (`RoutingStats`) and,
-//! when asked, one layer's inputs (`Scratch::moe_inputs`).
+//! when asked, each matrix's inputs (`Scratch::inputs`).
 
 use super::state::{grow, note_inputs, InputHook, Scratch};
 use super::{Ffn, Moe, Swiglu};
@@ -145,9 +145,6 @@ pub(super) fn moe_rows(
     let beta = cfg.moe_skip_beta as f32;
     let h = grow(&mut s.h, rows * d);
     rms_norm_rows(&s.x, &moe.norm, cfg.norm_eps, h);
-    if let Some((_, inputs)) = s.moe_inputs.as_mut().filter(|(l, _)| *l == layer) {
-        inputs.extend_from_slice(h);
-    }
     let router = grow(&mut s.router, rows * e);
     note_inputs(&mut s.inputs, &moe.router, h);
     moe.router.matmul(h, router, &mut s.q, par);

@@ -64,11 +64,9 @@ pub struct Scratch {
     pub logits: AlignedBuf,
     /// When set, MoE layers add what their routers did to it (`RoutingStats::new` to start).
     pub routing: Option<super::moe::RoutingStats>,
-    /// When set to (layer, rows), that MoE layer appends its normalised input rows ([d_model]
-    /// per token) to `rows` (what `itera prune --refit` fits the kept experts on).
-    pub moe_inputs: Option<(usize, Vec<f32>)>,
     /// When set, called with every weight matrix a layer multiplies and the input rows it
-    /// multiplies them by (what `itera quantize --gptq` sums its Gram matrices from).
+    /// multiplies them by (what `itera quantize --gptq` sums its Gram matrices from, and what
+    /// `itera prune --refit` fits the kept experts on: the rows its router reads).
     pub inputs: Option<InputHook>,
 }
 

@@ -110,7 +110,7 @@ pub fn keep_counts(
 }
 
 /// `tokens` read by `runtime` as one stream from a fresh state, through `scratch` (whose
-/// collectors, `routing` or `moe_inputs`, the caller has set).
+/// collectors, `routing` or `inputs`, the caller has set).
 pub(super) fn read_through(runtime: &Runtime, tokens: &[u32], scratch: &mut Scratch) -> Result<()> {
     let mut state = runtime.new_state();
     for chunk in tokens.chunks(PREFILL_CHUNK) {

@@ -2,6 +2,8 @@
 //! each kept expert's `down` matrix, and with `RefitUnits::WithRemoved` which hidden units it
 //! holds (its own or the removed experts', chosen by Optimal Brain Surgeon's rule).
 
+use std::sync::{Arc, Mutex};
+
 use itera_core::error::{Error, Result};
 use itera_core::exec::Par;
 use itera_core::kernels::{Matrix, QuantizedRows};
@@ -93,12 +95,8 @@ pub fn refit(
             })
             .collect();
         let (c, w) = prune(&pruned_cfg, &out, &plan)?;
-        let runtime = Runtime::new(&c, &w)?;
-        let mut scratch = runtime.new_scratch();
-        scratch.moe_inputs = Some((l, Vec::new()));
-        read_through(&runtime, calib, &mut scratch)?;
-        let inputs = scratch.moe_inputs.take().expect("set above").1;
         let moe = spec.layers[l].moe.as_ref().expect("an MoE layer");
+        let inputs = moe_inputs(&Runtime::new(&c, &w)?, &moe.router.name, calib)?;
         let fit = LayerFit::new(cfg, weights, moe, &kept[i], pruned_cfg.top_k, units)?;
         for (&e, (chosen, down)) in kept[i].iter().zip(fit.fit(&inputs)?.solve(ridge)?) {
             let (d, hid) = (cfg.d_model, cfg.expert_hidden);
@@ -125,6 +123,29 @@ pub fn refit(
         progress(i + 1, layers.len());
     }
     Ok(out)
+}
+
+/// The normalised input rows of the MoE layer whose router is `router` ([d_model] per token: what
+/// its router and experts read), as `runtime` reads `calib` as one stream from a fresh state.
+fn moe_inputs(runtime: &Runtime, router: &str, calib: &[u32]) -> Result<Vec<f32>> {
+    let key = |m: &Matrix| std::ptr::from_ref(m) as usize;
+    let (_, m) = runtime
+        .matrices()
+        .into_iter()
+        .find(|(s, _)| s.name == router)
+        .ok_or_else(|| Error::Argument(format!("no matrix named {router}")))?;
+    let (wanted, rows) = (key(m), Arc::new(Mutex::new(Vec::new())));
+    let mut scratch = runtime.new_scratch();
+    let sink = Arc::clone(&rows);
+    scratch.inputs = Some(Box::new(move |m: &Matrix, x: &[f32]| {
+        if key(m) == wanted {
+            sink.lock().expect("not poisoned").extend_from_slice(x);
+        }
+    }));
+    read_through(runtime, calib, &mut scratch)?;
+    drop(scratch);
+    let rows = std::mem::take(&mut *rows.lock().expect("not poisoned"));
+    Ok(rows)
 }
 
 /// A hidden unit of an MoE layer: (expert of the whole layer, unit within it).
@@ -443,12 +464,8 @@ mod tests {
                 .all(|(n, t)| t.data == w.tensors[n].data));
         }
         let l = layers[0];
-        let rt = Runtime::new(&cfg, &w).unwrap();
-        let mut scratch = rt.new_scratch();
-        scratch.moe_inputs = Some((l, Vec::new()));
-        read_through(&rt, &toks, &mut scratch).unwrap();
-        let inputs = scratch.moe_inputs.take().unwrap().1;
         let moe = ModelSpec::new(&cfg).layers[l].moe.clone().unwrap();
+        let inputs = moe_inputs(&Runtime::new(&cfg, &w).unwrap(), &moe.router.name, &toks).unwrap();
         let whole = LayerFit::new(&cfg, &w, &moe, &all[0], cfg.top_k, RefitUnits::Own).unwrap();
         let solved = whole.fit(&inputs).unwrap().solve(1e-6).unwrap();
         for (e, (units, down)) in solved.iter().enumerate() {

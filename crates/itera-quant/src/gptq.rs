@@ -332,17 +332,9 @@ mod tests {
         }
     }
 
-    /// A `micro` model with experts on both layers (4, top 2) and a 64-token vocabulary.
     fn small() -> (ModelConfig, Weights, Vec<u32>) {
-        let mut cfg = ModelConfig::preset("micro").unwrap();
-        cfg.vocab_size = 64;
-        cfg.n_experts = 4;
-        cfg.top_k = 2;
-        cfg.moe_layers = vec![0, 1];
-        cfg.validate().unwrap();
-        let w = Weights::init(&cfg, 3).unwrap();
-        let tokens = (0..300u32).map(|i| (i * 7 + i / 3) % 64).collect();
-        (cfg, w, tokens)
+        let (cfg, w) = crate::testing::tiny();
+        (cfg, w, crate::testing::tokens(300))
     }
 
     /// Every matrix gets the Gram matrix of exactly the rows it multiplies: the first mixer's

@@ -364,24 +364,10 @@ pub fn skip_beta(stats: &RoutingStats, quantile: f64) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(super) fn tiny() -> (ModelConfig, Weights) {
-        let mut cfg = ModelConfig::preset("micro").unwrap();
-        cfg.vocab_size = 64;
-        cfg.n_experts = 4;
-        cfg.top_k = 2;
-        cfg.moe_layers = vec![0, 1];
-        cfg.validate().unwrap();
-        let w = Weights::init(&cfg, 3).unwrap();
-        (cfg, w)
-    }
+    pub(super) use crate::testing::{tiny, tokens};
 
     pub(super) fn how(ridge: f64, units: RefitUnits) -> Refit {
         Refit { ridge, units }
-    }
-
-    pub(super) fn tokens(n: usize) -> Vec<u32> {
-        (0..n as u32).map(|i| (i * 7 + i / 3) % 64).collect()
     }
 
     #[test]

@@ -97,17 +97,20 @@ pub const EMBED_IDENTITY: f64 = 1.0;
 
 /// Replaces the bytes of every tensor of `file` stored in a symmetric block format (Q8_0, Q5_0,
 /// Q4_0) that has a Gram matrix in `grams` by its GPTQ quantization from `weights`' f32 values.
-/// Returns the names of the tensors replaced.
+/// Returns the names of the tensors replaced; `progress(done, total)` counts the file's tensors.
 pub fn apply(
     file: &mut GgufFile,
     cfg: &ModelConfig,
     weights: &Weights,
     grams: &BTreeMap<String, Gram>,
     rounding: Rounding,
+    mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<String>> {
     let embed = ModelSpec::new(cfg).embed.name;
     let mut done = Vec::new();
-    for t in file.tensors.iter_mut() {
+    let total = file.tensors.len();
+    for (i, t) in file.tensors.iter_mut().enumerate() {
+        progress(i, total);
         let Some(gram) = grams.get(&t.name) else {
             continue;
         };
@@ -411,7 +414,7 @@ mod tests {
             if gptq {
                 let grams = input_grams(&Runtime::new(&cfg, &w).unwrap(), &toks).unwrap();
                 let sizes: Vec<usize> = f.tensors.iter().map(|t| t.bytes.len()).collect();
-                let done = apply(&mut f, &cfg, &w, &grams, Rounding::Fitted).unwrap();
+                let done = apply(&mut f, &cfg, &w, &grams, Rounding::Fitted, |_, _| {}).unwrap();
                 let q4 = f.tensors.iter().filter(|t| t.dtype == DType::Q4_0).count();
                 assert_eq!(done.len(), q4);
                 assert!(f.tensors.iter().zip(sizes).all(|(t, n)| t.bytes.len() == n));

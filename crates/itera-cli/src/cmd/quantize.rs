@@ -206,9 +206,30 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         }
         let calib = super::prune::calibration(&model, &a.gptq, a.gptq_tokens)?;
         let runtime = itera_core::runtime::Runtime::new(&model.config, &model.weights)?;
+        let pb = super::progress::bar(1, "gptq: reading the calibration text [{elapsed_precise}]");
         let grams = itera_quant::gptq::input_grams(&runtime, &calib)?;
-        gptq_tensors =
-            itera_quant::gptq::apply(&mut file, &model.config, &model.weights, &grams, rounding)?;
+        pb.finish_and_clear();
+        let pb = super::progress::bar(1, "gptq {bar:30} {pos}/{len} tensors [{elapsed_precise}]");
+        gptq_tensors = itera_quant::gptq::apply(
+            &mut file,
+            &model.config,
+            &model.weights,
+            &grams,
+            rounding,
+            |d, t| {
+                pb.set_length(t as u64);
+                pb.set_position(d as u64);
+            },
+        )?;
+        super::progress::say(
+            &pb,
+            format!(
+                "gptq: {} tensors rounded with the inputs of {} calibration tokens",
+                gptq_tensors.len(),
+                calib.len()
+            ),
+        );
+        pb.finish_and_clear();
     }
     file.write(&a.out)?;
     let size = std::fs::metadata(&a.out)?.len();

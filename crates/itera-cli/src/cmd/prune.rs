@@ -118,36 +118,6 @@ pub struct PruneArgs {
     pub json: bool,
 }
 
-/// `tokens` tokens of calibration text: an equal share from the start of each file, so every
-/// source of a mixed corpus is represented.
-pub(super) fn calibration(model: &ModelDir, files: &[PathBuf], tokens: usize) -> Result<Vec<u32>> {
-    if tokens < 2 {
-        bail!("--tokens must be at least 2");
-    }
-    let paths = itera_train::data::expand_inputs(files)?;
-    let share = tokens.div_ceil(paths.len().max(1));
-    let mut ids = Vec::new();
-    for path in &paths {
-        let text = itera_train::data::read_text(path)?;
-        // About 4 bytes per token on English: read twice that, cut at a line end.
-        let mut cut = share.saturating_mul(8).min(text.len());
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        if cut < text.len() {
-            cut = text[..cut].rfind('\n').map_or(cut, |i| i + 1);
-        }
-        let mut piece = model.tokenizer.encode(&text[..cut])?;
-        piece.truncate(share);
-        ids.extend(piece);
-    }
-    ids.truncate(tokens);
-    if ids.len() < 2 {
-        bail!("the calibration text holds fewer than 2 tokens");
-    }
-    Ok(ids)
-}
-
 /// Per MoE layer: its index and each expert's share of the routed tokens, in percent.
 fn shares(stats: &RoutingStats) -> Vec<(usize, Vec<f64>)> {
     stats
@@ -301,7 +271,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
     if dtype != DType::F32 && !is_gguf {
         bail!("--type applies to a .gguf --out; a directory is written in f32");
     }
-    let calib = calibration(&model, &a.data, a.tokens)?;
+    let calib = super::calibration(&model, &a.data, a.tokens, "--tokens")?;
     let base_rt = Runtime::new(&model.config, &model.weights)?;
     let stats = prune::routing_stats(&base_rt, &calib)?;
     let base_loss = prune::calibration_loss(&base_rt, &calib)?;

@@ -201,10 +201,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         if !plan.types.values().any(|&d| dtype::has_fitted_scales(d)) {
             bail!("--gptq applies to tensors stored as q8_0, q5_0 or q4_0; this plan has none");
         }
-        if a.gptq_tokens < 2 {
-            bail!("--gptq-tokens must be at least 2");
-        }
-        let calib = super::prune::calibration(&model, &a.gptq, a.gptq_tokens)?;
+        let calib = super::calibration(&model, &a.gptq, a.gptq_tokens, "--gptq-tokens")?;
         let runtime = itera_core::runtime::Runtime::new(&model.config, &model.weights)?;
         let pb = super::progress::bar(1, "gptq: reading the calibration text [{elapsed_precise}]");
         let grams = itera_quant::gptq::input_grams(&runtime, &calib)?;

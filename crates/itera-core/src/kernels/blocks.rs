@@ -27,27 +27,25 @@ pub(super) fn vnni_blocks() -> bool {
 }
 
 /// Times the two decode matvecs (one activation row against a 512 x 256 Q8_0 and Q4_0 matrix,
-/// 20 of each per trial, trials alternated, best of 5: 400 matvecs, once per process).
+/// 20 of each per trial, trials alternated, best of 5: 400 matvecs, once per process), each
+/// kernel on the layout it would get (`wide_codes`).
 #[cfg(target_arch = "x86_64")]
 fn vnni_is_faster() -> bool {
     use super::blocks_avx2::matvec_avx2;
     use super::blocks_avx512::matvec_avx512;
-    use super::{Data, Matrix};
     let (rows, cols) = (512, 256);
     let nb = cols / BLOCK;
     let wave = |n: usize, f: f32| (0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<f32>>();
     let w = wave(rows * cols, 0.37);
     let mut q = QuantizedRows::default();
     quantize_rows(&wave(cols, 0.11), cols, &mut q);
-    let mats: Vec<Matrix> = [DType::Q8_0, DType::Q4_0]
+    // Repacked here, not through `Matrix`: that asks `vnni_blocks`, which is running this.
+    let layouts: Vec<[Blocks; 2]> = [DType::Q8_0, DType::Q4_0]
         .iter()
-        .filter_map(|&d| Matrix::quantize(d, rows, cols, &w).ok())
-        .collect();
-    let blocks: Vec<&Blocks> = mats
-        .iter()
-        .filter_map(|m| match &m.data {
-            Data::Blocks(b) => Some(b),
-            _ => None,
+        .filter_map(|&d| {
+            let bytes = dtype::quantize(d, &w).ok()?;
+            let packed = || repack_packed(d, rows, cols, &bytes);
+            Some([packed().widened(rows, nb), packed()])
         })
         .collect();
     let mut y = vec![0.0; rows];
@@ -56,7 +54,8 @@ fn vnni_is_faster() -> bool {
         for (vnni, best) in best.iter_mut().enumerate() {
             let t = std::time::Instant::now();
             for _ in 0..20 {
-                for b in &blocks {
+                for pair in &layouts {
+                    let b = &pair[vnni];
                     // SAFETY: AVX-512 F/BW/VNNI (checked by the caller) imply AVX2 + FMA
                     // (`simd::detected`); all `rows` rows and the one activation row exist.
                     unsafe {
@@ -82,6 +81,7 @@ fn vnni_is_faster() -> bool {
 /// Block formats repacked for SIMD: per row, codes of 8 bits (Q8_0) or 4 bits in "pair order"
 /// (for each 64 elements, byte j holds element j in its low nibble and element j + 32 in its high
 /// one, so one shift and mask give 64 codes in order); a trailing odd block keeps ggml's order.
+/// Where the AVX2 kernels run, Q4_0 and Q5_0 keep one byte per code instead (`wide_codes`).
 pub(super) struct Blocks {
     pub(super) codes: Vec<u8>,
     /// Q5_0's fifth bit, one u32 per block (bit j = element j).
@@ -89,6 +89,7 @@ pub(super) struct Blocks {
     pub(super) scale: Vec<f32>,
     pub(super) bias: Vec<f32>,
     pub(super) table: Option<[u8; 16]>,
+    /// Two codes per byte; otherwise one per byte, in order (Q5_0's fifth bit included).
     pub(super) nibbles: bool,
     /// The code every bias stands for (bias = -centre x scale: 128 for Q8_0 and NF4's table, 8
     /// for Q4_0, 16 for Q5_0), or 0 when the bias is free (Q4_1).
@@ -239,8 +240,48 @@ pub(super) fn dot(
     }
 }
 
-/// ggml blocks -> the kernels' layout (see `Blocks`).
+/// Whether Q4_0 and Q5_0 codes are kept one byte each (no nibbles, Q5_0's fifth bit included):
+/// on the AVX2 kernels (no VNNI) a block is then one load and goes straight into `maddubs`,
+/// without the nibble split or Q5_0's bit spreading. Measured on AMD EPYC Zen 3 (AVX2, one
+/// thread, `tiny`'s decode matrices alternated in one process, best of 300): Q4_0 1.13-1.16x
+/// (docs/performance.md); the codes then take Q8_0's memory (the file does not change).
+fn wide_codes() -> bool {
+    crate::simd::has_avx2() && !vnni_blocks()
+}
+
+/// ggml blocks -> the kernels' layout (see `Blocks`), widened where `wide_codes` says.
 pub(super) fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
+    let b = repack_packed(dtype, rows, cols, bytes);
+    if wide_codes() {
+        b.widened(rows, cols / BLOCK)
+    } else {
+        b
+    }
+}
+
+impl Blocks {
+    /// Q4_0 and Q5_0 with one byte per code (`wide_codes`); other formats unchanged.
+    pub(super) fn widened(self, rows: usize, nb: usize) -> Blocks {
+        if !self.nibbles || self.table.is_some() || self.centre == 0 {
+            return self;
+        }
+        let mut codes = Vec::with_capacity(rows * nb * BLOCK);
+        for row in 0..rows {
+            for blk in 0..nb {
+                codes.extend_from_slice(&self.block(row, nb, blk));
+            }
+        }
+        Blocks {
+            codes,
+            high: Vec::new(),
+            nibbles: false,
+            ..self
+        }
+    }
+}
+
+/// ggml blocks -> the kernels' layout with 4- and 5-bit codes packed (see `Blocks`).
+fn repack_packed(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
     let nb = cols / BLOCK;
     let nibbles = dtype != DType::Q8_0;
     let mut b = Blocks {
@@ -293,7 +334,6 @@ pub(super) fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Bl
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{Data, Matrix};
 
     use crate::kernels::tests::random;
 
@@ -331,7 +371,8 @@ mod tests {
 
     /// Every SIMD kernel this CPU has (the dispatched one, and the AVX2 one explicitly, which
     /// AVX-512 machines would not otherwise run) gives the portable kernel's sums: even and odd
-    /// block counts, one to five activation rows.
+    /// block counts, one to five activation rows, codes packed and wide (`wide_codes`), whichever
+    /// this CPU loads.
     #[test]
     fn simd_and_portable_block_kernels_agree() {
         let rows = 16;
@@ -346,9 +387,24 @@ mod tests {
                 dot_blocks_portable(b, r, nb, 0, &q.q[qs], &q.d[ds.clone()], &q.s[ds])
             };
             let close = |fast: f32, slow: f32| (fast - slow).abs() <= 1e-4 * (1.0 + slow.abs());
-            for dtype in DType::ALL.into_iter().filter(|d| d.block_len() > 1) {
-                let m = Matrix::quantize(dtype, rows, cols, &w).unwrap();
-                let Data::Blocks(b) = &m.data else { panic!() };
+            let layouts = DType::ALL
+                .into_iter()
+                .filter(|d| d.block_len() > 1)
+                .flat_map(|d| {
+                    let packed = repack_packed(d, rows, cols, &dtype::quantize(d, &w).unwrap());
+                    let wide = repack_packed(d, rows, cols, &dtype::quantize(d, &w).unwrap());
+                    let wide = wide.widened(rows, nb);
+                    if matches!(d, DType::Q4_0 | DType::Q5_0) {
+                        assert!(
+                            packed.nibbles && !wide.nibbles && wide.high.is_empty(),
+                            "{d:?}"
+                        );
+                        assert_eq!(wide.codes.len(), rows * cols, "{d:?}");
+                    }
+                    [(d, packed), (d, wide)]
+                });
+            for (dtype, b) in layouts {
+                let b = &b;
                 for r in 0..rows {
                     let mut fast = [0.0; 5];
                     dot(b, r, nb, &q, 0, &mut fast);

@@ -30,13 +30,18 @@ mod kind {
     pub(super) const Q5_0: u8 = 2;
     pub(super) const Q4_1: u8 = 3;
     pub(super) const NF4: u8 = 4;
+    /// Q4_0 or Q5_0 with one byte per code (`blocks::wide_codes`).
+    pub(super) const WIDE: u8 = 5;
 }
 
 /// Runs `$body` with `$k` bound to `m`'s format as a constant (`kind`).
 macro_rules! with_kind {
     ($m:expr, $k:ident => $body:expr) => {{
         let m: &Blocks = $m;
-        if !m.nibbles {
+        if !m.nibbles && m.centre < 32 {
+            const $k: u8 = kind::WIDE;
+            $body
+        } else if !m.nibbles {
             const $k: u8 = kind::Q8_0;
             $body
         } else if !m.high.is_empty() {
@@ -58,7 +63,9 @@ macro_rules! with_kind {
 impl<const K: u8> Unpack2<K> {
     const CENTRED: bool = K != kind::Q4_1;
     /// Codes under 32: `products_offset` applies.
-    const SMALL: bool = K == kind::Q4_0 || K == kind::Q5_0;
+    const SMALL: bool = K == kind::Q4_0 || K == kind::Q5_0 || K == kind::WIDE;
+    /// One byte per code: a block is one 32-byte load.
+    const BYTES: bool = K == kind::Q8_0 || K == kind::WIDE;
 
     #[inline(always)]
     unsafe fn new(m: &Blocks) -> Self {
@@ -99,7 +106,7 @@ impl<const K: u8> Unpack2<K> {
         unsafe {
             use std::arch::x86_64::*;
             let sb = row * nb;
-            let c = if K == kind::Q8_0 {
+            let c = if Self::BYTES {
                 _mm256_loadu_si256(m.codes.as_ptr().add((sb + blk) * BLOCK) as *const __m256i)
             } else if blk / 2 * 2 + 1 < nb {
                 let v = _mm256_loadu_si256(
@@ -334,7 +341,7 @@ unsafe fn rows8_avx2<const K: u8>(
         };
         let mut blk = 0;
         while blk < nb {
-            if K != kind::Q8_0 && blk + 1 < nb {
+            if !Unpack2::<K>::BYTES && blk + 1 < nb {
                 // A pair of nibble blocks: one 32-byte load per row serves both.
                 let (xv0, off0, xd0) = act(blk);
                 let (xv1, off1, xd1) = act(blk + 1);

@@ -242,9 +242,10 @@ pub(super) fn dot(
 
 /// Whether Q4_0 and Q5_0 codes are kept one byte each (no nibbles, Q5_0's fifth bit included):
 /// on the AVX2 kernels (no VNNI) a block is then one load and goes straight into `maddubs`,
-/// without the nibble split or Q5_0's bit spreading. Measured on AMD EPYC Zen 3 (AVX2, one
-/// thread, `tiny`'s decode matrices alternated in one process, best of 300): Q4_0 1.13-1.16x
-/// (docs/performance.md); the codes then take Q8_0's memory (the file does not change).
+/// without the nibble split or Q5_0's bit spreading. Measured on AMD EPYC Zen 3 (AVX2, no
+/// AVX-512): Q4_0 decode went from a median 1.02x to 1.43x f32 in the same run, Q5_0 from 1.00x
+/// to 1.46x (ten alternated runs each, docs/performance.md); the codes then take Q8_0's memory
+/// (the file does not change).
 fn wide_codes() -> bool {
     crate::simd::has_avx2() && !vnni_blocks()
 }

@@ -392,9 +392,9 @@ mod tests {
                 .into_iter()
                 .filter(|d| d.block_len() > 1)
                 .flat_map(|d| {
-                    let packed = repack_packed(d, rows, cols, &dtype::quantize(d, &w).unwrap());
-                    let wide = repack_packed(d, rows, cols, &dtype::quantize(d, &w).unwrap());
-                    let wide = wide.widened(rows, nb);
+                    let bytes = dtype::quantize(d, &w).unwrap();
+                    let packed = repack_packed(d, rows, cols, &bytes);
+                    let wide = repack_packed(d, rows, cols, &bytes).widened(rows, nb);
                     if matches!(d, DType::Q4_0 | DType::Q5_0) {
                         assert!(
                             packed.nibbles && !wide.nibbles && wide.high.is_empty(),

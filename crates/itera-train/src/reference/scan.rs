@@ -135,13 +135,27 @@ pub(super) struct InputGrads<'a> {
     pub z: &'a mut [f32],
 }
 
-/// What the backward needs of one sequence's forward: h_t ([N][d_inner] per step), dt_t and the
-/// pre-gate y_t, each appended step by step (so they need no zero-filling first).
+/// Steps per chunk of the backward: it recomputes a chunk's states from the state entering it,
+/// so the states it reads ([CHUNK][N][d_inner] of h and of the decays, 256 KB at `tiny`'s sizes)
+/// stay in L2 instead of coming from a [T][N][d_inner] trace in memory.
+pub(super) const CHUNK: usize = 16;
+
+/// What the backward needs of one sequence's forward: the state entering every CHUNK-th step
+/// ([N][d_inner] each), dt_t and the pre-gate y_t, each appended step by step (so they need no
+/// zero-filling first).
 #[derive(Default)]
 pub(super) struct Trace {
-    hs: Vec<f32>,
+    starts: Vec<f32>,
     dts: Vec<f32>,
     ys: Vec<f32>,
+}
+
+/// One state update, h' = exp(dt A) h + dt B x, as (h', the decay exp(dt A)): the forward and
+/// the backward's recomputation share it, so the recomputed states are the forward's bit for bit.
+#[inline(always)]
+fn state_step<M: MulAdd>(dt_a: f32, h: f32, dx_b: f32) -> (f32, f32) {
+    let decay = exp_with::<M>(dt_a);
+    (M::mul_add(decay, h, dx_b), decay)
 }
 
 /// Forward over one sequence. Fills `out`; with a trace, also records it there.
@@ -159,7 +173,7 @@ fn core_sequence<M: MulAdd>(
 ) {
     let (di, n) = (d.di, d.n);
     if let Some(tr) = trace.as_mut() {
-        tr.hs.reserve(d.t * di * n);
+        tr.starts.reserve(d.t.div_ceil(CHUNK) * di * n);
         tr.dts.reserve(d.t * di);
         tr.ys.reserve(d.t * di);
     }
@@ -171,6 +185,9 @@ fn core_sequence<M: MulAdd>(
     let mut dx = vec![0.0f32; di];
     let mut y = vec![0.0f32; di];
     for t in 0..d.t {
+        if let (Some(tr), true) = (trace.as_mut(), t % CHUNK == 0) {
+            tr.starts.extend_from_slice(&h);
+        }
         let (x, raw, z) = u.row(t, di);
         for i in 0..di {
             dt[i] = softplus_with::<M>(raw[i] + bias[i]);
@@ -182,7 +199,7 @@ fn core_sequence<M: MulAdd>(
             let (bj, cj) = (bct[j], bct[n + j]);
             let (hj, aj) = (&mut h[j * di..(j + 1) * di], &a[j * di..(j + 1) * di]);
             for i in 0..di {
-                hj[i] = M::mul_add(exp_with::<M>(dt[i] * aj[i]), hj[i], dx[i] * bj);
+                hj[i] = state_step::<M>(dt[i] * aj[i], hj[i], dx[i] * bj).0;
                 y[i] = M::mul_add(cj, hj[i], y[i]);
             }
         }
@@ -195,7 +212,6 @@ fn core_sequence<M: MulAdd>(
             out_t.copy_from_slice(&y);
         }
         if let Some(tr) = trace.as_mut() {
-            tr.hs.extend_from_slice(&h);
             tr.dts.extend_from_slice(&dt);
             tr.ys.extend_from_slice(&y);
         }
@@ -233,70 +249,105 @@ fn core_backward<M: MulAdd>(
             &recorded
         }
     };
-    let (hs, dts, ys) = (&trace.hs, &trace.dts, &trace.ys);
+    let (dts, ys) = (&trace.dts, &trace.ys);
     let mut g_a = vec![0.0f32; di * n];
     let mut g_d = vec![0.0f32; di];
     let mut g_bias = vec![0.0f32; di];
     // gh carries dL/dh_t backwards through h_{t+1} = decay_{t+1} * h_t + ...
     let mut gh = vec![0.0f32; di * n];
-    let zeros = vec![0.0f32; di * n];
+    // One chunk's recomputed states and decays, [CHUNK][N][d_inner] each.
+    let (mut hs, mut decays) = (vec![0.0f32; CHUNK * di * n], vec![0.0f32; CHUNK * di * n]);
     // Per-channel work vectors of one step.
     let (mut gy, mut dx) = (vec![0.0f32; di], vec![0.0f32; di]);
     let (mut g_dt, mut g_x, mut g) = (vec![0.0f32; di], vec![0.0f32; di], vec![0.0f32; di]);
-    for t in (0..t_len).rev() {
-        let (x, raw, z) = ub.row(t, di);
-        let dt = &dts[t * di..(t + 1) * di];
-        let bt = &bcb[t * 2 * n..t * 2 * n + n];
-        let ct = &bcb[t * 2 * n + n..(t + 1) * 2 * n];
-        let h_t = &hs[t * di * n..(t + 1) * di * n];
-        let h_prev = if t > 0 {
-            &hs[(t - 1) * di * n..t * di * n]
-        } else {
-            &zeros[..]
-        };
-        let rows = t * di..(t + 1) * di;
-        let (g_xt, g_rawt) = (&mut gu.x[rows.clone()], &mut gu.raw[rows.clone()]);
-        let g_zt = &mut gu.z[rows];
-        let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
-        let go = &gout[t * di..(t + 1) * di];
-        let yt = &ys[t * di..(t + 1) * di];
-        if d.gated {
-            // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
-            lanewise([go, yt, z], [g_zt, &mut gy], |&[go, y, z], [g_z, g_y]| {
-                let s = sigmoid_with::<M>(z);
-                *g_z = go * y * s * (1.0 + z * (1.0 - s));
-                *g_y = go * z * s;
-            });
-        } else {
-            gy.copy_from_slice(go);
-        }
-        for i in 0..di {
-            g_d[i] += gy[i] * x[i];
-            dx[i] = dt[i] * x[i];
-        }
-        g_dt.fill(0.0);
-        g_x.fill(0.0);
-        for j in 0..n {
-            let rows = j * di..(j + 1) * di;
-            let (h_now, h_old, a_j) = (&h_t[rows.clone()], &h_prev[rows.clone()], &a[rows.clone()]);
-            let (gh_j, ga_j) = (&mut gh[rows.clone()], &mut g_a[rows]);
-            let (bj, cj) = (bt[j], ct[j]);
-            gc_t[j] += itera_core::math::dot(&gy, h_now);
+    for c in (0..t_len.div_ceil(CHUNK)).rev() {
+        let (t0, t1) = (c * CHUNK, ((c + 1) * CHUNK).min(t_len));
+        let start = &trace.starts[c * di * n..(c + 1) * di * n];
+        // The chunk's states again, from the one entering it, exactly as the forward made them.
+        for t in t0..t1 {
+            let (x, _, _) = ub.row(t, di);
+            let dt = &dts[t * di..(t + 1) * di];
+            let bt = &bcb[t * 2 * n..t * 2 * n + n];
             for i in 0..di {
-                g[i] = M::mul_add(gy[i], cj, gh_j[i]);
-                let decay = exp_with::<M>(dt[i] * a_j[i]);
-                let g_decay = g[i] * h_old[i] * decay; // dL/d(dt*A)
-                g_dt[i] = M::mul_add(g_decay, a_j[i], M::mul_add(g[i] * bj, x[i], g_dt[i]));
-                ga_j[i] = M::mul_add(g_decay, dt[i], ga_j[i]);
-                g_x[i] = M::mul_add(g[i], bj, g_x[i]);
-                gh_j[i] = g[i] * decay;
+                dx[i] = dt[i] * x[i];
             }
-            gb_t[j] += itera_core::math::dot(&g, &dx);
+            let (done, rest) = hs.split_at_mut((t - t0) * di * n);
+            let h_old = if t == t0 {
+                start
+            } else {
+                &done[(t - t0 - 1) * di * n..]
+            };
+            let decay_t = &mut decays[(t - t0) * di * n..(t - t0 + 1) * di * n];
+            for (j, &bj) in bt.iter().enumerate() {
+                let rows = j * di..(j + 1) * di;
+                let (h_new, h_old) = (&mut rest[rows.clone()], &h_old[rows.clone()]);
+                let (decay_j, a_j) = (&mut decay_t[rows.clone()], &a[rows]);
+                for i in 0..di {
+                    (h_new[i], decay_j[i]) = state_step::<M>(dt[i] * a_j[i], h_old[i], dx[i] * bj);
+                }
+            }
         }
-        for i in 0..di {
-            g_xt[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
+        for t in (t0..t1).rev() {
+            let (x, raw, z) = ub.row(t, di);
+            let dt = &dts[t * di..(t + 1) * di];
+            let bt = &bcb[t * 2 * n..t * 2 * n + n];
+            let ct = &bcb[t * 2 * n + n..(t + 1) * 2 * n];
+            let h_t = &hs[(t - t0) * di * n..(t - t0 + 1) * di * n];
+            let h_prev = if t > t0 {
+                &hs[(t - t0 - 1) * di * n..(t - t0) * di * n]
+            } else {
+                start
+            };
+            let decay_t = &decays[(t - t0) * di * n..(t - t0 + 1) * di * n];
+            let rows = t * di..(t + 1) * di;
+            let (g_xt, g_rawt) = (&mut gu.x[rows.clone()], &mut gu.raw[rows.clone()]);
+            let g_zt = &mut gu.z[rows];
+            let (gb_t, gc_t) = gbc[t * 2 * n..(t + 1) * 2 * n].split_at_mut(n);
+            let go = &gout[t * di..(t + 1) * di];
+            let yt = &ys[t * di..(t + 1) * di];
+            if d.gated {
+                // out = y * silu(z), silu'(z) = s (1 + z (1 - s))
+                lanewise([go, yt, z], [g_zt, &mut gy], |&[go, y, z], [g_z, g_y]| {
+                    let s = sigmoid_with::<M>(z);
+                    *g_z = go * y * s * (1.0 + z * (1.0 - s));
+                    *g_y = go * z * s;
+                });
+            } else {
+                gy.copy_from_slice(go);
+            }
+            lanewise(
+                [&gy, x, dt],
+                [&mut g_d, &mut dx],
+                |&[gy, x, dt], [g_d, dx]| {
+                    *g_d += gy * x;
+                    *dx = dt * x;
+                },
+            );
+            g_dt.fill(0.0);
+            g_x.fill(0.0);
+            for j in 0..n {
+                let rows = j * di..(j + 1) * di;
+                let (h_now, h_old) = (&h_t[rows.clone()], &h_prev[rows.clone()]);
+                let (decay_j, a_j) = (&decay_t[rows.clone()], &a[rows.clone()]);
+                let (gh_j, ga_j) = (&mut gh[rows.clone()], &mut g_a[rows]);
+                let (bj, cj) = (bt[j], ct[j]);
+                gc_t[j] += itera_core::math::dot(&gy, h_now);
+                for i in 0..di {
+                    g[i] = M::mul_add(gy[i], cj, gh_j[i]);
+                    let decay = decay_j[i];
+                    let g_decay = g[i] * h_old[i] * decay; // dL/d(dt*A)
+                    g_dt[i] = M::mul_add(g_decay, a_j[i], M::mul_add(g[i] * bj, x[i], g_dt[i]));
+                    ga_j[i] = M::mul_add(g_decay, dt[i], ga_j[i]);
+                    g_x[i] = M::mul_add(g[i], bj, g_x[i]);
+                    gh_j[i] = g[i] * decay;
+                }
+                gb_t[j] += itera_core::math::dot(&g, &dx);
+            }
+            for i in 0..di {
+                g_xt[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
+            }
+            dt_backward::<M>(&g_dt, raw, bias, g_rawt, &mut g_bias);
         }
-        dt_backward::<M>(&g_dt, raw, bias, g_rawt, &mut g_bias);
     }
     // Pack as p's layout: d/dA_log = d/dA * A.
     let mut gp = vec![0.0f32; di * (n + 2)];
@@ -608,10 +659,12 @@ mod tests {
     }
 
     fn check_gradients(gated: bool) {
-        // d_inner 18: one full 16-lane chunk of the lane-wise loops and a tail.
+        // d_inner 18: one full 16-lane chunk of the lane-wise loops and a tail; 21 steps: one
+        // whole CHUNK of the backward's recomputation and a partial one.
+        const { assert!(CHUNK < 21 && 21 < 2 * CHUNK) };
         let c = Case {
             b: 2,
-            t: 6,
+            t: 21,
             di: 18,
             n: 4,
         };

@@ -201,6 +201,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     // Without a terminal, a plain line every ~2% of the run.
     let log_every = (run.options.steps / 50).max(1);
     let mut speeds = Vec::new();
+    let peak_before = machine_peak();
     // (CPU seconds, wall instant) at the 5th step of this invocation and at the last.
     let mut clock: Vec<(f64, std::time::Instant)> = Vec::new();
     let final_eval = run.train(&corpus, &mut |e| match e {
@@ -259,7 +260,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     let mut steady: Vec<f64> = speeds.iter().skip(speeds.len().min(5)).copied().collect();
     steady.sort_by(|a, b| a.total_cmp(b));
     let median_speed = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
-    let speed = TrainSpeed::measure(&run.config, median_speed, &clock);
+    let speed = TrainSpeed::measure(&run.config, median_speed, &clock, peak_before);
     if json {
         let mut v = serde_json::to_value(&final_eval)?;
         v["train_tokens_per_s_median"] = json!(median_speed);
@@ -279,7 +280,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
             println!(
                 "training speed: median {median_speed:.0} tokens/s over {} steps; {:.1} MFLOP per \
              token (3 x the forward's weight matmuls) = {:.1} GFLOP/s, {:.1}% of the {:.0} GFLOP/s \
-             peak measured now; {:.2} cores busy",
+             peak measured in this run (the larger of before and after); {:.2} cores busy",
                 steady.len(),
                 speed.flops_per_token / 1e6,
                 speed.flops_per_s / 1e9,
@@ -307,9 +308,11 @@ struct TrainSpeed {
     /// norms and element-wise work are not counted.
     flops_per_token: f64,
     flops_per_s: f64,
-    /// `itera bench`'s peak: FMA chains in the widest registers on every core, measured now;
-    /// the CPU's widest, whatever `ITERA_SIMD` says, because `gemm`'s training matmuls pick
-    /// their kernels from the CPU's flags alone.
+    /// `itera bench`'s peak: FMA chains in the widest registers on every core; the CPU's widest,
+    /// whatever `ITERA_SIMD` says, because `gemm`'s training matmuls pick their kernels from the
+    /// CPU's flags alone. The larger of two measurements, before the first step and after the
+    /// last: on a shared host one taken in a slow moment inflates the fraction (twentieth
+    /// session, one machine: 95-196 GFLOP/s by run; the 95 made a 7,551 tokens/s run read 78%).
     peak_flops_per_s: f64,
     fraction_of_peak: f64,
     /// Process CPU time / wall time from the 5th step of this invocation to its last (any
@@ -322,10 +325,11 @@ impl TrainSpeed {
         cfg: &itera_core::ModelConfig,
         tokens_per_s: f64,
         clock: &[(f64, std::time::Instant)],
+        peak_before: f64,
     ) -> Self {
         let macs = itera_core::tensors::ModelSpec::new(cfg).per_token(|s| s.len());
         let flops_per_token = 6.0 * macs as f64;
-        let (peak, _, _) = itera_core::bench::peak_flops_at(itera_core::simd::detected());
+        let peak = machine_peak().max(peak_before);
         let cpu_utilisation = match clock {
             [(c0, t0), (c1, t1)] if t1 > t0 => (c1 - c0) / (*t1 - *t0).as_secs_f64(),
             _ => 0.0,
@@ -338,6 +342,11 @@ impl TrainSpeed {
             cpu_utilisation,
         }
     }
+}
+
+/// The machine's peak FLOP/s now (`TrainSpeed::peak_flops_per_s`).
+fn machine_peak() -> f64 {
+    itera_core::bench::peak_flops_at(itera_core::simd::detected()).0
 }
 
 /// User + system CPU seconds of this process so far.

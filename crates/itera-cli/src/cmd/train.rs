@@ -201,7 +201,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     // Without a terminal, a plain line every ~2% of the run.
     let log_every = (run.options.steps / 50).max(1);
     let mut speeds = Vec::new();
-    let peak_before = machine_peak();
+    let mut peak_before = 0.0;
     // (CPU seconds, wall instant) at the 5th step of this invocation and at the last.
     let mut clock: Vec<(f64, std::time::Instant)> = Vec::new();
     let final_eval = run.train(&corpus, &mut |e| match e {
@@ -220,6 +220,11 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         ),
         TrainEvent::Step(m) => {
             speeds.push(m.tokens_per_s);
+            if speeds.len() == 5 {
+                // Just before the timed steps, not before the first: that would hold back the
+                // first checkpoint by the measurement's second.
+                peak_before = machine_peak();
+            }
             let now = (cpu_seconds(), std::time::Instant::now());
             if speeds.len() <= 5 {
                 clock = vec![now];
@@ -280,7 +285,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
             println!(
                 "training speed: median {median_speed:.0} tokens/s over {} steps; {:.1} MFLOP per \
              token (3 x the forward's weight matmuls) = {:.1} GFLOP/s, {:.1}% of the {:.0} GFLOP/s \
-             peak measured in this run (the larger of before and after); {:.2} cores busy",
+             peak measured in this run (the larger of before and after the timed steps); {:.2} cores busy",
                 steady.len(),
                 speed.flops_per_token / 1e6,
                 speed.flops_per_s / 1e9,
@@ -310,7 +315,7 @@ struct TrainSpeed {
     flops_per_s: f64,
     /// `itera bench`'s peak: FMA chains in the widest registers on every core; the CPU's widest,
     /// whatever `ITERA_SIMD` says, because `gemm`'s training matmuls pick their kernels from the
-    /// CPU's flags alone. The larger of two measurements, before the first step and after the
+    /// CPU's flags alone. The larger of two measurements, before the timed steps and after the
     /// last: on a shared host one taken in a slow moment inflates the fraction (twentieth
     /// session, one machine: 95-196 GFLOP/s by run; the 95 made a 7,551 tokens/s run read 78%).
     peak_flops_per_s: f64,

@@ -158,6 +158,56 @@ fn state_step<M: MulAdd>(dt_a: f32, h: f32, dx_b: f32) -> (f32, f32) {
     (M::mul_add(decay, h, dx_b), decay)
 }
 
+/// Steps t0..t1 of one sequence as the backward recomputes them: the state entering them and
+/// every step's dt ([T][d_inner], the trace's).
+struct Chunk<'a> {
+    t0: usize,
+    t1: usize,
+    start: &'a [f32],
+    dts: &'a [f32],
+}
+
+/// A chunk's states and decays again ([CHUNK][N][d_inner] each, step t at t - t0), from the state
+/// entering it, exactly as the forward made them. `dx` is a [d_inner] scratch.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn recompute_chunk<M: MulAdd>(
+    ub: &Inputs,
+    bcb: &[f32],
+    a: &[f32],
+    d: &Dims,
+    c: &Chunk,
+    hs: &mut [f32],
+    decays: &mut [f32],
+    dx: &mut [f32],
+) {
+    let (di, n) = (d.di, d.n);
+    let dx = &mut dx[..di];
+    for t in c.t0..c.t1 {
+        let (x, _, _) = ub.row(t, di);
+        let dt = &c.dts[t * di..(t + 1) * di];
+        let bt = &bcb[t * 2 * n..t * 2 * n + n];
+        for i in 0..di {
+            dx[i] = dt[i] * x[i];
+        }
+        let (done, rest) = hs.split_at_mut((t - c.t0) * di * n);
+        let h_old = if t == c.t0 {
+            c.start
+        } else {
+            &done[(t - c.t0 - 1) * di * n..]
+        };
+        let decay_t = &mut decays[(t - c.t0) * di * n..(t - c.t0 + 1) * di * n];
+        for (j, &bj) in bt.iter().enumerate() {
+            let rows = j * di..(j + 1) * di;
+            let (h_new, h_old) = (&mut rest[rows.clone()], &h_old[rows.clone()]);
+            let (decay_j, a_j) = (&mut decay_t[rows.clone()], &a[rows]);
+            for i in 0..di {
+                (h_new[i], decay_j[i]) = state_step::<M>(dt[i] * a_j[i], h_old[i], dx[i] * bj);
+            }
+        }
+    }
+}
+
 /// Forward over one sequence. Fills `out`; with a trace, also records it there.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -263,30 +313,8 @@ fn core_backward<M: MulAdd>(
     for c in (0..t_len.div_ceil(CHUNK)).rev() {
         let (t0, t1) = (c * CHUNK, ((c + 1) * CHUNK).min(t_len));
         let start = &trace.starts[c * di * n..(c + 1) * di * n];
-        // The chunk's states again, from the one entering it, exactly as the forward made them.
-        for t in t0..t1 {
-            let (x, _, _) = ub.row(t, di);
-            let dt = &dts[t * di..(t + 1) * di];
-            let bt = &bcb[t * 2 * n..t * 2 * n + n];
-            for i in 0..di {
-                dx[i] = dt[i] * x[i];
-            }
-            let (done, rest) = hs.split_at_mut((t - t0) * di * n);
-            let h_old = if t == t0 {
-                start
-            } else {
-                &done[(t - t0 - 1) * di * n..]
-            };
-            let decay_t = &mut decays[(t - t0) * di * n..(t - t0 + 1) * di * n];
-            for (j, &bj) in bt.iter().enumerate() {
-                let rows = j * di..(j + 1) * di;
-                let (h_new, h_old) = (&mut rest[rows.clone()], &h_old[rows.clone()]);
-                let (decay_j, a_j) = (&mut decay_t[rows.clone()], &a[rows]);
-                for i in 0..di {
-                    (h_new[i], decay_j[i]) = state_step::<M>(dt[i] * a_j[i], h_old[i], dx[i] * bj);
-                }
-            }
-        }
+        let chunk = Chunk { t0, t1, start, dts };
+        recompute_chunk::<M>(ub, bcb, a, d, &chunk, &mut hs, &mut decays, &mut dx);
         for t in (t0..t1).rev() {
             let (x, raw, z) = ub.row(t, di);
             let dt = &dts[t * di..(t + 1) * di];

@@ -184,6 +184,9 @@ fn report_sources(run: &Run, corpus: &itera_train::data::Corpus) -> Result<()> {
     Ok(())
 }
 
+/// Steps of each invocation left out of its timing (allocation warm-up).
+const WARMUP_STEPS: usize = 5;
+
 /// Trains `run` to its end with a progress bar (plain log lines without a terminal) and prints
 /// the result.
 pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
@@ -202,7 +205,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
     let log_every = (run.options.steps / 50).max(1);
     let mut speeds = Vec::new();
     let mut peak_before = 0.0;
-    // (CPU seconds, wall instant) at the 5th step of this invocation and at the last.
+    // (CPU seconds, wall instant) at the last warm-up step of this invocation and at the last.
     let mut clock: Vec<(f64, std::time::Instant)> = Vec::new();
     let final_eval = run.train(&corpus, &mut |e| match e {
         TrainEvent::Start {
@@ -220,13 +223,13 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         ),
         TrainEvent::Step(m) => {
             speeds.push(m.tokens_per_s);
-            if speeds.len() == 5 {
+            if speeds.len() == WARMUP_STEPS {
                 // Just before the timed steps, not before the first: that would hold back the
                 // first checkpoint by the measurement's second.
                 peak_before = machine_peak();
             }
             let now = (cpu_seconds(), std::time::Instant::now());
-            if speeds.len() <= 5 {
+            if speeds.len() <= WARMUP_STEPS {
                 clock = vec![now];
             } else if clock.len() == 1 {
                 clock.push(now);
@@ -261,8 +264,12 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         ),
     })?;
     pb.finish_and_clear();
-    // Median over the steps of this invocation, skipping the first few (allocation warm-up).
-    let mut steady: Vec<f64> = speeds.iter().skip(speeds.len().min(5)).copied().collect();
+    // Median over the steps of this invocation after its warm-up.
+    let mut steady: Vec<f64> = speeds
+        .iter()
+        .skip(speeds.len().min(WARMUP_STEPS))
+        .copied()
+        .collect();
     steady.sort_by(|a, b| a.total_cmp(b));
     let median_speed = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
     let speed = TrainSpeed::measure(&run.config, median_speed, &clock, peak_before);
@@ -280,12 +287,15 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         if steady.is_empty() {
-            println!("training speed: too few steps to time (the first 5 of a run warm up)");
+            println!(
+                "training speed: too few steps to time (the first {WARMUP_STEPS} of a run warm up)"
+            );
         } else {
             println!(
                 "training speed: median {median_speed:.0} tokens/s over {} steps; {:.1} MFLOP per \
              token (3 x the forward's weight matmuls) = {:.1} GFLOP/s, {:.1}% of the {:.0} GFLOP/s \
-             peak measured in this run (the larger of before and after the timed steps); {:.2} cores busy",
+             peak measured in this run (the larger of before and after the timed steps); {:.2} \
+             cores busy",
                 steady.len(),
                 speed.flops_per_token / 1e6,
                 speed.flops_per_s / 1e9,
@@ -320,8 +330,8 @@ struct TrainSpeed {
     /// session, one machine: 95-196 GFLOP/s by run; the 95 made a 7,551 tokens/s run read 78%).
     peak_flops_per_s: f64,
     fraction_of_peak: f64,
-    /// Process CPU time / wall time from the 5th step of this invocation to its last (any
-    /// validation in between included).
+    /// Process CPU time / wall time from the last warm-up step of this invocation to its last
+    /// (any validation in between included).
     cpu_utilisation: f64,
 }
 

@@ -195,6 +195,98 @@ fn uniform(weights: &[f64]) -> bool {
     weights.windows(2).all(|w| w[0] == w[1])
 }
 
+/// The fraction of each training file a run holds out when it has no validation files
+/// (`TrainOptions::holdout`'s default): the tail it evaluates on.
+pub const DEFAULT_HOLDOUT: f64 = 0.02;
+
+/// Where `calibration_tokens` reads each file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CalibrationFrom {
+    /// The start of each file, one piece.
+    Start,
+    /// Pieces of `CALIBRATION_PIECE` tokens spread evenly over the part of each file that
+    /// training keeps (before its `DEFAULT_HOLDOUT` tail).
+    Spread,
+}
+
+/// Tokens per piece of `CalibrationFrom::Spread`.
+pub const CALIBRATION_PIECE: usize = 512;
+
+/// `tokens` tokens of calibration text (what `itera prune` and `itera quantize --gptq` fit to):
+/// an equal share from each file, so every source of a mixed corpus is represented, read as
+/// `from` says. Spread pieces see a whole source where the start of a file is one book or one
+/// era: measured on the default English model's merged drop 1 (docs/compression.md), 16,384
+/// spread tokens did better than 524,288 from the files' starts. Spread never reads a file's
+/// held-out tail, so it stays off the text a run with the default holdout reports on.
+pub fn calibration_tokens(
+    tok: &Tokenizer,
+    files: &[PathBuf],
+    tokens: usize,
+    from: CalibrationFrom,
+) -> Result<Vec<u32>> {
+    if tokens < 2 {
+        return Err(Error::Data(format!(
+            "calibration needs at least 2 tokens, got {tokens}"
+        )));
+    }
+    let paths = expand_inputs(files)?;
+    let share = tokens.div_ceil(paths.len().max(1));
+    let mut ids = Vec::new();
+    for path in &paths {
+        let text = read_text(path)?;
+        let (text, pieces) = match from {
+            CalibrationFrom::Start => (&text[..], 1),
+            CalibrationFrom::Spread => (
+                &text[..heldout_cut(&text, DEFAULT_HOLDOUT)],
+                share.div_ceil(CALIBRATION_PIECE),
+            ),
+        };
+        let per = share.div_ceil(pieces);
+        // Piece p reads from the first line start at or after p / pieces of the text, and no
+        // further than where the next piece starts.
+        let line_start = |at: usize| match floor_char_boundary(text, at) {
+            0 => 0,
+            at => text[at..].find('\n').map_or(text.len(), |i| at + i + 1),
+        };
+        let bounds: Vec<usize> = (0..pieces)
+            .map(|p| line_start(text.len() / pieces * p))
+            .chain([text.len()])
+            .collect();
+        let mut got = Vec::with_capacity(share);
+        for b in bounds.windows(2) {
+            got.extend(tokens_from(tok, &text[b[0]..b[1].max(b[0])], per)?);
+        }
+        got.truncate(share);
+        ids.extend(got);
+    }
+    ids.truncate(tokens);
+    if ids.len() < 2 {
+        return Err(Error::Data(
+            "the calibration text holds fewer than 2 tokens".into(),
+        ));
+    }
+    Ok(ids)
+}
+
+/// The first `want` tokens of `text` (all of them if it holds fewer), encoding only about as
+/// much of it as that needs: about 4 bytes per token on English, so twice that is read, cut at
+/// a line end, and doubled while it falls short.
+fn tokens_from(tok: &Tokenizer, text: &str, want: usize) -> Result<Vec<u32>> {
+    let mut bytes = want.saturating_mul(8);
+    loop {
+        let mut cut = floor_char_boundary(text, bytes.min(text.len()));
+        if cut < text.len() {
+            cut = text[..cut].rfind('\n').map_or(cut, |i| i + 1);
+        }
+        let mut ids = tok.encode(&text[..cut])?;
+        if ids.len() >= want || cut == text.len() {
+            ids.truncate(want);
+            return Ok(ids);
+        }
+        bytes = bytes.saturating_mul(2);
+    }
+}
+
 /// Where a training file's held-out tail starts: after the last newline before the last
 /// `holdout` fraction of its bytes (the tokenizer of the run is trained on the part before it).
 pub fn heldout_cut(text: &str, holdout: f64) -> usize {
@@ -315,6 +407,65 @@ mod tests {
                 assert!(o + seq < 1000 || (o >= 1000 && o + seq < 4000), "{o}");
             }
         }
+    }
+
+    /// Spread calibration takes an equal share of each file in pieces from its start to its
+    /// training part's end and never reads the held-out tail; `Start` is the first tokens of
+    /// each file; too few tokens is an error, not a panic.
+    #[test]
+    fn calibration_spreads_over_each_files_training_part_only() {
+        let tok = crate::test_support::fixture_tokenizer(300);
+        let dir = std::env::temp_dir().join(format!("itera-calib-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (lines, files) = (400, ["a", "b"]);
+        let paths: Vec<PathBuf> = files
+            .iter()
+            .map(|f| {
+                let p = dir.join(format!("{f}.txt"));
+                let text: String = (0..lines)
+                    .map(|i| format!("{f}{i:03} the cat sat\n"))
+                    .collect();
+                std::fs::write(&p, text).unwrap();
+                p
+            })
+            .collect();
+        let ids = calibration_tokens(&tok, &paths, 2 * 1500, CalibrationFrom::Spread).unwrap();
+        assert_eq!(ids.len(), 3000);
+        let text = tok.decode(&ids).unwrap();
+        // The held-out tail: the last 2% of each file's bytes, from a line start (lines 392..).
+        let tail = lines - lines * 2 / 100;
+        for f in files {
+            let seen: Vec<usize> = (0..lines)
+                .filter(|i| text.contains(&format!("{f}{i:03} ")))
+                .collect();
+            assert!(seen.len() > 100, "{f}: {} lines", seen.len());
+            // 1,500 tokens a file: three pieces, the last from two thirds of the training part.
+            assert!(
+                seen[0] == 0 && seen[seen.len() - 1] > tail * 2 / 3,
+                "{f}: {seen:?}"
+            );
+            assert!(
+                seen.iter().all(|&i| i < tail),
+                "{f} read its held-out tail: {seen:?}"
+            );
+        }
+        // Asked for more than the files hold: every training line once, no held-out line.
+        let all = calibration_tokens(&tok, &paths, 2 * 100_000, CalibrationFrom::Spread).unwrap();
+        let text = tok.decode(&all).unwrap();
+        for f in files {
+            for i in 0..lines {
+                let n = text.matches(&format!("{f}{i:03} ")).count();
+                assert_eq!(n, usize::from(i < tail), "{f}{i:03}");
+            }
+        }
+        let start = calibration_tokens(&tok, &paths, 2 * 1500, CalibrationFrom::Start).unwrap();
+        let whole = tok
+            .encode(&std::fs::read_to_string(&paths[0]).unwrap())
+            .unwrap();
+        assert_eq!(start[..1500], whole[..1500]);
+        let e = calibration_tokens(&tok, &paths, 1, CalibrationFrom::Spread).unwrap_err();
+        assert!(e.to_string().contains("at least 2 tokens"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl TrainOptions {
             eval_windows: 0,
             save_every: 500,
             seed: 1,
-            holdout: 0.02,
+            holdout: crate::data::DEFAULT_HOLDOUT,
             train_files,
             source_weights: Vec::new(),
             valid_files: Vec::new(),

@@ -37,38 +37,38 @@ impl ModelArg {
     }
 }
 
-/// `tokens` tokens of calibration text: an equal share from the start of each file, so every
-/// source of a mixed corpus is represented (what `prune` and `quantize --gptq` calibrate on).
-/// `flag` names the token count's flag in the error.
+/// Where calibration text is read from in each file (`--calibration`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum CalibrationArg {
+    /// Pieces of 512 tokens spread over the part of each file that training keeps (before its
+    /// last 2%, the tail a run holds out)
+    Spread,
+    /// The start of each file (how every figure before 2026-12-02's twenty-first session was
+    /// calibrated)
+    Start,
+}
+
+/// `tokens` tokens of calibration text, an equal share from each file, read as `from` says
+/// (what `prune` and `quantize --gptq` calibrate on). `flag` names the token count's flag in
+/// the error.
 pub(super) fn calibration(
     model: &ModelDir,
     files: &[PathBuf],
     tokens: usize,
+    from: CalibrationArg,
     flag: &str,
 ) -> Result<Vec<u32>> {
     if tokens < 2 {
         bail!("{flag} must be at least 2");
     }
-    let paths = itera_train::data::expand_inputs(files)?;
-    let share = tokens.div_ceil(paths.len().max(1));
-    let mut ids = Vec::new();
-    for path in &paths {
-        let text = itera_train::data::read_text(path)?;
-        // About 4 bytes per token on English: read twice that, cut at a line end.
-        let mut cut = share.saturating_mul(8).min(text.len());
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        if cut < text.len() {
-            cut = text[..cut].rfind('\n').map_or(cut, |i| i + 1);
-        }
-        let mut piece = model.tokenizer.encode(&text[..cut])?;
-        piece.truncate(share);
-        ids.extend(piece);
-    }
-    ids.truncate(tokens);
-    if ids.len() < 2 {
-        bail!("the calibration text holds fewer than 2 tokens");
-    }
-    Ok(ids)
+    let from = match from {
+        CalibrationArg::Spread => itera_train::data::CalibrationFrom::Spread,
+        CalibrationArg::Start => itera_train::data::CalibrationFrom::Start,
+    };
+    Ok(itera_train::data::calibration_tokens(
+        &model.tokenizer,
+        files,
+        tokens,
+        from,
+    )?)
 }

@@ -43,6 +43,9 @@ pub struct PruneArgs {
     /// Tokens of calibration text to read (an equal share from each file)
     #[arg(long, default_value_t = 16384)]
     pub tokens: usize,
+    /// Where in each file the calibration tokens come from
+    #[arg(long, value_enum, default_value = "spread")]
+    pub calibration: super::CalibrationArg,
     /// Experts to remove from every MoE layer
     #[arg(long, conflicts_with = "keep_per_layer")]
     pub drop: Option<usize>,
@@ -271,7 +274,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
     if dtype != DType::F32 && !is_gguf {
         bail!("--type applies to a .gguf --out; a directory is written in f32");
     }
-    let calib = super::calibration(&model, &a.data, a.tokens, "--tokens")?;
+    let calib = super::calibration(&model, &a.data, a.tokens, a.calibration, "--tokens")?;
     let base_rt = Runtime::new(&model.config, &model.weights)?;
     let stats = prune::routing_stats(&base_rt, &calib)?;
     let base_loss = prune::calibration_loss(&base_rt, &calib)?;

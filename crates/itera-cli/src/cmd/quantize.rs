@@ -51,6 +51,9 @@ pub struct QuantizeArgs {
     /// Tokens of --gptq calibration text (an equal share from each file)
     #[arg(long, default_value_t = 65536)]
     pub gptq_tokens: usize,
+    /// Where in each --gptq file the calibration tokens come from
+    #[arg(long, value_enum, default_value = "spread")]
+    pub calibration: super::CalibrationArg,
     #[arg(long)]
     pub json: bool,
 }
@@ -201,7 +204,13 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         if !plan.types.values().any(|&d| dtype::has_fitted_scales(d)) {
             bail!("--gptq applies to tensors stored as q8_0, q5_0 or q4_0; this plan has none");
         }
-        let calib = super::calibration(&model, &a.gptq, a.gptq_tokens, "--gptq-tokens")?;
+        let calib = super::calibration(
+            &model,
+            &a.gptq,
+            a.gptq_tokens,
+            a.calibration,
+            "--gptq-tokens",
+        )?;
         let runtime = itera_core::runtime::Runtime::new(&model.config, &model.weights)?;
         let pb = super::progress::bar(1, "gptq: reading the calibration text [{elapsed_precise}]");
         let grams = itera_quant::gptq::input_grams(&runtime, &calib)?;

@@ -52,7 +52,7 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 65536)]
     pub gptq_tokens: usize,
     /// Where in each --gptq file the calibration tokens come from
-    #[arg(long, value_enum, default_value = "spread")]
+    #[arg(long, value_enum, default_value = "spread", requires = "gptq")]
     pub calibration: super::CalibrationArg,
     #[arg(long)]
     pub json: bool,

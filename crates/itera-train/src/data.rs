@@ -216,7 +216,7 @@ pub const CALIBRATION_PIECE: usize = 512;
 /// an equal share from each file, so every source of a mixed corpus is represented, read as
 /// `from` says. Spread pieces see a whole source where the start of a file is one book or one
 /// era: measured on the default English model's merged drop 1 (docs/compression.md), 16,384
-/// spread tokens did better than 524,288 from the files' starts. Spread never reads a file's
+/// spread tokens did better than 131,072 from the files' starts. Spread never reads a file's
 /// held-out tail, so it stays off the text a run with the default holdout reports on.
 pub fn calibration_tokens(
     tok: &Tokenizer,

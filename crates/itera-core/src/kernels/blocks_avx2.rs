@@ -270,6 +270,23 @@ unsafe fn hsum8(a: std::arch::x86_64::__m256) -> f32 {
     }
 }
 
+/// The 8 lanes of each of 8 accumulators summed, in one vector (one tree of horizontal adds).
+#[inline(always)]
+unsafe fn sum8(acc: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    // SAFETY: this function's contract: the caller checked AVX.
+    unsafe {
+        use std::arch::x86_64::*;
+        let h = |a, b| _mm256_hadd_ps(a, b);
+        let (t0, t1) = (h(acc[0], acc[1]), h(acc[2], acc[3]));
+        let (t2, t3) = (h(acc[4], acc[5]), h(acc[6], acc[7]));
+        let (u0, u1) = (h(t0, t1), h(t2, t3));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+}
+
 /// The AVX2 kernel: one weight row against X activation rows (each block unpacked once for the
 /// X rows). Inlined into the AVX2 entry points below; only call it from such a function.
 #[inline(always)]
@@ -375,15 +392,7 @@ unsafe fn rows8_avx2<const K: u8>(
             }
             blk += 1;
         }
-        let h = |a, b| _mm256_hadd_ps(a, b);
-        let (t0, t1) = (h(acc[0], acc[1]), h(acc[2], acc[3]));
-        let (t2, t3) = (h(acc[4], acc[5]), h(acc[6], acc[7]));
-        let (u0, u1) = (h(t0, t1), h(t2, t3));
-        let sums = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(u0, u1),
-            _mm256_permute2f128_ps::<0x31>(u0, u1),
-        );
-        _mm256_storeu_ps(out.as_mut_ptr(), sums);
+        _mm256_storeu_ps(out.as_mut_ptr(), sum8(&acc));
         if !Unpack2::<K>::CENTRED {
             for (r, o) in out[..8].iter_mut().enumerate() {
                 let sb = (row0 + r) * nb;
@@ -434,15 +443,7 @@ unsafe fn rows8_lifted(m: &Blocks, row0: usize, nb: usize, x: &QuantizedRows, ou
                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, *a);
             }
         }
-        let h = |a, b| _mm256_hadd_ps(a, b);
-        let (t0, t1) = (h(acc[0], acc[1]), h(acc[2], acc[3]));
-        let (t2, t3) = (h(acc[4], acc[5]), h(acc[6], acc[7]));
-        let (u0, u1) = (h(t0, t1), h(t2, t3));
-        let sums = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(u0, u1),
-            _mm256_permute2f128_ps::<0x31>(u0, u1),
-        );
-        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(sums, lift));
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(sum8(&acc), lift));
     }
 }
 

@@ -220,7 +220,10 @@ impl Matrix {
         match &self.data {
             Data::F32(v) => v.len() * 4,
             Data::Half(v) => v.len() * 2,
-            Data::Blocks(b) => b.codes.len() + 4 * (b.high.len() + b.scale.len() + b.bias.len()),
+            Data::Blocks(b) => {
+                let by_block = b.scale_by_block.len() + b.lift_by_block.len();
+                b.codes.len() + 4 * (b.high.len() + b.scale.len() + b.bias.len() + by_block)
+            }
         }
     }
 

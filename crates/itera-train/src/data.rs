@@ -243,7 +243,7 @@ pub fn calibration_tokens(
         };
         let per = share.div_ceil(pieces);
         // Piece p reads from the first line start at or after p / pieces of the text, and no
-        // further than where the next piece starts.
+        // further than where the next piece starts (the starts never decrease).
         let line_start = |at: usize| match floor_char_boundary(text, at) {
             0 => 0,
             at => text[at..].find('\n').map_or(text.len(), |i| at + i + 1),
@@ -254,7 +254,7 @@ pub fn calibration_tokens(
             .collect();
         let mut got = Vec::with_capacity(share);
         for b in bounds.windows(2) {
-            got.extend(tokens_from(tok, &text[b[0]..b[1].max(b[0])], per)?);
+            got.extend(tokens_from(tok, &text[b[0]..b[1]], per)?);
         }
         got.truncate(share);
         ids.extend(got);

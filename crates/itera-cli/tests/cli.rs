@@ -580,7 +580,16 @@ fn baseline_mixers_train_and_evaluate() {
     };
     for (extra, run) in [
         (
-            vec!["--preset", "micro", "--shared-state", "--seq-len", "32"],
+            // With a burn-in: 8 tokens warm the state before each window's 32 scored ones.
+            vec![
+                "--preset",
+                "micro",
+                "--shared-state",
+                "--seq-len",
+                "32",
+                "--burn-in",
+                "8",
+            ],
             "shared",
         ),
         (
@@ -652,6 +661,28 @@ fn baseline_mixers_train_and_evaluate() {
     let args = train(&["--preset", "transformer-tiny", "--shared-state"], "both");
     let err = fails(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     assert!(err.contains("--shared-state"), "{err}");
+    let state = dir
+        .join("shared")
+        .join("checkpoint")
+        .join("train_state.json");
+    let state = std::fs::read_to_string(state).unwrap();
+    assert!(state.contains("\"burn_in\": 8"), "{state}");
+    let args = train(
+        &[
+            "--preset",
+            "transformer-tiny",
+            "--seq-len",
+            "32",
+            "--burn-in",
+            "8",
+        ],
+        "attn-burn-in",
+    );
+    let err = fails(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(
+        err.contains("--burn-in") && err.contains("recurrent"),
+        "{err}"
+    );
 }
 
 /// 50 tokens in one run equal 25, `--save-state`, then `--load-state` and 25 more (the

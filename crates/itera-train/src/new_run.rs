@@ -117,6 +117,11 @@ impl NewRun {
                 options.seq_len, config.context
             )));
         }
+        if !config.mixer.is_recurrent() && options.burn_in > 0 {
+            return Err(Error::Train(
+                "--burn-in warms a recurrent state; an attention model has none".into(),
+            ));
+        }
         Run::create(dir, config, tokenizer, options)
     }
 }

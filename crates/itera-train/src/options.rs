@@ -15,7 +15,13 @@ use crate::optim::AdamWConfig;
 pub struct TrainOptions {
     pub steps: usize,
     pub batch_size: usize,
+    /// Tokens per training window that the loss scores.
     pub seq_len: usize,
+    /// Tokens read before each window only to warm the recurrent state, with no loss on them
+    /// (0: off): every scored token then has at least this much context, as every token has
+    /// when `itera eval` carries the state through a text.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub burn_in: usize,
     pub lr: f64,
     pub min_lr_ratio: f64,
     pub warmup: usize,
@@ -81,6 +87,7 @@ impl TrainOptions {
             steps,
             batch_size: 16,
             seq_len: 128,
+            burn_in: 0,
             lr: 3e-3,
             min_lr_ratio: 0.1,
             warmup: 100,
@@ -105,6 +112,11 @@ impl TrainOptions {
             train_only: TrainOnly::All,
             distill: None,
         }
+    }
+
+    /// Tokens a training window reads: the burn-in, then the scored tokens.
+    pub fn window(&self) -> usize {
+        self.burn_in + self.seq_len
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -139,10 +151,27 @@ impl TrainOptions {
         if !(0.0..1.0).contains(&self.ema) {
             return bad(format!("ema decay must be in [0, 1), got {}", self.ema));
         }
+        if self.burn_in > 0 && self.distill.is_some() {
+            return bad(
+                "a burn-in is not supported with distillation (the teacher scores every \
+                        token it reads)"
+                    .into(),
+            );
+        }
+        if self.burn_in > 16 * self.seq_len {
+            return bad(format!(
+                "a burn-in of {} tokens for windows of {} scored tokens: at most 16x seq_len",
+                self.burn_in, self.seq_len
+            ));
+        }
         self.distill
             .as_ref()
             .map_or(Ok(()), DistillOptions::validate)
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]
@@ -165,5 +194,27 @@ mod tests {
         }
         o.source_weights = vec![1.0, 0.25];
         o.validate().unwrap();
+    }
+
+    #[test]
+    fn burn_in_is_bounded_and_not_for_distillation() {
+        let mut o = TrainOptions::new(vec!["a.txt".into()], 10);
+        o.burn_in = 64;
+        assert_eq!(o.window(), 64 + 128);
+        o.validate().unwrap();
+        o.burn_in = 16 * 128 + 1;
+        let e = o.validate().unwrap_err().to_string();
+        assert!(e.contains("at most 16x seq_len"), "{e}");
+        o.burn_in = 64;
+        o.distill = Some(crate::distill::DistillOptions {
+            teacher: "teacher".into(),
+            loss: crate::reference::distill_loss::DistillLossSpec {
+                temperature: 1.0,
+                alpha: 0.5,
+                kl: crate::reference::distill_loss::Kl::Forward,
+            },
+        });
+        let e = o.validate().unwrap_err().to_string();
+        assert!(e.contains("not supported with distillation"), "{e}");
     }
 }

@@ -371,14 +371,14 @@ impl Run {
     ) -> Result<EvalMetrics> {
         let o = self.options.clone();
         let stop_at = stop_at.min(o.steps);
-        if corpus.train.len() <= o.seq_len + 1 {
+        if corpus.train.len() <= o.window() + 1 {
             return Err(Error::Train(format!(
                 "training text has {} tokens, fewer than one window of {}",
                 corpus.train.len(),
-                o.seq_len + 1
+                o.window() + 1
             )));
         }
-        corpus.window_shares(&o.source_weights, o.seq_len)?;
+        corpus.window_shares(&o.source_weights, o.window())?;
         if let Some(&bad) = corpus
             .train
             .iter()
@@ -404,7 +404,7 @@ impl Run {
             let offsets = train_offsets(
                 corpus,
                 &o.source_weights,
-                o.seq_len,
+                o.window(),
                 o.batch_size,
                 o.seed,
                 self.step,
@@ -474,7 +474,7 @@ impl Run {
     /// Forward and backward of the windows at `offsets`: its losses and gradients.
     fn shard(&self, tokens: &[u32], offsets: &[usize], noise: u64) -> Result<Shard> {
         let o = &self.options;
-        let (x, y) = batch_at(tokens, offsets, o.seq_len)?;
+        let (x, y) = batch_at(tokens, offsets, o.window())?;
         let model = Model::training(&self.config, &self.params, noise);
         let (main, aux, ce, kl) = match (&self.teacher, &o.distill) {
             (Some(teacher), Some(d)) => {
@@ -485,7 +485,7 @@ impl Run {
                 (l, aux, ce, Some(kl))
             }
             _ => {
-                let (ce, aux) = model.loss(&x, &y)?;
+                let (ce, aux) = model.loss_after(&x, &y, o.burn_in)?;
                 let value = ce.to_scalar::<f32>()? as f64;
                 (ce, aux, value, None)
             }

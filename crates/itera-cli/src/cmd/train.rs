@@ -64,6 +64,11 @@ pub struct TrainFlags {
     /// Training context in tokens (default: the config's context)
     #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Tokens read before each training window only to warm the recurrent state, with no loss
+    /// on them: every scored token then has at least this much context, as when `itera eval`
+    /// carries the state through a text. Costs their forward and backward (0 = off)
+    #[arg(long, default_value_t = 0)]
+    pub burn_in: usize,
     /// Peak learning rate
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
@@ -110,6 +115,7 @@ impl TrainFlags {
         o.source_weights = self.source_weights.clone();
         o.holdout = self.holdout;
         o.batch_size = self.batch_size;
+        o.burn_in = self.burn_in;
         o.lr = self.lr;
         o.warmup = self.warmup;
         o.optimizer.weight_decay = self.weight_decay;
@@ -167,7 +173,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// One line per training input: its tokens, weight, share of the windows and passes over it.
 fn report_sources(run: &Run, corpus: &itera_train::data::Corpus) -> Result<()> {
     let o = &run.options;
-    let shares = corpus.window_shares(&o.source_weights, o.seq_len)?;
+    let shares = corpus.window_shares(&o.source_weights, o.window())?;
     if corpus.sources.len() < 2 {
         return Ok(());
     }
@@ -272,7 +278,7 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
         .collect();
     steady.sort_by(|a, b| a.total_cmp(b));
     let median_speed = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
-    let speed = TrainSpeed::measure(&run.config, median_speed, &clock, peak_before);
+    let speed = TrainSpeed::measure(&run, median_speed, &clock, peak_before);
     if json {
         let mut v = serde_json::to_value(&final_eval)?;
         v["train_tokens_per_s_median"] = json!(median_speed);
@@ -320,7 +326,8 @@ pub fn drive(mut run: Run, epochs: Option<f64>, json: bool) -> Result<()> {
 struct TrainSpeed {
     /// Convention: 3 x the forward FLOPs (2 per multiply-add) of the weight matmuls one token
     /// passes through (LM head, projections, routers, top-k experts); recomputation, the scan,
-    /// norms and element-wise work are not counted.
+    /// norms and element-wise work are not counted. Per scored token: with a burn-in, the
+    /// blocks' share grows by (burn-in + seq_len) / seq_len (the LM head's does not).
     flops_per_token: f64,
     flops_per_s: f64,
     /// `itera bench`'s peak: FMA chains in the widest registers on every core; the CPU's widest,
@@ -337,13 +344,15 @@ struct TrainSpeed {
 
 impl TrainSpeed {
     fn measure(
-        cfg: &itera_core::ModelConfig,
+        run: &Run,
         tokens_per_s: f64,
         clock: &[(f64, std::time::Instant)],
         peak_before: f64,
     ) -> Self {
-        let macs = itera_core::tensors::ModelSpec::new(cfg).per_token(|s| s.len());
-        let flops_per_token = 6.0 * macs as f64;
+        let (cfg, o) = (&run.config, &run.options);
+        let macs = itera_core::tensors::ModelSpec::new(cfg).per_token(|s| s.len()) as f64;
+        let head = (cfg.vocab_size * cfg.d_model) as f64;
+        let flops_per_token = 6.0 * ((macs - head) * o.window() as f64 / o.seq_len as f64 + head);
         let peak = machine_peak().max(peak_before);
         let cpu_utilisation = match clock {
             [(c0, t0), (c1, t1)] if t1 > t0 => (c1 - c0) / (*t1 - *t0).as_secs_f64(),

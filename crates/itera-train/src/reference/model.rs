@@ -166,12 +166,36 @@ impl<'a> Model<'a> {
     /// Mean next-token cross-entropy of `targets` [B, T] plus the aux loss, from one forward.
     /// The LM head and the loss are fused, so the [B*T, vocab] logits are never materialised.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.loss_after(inputs, targets, 0)
+    }
+
+    /// `loss` over the positions from `skip` on: the first `skip` of each sequence only warm
+    /// the recurrent state (a burn-in; the LM head never sees them). The aux loss still covers
+    /// every position the experts ran on.
+    pub fn loss_after(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        skip: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, t) = targets.dims2()?;
+        if skip >= t {
+            return Err(Error::Train(format!(
+                "a burn-in of {skip} tokens leaves nothing to score in windows of {t}"
+            )));
+        }
         let out = self.forward(inputs)?;
-        let ce = lm_head_loss(
-            &out.hidden,
-            self.w(&self.spec.embed)?,
-            &targets.flatten_all()?,
-        )?;
+        let (hidden, targets) = if skip == 0 {
+            (out.hidden, targets.clone())
+        } else {
+            let d = out.hidden.dim(1)?;
+            let hidden = out.hidden.reshape((b, t, d))?.narrow(1, skip, t - skip)?;
+            (
+                hidden.contiguous()?.reshape((b * (t - skip), d))?,
+                targets.narrow(1, skip, t - skip)?.contiguous()?,
+            )
+        };
+        let ce = lm_head_loss(&hidden, self.w(&self.spec.embed)?, &targets.flatten_all()?)?;
         Ok((ce, out.aux_loss))
     }
 
@@ -412,5 +436,54 @@ mod tests {
             }
             assert!(dropped[seq * 12].iter().all(|&v| v == 0.0 || v == 2.0));
         }
+    }
+
+    /// A burn-in scores only the positions after it: the same value as the cross-entropy of the
+    /// full forward's logits at those positions (the state still runs through the burn-in, so
+    /// it differs from scoring the tail alone).
+    #[test]
+    fn burn_in_scores_only_the_positions_after_it() {
+        let mut cfg = ModelConfig::preset("micro").unwrap();
+        cfg.vocab_size = 60;
+        let w = Params::from_weights(&itera_core::Weights::init(&cfg, 3).unwrap()).unwrap();
+        let (b, t, skip) = (2, 12, 5);
+        let toks: Vec<u32> = (0..b * t).map(|i| (i * 11 % 60) as u32).collect();
+        let next: Vec<u32> = toks.iter().map(|t| (t * 3 + 1) % 60).collect();
+        let x = Tensor::from_vec(toks.clone(), (b, t), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(next.clone(), (b, t), &Device::Cpu).unwrap();
+        let model = Model::new(&cfg, &w);
+        let logits = model.logits(&x).unwrap().0.to_vec2::<f32>().unwrap();
+        let mut want = 0.0f64;
+        for s in 0..b {
+            for p in skip..t {
+                let row = &logits[s * t + p];
+                let max = row.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                want += lse - row[next[s * t + p] as usize] as f64;
+            }
+        }
+        want /= (b * (t - skip)) as f64;
+        let got = model.loss_after(&x, &y, skip).unwrap().0;
+        assert!((got.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5);
+        // Scoring the tail alone (no burn-in) is a different number: the state matters.
+        let tail = |v: &Tensor| v.narrow(1, skip, t - skip).unwrap().contiguous().unwrap();
+        let alone = model.loss(&tail(&x), &tail(&y)).unwrap().0;
+        assert!((alone.to_scalar::<f32>().unwrap() as f64 - want).abs() > 1e-4);
+        assert_eq!(
+            model
+                .loss_after(&x, &y, 0)
+                .unwrap()
+                .0
+                .to_scalar::<f32>()
+                .unwrap(),
+            model.loss(&x, &y).unwrap().0.to_scalar::<f32>().unwrap()
+        );
+        let err = model.loss_after(&x, &y, t).err().unwrap().to_string();
+        assert!(err.contains("nothing to score"), "{err}");
     }
 }

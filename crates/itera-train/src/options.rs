@@ -20,7 +20,7 @@ pub struct TrainOptions {
     /// Tokens read before each window only to warm the recurrent state, with no loss on them
     /// (0: off): every scored token then has at least this much context, as every token has
     /// when `itera eval` carries the state through a text.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default)]
     pub burn_in: usize,
     pub lr: f64,
     pub min_lr_ratio: f64,
@@ -168,10 +168,6 @@ impl TrainOptions {
             .as_ref()
             .map_or(Ok(()), DistillOptions::validate)
     }
-}
-
-fn is_zero(n: &usize) -> bool {
-    *n == 0
 }
 
 #[cfg(test)]

@@ -350,8 +350,8 @@ impl TrainSpeed {
         peak_before: f64,
     ) -> Self {
         let (cfg, o) = (&run.config, &run.options);
-        let macs = itera_core::tensors::ModelSpec::new(cfg).per_token(|s| s.len()) as f64;
-        let head = (cfg.vocab_size * cfg.d_model) as f64;
+        let spec = itera_core::tensors::ModelSpec::new(cfg);
+        let (macs, head) = (spec.per_token(|s| s.len()) as f64, spec.embed.len() as f64);
         let flops_per_token = 6.0 * ((macs - head) * o.window() as f64 / o.seq_len as f64 + head);
         let peak = machine_peak().max(peak_before);
         let cpu_utilisation = match clock {

@@ -346,6 +346,18 @@ fn messages_name_the_real_problem() {
         "-1",
     ]);
     assert!(err.contains("temperature must be in"), "{err}");
+    // A misspelt measurement is refused with the list, not run as an empty benchmark.
+    let err = fails(&[
+        "bench",
+        "--model",
+        model().to_str().unwrap(),
+        "--only",
+        "decod",
+    ]);
+    assert!(
+        err.contains("decod") && err.contains("possible values"),
+        "{err}"
+    );
 }
 
 /// Bytes of the process's current and peak resident set.

@@ -20,12 +20,14 @@ pub struct BenchArgs {
     /// Short runs with one repeat (a smoke test, not a measurement)
     #[arg(long)]
     pub quick: bool,
-    /// Only these measurements: peak, prefill, eval, decode, batched, startup (comma-separated)
-    #[arg(long, value_delimiter = ',')]
+    /// Only these measurements (comma-separated; an unknown name is an error, not an empty run)
+    #[arg(long, value_delimiter = ',',
+          value_parser = ["peak", "prefill", "eval", "decode", "batched", "startup"])]
     pub only: Vec<String>,
     /// Also time decode and prefill against this model, alternating runs, and report the ratios
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// Print the measurements as one JSON object (skipped ones are null)
     #[arg(long)]
     pub json: bool,
 }

@@ -30,6 +30,7 @@ pub struct EvalArgs {
     /// are. Needs a model directory.
     #[arg(long)]
     pub windowed: bool,
+    /// Print the scores as one JSON object
     #[arg(long)]
     pub json: bool,
 }

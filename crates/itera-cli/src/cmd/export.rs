@@ -20,6 +20,7 @@ pub struct ExportArgs {
     /// Output directory (created if needed)
     #[arg(long)]
     pub out: PathBuf,
+    /// Print the files written (path and bytes) as JSON
     #[arg(long)]
     pub json: bool,
 }

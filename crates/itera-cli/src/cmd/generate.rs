@@ -24,6 +24,7 @@ pub struct GenerateArgs {
     /// After generating, save the stream (recurrent state, logits, sampler) to this file
     #[arg(long)]
     pub save_state: Option<std::path::PathBuf>,
+    /// Tokens to generate after the prompt
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// 0 = greedy
@@ -35,6 +36,7 @@ pub struct GenerateArgs {
     /// Keep the smallest set of tokens with this much probability
     #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
+    /// Seed of the sampler (the same seed, prompt and flags give the same text)
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Divide the logits of tokens already in the text by this (1 = off; 1.1-1.3 curbs loops)

@@ -18,6 +18,7 @@ pub struct InspectArgs {
     /// Inspect a preset instead of a model
     #[arg(long, conflicts_with = "model")]
     pub preset: Option<String>,
+    /// Print the config and its parameter counts as JSON
     #[arg(long)]
     pub json: bool,
 }

@@ -89,8 +89,11 @@ pub struct PruneArgs {
     /// What the fine-tune trains
     #[arg(long, value_enum, default_value = "all")]
     pub heal: HealArg,
+    /// Peak learning rate of the fine-tune (a model trained with weight averaging heals better
+    /// at a low one, e.g. 2e-4: docs/compression.md)
     #[arg(long, default_value_t = 1e-3)]
     pub heal_lr: f64,
+    /// Sequences per step of the fine-tune
     #[arg(long, default_value_t = 8)]
     pub heal_batch_size: usize,
     /// Training window of the fine-tune (default: the model's context)
@@ -117,6 +120,7 @@ pub struct PruneArgs {
     /// Print each MoE layer's expert load and draw it as a PNG (beside --out, else routing.png)
     #[arg(long)]
     pub report: bool,
+    /// Print the result as JSON (parameters and file size, experts kept, calibration loss before and after, expert loads)
     #[arg(long)]
     pub json: bool,
 }

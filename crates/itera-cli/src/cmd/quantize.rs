@@ -54,6 +54,7 @@ pub struct QuantizeArgs {
     /// Where in each --gptq file the calibration tokens come from
     #[arg(long, value_enum, default_value = "spread", requires = "gptq")]
     pub calibration: super::CalibrationArg,
+    /// Print the file's sizes and bits per weight as JSON
     #[arg(long)]
     pub json: bool,
 }

@@ -25,6 +25,7 @@ pub struct SensitivityArgs {
     /// Also choose a mixed plan at this average bits per weight (saved as JSON and PNG)
     #[arg(long)]
     pub bits: Option<f64>,
+    /// Also print the JSON report (the one written to --out) on stdout
     #[arg(long)]
     pub json: bool,
 }

@@ -12,6 +12,7 @@ pub struct ServeArgs {
     /// Address to listen on (loopback by default; use 0.0.0.0 to accept other machines)
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// Require `Authorization: Bearer KEY` on /v1/* (or set ITERA_API_KEY)

@@ -18,6 +18,7 @@ pub enum TokenizerCommand {
         /// Vocabulary size, special tokens included
         #[arg(long, default_value_t = 8000)]
         vocab: usize,
+        /// Where to write the tokenizer (folders created as needed)
         #[arg(long, default_value = "tokenizer.json")]
         out: PathBuf,
     },

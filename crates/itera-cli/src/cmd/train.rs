@@ -44,6 +44,7 @@ pub struct TrainFlags {
     /// Validation text; without it the last --holdout of each training file is held out
     #[arg(long, num_args = 1..)]
     pub valid: Vec<PathBuf>,
+    /// Fraction of each training file's end held out for validation when --valid is not given
     #[arg(long, default_value_t = 0.02)]
     pub holdout: f64,
     /// tokenizer.json to use; without it a BPE of the model's vocab size is trained on --data
@@ -59,6 +60,7 @@ pub struct TrainFlags {
     /// Run directory (checkpoints, metrics.jsonl, loss.png); default runs/<preset>
     #[arg(long)]
     pub run: Option<PathBuf>,
+    /// Sequences per optimizer step (tokens per step = batch size x seq len)
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Training context in tokens (default: the config's context)
@@ -69,13 +71,18 @@ pub struct TrainFlags {
     /// carries the state through a text. Costs their forward and backward (0 = off)
     #[arg(long, default_value_t = 0)]
     pub burn_in: usize,
-    /// Peak learning rate
+    /// Peak learning rate (AdamW; after the warmup it follows a cosine down to a tenth of it at
+    /// the last step)
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// Steps of linear learning-rate warmup from zero
     #[arg(long, default_value_t = 100)]
     pub warmup: usize,
+    /// AdamW's decoupled weight decay, on the weight matrices and embedding (not on norms, biases,
+    /// A_log or D)
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f64,
+    /// Scale the gradients down when their global norm exceeds this (0 = no clipping)
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f64,
     /// Weight of the MoE load-balancing loss
@@ -92,17 +99,21 @@ pub struct TrainFlags {
     /// Step from which the moving average is kept
     #[arg(long, default_value_t = 0)]
     pub ema_start: usize,
+    /// Validate (and keep the best model in <run>/best) every this many steps, and at the end
     #[arg(long, default_value_t = 200)]
     pub eval_every: usize,
     /// Validation windows of seq-len tokens; 0 = the whole validation text with the state carried
     /// through it, as `itera eval` scores it (attention models: 64 windows)
     #[arg(long, default_value_t = 0)]
     pub eval_windows: usize,
+    /// Write a resumable checkpoint (<run>/checkpoint) every this many steps, and at the end
     #[arg(long, default_value_t = 500)]
     pub save_every: usize,
+    /// Seed of the weights' initialisation, the training windows' order and the dropout masks
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Print the final validation as JSON
+    /// Print the final validation and the speed (tokens/s, FLOPs per token, fraction of the
+    /// peak measured in the same run, CPU utilisation) as JSON
     #[arg(long)]
     pub json: bool,
 }

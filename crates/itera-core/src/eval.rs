@@ -23,7 +23,7 @@ pub struct EvalReport {
 
 /// Tokens per prefill call during evaluation (and prompt scoring): the logits of every position
 /// of a chunk are held at once ([chunk, vocab], 8 MB for `tiny`).
-const EVAL_CHUNK: usize = 256;
+pub const EVAL_CHUNK: usize = 256;
 
 /// One token's log-probability under the model, with the most likely alternatives there.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,6 +77,7 @@ pub fn score_tokens(
         &mut scratch,
         &mut next,
         tokens,
+        EVAL_CHUNK,
         |row, id| {
             out.push(row.map(|r| score_row(r, id, top)));
         },
@@ -101,6 +102,7 @@ pub fn mean_nll(runtime: &Runtime, tokens: &[u32]) -> Result<f64> {
         &mut scratch,
         &mut next,
         tokens,
+        EVAL_CHUNK,
         |row, id| {
             if let Some(row) = row {
                 total += (log_sum_exp(row) - row[id as usize]) as f64;
@@ -110,19 +112,21 @@ pub fn mean_nll(runtime: &Runtime, tokens: &[u32]) -> Result<f64> {
     Ok(total / (tokens.len() - 1) as f64)
 }
 
-/// Runs `tokens` through `state` in chunks and calls `f(logits that predict it, id)` for each
-/// token; `next` holds the logits that predict the first token (None: nothing read yet) and is
-/// left holding those after the last.
+/// Runs `tokens` through `state` in chunks of `rows` and calls `f(logits that predict it, id)`
+/// for each token; `next` holds the logits that predict the first token (None: nothing read yet)
+/// and is left holding those after the last.
+#[allow(clippy::too_many_arguments)]
 fn walk_scored(
     runtime: &Runtime,
     state: &mut crate::runtime::State,
     scratch: &mut crate::runtime::Scratch,
     next: &mut Option<Vec<f32>>,
     tokens: &[u32],
+    rows: usize,
     mut f: impl FnMut(Option<&[f32]>, u32),
 ) -> Result<()> {
     let vocab = runtime.cfg.vocab_size;
-    for chunk in tokens.chunks(EVAL_CHUNK) {
+    for chunk in tokens.chunks(rows.max(1)) {
         runtime.prefill_all(chunk, state, scratch)?;
         for (j, &id) in chunk.iter().enumerate() {
             match j {
@@ -143,6 +147,20 @@ pub fn evaluate(
     runtime: &Runtime,
     tokenizer: &Tokenizer,
     text: &str,
+    progress: impl FnMut(usize, usize),
+) -> Result<EvalReport> {
+    evaluate_in(runtime, tokenizer, text, EVAL_CHUNK, progress)
+}
+
+/// `evaluate` reading `rows` tokens per forward pass. With 1 every token goes through the
+/// kernels of a decode step (`Runtime::step`), which for block formats are not the ones a
+/// prefill of many rows uses (int8 activations against the codes, where prefill decodes the
+/// weights): the score of the model as `itera generate` runs it.
+pub fn evaluate_in(
+    runtime: &Runtime,
+    tokenizer: &Tokenizer,
+    text: &str,
+    rows: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<EvalReport> {
     if text.trim().is_empty() {
@@ -162,6 +180,7 @@ pub fn evaluate(
             &mut scratch,
             &mut next,
             &ids,
+            rows,
             |row, id| {
                 let row = row.expect("the first token follows the newline");
                 total += (log_sum_exp(row) - row[id as usize]) as f64;

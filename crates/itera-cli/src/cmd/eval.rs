@@ -1,11 +1,12 @@
-//! `itera eval`: NLL, perplexity and bits per byte of held-out text (recurrent or windowed).
+//! `itera eval`: NLL, perplexity and bits per byte of held-out text (recurrent, stepwise or
+//! windowed).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use itera_core::eval::{evaluate, EvalReport};
+use itera_core::eval::{evaluate_in, EvalReport, EVAL_CHUNK};
 use itera_core::format::model_dir::read_config;
 use itera_core::{Generator, ModelDir};
 use itera_train::reference::windowed::evaluate_windowed;
@@ -30,6 +31,11 @@ pub struct EvalArgs {
     /// are. Needs a model directory.
     #[arg(long)]
     pub windowed: bool,
+    /// Read the text one token per forward pass, as `itera generate` decodes: a quantized model
+    /// then runs its decode kernels (int8 activations against the codes) instead of prefill's,
+    /// so this is its quality as generation sees it. Slower (the default reads 256 at a time)
+    #[arg(long, conflicts_with = "windowed")]
+    pub stepwise: bool,
     /// Print the scores as one JSON object
     #[arg(long)]
     pub json: bool,
@@ -37,21 +43,25 @@ pub struct EvalArgs {
 
 /// The loaded model, scored the way its kind (or `--windowed`) asks.
 enum Scorer {
-    Recurrent(Box<Generator>),
+    /// The recurrent runtime, reading this many tokens per forward pass.
+    Recurrent(Box<Generator>, usize),
     Windowed(Box<ModelDir>),
 }
 
 impl Scorer {
     fn protocol(&self) -> &'static str {
         match self {
-            Scorer::Recurrent(_) => "recurrent",
+            Scorer::Recurrent(_, 1) => "stepwise",
+            Scorer::Recurrent(..) => "recurrent",
             Scorer::Windowed(_) => "windowed",
         }
     }
 
     fn score(&self, text: &str, progress: impl FnMut(usize, usize)) -> Result<EvalReport> {
         Ok(match self {
-            Scorer::Recurrent(m) => evaluate(&m.runtime, &m.tokenizer, text, progress)?,
+            Scorer::Recurrent(m, rows) => {
+                evaluate_in(&m.runtime, &m.tokenizer, text, *rows, progress)?
+            }
             Scorer::Windowed(m) => {
                 evaluate_windowed(&m.config, &m.weights, &m.tokenizer, text, progress)?
             }
@@ -73,13 +83,22 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .with_context(loading)?
         .mixer
         .is_recurrent();
+    if attention && a.stepwise {
+        bail!(
+            "--stepwise needs a recurrent model: attention models are scored with sliding windows"
+        );
+    }
     if a.windowed && !path.is_dir() {
         bail!("--windowed needs a model directory (config.json + model.safetensors), not a .gguf file");
     }
     let scorer = if attention || a.windowed {
         Scorer::Windowed(Box::new(ModelDir::load(&path).with_context(loading)?))
     } else {
-        Scorer::Recurrent(Box::new(Generator::load(&path).with_context(loading)?))
+        let rows = if a.stepwise { 1 } else { EVAL_CHUNK };
+        Scorer::Recurrent(
+            Box::new(Generator::load(&path).with_context(loading)?),
+            rows,
+        )
     };
     let mut reports = Vec::new();
     let t0 = Instant::now();

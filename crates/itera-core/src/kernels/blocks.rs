@@ -37,15 +37,16 @@ fn vnni_is_faster() -> bool {
     let nb = cols / BLOCK;
     let wave = |n: usize, f: f32| (0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<f32>>();
     let w = wave(rows * cols, 0.37);
-    let mut q = QuantizedRows::default();
-    quantize_rows(&wave(cols, 0.11), cols, &mut q);
+    let (mut q, mut narrow) = (QuantizedRows::default(), QuantizedRows::default());
+    quantize_rows(&wave(cols, 0.11), cols, &mut q, FULL);
+    quantize_rows(&wave(cols, 0.11), cols, &mut narrow, NARROW);
     // Repacked here, not through `Matrix`: that asks `vnni_blocks`, which is running this.
     let layouts: Vec<[Blocks; 2]> = [DType::Q8_0, DType::Q4_0]
         .iter()
         .filter_map(|&d| {
             let bytes = dtype::quantize(d, &w).ok()?;
             let packed = || repack_packed(d, rows, cols, &bytes);
-            Some([packed().widened(rows, nb), packed()])
+            Some([packed().for_avx2(rows, nb), packed()])
         })
         .collect();
     let mut y = vec![0.0; rows];
@@ -62,7 +63,12 @@ fn vnni_is_faster() -> bool {
                         if vnni == 1 {
                             matvec_avx512(b, 0, nb, &q, &mut y)
                         } else {
-                            matvec_avx2(b, 0, nb, &q, &mut y)
+                            let x = if b.decode_limit() == NARROW {
+                                &narrow
+                            } else {
+                                &q
+                            };
+                            matvec_avx2(b, 0, nb, x, &mut y)
                         }
                     }
                 }
@@ -94,15 +100,31 @@ pub(super) struct Blocks {
     /// The code every bias stands for (bias = -centre x scale: 128 for Q8_0 and NF4's table, 8
     /// for Q4_0, 16 for Q5_0), or 0 when the bias is free (Q4_1).
     pub(super) centre: u8,
-    /// Wide codes only (`widened`), for the AVX2 decode kernel: per block, every row's scale
-    /// ([blocks][rows], so that 8 consecutive rows are one load) and the same times 128 x the
-    /// sum of the block's codes (what multiplying the codes by the activations lifted by 128
-    /// adds, taken off once per 8 rows instead of per row). Empty otherwise.
+    /// The AVX2 decode kernel's layout (`for_avx2`: wide codes and Q8_0): per block, every row's
+    /// scale ([blocks][rows], so that 8 consecutive rows are one load); for wide codes also the
+    /// same times 128 x the sum of the block's codes (what multiplying the codes by the
+    /// activations lifted by 128 adds, taken off once per 8 rows instead of per row). Empty
+    /// otherwise.
     pub(super) scale_by_block: Vec<f32>,
     pub(super) lift_by_block: Vec<f32>,
 }
 
 impl Blocks {
+    /// Q8_0: one byte per code, centred on 128, no table.
+    pub(super) fn q8_0(&self) -> bool {
+        !self.nibbles && self.centre == 128 && self.table.is_none()
+    }
+
+    /// The activation range a decode product (one activation row) against these weights
+    /// wants: `NARROW` for Q8_0 in the AVX2 layout, whose kernel needs it, else `FULL`.
+    pub(super) fn decode_limit(&self) -> u8 {
+        if self.q8_0() && !self.scale_by_block.is_empty() {
+            NARROW
+        } else {
+            FULL
+        }
+    }
+
     /// Codes of block `blk` of `row` (with Q5_0's high bit and NF4's table applied).
     #[inline(always)]
     pub(super) fn block(&self, row: usize, nb: usize, blk: usize) -> [u8; BLOCK] {
@@ -139,27 +161,40 @@ impl Blocks {
     }
 }
 
-/// Activation rows quantized to int8 per block of 32: values, scale and scale * sum of values.
+/// Activation rows quantized to int8 per block of 32: values, scale and scale * sum of values,
+/// and the largest magnitude the values were given (`FULL` or `NARROW`).
 #[derive(Default)]
 pub struct QuantizedRows {
     pub(super) q: Vec<i8>,
     pub(super) d: Vec<f32>,
     pub(super) s: Vec<f32>,
+    pub(super) limit: u8,
 }
 
-/// Each block of 32 activations to int8 with step amax / 127, rounding half away from zero (as
-/// `f32::round`). The AVX2 version gives the same bytes; the portable loop does not vectorise
-/// (`round` and the saturating cast are scalar) and was 8.4% of a one-thread Q8_0 decode's
-/// samples on an AVX2 Zen 3, more than the scan.
-pub(super) fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows) {
+/// The activations' usual code range, -127..=127.
+pub(super) const FULL: u8 = 127;
+/// The range the AVX2 Q8_0 decode kernel needs (`blocks_avx2::rows8_by_block`): Q8_0's codes
+/// (0..=255 with the centre 128) multiply signed activations in `maddubs`, whose 16-bit pair
+/// sums cannot saturate when |activation| <= 63 (2 x 255 x 63 = 32,130). Costs the activations
+/// one bit: the shipped model in Q8_0, scored one token at a time (`Runtime::step`) on the
+/// held-out fixture, 3.95230 -> 3.95249 nats per token (+0.005%; f32 3.95160), for a 1.2x faster
+/// Q8_0 matvec on AMD Zen 3 (docs/performance.md, 2026-12-02).
+pub(super) const NARROW: u8 = 63;
+
+/// Each block of 32 activations to int8 with step amax / `limit`, rounding half away from zero
+/// (as `f32::round`). The AVX2 version gives the same bytes; the portable loop does not
+/// vectorise (`round` and the saturating cast are scalar) and was 8.4% of a one-thread Q8_0
+/// decode's samples on an AVX2 Zen 3, more than the scan.
+pub(super) fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows, limit: u8) {
     out.size_for(x.len());
+    out.limit = limit;
     debug_assert_eq!(cols % BLOCK, 0);
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
         // SAFETY: AVX2 + FMA present; the outputs were sized for `x` above.
-        return unsafe { super::blocks_avx2::quantize_avx2(x, out) };
+        return unsafe { super::blocks_avx2::quantize_avx2(x, out, limit as f32) };
     }
-    quantize_portable(x, out)
+    quantize_portable(x, out, limit as f32)
 }
 
 impl QuantizedRows {
@@ -172,10 +207,10 @@ impl QuantizedRows {
 }
 
 crate::multiversion! {
-    fn quantize_portable(x: &[f32], out: &mut QuantizedRows) {
+    fn quantize_portable(x: &[f32], out: &mut QuantizedRows, limit: f32) {
         for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(out.q.chunks_exact_mut(BLOCK)).enumerate() {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
+            let d = amax / limit;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in qb.iter_mut().zip(xb) {
@@ -256,20 +291,31 @@ fn wide_codes() -> bool {
     crate::simd::has_avx2() && !vnni_blocks()
 }
 
-/// ggml blocks -> the kernels' layout (see `Blocks`), widened where `wide_codes` says.
+/// ggml blocks -> the kernels' layout (see `Blocks`), the AVX2 one where `wide_codes` says.
 pub(super) fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
     let b = repack_packed(dtype, rows, cols, bytes);
     if wide_codes() {
-        b.widened(rows, cols / BLOCK)
+        b.for_avx2(rows, cols / BLOCK)
     } else {
         b
     }
 }
 
 impl Blocks {
-    /// Q4_0 and Q5_0 with one byte per code (`wide_codes`) and the decode kernel's by-block
-    /// scales (`scale_by_block`); other formats unchanged.
-    pub(super) fn widened(self, rows: usize, nb: usize) -> Blocks {
+    /// The AVX2 decode kernel's layout: Q4_0 and Q5_0 with one byte per code (`wide_codes`) and
+    /// by-block scales and lifts, Q8_0 with by-block scales (`scale_by_block`); other formats
+    /// unchanged.
+    pub(super) fn for_avx2(self, rows: usize, nb: usize) -> Blocks {
+        if self.q8_0() {
+            let mut scale_by_block = vec![0.0; rows * nb];
+            for (i, &s) in self.scale.iter().enumerate() {
+                scale_by_block[i % nb * rows + i / nb] = s;
+            }
+            return Blocks {
+                scale_by_block,
+                ..self
+            };
+        }
         if !self.nibbles || self.table.is_some() || self.centre == 0 {
             return self;
         }
@@ -369,22 +415,28 @@ mod tests {
         }
         x[2 * BLOCK..3 * BLOCK].fill(0.0);
         x[3 * BLOCK + 4] = -0.0;
-        let mut q = QuantizedRows::default();
-        quantize_rows(&x, 4 * BLOCK, &mut q);
-        let mut portable = QuantizedRows::default();
-        portable.size_for(x.len());
-        quantize_portable(&x, &mut portable);
-        assert_eq!((&q.q, &q.d, &q.s), (&portable.q, &portable.d, &portable.s));
-        for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
-            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let want: Vec<i8> = xb.iter().map(|v| (v * id).round() as i8).collect();
-            assert_eq!(&q.q[b * BLOCK..(b + 1) * BLOCK], &want[..], "block {b}");
-            let sum: i32 = want.iter().map(|&v| v as i32).sum();
-            assert_eq!((q.d[b], q.s[b]), (d, d * sum as f32), "block {b}");
+        for limit in [FULL, NARROW] {
+            let mut q = QuantizedRows::default();
+            quantize_rows(&x, 4 * BLOCK, &mut q, limit);
+            let mut portable = QuantizedRows::default();
+            portable.size_for(x.len());
+            quantize_portable(&x, &mut portable, limit as f32);
+            assert_eq!((&q.q, &q.d, &q.s), (&portable.q, &portable.d, &portable.s));
+            assert_eq!(q.limit, limit);
+            for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+                let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = amax / limit as f32;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let want: Vec<i8> = xb.iter().map(|v| (v * id).round() as i8).collect();
+                assert_eq!(&q.q[b * BLOCK..(b + 1) * BLOCK], &want[..], "block {b}");
+                assert!(want.iter().all(|&v| v.unsigned_abs() <= limit));
+                let sum: i32 = want.iter().map(|&v| v as i32).sum();
+                assert_eq!((q.d[b], q.s[b]), (d, d * sum as f32), "block {b}");
+            }
+            if limit == FULL {
+                assert_eq!(q.q[6..9], [-4, -3, -2]);
+            }
         }
-        assert_eq!(q.q[6..9], [-4, -3, -2]);
     }
 
     /// Every SIMD kernel this CPU has (the dispatched one, and the AVX2 one explicitly, which
@@ -398,12 +450,14 @@ mod tests {
             let nb = cols / BLOCK;
             let w = random(rows * cols, 3);
             let x = random(5 * cols, 4);
-            let mut q = QuantizedRows::default();
-            quantize_rows(&x, cols, &mut q);
-            let slow = |b: &Blocks, r: usize, i: usize| {
+            let (mut q, mut narrow) = (QuantizedRows::default(), QuantizedRows::default());
+            quantize_rows(&x, cols, &mut q, FULL);
+            quantize_rows(&x[..cols], cols, &mut narrow, NARROW);
+            let slow_of = |q: &QuantizedRows, b: &Blocks, r: usize, i: usize| {
                 let (qs, ds) = (i * cols..(i + 1) * cols, i * nb..(i + 1) * nb);
                 dot_blocks_portable(b, r, nb, 0, &q.q[qs], &q.d[ds.clone()], &q.s[ds])
             };
+            let slow = |b: &Blocks, r: usize, i: usize| slow_of(&q, b, r, i);
             let close = |fast: f32, slow: f32| (fast - slow).abs() <= 1e-4 * (1.0 + slow.abs());
             let layouts = DType::ALL
                 .into_iter()
@@ -411,7 +465,7 @@ mod tests {
                 .flat_map(|d| {
                     let bytes = dtype::quantize(d, &w).unwrap();
                     let packed = repack_packed(d, rows, cols, &bytes);
-                    let wide = repack_packed(d, rows, cols, &bytes).widened(rows, nb);
+                    let wide = repack_packed(d, rows, cols, &bytes).for_avx2(rows, nb);
                     if matches!(d, DType::Q4_0 | DType::Q5_0) {
                         assert!(
                             packed.nibbles && !wide.nibbles && wide.high.is_empty(),
@@ -446,6 +500,15 @@ mod tests {
                     unsafe { super::super::blocks_avx2::matvec_avx2(b, 0, nb, &q, &mut y[..13]) };
                     for (r, &f) in y[..13].iter().enumerate() {
                         assert!(close(f, slow(b, r, 0)), "{dtype:?} {cols} avx2 matvec");
+                    }
+                    // The activations a decode product quantizes for this layout.
+                    // SAFETY: as above.
+                    unsafe {
+                        super::super::blocks_avx2::matvec_avx2(b, 0, nb, &narrow, &mut y[..13])
+                    };
+                    for (r, &f) in y[..13].iter().enumerate() {
+                        let want = slow_of(&narrow, b, r, 0);
+                        assert!(close(f, want), "{dtype:?} {cols} avx2 matvec, narrow");
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //! block of 32 codes per step in `maddubs` integer products, eight weight rows per activation
 //! load in decode, four activation rows per unpacked weight row for batches.
 
-use super::blocks::{Blocks, QuantizedRows};
+use super::blocks::{Blocks, QuantizedRows, NARROW};
 use crate::format::dtype::BLOCK;
 
 /// The AVX2 block kernels' unpacking (CPUs without AVX-512 VNNI): one block of 32 codes per
@@ -344,8 +344,10 @@ unsafe fn rows8_avx2<const K: u8>(
     // row0..row0 + 8 and activation row 0 are inside the matrix and `x`, and `out` holds 8.
     unsafe {
         use std::arch::x86_64::*;
-        if K == kind::WIDE && !m.scale_by_block.is_empty() {
-            return rows8_lifted(m, row0, nb, x, out);
+        if K == kind::WIDE && !m.scale_by_block.is_empty()
+            || K == kind::Q8_0 && !m.scale_by_block.is_empty() && x.limit <= NARROW
+        {
+            return rows8_by_block::<K>(m, row0, nb, x, out);
         }
         let u = Unpack2::<K>::new(m);
         let mut acc = [_mm256_setzero_ps(); 8];
@@ -404,21 +406,34 @@ unsafe fn rows8_avx2<const K: u8>(
     }
 }
 
-/// `rows8_avx2` for wide codes (`Blocks::scale_by_block`; measured on AMD EPYC Zen 3, AVX2:
-/// Q4_0 decode / f32 medians 1.35x -> 1.42x and 1.23x -> 1.29x in two alternated series, Q5_0
-/// 1.29x -> 1.39x, docs/performance.md): the activations lifted by 128 to
-/// unsigned bytes multiply the codes as they are (codes under 32 times bytes under 256 cannot
-/// saturate `maddubs`' 16-bit pair sums), so a row's block costs no offset subtraction; what the
-/// lift and the codes' centre add (scale x (128 x the codes' sum x the activations' step +
-/// centre x the activations' sum)) is summed for 8 rows at once and taken off at the end, and
-/// each row's scale product comes out of one 8-row product by a lane permute.
+/// `rows8_avx2` from the by-block scales (`Blocks::scale_by_block`), for wide codes and for
+/// Q8_0 with `NARROW` activations. A row's block then costs a load, `maddubs`, `madd`, a
+/// conversion, a lane permute and an FMA: what the codes' centre (and for wide codes the lift)
+/// adds is summed for 8 rows at once and taken off at the end, and each row's scale product
+/// comes out of one 8-row product by the permute.
+/// - Wide codes (Q4_0, Q5_0; measured on AMD EPYC Zen 3, AVX2: Q4_0 decode / f32 medians 1.35x
+///   -> 1.42x and 1.23x -> 1.29x in two alternated series, Q5_0 1.29x -> 1.39x,
+///   docs/performance.md): the activations lifted by 128 to unsigned bytes multiply the codes
+///   (under 32) as they are; the lift adds scale x 128 x the codes' sum x the activations' step
+///   (`lift_by_block`), the centre scale x centre x the activations' sum.
+/// - Q8_0 (codes 0..=255, centre 128; 2026-12-02, docs/performance.md): the codes multiply the
+///   signed activations as they are, which `NARROW` keeps from saturating; the centre adds
+///   scale x 128 x the activations' sum. Before, each row's block took the sign trick's three
+///   extra operations and a scalar scale product.
 #[inline(always)]
-unsafe fn rows8_lifted(m: &Blocks, row0: usize, nb: usize, x: &QuantizedRows, out: &mut [f32]) {
+unsafe fn rows8_by_block<const K: u8>(
+    m: &Blocks,
+    row0: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) {
     // SAFETY: this function's contract (`rows8_avx2`'s): AVX2 + FMA checked, rows
     // row0..row0 + 8 and activation row 0 inside the matrix and `x`, `out` holds 8; the
     // by-block arrays hold every row of every block.
     unsafe {
         use std::arch::x86_64::*;
+        let signed_x = K == kind::Q8_0;
         let rows = m.scale_by_block.len() / nb;
         let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
         let lane = |r: i32| _mm256_set1_epi32(r);
@@ -426,19 +441,32 @@ unsafe fn rows8_lifted(m: &Blocks, row0: usize, nb: usize, x: &QuantizedRows, ou
         let mut lift = _mm256_setzero_ps();
         for blk in 0..nb {
             let xv = _mm256_loadu_si256(x.q.as_ptr().add(blk * BLOCK) as *const __m256i);
-            let xu = _mm256_xor_si256(xv, flip);
+            let xv = if signed_x {
+                xv
+            } else {
+                _mm256_xor_si256(xv, flip)
+            };
             let xd = _mm256_set1_ps(*x.d.get_unchecked(blk));
             let at = blk * rows + row0;
             let scales = _mm256_loadu_ps(m.scale_by_block.as_ptr().add(at));
             let sd = _mm256_mul_ps(scales, xd);
-            lift = _mm256_fmadd_ps(_mm256_loadu_ps(m.lift_by_block.as_ptr().add(at)), xd, lift);
+            if !signed_x {
+                let lifted = _mm256_loadu_ps(m.lift_by_block.as_ptr().add(at));
+                lift = _mm256_fmadd_ps(lifted, xd, lift);
+            }
             let centred = m.centre as f32 * *x.s.get_unchecked(blk);
             lift = _mm256_fmadd_ps(scales, _mm256_set1_ps(centred), lift);
             for (r, a) in acc.iter_mut().enumerate() {
                 let c = _mm256_loadu_si256(
                     m.codes.as_ptr().add(((row0 + r) * nb + blk) * BLOCK) as *const __m256i
                 );
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(xu, c), ones);
+                // `maddubs` multiplies unsigned bytes (its first operand) by signed ones.
+                let pairs = if signed_x {
+                    _mm256_maddubs_epi16(c, xv)
+                } else {
+                    _mm256_maddubs_epi16(xv, c)
+                };
+                let p = _mm256_madd_epi16(pairs, ones);
                 let s = _mm256_permutevar8x32_ps(sd, lane(r as i32));
                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, *a);
             }
@@ -493,10 +521,10 @@ pub(super) unsafe fn matvec_avx2(
 }
 
 /// `blocks::quantize_rows` with AVX2 (the same bytes): per block of 32, the largest magnitude,
-/// then each value times 127 / amax rounded half away from zero (truncation, plus one step
+/// then each value times `limit` / amax rounded half away from zero (truncation, plus one step
 /// outwards where the exact remainder is at least a half) and packed to int8.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedRows) {
+pub(super) unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedRows, limit: f32) {
     // SAFETY: this function's contract: the caller checked AVX2 + FMA; every load and store is
     // inside a whole block of `x` or `out.q` (chunks of 32), and `out.d` / `out.s` hold one
     // value per block (asserted).
@@ -519,7 +547,7 @@ pub(super) unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedRows) {
             let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
             let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
-            let d = amax / 127.0;
+            let d = amax / limit;
             let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
             let r = v.map(|v| {
                 let t = _mm256_mul_ps(v, id);

@@ -175,10 +175,10 @@ pub struct QuantizedRows {
 pub(super) const FULL: u8 = 127;
 /// The range the AVX2 Q8_0 decode kernel needs (`blocks_avx2::rows8_by_block`): Q8_0's codes
 /// (0..=255 with the centre 128) multiply signed activations in `maddubs`, whose 16-bit pair
-/// sums cannot saturate when |activation| <= 63 (2 x 255 x 63 = 32,130). Costs the activations
-/// one bit: the shipped model in Q8_0, scored one token at a time (`Runtime::step`) on the
-/// held-out fixture, 3.95230 -> 3.95249 nats per token (+0.005%; f32 3.95160), for a 1.2x faster
-/// Q8_0 matvec on AMD Zen 3 (docs/performance.md, 2026-12-02).
+/// sums cannot saturate when |activation| <= 63 (2 x 255 x 63 = 32,130). The bit it takes from
+/// the activations does not show: the shipped model in Q8_0 on the held-out fixture (`itera eval
+/// --stepwise`, decode's kernels) 3.952345 -> 3.952235 nats per token (f32 3.951721), for a
+/// 1.2x faster Q8_0 matvec on AMD Zen 3 (docs/performance.md, 2026-12-02).
 pub(super) const NARROW: u8 = 63;
 
 /// Each block of 32 activations to int8 with step amax / `limit`, rounding half away from zero

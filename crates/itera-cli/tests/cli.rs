@@ -671,6 +671,12 @@ fn baseline_mixers_train_and_evaluate() {
         err.contains("attention") && err.contains("itera eval"),
         "{err}"
     );
+    let (a, text) = (attn.to_str().unwrap(), f.to_str().unwrap());
+    let err = fails(&["eval", "--model", a, "--data", text, "--stepwise"]);
+    assert!(
+        err.contains("--stepwise") && err.contains("recurrent"),
+        "{err}"
+    );
     let args = train(
         &["--preset", "transformer-tiny", "--seq-len", "256"],
         "long",

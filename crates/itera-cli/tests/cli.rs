@@ -259,7 +259,7 @@ fn quantized_gguf_models_run_everywhere() {
             .map(|t| t["type"].as_str().unwrap())
             .collect();
         assert!(types.contains(&scheme), "{scheme}: {types:?}");
-        let bound = match scheme {
+        let bound: f64 = match scheme {
             "f32" => 1e-6,
             "f16" | "bf16" | "q8_0" => 0.01,
             _ => 0.08,

@@ -37,9 +37,13 @@ fn vnni_is_faster() -> bool {
     let nb = cols / BLOCK;
     let wave = |n: usize, f: f32| (0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<f32>>();
     let w = wave(rows * cols, 0.37);
-    let (mut q, mut narrow) = (QuantizedRows::default(), QuantizedRows::default());
-    quantize_rows(&wave(cols, 0.11), cols, &mut q, FULL);
-    quantize_rows(&wave(cols, 0.11), cols, &mut narrow, NARROW);
+    let (x, mut q, mut narrow) = (
+        wave(cols, 0.11),
+        QuantizedRows::default(),
+        QuantizedRows::default(),
+    );
+    quantize_rows(&x, cols, &mut q, FULL);
+    quantize_rows(&x, cols, &mut narrow, NARROW);
     // Repacked here, not through `Matrix`: that asks `vnni_blocks`, which is running this.
     let layouts: Vec<[Blocks; 2]> = [DType::Q8_0, DType::Q4_0]
         .iter()
@@ -63,7 +67,7 @@ fn vnni_is_faster() -> bool {
                         if vnni == 1 {
                             matvec_avx512(b, 0, nb, &q, &mut y)
                         } else {
-                            let x = if b.decode_limit() == NARROW {
+                            let x = if b.activation_limit(1) == NARROW {
                                 &narrow
                             } else {
                                 &q
@@ -115,10 +119,11 @@ impl Blocks {
         !self.nibbles && self.centre == 128 && self.table.is_none()
     }
 
-    /// The activation range a decode product (one activation row) against these weights
-    /// wants: `NARROW` for Q8_0 in the AVX2 layout, whose kernel needs it, else `FULL`.
-    pub(super) fn decode_limit(&self) -> u8 {
-        if self.q8_0() && !self.scale_by_block.is_empty() {
+    /// The activation range a product of `rows` activation rows against these weights
+    /// quantizes to: `NARROW` for a decode product (one row) against Q8_0 in the AVX2 layout,
+    /// whose kernel needs it, else `FULL`.
+    pub(super) fn activation_limit(&self, rows: usize) -> u8 {
+        if rows == 1 && self.q8_0() && !self.scale_by_block.is_empty() {
             NARROW
         } else {
             FULL

@@ -344,8 +344,7 @@ unsafe fn rows8_avx2<const K: u8>(
     // row0..row0 + 8 and activation row 0 are inside the matrix and `x`, and `out` holds 8.
     unsafe {
         use std::arch::x86_64::*;
-        if K == kind::WIDE && !m.scale_by_block.is_empty()
-            || K == kind::Q8_0 && !m.scale_by_block.is_empty() && x.limit <= NARROW
+        if !m.scale_by_block.is_empty() && (K == kind::WIDE || K == kind::Q8_0 && x.limit <= NARROW)
         {
             return rows8_by_block::<K>(m, row0, nb, x, out);
         }

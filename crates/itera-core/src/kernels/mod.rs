@@ -48,7 +48,7 @@ use crate::simd::has_avx512;
 use avx512::has_avx512_vnni;
 use blocks::vnni_blocks;
 pub use blocks::QuantizedRows;
-use blocks::{quantize_rows, repack, Blocks, FULL};
+use blocks::{quantize_rows, repack, Blocks};
 use panels::{pack_panels, PANEL};
 
 /// A [rows, cols] weight matrix, row-major, in its storage format, packed for the kernels.
@@ -288,7 +288,7 @@ impl Matrix {
             _ => {}
         }
         if let Data::Blocks(b) = &self.data {
-            quantize_rows(x, cols, q, if n == 1 { b.decode_limit() } else { FULL });
+            quantize_rows(x, cols, q, b.activation_limit(n));
         }
         let q = &*q;
         let work = n * rows * cols;
@@ -349,20 +349,22 @@ impl Matrix {
         // Products that read the same input as the one before, quantized to the same range,
         // share its quantized copy.
         let limit = |p: &Product| match &p.w.data {
-            Data::Blocks(b) => b.decode_limit(),
-            _ => 0,
+            Data::Blocks(b) => Some(b.activation_limit(1)),
+            _ => None,
         };
         let shares = |i: usize| {
-            let (a, b) = (&products[i.max(1) - 1], &products[i]);
-            i > 0 && std::ptr::eq(a.x, b.x) && limit(a) == limit(b)
+            i > 0 && {
+                let (a, b) = (&products[i - 1], &products[i]);
+                std::ptr::eq(a.x, b.x) && limit(a) == limit(b)
+            }
         };
         let (mut slot, mut quantized) = (0, false);
         for (i, p) in products.iter().enumerate() {
             if !shares(i) {
                 (slot, quantized) = (i, false);
             }
-            if matches!(p.w.data, Data::Blocks(_)) && !quantized {
-                quantize_rows(p.x, p.w.cols, &mut qs[slot], limit(p));
+            if let (Data::Blocks(b), false) = (&p.w.data, quantized) {
+                quantize_rows(p.x, p.w.cols, &mut qs[slot], b.activation_limit(1));
                 quantized = true;
             }
         }

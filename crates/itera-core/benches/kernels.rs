@@ -55,7 +55,12 @@ fn pair(c: &mut Criterion) {
         b.iter(|| itera_core::exec::pair::both(|_| {}))
     });
     group.finish();
-    for &(name, rows, cols) in &[("lm_head", 8000usize, 128usize), ("in_proj", 512, 128)] {
+    for &(name, rows, cols) in &[
+        ("lm_head", 8000usize, 128usize),
+        ("in_proj", 512, 128),
+        ("out_proj", 128, 256),
+        ("expert", 128, 128),
+    ] {
         let w = values(rows * cols, 1);
         let mut group = c.benchmark_group(format!("matmul_pair/{name}"));
         for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0] {
@@ -64,9 +69,11 @@ fn pair(c: &mut Criterion) {
             let mut y = vec![0.0; rows];
             let mut q = QuantizedRows::default();
             group.throughput(Throughput::Elements((rows * cols) as u64));
-            group.bench_function(dtype.name(), |b| {
-                b.iter(|| m.matmul(&x, &mut y, &mut q, Par::Pair))
-            });
+            for (how, par) in [("pair", Par::Pair), ("serial", Par::Serial)] {
+                group.bench_function(format!("{}/{how}", dtype.name()), |b| {
+                    b.iter(|| m.matmul(&x, &mut y, &mut q, par))
+                });
+            }
         }
         group.finish();
     }

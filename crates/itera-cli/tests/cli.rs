@@ -290,9 +290,10 @@ fn quantized_gguf_models_run_everywhere() {
         ]);
         assert!(text.starts_with("It was"));
     }
-    // Fitted scales: the same file size, and on the shipped (trained) model less lost than with
-    // ggml's reference rounding (measured 1.6037 against 1.6075 bits per byte, f32 1.5882);
-    // only for the symmetric formats.
+    // Fitted scales: the same file size and within 0.5% of ggml's reference rounding on the
+    // shipped (trained) model. Their weight error is never larger (`dtype.rs`), but bits per byte
+    // can go either way: on this text EN11 gained (1.39891 against 1.40096, f32 1.38354) and EN13
+    // lost (1.39963 against 1.39704, f32 1.38239); only for the symmetric formats.
     let shipped =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/itera-lite-tiny");
     let s = shipped.to_str().unwrap();
@@ -308,20 +309,19 @@ fn quantized_gguf_models_run_everywhere() {
     let shipped_f32 = eval(s);
     assert_eq!(reference.0, fitted.0);
     assert!(
-        fitted.1 < reference.1 && fitted.1 > shipped_f32,
+        (fitted.1 - reference.1).abs() < 0.005 * reference.1 && fitted.1 > shipped_f32,
         "fitted {fitted:?}, reference {reference:?}, f32 {shipped_f32}"
     );
     // GPTQ calibrated on other text (the held-out fixture): the same size again, and closer to
-    // f32 than fitted scales alone (measured 1.39705 with the calibration spread over the file,
-    // 1.39787 from its start, against 1.39891, f32 1.38354).
+    // f32 than both roundings (EN13: 1.39635 against 1.39704 and 1.39963, f32 1.38239).
     let held_out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/heldout-english.txt");
     let h = held_out.to_str().unwrap();
     let gptq = q4("s-gptq.gguf", &["--fit-scales", "--gptq", h]);
     assert_eq!(gptq.0, fitted.0);
     assert!(
-        gptq.1 < fitted.1 && gptq.1 > shipped_f32,
-        "gptq {gptq:?}, fitted {fitted:?}, f32 {shipped_f32}"
+        gptq.1 < fitted.1.min(reference.1) && gptq.1 > shipped_f32,
+        "gptq {gptq:?}, fitted {fitted:?}, reference {reference:?}, f32 {shipped_f32}"
     );
     let err = fails(&[
         "quantize", "--model", m, "--scheme", "f16", "--gptq", h, "--out", "x.gguf",

@@ -12,7 +12,7 @@
 //! the prefill, 10.3% at one of the 64-token walk, a mean of 0.40%, while its whole-text loss
 //! read as decode reads it (`itera eval --stepwise`) is within 0.015% of f32; EN8 5.4%, a mean of
 //! 0.18%, 0.4% for its prefill; the `tiny` before it 1.8% and 0.6%. The one-logit maximum is a
-//! tail statistic of the model at hand (EN8 -> EN13 without a kernel change in prefill).
+//! tail statistic of the model at hand; the exact comparison above is what checks the graph.
 
 mod common;
 #[path = "../../../tests/support/python.rs"]

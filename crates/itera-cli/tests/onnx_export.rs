@@ -6,13 +6,10 @@
 //! GGUF (int8 weights with blocked DequantizeLinear) the graphs are the dequantized model
 //! exactly: 1e-4 against our f32 runtime over the same dequantized weights. Against our Q8_0
 //! runtime, whose integer kernels round the activations to int8 per block of 32 (decode, and
-//! expert calls under 32 rows in prefill; one decode row against Q8_0 on AVX2 to -63..63), the
-//! bounds are 15% of the largest logit magnitude for any one logit and 1% for the mean
-//! difference. Measured over random tokens: EN13 (shipped since 2026-12-02) 9.2% at one logit of
-//! the prefill, 10.3% at one of the 64-token walk, a mean of 0.40%, while its whole-text loss
-//! read as decode reads it (`itera eval --stepwise`) is within 0.015% of f32; EN8 5.4%, a mean of
-//! 0.18%, 0.4% for its prefill; the `tiny` before it 1.8% and 0.6%. The one-logit maximum is a
-//! tail statistic of the model at hand; the exact comparison above is what checks the graph.
+//! expert calls under 32 rows in prefill), the bounds are 10% of the largest logit magnitude for
+//! any one logit and 1% for the mean difference (measured with the shipped EN8 model over random
+//! tokens: 5.4% at one position of a 64-token walk, a mean of 0.18%, 0.4% for its prefill; the
+//! previous `tiny` model, two MoE layers instead of four, gave 1.8% and 0.6%).
 
 mod common;
 #[path = "../../../tests/support/python.rs"]
@@ -195,7 +192,7 @@ fn onnxruntime_runs_the_exported_graphs_like_our_runtime() {
     let (prefill, step, scale, mean) = compare(&gguf, &gguf, "q8_0");
     eprintln!("q8_0: prefill {prefill}, step {step} (mean {mean}), logits up to {scale}");
     assert!(
-        prefill < 0.15 * scale && step < 0.15 * scale && mean < 0.01 * scale,
+        prefill < 0.1 * scale && step < 0.1 * scale && mean < 0.01 * scale,
         "q8_0: prefill {prefill}, step {step} (mean {mean}; logits up to {scale})"
     );
     // The attention baseline has no recurrent step: refused with a reason.

@@ -1,7 +1,8 @@
 //! Kernel benchmarks: the one matmul per weight format at the shapes of `tiny`'s LM head and
 //! in_proj, for one row (decode), 64 rows (batched decode) and 2,048 rows (prefill).
-//! Also the pair helper's hand-off (`pair/hand_off`: one `both` call with empty halves) and the
-//! one-row matmuls split with it (`matmul_pair/...`).
+//! Also the pair helper's hand-off (`pair/hand_off`: one `both` call with empty halves) and one
+//! row through every decode product's shape split with it and on one thread side by side
+//! (`matmul_pair/SHAPE/FORMAT/{pair,serial}`), which says from what size a split pays.
 //! Run with `cargo bench -p itera-core`; throughput is reported in multiply-adds per second.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -47,8 +48,8 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
-/// The pair helper: the cost of one hand-off, and one decode row through the LM head and
-/// in_proj split between two cores.
+/// The pair helper: the cost of one hand-off, and one decode row through each decode product's
+/// shape, split between two cores and on one.
 fn pair(c: &mut Criterion) {
     let mut group = c.benchmark_group("pair");
     group.bench_function("hand_off", |b| {

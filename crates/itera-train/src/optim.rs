@@ -66,26 +66,19 @@ impl AdamW {
     /// store per shard of the batch, weighted by its share); returns the gradient norm before
     /// clipping.
     pub fn step(&mut self, grads: &[(f32, &GradStore)], lr: f64) -> Result<f64> {
+        // Slot by slot on both cores (this ran on one while the other waited: 3% of a `tiny`
+        // step on the AVX-512 Xeon, 2026-12-02); each slot's sums keep their order, so the
+        // norm is the same to the bit.
+        let slots: Vec<_> = self.slots.iter().collect();
+        let gathered: Vec<Result<(Vec<f32>, f64)>> = slots
+            .par_iter()
+            .map(|(name, slot)| self.gather(name, slot, grads))
+            .collect();
         let mut g_all = Vec::with_capacity(self.slots.len());
         let mut sq = 0.0f64;
-        for (name, slot) in &self.slots {
-            let mut g = vec![0.0; slot.m.len()];
-            for (share, store) in grads {
-                if let Some(t) = store.get(slot.var.as_tensor()) {
-                    // With one store of share 1 this is exactly its gradient (0 + 1 x v = v).
-                    let t = t.contiguous()?;
-                    let (storage, layout) = t.storage_and_layout();
-                    let t = cpu_f32(&storage, layout, name)?;
-                    g.iter_mut().zip(t).for_each(|(acc, &v)| *acc += share * v);
-                }
-            }
-            if g.iter().any(|x| !x.is_finite()) {
-                return Err(Error::Train(format!(
-                    "non-finite gradient in `{name}` at step {}",
-                    self.t + 1
-                )));
-            }
-            sq += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        for g in gathered {
+            let (g, slot_sq) = g?;
+            sq += slot_sq;
             g_all.push(g);
         }
         let norm = sq.sqrt();
@@ -132,6 +125,34 @@ impl AdamW {
                 .set(&Tensor::from_vec(p, slot.var.shape(), &Device::Cpu)?)?;
         }
         Ok(norm)
+    }
+
+    /// One slot's weighted gradient over the shards' stores, and its sum of squares; an error
+    /// names the first non-finite gradient.
+    fn gather(
+        &self,
+        name: &str,
+        slot: &Slot,
+        grads: &[(f32, &GradStore)],
+    ) -> Result<(Vec<f32>, f64)> {
+        let mut g = vec![0.0; slot.m.len()];
+        for (share, store) in grads {
+            if let Some(t) = store.get(slot.var.as_tensor()) {
+                // With one store of share 1 this is exactly its gradient (0 + 1 x v = v).
+                let t = t.contiguous()?;
+                let (storage, layout) = t.storage_and_layout();
+                let t = cpu_f32(&storage, layout, name)?;
+                g.iter_mut().zip(t).for_each(|(acc, &v)| *acc += share * v);
+            }
+        }
+        if g.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Train(format!(
+                "non-finite gradient in `{name}` at step {}",
+                self.t + 1
+            )));
+        }
+        let sq = g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        Ok((g, sq))
     }
 
     /// Moments as tensors named `m.<var>` / `v.<var>`, for the checkpoint.

@@ -26,6 +26,18 @@ fn head(c: &mut Criterion) {
             loss.backward().unwrap()
         })
     });
+    // As a training step runs it: one shard of half the rows per core, at the same time.
+    let halves = [var(&[N / 2, D], 3), var(&[N / 2, D], 4)];
+    let t_half = t.narrow(0, 0, N / 2).unwrap();
+    group.bench_function("two_shards", |bench| {
+        bench.iter(|| {
+            let shard = |h: &candle_core::Var| {
+                let loss = lm_head_loss(h.as_tensor(), w.as_tensor(), &t_half).unwrap();
+                loss.backward().unwrap()
+            };
+            rayon::join(|| shard(&halves[0]), || shard(&halves[1]))
+        })
+    });
     group.finish();
 }
 

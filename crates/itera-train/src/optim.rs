@@ -97,7 +97,7 @@ impl AdamW {
             } else {
                 1.0
             };
-            let k = Moments {
+            let k = StepConsts {
                 scale,
                 b1,
                 b2,
@@ -228,7 +228,7 @@ itera_core::multiversion! {
 }
 
 /// The constants of one AdamW update.
-struct Moments {
+struct StepConsts {
     /// The clipping factor applied to every gradient.
     scale: f64,
     b1: f64,
@@ -247,7 +247,7 @@ itera_core::multiversion! {
     /// plain code it ran two doubles per SSE2 instruction (`divpd`, `sqrtpd` on xmm; the
     /// AVX-512 Xeon's profile, 2026-12-02). The same operations in the same order, so the same
     /// bits on every path.
-    fn update(p: &mut [f32], old: &[f32], g: &[f32], ms: &mut [f32], vs: &mut [f32], k: &Moments) {
+    fn update(p: &mut [f32], old: &[f32], g: &[f32], ms: &mut [f32], vs: &mut [f32], k: &StepConsts) {
         let lanes = p.iter_mut().zip(old).zip(g).zip(ms.iter_mut()).zip(vs.iter_mut());
         for ((((p, &old), &g), ms), vs) in lanes {
             let gi = g as f64 * k.scale;

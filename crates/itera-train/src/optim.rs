@@ -253,11 +253,9 @@ struct StepConsts {
 
 itera_core::multiversion! {
     /// One chunk of the update, in f64 with f32 storage: reads the gradient from `g_then_p` and
-    /// writes the new values over it (a separate zero-filled output was one more 7 MB stream per
-    /// `tiny` step, in a loop bound by memory). Compiled for the CPU's vectors: as
-    /// plain code it ran two doubles per SSE2 instruction (`divpd`, `sqrtpd` on xmm; the
-    /// AVX-512 Xeon's profile, 2026-12-02). The same operations in the same order, so the same
-    /// bits on every path.
+    /// writes the new values over it (no separate zero-filled output). Compiled for the CPU's
+    /// vectors (as plain code it ran two doubles per SSE2 instruction); the same operations in
+    /// the same order on every path, so the same bits.
     fn update(g_then_p: &mut [f32], old: &[f32], ms: &mut [f32], vs: &mut [f32], k: &StepConsts) {
         let lanes = g_then_p.iter_mut().zip(old).zip(ms.iter_mut()).zip(vs.iter_mut());
         for (((p, &old), ms), vs) in lanes {

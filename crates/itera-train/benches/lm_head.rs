@@ -1,8 +1,8 @@
 //! The fused LM-head loss, forward + backward, at `tiny`'s sizes (d 128, vocab 8,000) for one
 //! training shard of 16 x 128 tokens: three [N, d] x [d, V]-sized matmuls and a softmax over
-//! every row, 12.6 GFLOP (printed as a fraction of the machine's peak when run with `--bench`);
-//! `fused` as one shard with `gemm`'s own threads, `two_shards` as two halves on two cores at once,
-//! the way a training step runs it. Run with `cargo bench -p itera-train --bench lm_head`.
+//! every row, 12.6 GFLOP; `fused` as one shard with `gemm`'s own threads, `two_shards` as two
+//! halves on two cores at once, the way a training step runs it.
+//! Run with `cargo bench -p itera-train --bench lm_head`.
 
 use candle_core::{Device, Tensor};
 mod common;

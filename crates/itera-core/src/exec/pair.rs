@@ -30,7 +30,10 @@ const LATE_STREAK: u32 = 3;
 /// costs milliseconds per token (p99 4.1 ms against a p50 of 55 us, measured before this).
 const BACKOFF: Duration = Duration::from_millis(100);
 
-type Job = &'static (dyn Fn(usize) + Sync);
+/// A posted job: the caller's closure with its lifetime erased. A raw pointer, so that the cell
+/// may keep it after the call returns (it is read only for a posted, unfinished call): clearing
+/// it would write the line the helper polls once more per hand-off.
+type Job = *const (dyn Fn(usize) + Sync);
 
 struct Helper {
     /// Taken by the one caller that is using the helper; others run both halves themselves.
@@ -134,8 +137,9 @@ impl Helper {
                 }
             }
             seen += 1;
-            // SAFETY: see `unsafe impl Sync`: the caller wrote `job` before advancing `posted`.
-            let job = unsafe { (*self.job.get()).expect("a posted job") };
+            // SAFETY: see `unsafe impl Sync`: the caller wrote `job` before advancing `posted`,
+            // and its closure lives until the caller sees `done` catch up.
+            let job = unsafe { &*(*self.job.get()).expect("a posted job") };
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(1))).is_err() {
                 self.panicked.store(true, Release);
             }
@@ -175,8 +179,8 @@ pub fn both<F: Fn(usize) + Sync>(f: F) {
         }
     };
     let job: &(dyn Fn(usize) + Sync) = &f;
-    // SAFETY: the helper drops its use of `job` before storing `done`, and this function does not
-    // return before it sees `done` catch up, so the borrow outlives every use.
+    // SAFETY: only the lifetime is erased: the helper uses `job` only before storing `done`, and
+    // this function does not return before it sees `done` catch up.
     let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(job) };
     // SAFETY: this caller holds `busy` and the helper is idle (posted == done), so nobody reads
     // the cell while it is written (see `unsafe impl Sync for Helper`).
@@ -221,9 +225,10 @@ pub fn both<F: Fn(usize) + Sync>(f: F) {
         // Written only when set: the helper polls a counter on the same cache line.
         h.late.store(0, Relaxed);
     }
-    // SAFETY: the helper stored `done` for this ticket, so it no longer reads the cell.
-    unsafe { *h.job.get() = None };
-    let theirs = h.panicked.swap(false, AcqRel);
+    // Read before it is swapped: a swap on every call would write the line the helper polls
+    // (with the cell not cleared above: an empty `pair/hand_off` 1.3-1.6x faster on the Intel Xeon
+    // of 2026-12-03, alternated runs; docs/performance.md).
+    let theirs = h.panicked.load(Acquire) && h.panicked.swap(false, AcqRel);
     h.busy.store(false, Release);
     if let Err(e) = mine {
         std::panic::resume_unwind(e);

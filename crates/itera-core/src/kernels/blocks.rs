@@ -27,8 +27,8 @@ pub(super) fn vnni_blocks() -> bool {
 }
 
 /// Times the two decode matvecs (one activation row against a 512 x 256 Q8_0 and Q4_0 matrix,
-/// 20 of each per trial, trials alternated, best of 5: 400 matvecs, once per process), each
-/// kernel on the layout it would get (`wide_codes`).
+/// 20 of each per trial, trials alternated, best of 5: 400 matvecs, once per process), both on
+/// the by-block layout that both then get (`wide_codes`).
 #[cfg(target_arch = "x86_64")]
 fn vnni_is_faster() -> bool {
     use super::blocks_avx2::matvec_avx2;
@@ -45,12 +45,11 @@ fn vnni_is_faster() -> bool {
     quantize_rows(&x, cols, &mut q, FULL);
     quantize_rows(&x, cols, &mut narrow, NARROW);
     // Repacked here, not through `Matrix`: that asks `vnni_blocks`, which is running this.
-    let layouts: Vec<[Blocks; 2]> = [DType::Q8_0, DType::Q4_0]
+    let layouts: Vec<Blocks> = [DType::Q8_0, DType::Q4_0]
         .iter()
         .filter_map(|&d| {
             let bytes = dtype::quantize(d, &w).ok()?;
-            let packed = || repack_packed(d, rows, cols, &bytes);
-            Some([packed().for_avx2(rows, nb), packed()])
+            Some(repack_packed(d, rows, cols, &bytes).by_block(rows, nb))
         })
         .collect();
     let mut y = vec![0.0; rows];
@@ -59,19 +58,14 @@ fn vnni_is_faster() -> bool {
         for (vnni, best) in best.iter_mut().enumerate() {
             let t = std::time::Instant::now();
             for _ in 0..20 {
-                for pair in &layouts {
-                    let b = &pair[vnni];
+                for b in &layouts {
                     // SAFETY: AVX-512 F/BW/VNNI (checked by the caller) imply AVX2 + FMA
                     // (`simd::detected`); all `rows` rows and the one activation row exist.
                     unsafe {
                         if vnni == 1 {
                             matvec_avx512(b, 0, nb, &q, &mut y)
                         } else {
-                            let x = if b.activation_limit(1) == NARROW {
-                                &narrow
-                            } else {
-                                &q
-                            };
+                            let x = if b.narrow_on_avx2() { &narrow } else { &q };
                             matvec_avx2(b, 0, nb, x, &mut y)
                         }
                     }
@@ -91,7 +85,7 @@ fn vnni_is_faster() -> bool {
 /// Block formats repacked for SIMD: per row, codes of 8 bits (Q8_0) or 4 bits in "pair order"
 /// (for each 64 elements, byte j holds element j in its low nibble and element j + 32 in its high
 /// one, so one shift and mask give 64 codes in order); a trailing odd block keeps ggml's order.
-/// Where the AVX2 kernels run, Q4_0 and Q5_0 keep one byte per code instead (`wide_codes`).
+/// Where AVX2 exists, Q4_0 and Q5_0 keep one byte per code instead (`wide_codes`).
 pub(super) struct Blocks {
     pub(super) codes: Vec<u8>,
     /// Q5_0's fifth bit, one u32 per block (bit j = element j).
@@ -104,11 +98,11 @@ pub(super) struct Blocks {
     /// The code every bias stands for (bias = -centre x scale: 128 for Q8_0 and NF4's table, 8
     /// for Q4_0, 16 for Q5_0), or 0 when the bias is free (Q4_1).
     pub(super) centre: u8,
-    /// The AVX2 decode kernel's layout (`for_avx2`: wide codes and Q8_0): per block, every row's
-    /// scale ([blocks][rows], so that 8 consecutive rows are one load); for wide codes also the
-    /// same times 128 x the sum of the block's codes (what multiplying the codes by the
-    /// activations lifted by 128 adds, taken off once per 8 rows instead of per row). Empty
-    /// otherwise.
+    /// The by-block decode kernels' layout (`by_block`: wide codes and Q8_0): per block, every
+    /// row's scale ([blocks][rows], so that 8 (AVX2) or 16 (VNNI) consecutive rows are one
+    /// load); for wide codes also the same times 128 x the sum of the block's codes (what
+    /// multiplying the codes by the activations lifted by 128 adds, on AVX2, taken off once per
+    /// 8 rows instead of per row). Empty otherwise.
     pub(super) scale_by_block: Vec<f32>,
     pub(super) lift_by_block: Vec<f32>,
 }
@@ -120,14 +114,19 @@ impl Blocks {
     }
 
     /// The activation range a product of `rows` activation rows against these weights
-    /// quantizes to: `NARROW` for a decode product (one row) against Q8_0 in the AVX2 layout,
-    /// whose kernel needs it, else `FULL`.
+    /// quantizes to: `NARROW` for a decode product (one row) against Q8_0 in the by-block
+    /// layout on the AVX2 kernel, which needs it, else `FULL` (VNNI's products cannot saturate).
     pub(super) fn activation_limit(&self, rows: usize) -> u8 {
-        if rows == 1 && self.q8_0() && !self.scale_by_block.is_empty() {
+        if rows == 1 && self.narrow_on_avx2() && !vnni_blocks() {
             NARROW
         } else {
             FULL
         }
+    }
+
+    /// Whether the AVX2 decode kernel needs `NARROW` activations for these weights.
+    fn narrow_on_avx2(&self) -> bool {
+        self.q8_0() && !self.scale_by_block.is_empty()
     }
 
     /// Codes of block `blk` of `row` (with Q5_0's high bit and NF4's table applied).
@@ -286,31 +285,33 @@ pub(super) fn dot(
     }
 }
 
-/// Whether Q4_0 and Q5_0 codes are kept one byte each (no nibbles, Q5_0's fifth bit included):
-/// on the AVX2 kernels (no VNNI) a block is then one load and goes straight into `maddubs`,
-/// without the nibble split or Q5_0's bit spreading. Measured on AMD EPYC Zen 3 (AVX2, no
+/// Whether Q4_0 and Q5_0 codes are kept one byte each (no nibbles, Q5_0's fifth bit included),
+/// with by-block scales (`Blocks::by_block`): a block (a pair on VNNI) is then one load that goes
+/// straight into `maddubs` or `vpdpbusd`, without the nibble split or Q5_0's bit spreading; the
+/// codes take Q8_0's memory (the file does not change). Measured on AMD EPYC Zen 3 (AVX2, no
 /// AVX-512): Q4_0 decode went from a median 1.02x to 1.43x f32 in the same run, Q5_0 from 1.00x
-/// to 1.46x (ten alternated runs each, docs/performance.md); the codes then take Q8_0's memory
-/// (the file does not change).
+/// to 1.46x (ten alternated runs each); on an Intel Xeon with VNNI (2026-12-03, its by-block
+/// kernel `rows16_by_block`) Q4_0 decode from a median 10,161 to 13,492 tokens/s, Q8_0 from
+/// 11,135 to 13,357 (eight alternated runs each; docs/performance.md).
 fn wide_codes() -> bool {
-    crate::simd::has_avx2() && !vnni_blocks()
+    crate::simd::has_avx2()
 }
 
 /// ggml blocks -> the kernels' layout (see `Blocks`), the AVX2 one where `wide_codes` says.
 pub(super) fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
     let b = repack_packed(dtype, rows, cols, bytes);
     if wide_codes() {
-        b.for_avx2(rows, cols / BLOCK)
+        b.by_block(rows, cols / BLOCK)
     } else {
         b
     }
 }
 
 impl Blocks {
-    /// The AVX2 decode kernel's layout: Q4_0 and Q5_0 with one byte per code (`wide_codes`) and
-    /// by-block scales and lifts, Q8_0 with by-block scales (`scale_by_block`); other formats
-    /// unchanged.
-    pub(super) fn for_avx2(self, rows: usize, nb: usize) -> Blocks {
+    /// The by-block decode kernels' layout (AVX2's and VNNI's): Q4_0 and Q5_0 with one byte per
+    /// code (`wide_codes`) and by-block scales and lifts (the lifts for AVX2 only), Q8_0 with
+    /// by-block scales (`scale_by_block`); other formats unchanged.
+    pub(super) fn by_block(self, rows: usize, nb: usize) -> Blocks {
         if self.q8_0() {
             let mut scale_by_block = vec![0.0; rows * nb];
             for (i, &s) in self.scale.iter().enumerate() {
@@ -450,7 +451,7 @@ mod tests {
     /// this CPU loads.
     #[test]
     fn simd_and_portable_block_kernels_agree() {
-        let rows = 16;
+        let rows = 24;
         for cols in [160, 256] {
             let nb = cols / BLOCK;
             let w = random(rows * cols, 3);
@@ -470,7 +471,7 @@ mod tests {
                 .flat_map(|d| {
                     let bytes = dtype::quantize(d, &w).unwrap();
                     let packed = repack_packed(d, rows, cols, &bytes);
-                    let wide = repack_packed(d, rows, cols, &bytes).for_avx2(rows, nb);
+                    let wide = repack_packed(d, rows, cols, &bytes).by_block(rows, nb);
                     if matches!(d, DType::Q4_0 | DType::Q5_0) {
                         assert!(
                             packed.nibbles && !wide.nibbles && wide.high.is_empty(),
@@ -514,6 +515,23 @@ mod tests {
                     for (r, &f) in y[..13].iter().enumerate() {
                         let want = slow_of(&narrow, b, r, 0);
                         assert!(close(f, want), "{dtype:?} {cols} avx2 matvec, narrow");
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                if has_avx512_vnni() {
+                    // Both activation ranges: the by-block kernel (wide codes, Q8_0) and the
+                    // packed one, on one group of 16 rows and a rest of 5.
+                    for x in [&q, &narrow] {
+                        let mut y = [0.0; 24];
+                        // SAFETY: AVX-512 F/BW/VNNI checked; 21 of the 24 rows and the first
+                        // activation row exist.
+                        unsafe {
+                            super::super::blocks_avx512::matvec_avx512(b, 0, nb, x, &mut y[..21])
+                        };
+                        for (r, &f) in y[..21].iter().enumerate() {
+                            let want = slow_of(x, b, r, 0);
+                            assert!(close(f, want), "{dtype:?} {cols} avx512 matvec row {r}");
+                        }
                     }
                 }
             }

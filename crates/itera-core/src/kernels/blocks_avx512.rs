@@ -1,6 +1,6 @@
 //! The AVX-512 VNNI kernels of the block formats (`blocks.rs`): 16 weight rows at a time for
-//! decode, four activation rows per unpacked weight row for batches, all in `vpdpbusd` integer
-//! dot products of 64 codes.
+//! decode (from by-block scales where the layout has them), four activation rows per unpacked
+//! weight row for batches, all in `vpdpbusd` integer dot products of 64 codes.
 
 use super::avx512::{pair_of, sum16};
 use super::blocks::{Blocks, QuantizedRows};
@@ -164,6 +164,78 @@ unsafe fn rows16_avx512(
     }
 }
 
+/// `rows16_avx512` from the by-block scales (`Blocks::scale_by_block`: wide Q4_0 and Q5_0 codes,
+/// Q8_0), for activation row 0. A row's pair of blocks costs a 64-byte load, one `vpdpbusd`
+/// (codes unsigned, activations signed: no lift), a conversion, a permute that picks the row's
+/// two scale products out of the two 16-row products, and an FMA; the centre's share, scale x
+/// centre x the activations' sum, is taken off for the 16 rows at once. The packed layout's
+/// kernel spends a nibble split, a scale broadcast and a multiply more per row and pair.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn rows16_by_block(
+    m: &Blocks,
+    row0: usize,
+    nb: usize,
+    x: &QuantizedRows,
+) -> std::arch::x86_64::__m512 {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for,
+    // nb is even, and rows row0..row0 + 16 of every block are inside the by-block arrays and
+    // the codes, and activation row 0 inside `x`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let rows = m.scale_by_block.len() / nb;
+        let centre = m.centre as f32;
+        // Lane l of row r's scales: row r's first block in lanes 0..8, its second in 8..16.
+        let pick = |r: i32| {
+            _mm512_set_epi32(
+                16 + r,
+                16 + r,
+                16 + r,
+                16 + r,
+                16 + r,
+                16 + r,
+                16 + r,
+                16 + r,
+                r,
+                r,
+                r,
+                r,
+                r,
+                r,
+                r,
+                r,
+            )
+        };
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut centred = _mm512_setzero_ps();
+        for p in 0..nb / 2 {
+            let (b0, b1) = (2 * p, 2 * p + 1);
+            let xv = _mm512_loadu_si512(x.q.as_ptr().add(b0 * BLOCK) as *const _);
+            let s0 = _mm512_loadu_ps(m.scale_by_block.as_ptr().add(b0 * rows + row0));
+            let s1 = _mm512_loadu_ps(m.scale_by_block.as_ptr().add(b1 * rows + row0));
+            let (d0, d1) = (*x.d.get_unchecked(b0), *x.d.get_unchecked(b1));
+            let (sum0, sum1) = (*x.s.get_unchecked(b0), *x.s.get_unchecked(b1));
+            centred = _mm512_fmadd_ps(s0, _mm512_set1_ps(centre * sum0), centred);
+            centred = _mm512_fmadd_ps(s1, _mm512_set1_ps(centre * sum1), centred);
+            let (sd0, sd1) = (
+                _mm512_mul_ps(s0, _mm512_set1_ps(d0)),
+                _mm512_mul_ps(s1, _mm512_set1_ps(d1)),
+            );
+            for (r, a) in acc.iter_mut().enumerate() {
+                let codes = m.codes.as_ptr().add(((row0 + r) * nb + b0) * BLOCK);
+                let isum = _mm512_dpbusd_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_loadu_si512(codes as *const _),
+                    xv,
+                );
+                let s = _mm512_permutex2var_ps(sd0, pick(r as i32), sd1);
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, *a);
+            }
+        }
+        _mm512_sub_ps(sum16(&acc), centred)
+    }
+}
+
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
 /// call so the set-up is paid once per matrix, not per row (the row kernel is inlined here).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -178,7 +250,17 @@ pub(super) unsafe fn matvec_avx512(
     unsafe {
         use std::arch::x86_64::_mm512_storeu_ps;
         let mut j = 0;
-        if nb.is_multiple_of(2) && nb <= 16 {
+        if nb.is_multiple_of(2) && !m.scale_by_block.is_empty() {
+            assert!((first + out.len()) * nb <= m.scale_by_block.len() && x.q.len() >= nb * BLOCK);
+            assert!(m.codes.len() >= m.scale_by_block.len() * BLOCK);
+            while j + 16 <= out.len() {
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(j),
+                    rows16_by_block(m, first + j, nb, x),
+                );
+                j += 16;
+            }
+        } else if nb.is_multiple_of(2) && nb <= 16 {
             assert!((first + out.len()) * nb <= m.scale.len() && x.q.len() >= nb * BLOCK);
             while j + 16 <= out.len() {
                 _mm512_storeu_ps(

@@ -165,7 +165,7 @@ unsafe fn rows16_avx512(
 }
 
 /// `rows16_avx512` from the by-block scales (`Blocks::scale_by_block`: wide Q4_0 and Q5_0 codes,
-/// Q8_0), for activation row 0. A row's pair of blocks costs a 64-byte load, one `vpdpbusd`
+/// Q8_0), for activation row `xr`. A row's pair of blocks costs a 64-byte load, one `vpdpbusd`
 /// (codes unsigned, activations signed: no lift), a conversion, a permute that picks the row's
 /// two scale products out of the two 16-row products, and an FMA; the centre's share, scale x
 /// centre x the activations' sum, is taken off for the 16 rows at once. The packed layout's
@@ -177,10 +177,11 @@ unsafe fn rows16_by_block(
     row0: usize,
     nb: usize,
     x: &QuantizedRows,
+    xr: usize,
 ) -> std::arch::x86_64::__m512 {
     // SAFETY: this function's contract: the caller checked the CPU features it is compiled for,
     // nb is even, and rows row0..row0 + 16 of every block are inside the by-block arrays and
-    // the codes, and activation row 0 inside `x`.
+    // the codes, and activation row `xr` inside `x`.
     unsafe {
         use std::arch::x86_64::*;
         let rows = m.scale_by_block.len() / nb;
@@ -210,11 +211,12 @@ unsafe fn rows16_by_block(
         let mut centred = _mm512_setzero_ps();
         for p in 0..nb / 2 {
             let (b0, b1) = (2 * p, 2 * p + 1);
-            let xv = _mm512_loadu_si512(x.q.as_ptr().add(b0 * BLOCK) as *const _);
+            let xb = xr * nb + b0;
+            let xv = _mm512_loadu_si512(x.q.as_ptr().add(xb * BLOCK) as *const _);
             let s0 = _mm512_loadu_ps(m.scale_by_block.as_ptr().add(b0 * rows + row0));
             let s1 = _mm512_loadu_ps(m.scale_by_block.as_ptr().add(b1 * rows + row0));
-            let (d0, d1) = (*x.d.get_unchecked(b0), *x.d.get_unchecked(b1));
-            let (sum0, sum1) = (*x.s.get_unchecked(b0), *x.s.get_unchecked(b1));
+            let (d0, d1) = (*x.d.get_unchecked(xb), *x.d.get_unchecked(xb + 1));
+            let (sum0, sum1) = (*x.s.get_unchecked(xb), *x.s.get_unchecked(xb + 1));
             centred = _mm512_fmadd_ps(s0, _mm512_set1_ps(centre * sum0), centred);
             centred = _mm512_fmadd_ps(s1, _mm512_set1_ps(centre * sum1), centred);
             let (sd0, sd1) = (
@@ -236,6 +238,35 @@ unsafe fn rows16_by_block(
     }
 }
 
+/// Whether `rows16` serves these blocks: an even block count, and for the packed layout at most
+/// 16 blocks (its bias term fills one vector's lanes). Checks that the arrays hold whole rows.
+fn rows16_serves(m: &Blocks, nb: usize) -> bool {
+    let by_block = !m.scale_by_block.is_empty();
+    assert!(!by_block || m.codes.len() >= m.scale_by_block.len() * BLOCK);
+    nb.is_multiple_of(2) && (by_block || nb <= 16)
+}
+
+/// 16 weight rows from `row0` against activation row `xr`: from the by-block scales where the
+/// layout has them, else from the packed codes. Only where `rows16_serves`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn rows16(
+    m: &Blocks,
+    row0: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    xr: usize,
+) -> std::arch::x86_64::__m512 {
+    // SAFETY: the two kernels' contract, which is this function's.
+    unsafe {
+        if m.scale_by_block.is_empty() {
+            rows16_avx512(m, row0, nb, x, xr)
+        } else {
+            rows16_by_block(m, row0, nb, x, xr)
+        }
+    }
+}
+
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
 /// call so the set-up is paid once per matrix, not per row (the row kernel is inlined here).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -250,23 +281,10 @@ pub(super) unsafe fn matvec_avx512(
     unsafe {
         use std::arch::x86_64::_mm512_storeu_ps;
         let mut j = 0;
-        if nb.is_multiple_of(2) && !m.scale_by_block.is_empty() {
-            assert!((first + out.len()) * nb <= m.scale_by_block.len() && x.q.len() >= nb * BLOCK);
-            assert!(m.codes.len() >= m.scale_by_block.len() * BLOCK);
-            while j + 16 <= out.len() {
-                _mm512_storeu_ps(
-                    out.as_mut_ptr().add(j),
-                    rows16_by_block(m, first + j, nb, x),
-                );
-                j += 16;
-            }
-        } else if nb.is_multiple_of(2) && nb <= 16 {
+        if rows16_serves(m, nb) {
             assert!((first + out.len()) * nb <= m.scale.len() && x.q.len() >= nb * BLOCK);
             while j + 16 <= out.len() {
-                _mm512_storeu_ps(
-                    out.as_mut_ptr().add(j),
-                    rows16_avx512(m, first + j, nb, x, 0),
-                );
+                _mm512_storeu_ps(out.as_mut_ptr().add(j), rows16(m, first + j, nb, x, 0));
                 j += 16;
             }
         }
@@ -295,7 +313,7 @@ pub(super) unsafe fn block_rows_avx512(
 }
 
 /// All weight rows against `n` activation rows (x_first..): y [n, rows], in one call: groups of
-/// 16 rows through `rows16_avx512`, the rest one row at a time for four activation rows at once.
+/// 16 rows through `rows16`, the rest one row at a time for four activation rows at once.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn matmul_avx512(
     m: &Blocks,
@@ -313,11 +331,11 @@ pub(super) unsafe fn matmul_avx512(
             (x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows
         );
         let mut r = 0;
-        if nb.is_multiple_of(2) && nb <= 16 {
+        if rows16_serves(m, nb) {
             // Groups of 16 weight rows (in L1 while every activation row passes).
             while r + 16 <= rows {
                 for i in 0..n {
-                    let v = rows16_avx512(m, r, nb, x, x_first + i);
+                    let v = rows16(m, r, nb, x, x_first + i);
                     _mm512_storeu_ps(y.as_mut_ptr().add(i * rows + r), v);
                 }
                 r += 16;

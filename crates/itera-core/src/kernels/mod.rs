@@ -514,8 +514,9 @@ pub(super) mod tests {
     ///   rounding).
     #[test]
     fn matmul_matches_decoded_weights_for_every_format() {
-        // 96 columns = 3 blocks: exercises a full pair and the odd trailing block.
-        for &(rows, cols) in &[(40usize, 96usize), (300, 128), (48, 512)] {
+        // 96 columns = 3 blocks: exercises a full pair and the odd trailing block; 1,024 = 32
+        // blocks, more than the packed 16-row kernel takes (the by-block one takes any even count).
+        for &(rows, cols) in &[(40usize, 96usize), (300, 128), (48, 512), (32, 1024)] {
             let w = random(rows * cols, 1);
             for &n in &[1usize, 2, 3, 9, 16, 31, 32, 40] {
                 let x = random(n * cols, 2);

@@ -186,27 +186,10 @@ unsafe fn rows16_by_block(
         use std::arch::x86_64::*;
         let rows = m.scale_by_block.len() / nb;
         let centre = m.centre as f32;
-        // Lane l of row r's scales: row r's first block in lanes 0..8, its second in 8..16.
-        let pick = |r: i32| {
-            _mm512_set_epi32(
-                16 + r,
-                16 + r,
-                16 + r,
-                16 + r,
-                16 + r,
-                16 + r,
-                16 + r,
-                16 + r,
-                r,
-                r,
-                r,
-                r,
-                r,
-                r,
-                r,
-                r,
-            )
-        };
+        // The lanes of row r's two scale products in [sd0, sd1]: r in lanes 0..8 (its first
+        // block), 16 + r in lanes 8..16 (its second).
+        let halves = _mm512_maskz_set1_epi32(0xFF00, 16);
+        let pick = |r: i32| _mm512_add_epi32(halves, _mm512_set1_epi32(r));
         let mut acc = [_mm512_setzero_ps(); 16];
         let mut centred = _mm512_setzero_ps();
         for p in 0..nb / 2 {

@@ -251,7 +251,7 @@ unsafe fn rows16(
 }
 
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
-/// call so the set-up is paid once per matrix, not per row (the row kernel is inlined here).
+/// call so the set-up is paid once per matrix, not per row (one `rows16` call per 16 rows).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn matvec_avx512(
     m: &Blocks,

@@ -129,8 +129,7 @@ impl Unpack {
 /// stay in its own vector (scales applied per pair of blocks as one [s0 x 8, s1 x 8] vector, the
 /// bias term added in lanes 0..nb), and one transposing tree of adds turns the 16 vectors into
 /// the 16 dot products, instead of a horizontal reduction per row.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[inline]
+#[inline(always)]
 unsafe fn rows16_avx512(
     m: &Blocks,
     row0: usize,
@@ -170,8 +169,7 @@ unsafe fn rows16_avx512(
 /// two scale products out of the two 16-row products, and an FMA; the centre's share, scale x
 /// centre x the activations' sum, is taken off for the 16 rows at once. The packed layout's
 /// kernel spends a nibble split, a scale broadcast and a multiply more per row and pair.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[inline]
+#[inline(always)]
 unsafe fn rows16_by_block(
     m: &Blocks,
     row0: usize,
@@ -230,9 +228,12 @@ fn rows16_serves(m: &Blocks, nb: usize) -> bool {
 }
 
 /// 16 weight rows from `row0` against activation row `xr`: from the by-block scales where the
-/// layout has them, else from the packed codes. Only where `rows16_serves`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[inline]
+/// layout has them, else from the packed codes. Only where `rows16_serves`. Like the two kernels,
+/// not itself a `target_feature` function, so that all three are always inlined into the AVX-512
+/// entry points below (as `target_feature` functions they were called per 16 rows, and the
+/// one-row LM head, `matmul/lm_head/q4_0/1`, ran 1.1-1.4x slower in alternated runs); only call
+/// them from such a function.
+#[inline(always)]
 unsafe fn rows16(
     m: &Blocks,
     row0: usize,
@@ -251,7 +252,7 @@ unsafe fn rows16(
 }
 
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
-/// call so the set-up is paid once per matrix, not per row (one `rows16` call per 16 rows).
+/// call so the set-up is paid once per matrix, not per row (the row kernels are inlined here).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn matvec_avx512(
     m: &Blocks,

@@ -226,8 +226,8 @@ pub fn both<F: Fn(usize) + Sync>(f: F) {
         h.late.store(0, Relaxed);
     }
     // Read before it is swapped: a swap on every call would write the line the helper polls
-    // (with the cell not cleared above: an empty `pair/hand_off` 1.3-1.6x faster on the Intel Xeon
-    // of 2026-12-03, alternated runs; docs/performance.md).
+    // (this and the job cell no longer cleared after each call: an empty `pair/hand_off` a
+    // median 245 -> 160 ns on the Intel Xeon of 2026-12-03, alternated runs; performance.md).
     let theirs = h.panicked.load(Acquire) && h.panicked.swap(false, AcqRel);
     h.busy.store(false, Release);
     if let Err(e) = mine {

@@ -27,8 +27,8 @@ pub(super) fn vnni_blocks() -> bool {
 }
 
 /// Times the two decode matvecs (one activation row against a 512 x 256 Q8_0 and Q4_0 matrix,
-/// 20 of each per trial, trials alternated, best of 5: 400 matvecs, once per process), both on
-/// the by-block layout that both then get (`wide_codes`).
+/// 20 of each per trial, trials alternated, best of 5: 400 matvecs, once per process), each on
+/// the layout it would get: VNNI's (`Blocks::interleave`) and the by-block one (`wide_codes`).
 #[cfg(target_arch = "x86_64")]
 fn vnni_is_faster() -> bool {
     use super::blocks_avx2::matvec_avx2;
@@ -45,11 +45,12 @@ fn vnni_is_faster() -> bool {
     quantize_rows(&x, cols, &mut q, FULL);
     quantize_rows(&x, cols, &mut narrow, NARROW);
     // Repacked here, not through `Matrix`: that asks `vnni_blocks`, which is running this.
-    let layouts: Vec<Blocks> = [DType::Q8_0, DType::Q4_0]
+    let layouts: Vec<[Blocks; 2]> = [DType::Q8_0, DType::Q4_0]
         .iter()
         .filter_map(|&d| {
             let bytes = dtype::quantize(d, &w).ok()?;
-            Some(repack_packed(d, rows, cols, &bytes).by_block(rows, nb))
+            let packed = || repack_packed(d, rows, cols, &bytes);
+            Some([packed().by_block(rows, nb), packed().interleave(rows, nb)])
         })
         .collect();
     let mut y = vec![0.0; rows];
@@ -58,7 +59,8 @@ fn vnni_is_faster() -> bool {
         for (vnni, best) in best.iter_mut().enumerate() {
             let t = std::time::Instant::now();
             for _ in 0..20 {
-                for b in &layouts {
+                for both in &layouts {
+                    let b = &both[vnni];
                     // SAFETY: AVX-512 F/BW/VNNI (checked by the caller) imply AVX2 + FMA
                     // (`simd::detected`); all `rows` rows and the one activation row exist.
                     unsafe {
@@ -85,7 +87,8 @@ fn vnni_is_faster() -> bool {
 /// Block formats repacked for SIMD: per row, codes of 8 bits (Q8_0) or 4 bits in "pair order"
 /// (for each 64 elements, byte j holds element j in its low nibble and element j + 32 in its high
 /// one, so one shift and mask give 64 codes in order); a trailing odd block keeps ggml's order.
-/// Where AVX2 exists, Q4_0 and Q5_0 keep one byte per code instead (`wide_codes`).
+/// Where AVX2 exists, Q4_0 and Q5_0 keep one byte per code instead (`wide_codes`), and where
+/// the VNNI kernels run, Q8_0, Q4_0 and Q5_0 take the VNNI layout (`interleave`, in `lines`).
 pub(super) struct Blocks {
     pub(super) codes: Vec<u8>,
     /// Q5_0's fifth bit, one u32 per block (bit j = element j).
@@ -98,14 +101,26 @@ pub(super) struct Blocks {
     /// The code every bias stands for (bias = -centre x scale: 128 for Q8_0 and NF4's table, 8
     /// for Q4_0, 16 for Q5_0), or 0 when the bias is free (Q4_1).
     pub(super) centre: u8,
-    /// The by-block decode kernels' layout (`by_block`: wide codes and Q8_0): per block, every
-    /// row's scale ([blocks][rows], so that 8 (AVX2) or 16 (VNNI) consecutive rows are one
-    /// load); for wide codes also the same times 128 x the sum of the block's codes (what
+    /// The by-block layouts' scales (`by_block`, `interleave`: wide codes and Q8_0): per block,
+    /// every row's scale ([blocks][rows], so that 8 (AVX2) or 16 (VNNI) consecutive rows are one
+    /// load); for wide codes on AVX2 also the same times 128 x the sum of the block's codes (what
     /// multiplying the codes by the activations lifted by 128 adds, on AVX2, taken off once per
     /// 8 rows instead of per row). Empty otherwise.
     pub(super) scale_by_block: Vec<f32>,
     pub(super) lift_by_block: Vec<f32>,
+    /// The VNNI layout (`interleave`), which then holds the codes (`codes` is empty): per group
+    /// of `GROUP` rows, per block, per 4 columns, one line of the group's rows' 4 codes each.
+    pub(super) lines: Vec<Line>,
 }
+
+/// Rows per group of the VNNI layout: one `vpdpbusd` lane (4 codes) per row.
+pub(super) const GROUP: usize = 16;
+
+/// 64 bytes on a cache line of their own (a load of one never straddles two lines): the VNNI
+/// layout's unit, `GROUP` rows x 4 codes.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub(super) [u8; 64]);
 
 impl Blocks {
     /// Q8_0: one byte per code, centred on 128, no table.
@@ -133,7 +148,13 @@ impl Blocks {
     #[inline(always)]
     pub(super) fn block(&self, row: usize, nb: usize, blk: usize) -> [u8; BLOCK] {
         let mut q = [0u8; BLOCK];
-        if !self.nibbles {
+        if !self.lines.is_empty() {
+            let first = (row / GROUP * nb + blk) * (BLOCK / 4);
+            let lane = row % GROUP * 4;
+            for (quad, line) in q.chunks_exact_mut(4).zip(&self.lines[first..]) {
+                quad.copy_from_slice(&line.0[lane..lane + 4]);
+            }
+        } else if !self.nibbles {
             let o = (row * nb + blk) * BLOCK;
             q.copy_from_slice(&self.codes[o..o + BLOCK]);
         } else {
@@ -258,15 +279,17 @@ pub(super) fn dot(
     x_first: usize,
     out: &mut [f32],
 ) {
+    // The row kernels read a row's codes in order; the VNNI layout (whose matrices go through
+    // `matvec_avx512` and `matmul_avx512`) reaches here only from tests.
     #[cfg(target_arch = "x86_64")]
-    if vnni_blocks() {
+    if vnni_blocks() && m.lines.is_empty() {
         // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); `block_rows_avx512` asserts the bounds
         // that keep every load inside the row's codes and the activation rows' slices.
         unsafe { block_rows_avx512(m, row, nb, x, x_first, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2() {
+    if crate::simd::has_avx2() && m.lines.is_empty() {
         // SAFETY: the CPU has AVX2 + FMA (checked); `block_rows_avx2` asserts the bounds.
         unsafe { block_rows_avx2(m, row, nb, x, x_first, out) };
         return;
@@ -286,21 +309,22 @@ pub(super) fn dot(
 }
 
 /// Whether Q4_0 and Q5_0 codes are kept one byte each (no nibbles, Q5_0's fifth bit included),
-/// with by-block scales (`Blocks::by_block`): a block (a pair on VNNI) is then one load that goes
-/// straight into `maddubs` or `vpdpbusd`, without the nibble split or Q5_0's bit spreading; the
-/// codes take Q8_0's memory (the file does not change). Measured on AMD EPYC Zen 3 (AVX2, no
-/// AVX-512): Q4_0 decode went from a median 1.02x to 1.43x f32 in the same run, Q5_0 from 1.00x
-/// to 1.46x (ten alternated runs each); on an Intel Xeon with VNNI (2026-12-03, its by-block
-/// kernel `rows16_by_block`) Q4_0 decode from a median 10,161 to 13,492 tokens/s, Q8_0 from
-/// 11,135 to 13,357 (eight alternated runs each; docs/performance.md).
+/// with by-block scales (`Blocks::by_block`): a block is then one load that goes straight into
+/// `maddubs` (or, in the VNNI layout that starts from it, `vpdpbusd`), without the nibble split
+/// or Q5_0's bit spreading; the codes take Q8_0's memory (the file does not change). Measured on
+/// AMD EPYC Zen 3 (AVX2, no AVX-512): Q4_0 decode went from a median 1.02x to 1.43x f32 in the
+/// same run, Q5_0 from 1.00x to 1.46x (ten alternated runs each; docs/performance.md).
 fn wide_codes() -> bool {
     crate::simd::has_avx2()
 }
 
-/// ggml blocks -> the kernels' layout (see `Blocks`), the AVX2 one where `wide_codes` says.
+/// ggml blocks -> the kernels' layout (see `Blocks`): the VNNI one where the VNNI kernels run,
+/// else the by-block one where `wide_codes` says.
 pub(super) fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
     let b = repack_packed(dtype, rows, cols, bytes);
-    if wide_codes() {
+    if vnni_blocks() {
+        b.interleave(rows, cols / BLOCK)
+    } else if wide_codes() {
         b.by_block(rows, cols / BLOCK)
     } else {
         b
@@ -308,8 +332,8 @@ pub(super) fn repack(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Bl
 }
 
 impl Blocks {
-    /// The by-block decode kernels' layout (AVX2's and VNNI's): Q4_0 and Q5_0 with one byte per
-    /// code (`wide_codes`) and by-block scales and lifts (the lifts for AVX2 only), Q8_0 with
+    /// The AVX2 decode kernels' by-block layout (and where the VNNI layout starts): Q4_0 and
+    /// Q5_0 with one byte per code (`wide_codes`) and by-block scales and lifts, Q8_0 with
     /// by-block scales (`scale_by_block`); other formats unchanged.
     pub(super) fn by_block(self, rows: usize, nb: usize) -> Blocks {
         if self.q8_0() {
@@ -346,6 +370,45 @@ impl Blocks {
             ..self
         }
     }
+
+    /// The VNNI layout of the by-block formats (Q8_0, Q4_0, Q5_0; others as `by_block` leaves
+    /// them): per group of 16 rows, per block, per 4 columns, the 16 rows' 4 codes as one line
+    /// (`lines`), so that one `vpdpbusd` against 4 broadcast activations adds 4 columns into
+    /// every row's own lane, with no reduction across lanes and one conversion and scaling per
+    /// block and 16 rows. Rows are padded to whole groups (codes at the centre, scales 0), the
+    /// by-block scales likewise ([blocks][padded rows]); AVX2's lifts are dropped.
+    pub(super) fn interleave(self, rows: usize, nb: usize) -> Blocks {
+        let b = self.by_block(rows, nb);
+        if b.scale_by_block.is_empty() {
+            return b;
+        }
+        let padded = rows.next_multiple_of(GROUP);
+        let quads = BLOCK / 4;
+        let mut lines = vec![Line([b.centre; 64]); padded / GROUP * nb * quads];
+        for row in 0..rows {
+            for blk in 0..nb {
+                let first = (row / GROUP * nb + blk) * quads;
+                let lane = row % GROUP * 4;
+                for (k, quad) in b.block(row, nb, blk).chunks_exact(4).enumerate() {
+                    lines[first + k].0[lane..lane + 4].copy_from_slice(quad);
+                }
+            }
+        }
+        let mut scale_by_block = vec![0.0; nb * padded];
+        for (to, from) in scale_by_block
+            .chunks_exact_mut(padded)
+            .zip(b.scale_by_block.chunks_exact(rows))
+        {
+            to[..rows].copy_from_slice(from);
+        }
+        Blocks {
+            codes: Vec::new(),
+            lines,
+            scale_by_block,
+            lift_by_block: Vec::new(),
+            ..b
+        }
+    }
 }
 
 /// ggml blocks -> the kernels' layout with 4- and 5-bit codes packed (see `Blocks`).
@@ -360,6 +423,7 @@ fn repack_packed(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks
         table: dtype::code_table(dtype),
         scale_by_block: Vec::new(),
         lift_by_block: Vec::new(),
+        lines: Vec::new(),
         nibbles,
         centre: match dtype {
             DType::Q8_0 | DType::NF4 => 128,
@@ -472,6 +536,7 @@ mod tests {
                     let bytes = dtype::quantize(d, &w).unwrap();
                     let packed = repack_packed(d, rows, cols, &bytes);
                     let wide = repack_packed(d, rows, cols, &bytes).by_block(rows, nb);
+                    let lines = repack_packed(d, rows, cols, &bytes).interleave(rows, nb);
                     if matches!(d, DType::Q4_0 | DType::Q5_0) {
                         assert!(
                             packed.nibbles && !wide.nibbles && wide.high.is_empty(),
@@ -479,7 +544,17 @@ mod tests {
                         );
                         assert_eq!(wide.codes.len(), rows * cols, "{d:?}");
                     }
-                    [(d, packed), (d, wide)]
+                    if matches!(d, DType::Q8_0 | DType::Q4_0 | DType::Q5_0) {
+                        // Two groups of 16 rows, the second padded; the same codes as `block`.
+                        assert_eq!(lines.lines.len() * 64, 32 * cols, "{d:?}");
+                        assert!(lines.codes.is_empty() && lines.lift_by_block.is_empty());
+                        for r in 0..rows {
+                            for blk in 0..nb {
+                                assert_eq!(lines.block(r, nb, blk), packed.block(r, nb, blk));
+                            }
+                        }
+                    }
+                    [(d, packed), (d, wide), (d, lines)]
                 });
             for (dtype, b) in layouts {
                 let b = &b;
@@ -490,7 +565,7 @@ mod tests {
                         assert!(close(f, slow(b, r, i)), "{dtype:?} {cols} dispatched");
                     }
                     #[cfg(target_arch = "x86_64")]
-                    if crate::simd::has_avx2() {
+                    if crate::simd::has_avx2() && b.lines.is_empty() {
                         // SAFETY: AVX2 + FMA checked; rows and activation rows are in range.
                         unsafe { block_rows_avx2(b, r, nb, &q, 0, &mut fast) };
                         for (i, &f) in fast.iter().enumerate() {
@@ -499,7 +574,7 @@ mod tests {
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                if crate::simd::has_avx2() {
+                if crate::simd::has_avx2() && b.lines.is_empty() {
                     let mut y = [0.0; 16];
                     // SAFETY: AVX2 + FMA checked; 13 of the 16 rows (one group of 8 and a rest) and the
                     // first activation row exist.
@@ -519,15 +594,36 @@ mod tests {
                 }
                 #[cfg(target_arch = "x86_64")]
                 if has_avx512_vnni() {
-                    // Both activation ranges: the by-block kernel (wide codes, Q8_0) and the
-                    // packed one, on one group of 16 rows and a rest of 5.
+                    use super::super::blocks_avx512::{matmul_avx512, matvec_avx512};
+                    // Five activation rows (four at a time, then one) against all rows, and
+                    // the rows of the second group of 16 alone.
+                    let mut y = vec![0.0; 5 * rows];
+                    // SAFETY: AVX-512 F/BW/VNNI checked; all rows and five activation rows exist.
+                    unsafe { matmul_avx512(b, rows, nb, &q, 0, 5, &mut y) };
+                    for (k, &f) in y.iter().enumerate() {
+                        let (i, r) = (k / rows, k % rows);
+                        assert!(
+                            close(f, slow(b, r, i)),
+                            "{dtype:?} {cols} avx512 x{i} row {r}"
+                        );
+                    }
+                    let mut y = [0.0; 8];
+                    // SAFETY: as above; rows 16..24.
+                    unsafe { matvec_avx512(b, 16, nb, &q, &mut y) };
+                    for (r, &f) in y.iter().enumerate() {
+                        assert!(
+                            close(f, slow(b, 16 + r, 0)),
+                            "{dtype:?} {cols} row {}",
+                            16 + r
+                        );
+                    }
+                    // Both activation ranges, in every layout, on one group of 16 rows and a
+                    // rest of 5.
                     for x in [&q, &narrow] {
                         let mut y = [0.0; 24];
                         // SAFETY: AVX-512 F/BW/VNNI checked; 21 of the 24 rows and the first
                         // activation row exist.
-                        unsafe {
-                            super::super::blocks_avx512::matvec_avx512(b, 0, nb, x, &mut y[..21])
-                        };
+                        unsafe { matvec_avx512(b, 0, nb, x, &mut y[..21]) };
                         for (r, &f) in y[..21].iter().enumerate() {
                             let want = slow_of(x, b, r, 0);
                             assert!(close(f, want), "{dtype:?} {cols} avx512 matvec row {r}");

@@ -1,9 +1,10 @@
-//! The AVX-512 VNNI kernels of the block formats (`blocks.rs`): 16 weight rows at a time for
-//! decode (from by-block scales where the layout has them), four activation rows per unpacked
-//! weight row for batches, all in `vpdpbusd` integer dot products of 64 codes.
+//! The AVX-512 VNNI kernels of the block formats (`blocks.rs`), all in `vpdpbusd` integer dot
+//! products: for Q8_0, Q4_0 and Q5_0 in the VNNI layout, groups of 16 weight rows, one lane per
+//! row (`tile`, every batch size); for the packed formats (Q4_1, NF4), 16 weight rows at a time
+//! for decode and four activation rows per unpacked weight row for batches.
 
 use super::avx512::{pair_of, sum16};
-use super::blocks::{Blocks, QuantizedRows};
+use super::blocks::{Blocks, QuantizedRows, GROUP};
 use crate::format::dtype::BLOCK;
 
 /// The AVX-512 VNNI kernel: one weight row against X activation rows; each pair of blocks is
@@ -128,7 +129,10 @@ impl Unpack {
 /// Rows row0..row0 + 16 against activation row `xr` (nb even, at most 16): each row's products
 /// stay in its own vector (scales applied per pair of blocks as one [s0 x 8, s1 x 8] vector, the
 /// bias term added in lanes 0..nb), and one transposing tree of adds turns the 16 vectors into
-/// the 16 dot products, instead of a horizontal reduction per row.
+/// the 16 dot products, instead of a horizontal reduction per row. Like `tile`, not itself a
+/// `target_feature` function, so that it is inlined into the entry points below (as such
+/// functions they were called per 16 rows, and the one-row LM head ran 1.1-1.4x slower in
+/// alternated runs); only call it from them.
 #[inline(always)]
 unsafe fn rows16_avx512(
     m: &Blocks,
@@ -163,92 +167,113 @@ unsafe fn rows16_avx512(
     }
 }
 
-/// `rows16_avx512` from the by-block scales (`Blocks::scale_by_block`: wide Q4_0 and Q5_0 codes,
-/// Q8_0), for activation row `xr`. A row's pair of blocks costs a 64-byte load, one `vpdpbusd`
-/// (codes unsigned, activations signed: no lift), a conversion, a permute that picks the row's
-/// two scale products out of the two 16-row products, and an FMA; the centre's share, scale x
-/// centre x the activations' sum, is taken off for the 16 rows at once. The packed layout's
-/// kernel spends a nibble split, a scale broadcast and a multiply more per row and pair.
+/// G groups of 16 weight rows in the VNNI layout (`Blocks::interleave`) from group `g0`, against
+/// activation rows xr..xr + X: [group][activation row] vectors of the 16 rows' dot products.
+/// Per block and 4 columns, one line of a group's codes feeds X `vpdpbusd`s, each against one
+/// activation row's 4 codes broadcast, into the rows' own lanes (codes unsigned, activations
+/// signed); per block the integer sums are converted once and scaled for the 16 rows together:
+/// (sum x d - centre x d x the activations' sum) x the rows' scales. G x X independent sums
+/// keep `vpdpbusd`'s latency hidden (one activation row: four groups at a time). Only call it
+/// from the `target_feature` entry points below, into which it is inlined.
 #[inline(always)]
-unsafe fn rows16_by_block(
+unsafe fn tile<const G: usize, const X: usize>(
     m: &Blocks,
-    row0: usize,
+    g0: usize,
     nb: usize,
     x: &QuantizedRows,
     xr: usize,
-) -> std::arch::x86_64::__m512 {
-    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for,
-    // nb is even, and rows row0..row0 + 16 of every block are inside the by-block arrays and
-    // the codes, and activation row `xr` inside `x`.
+) -> [[std::arch::x86_64::__m512; X]; G] {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for
+    // and keeps groups g0..g0 + G inside the layout and activation rows xr..xr + X inside `x`.
     unsafe {
         use std::arch::x86_64::*;
-        let rows = m.scale_by_block.len() / nb;
+        let padded = m.scale_by_block.len() / nb;
         let centre = m.centre as f32;
-        // The lanes of row r's two scale products in [sd0, sd1]: r in lanes 0..8 (its first
-        // block), 16 + r in lanes 8..16 (its second).
-        let halves = _mm512_maskz_set1_epi32(0xFF00, 16);
-        let pick = |r: i32| _mm512_add_epi32(halves, _mm512_set1_epi32(r));
-        let mut acc = [_mm512_setzero_ps(); 16];
-        let mut centred = _mm512_setzero_ps();
-        for p in 0..nb / 2 {
-            let (b0, b1) = (2 * p, 2 * p + 1);
-            let xb = xr * nb + b0;
-            let xv = _mm512_loadu_si512(x.q.as_ptr().add(xb * BLOCK) as *const _);
-            let s0 = _mm512_loadu_ps(m.scale_by_block.as_ptr().add(b0 * rows + row0));
-            let s1 = _mm512_loadu_ps(m.scale_by_block.as_ptr().add(b1 * rows + row0));
-            let (d0, d1) = (*x.d.get_unchecked(xb), *x.d.get_unchecked(xb + 1));
-            let (sum0, sum1) = (*x.s.get_unchecked(xb), *x.s.get_unchecked(xb + 1));
-            centred = _mm512_fmadd_ps(s0, _mm512_set1_ps(centre * sum0), centred);
-            centred = _mm512_fmadd_ps(s1, _mm512_set1_ps(centre * sum1), centred);
-            let (sd0, sd1) = (
-                _mm512_mul_ps(s0, _mm512_set1_ps(d0)),
-                _mm512_mul_ps(s1, _mm512_set1_ps(d1)),
-            );
-            for (r, a) in acc.iter_mut().enumerate() {
-                let codes = m.codes.as_ptr().add(((row0 + r) * nb + b0) * BLOCK);
-                let isum = _mm512_dpbusd_epi32(
-                    _mm512_setzero_si512(),
-                    _mm512_loadu_si512(codes as *const _),
-                    xv,
-                );
-                let s = _mm512_permutex2var_ps(sd0, pick(r as i32), sd1);
-                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, *a);
+        let quads = BLOCK / 4;
+        let mut acc = [[_mm512_setzero_ps(); X]; G];
+        for b in 0..nb {
+            let mut sums = [[_mm512_setzero_si512(); X]; G];
+            for k in 0..quads {
+                let xs: [__m512i; X] = std::array::from_fn(|j| {
+                    let at = ((xr + j) * nb + b) * BLOCK + 4 * k;
+                    _mm512_set1_epi32((x.q.as_ptr().add(at) as *const i32).read_unaligned())
+                });
+                for (g, row) in sums.iter_mut().enumerate() {
+                    let line = m.lines.as_ptr().add(((g0 + g) * nb + b) * quads + k);
+                    let w = _mm512_load_si512(line as *const _);
+                    for (sum, &xv) in row.iter_mut().zip(&xs) {
+                        *sum = _mm512_dpbusd_epi32(*sum, w, xv);
+                    }
+                }
+            }
+            for (g, (row, sum)) in acc.iter_mut().zip(&sums).enumerate() {
+                let at = b * padded + (g0 + g) * GROUP;
+                let scale = _mm512_loadu_ps(m.scale_by_block.as_ptr().add(at));
+                for (j, (a, &isum)) in row.iter_mut().zip(sum).enumerate() {
+                    let xb = (xr + j) * nb + b;
+                    let (d, s) = (*x.d.get_unchecked(xb), *x.s.get_unchecked(xb));
+                    let t = _mm512_fmsub_ps(
+                        _mm512_cvtepi32_ps(isum),
+                        _mm512_set1_ps(d),
+                        _mm512_set1_ps(centre * s),
+                    );
+                    *a = _mm512_fmadd_ps(t, scale, *a);
+                }
             }
         }
-        _mm512_sub_ps(sum16(&acc), centred)
+        acc
     }
 }
 
-/// Whether `rows16` serves these blocks: an even block count, and for the packed layout at most
-/// 16 blocks (its bias term fills one vector's lanes). Checks that the arrays hold whole rows.
-fn rows16_serves(m: &Blocks, nb: usize) -> bool {
-    let by_block = !m.scale_by_block.is_empty();
-    assert!(!by_block || m.codes.len() >= m.scale_by_block.len() * BLOCK);
-    nb.is_multiple_of(2) && (by_block || nb <= 16)
+/// Stores the 16 dot products of one group at `out[at..]`, as many as fit.
+#[inline(always)]
+unsafe fn store_group(out: &mut [f32], at: usize, v: std::arch::x86_64::__m512) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for;
+    // the mask keeps the store inside `out`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let left = out.len().saturating_sub(at).min(GROUP);
+        let mask = ((1u32 << left) - 1) as u16;
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(at.min(out.len())), mask, v);
+    }
 }
 
-/// 16 weight rows from `row0` against activation row `xr`: from the by-block scales where the
-/// layout has them, else from the packed codes. Only where `rows16_serves`. Like the two kernels,
-/// not itself a `target_feature` function, so that all three are always inlined into the AVX-512
-/// entry points below (as `target_feature` functions they were called per 16 rows, and the
-/// one-row LM head, `matmul/lm_head/q4_0/1`, ran 1.1-1.4x slower in alternated runs); only call
-/// them from such a function.
+/// One activation row (`xr`) against weight rows first..first + out.len() in the VNNI layout
+/// (`first` a whole group): four groups at a time, then one.
 #[inline(always)]
-unsafe fn rows16(
+unsafe fn matvec_lines(
     m: &Blocks,
-    row0: usize,
+    first: usize,
     nb: usize,
     x: &QuantizedRows,
     xr: usize,
-) -> std::arch::x86_64::__m512 {
-    // SAFETY: the two kernels' contract, which is this function's.
+    out: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for;
+    // the asserts keep the groups read inside the layout and the activation row inside `x`.
     unsafe {
-        if m.scale_by_block.is_empty() {
-            rows16_avx512(m, row0, nb, x, xr)
-        } else {
-            rows16_by_block(m, row0, nb, x, xr)
+        assert!(first.is_multiple_of(GROUP) && (xr + 1) * nb <= x.d.len());
+        let (g0, groups) = (first / GROUP, out.len().div_ceil(GROUP));
+        let padded = m.scale_by_block.len() / nb;
+        assert!((g0 + groups) * GROUP <= padded && m.lines.len() >= padded * nb * BLOCK / 64);
+        let mut g = 0;
+        while g + 4 <= groups {
+            for (i, [v]) in tile::<4, 1>(m, g0 + g, nb, x, xr).into_iter().enumerate() {
+                store_group(out, (g + i) * GROUP, v);
+            }
+            g += 4;
+        }
+        for g in g..groups {
+            let [[v]] = tile::<1, 1>(m, g0 + g, nb, x, xr);
+            store_group(out, g * GROUP, v);
         }
     }
+}
+
+/// Whether `rows16_avx512` serves these packed blocks: an even count of at most 16 (the bias term
+/// fills one vector's lanes).
+fn rows16_serves(nb: usize) -> bool {
+    nb.is_multiple_of(2) && nb <= 16
 }
 
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
@@ -264,11 +289,15 @@ pub(super) unsafe fn matvec_avx512(
     // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the assert below keeps the weight rows and the activation row inside their buffers.
     unsafe {
         use std::arch::x86_64::_mm512_storeu_ps;
+        if !m.lines.is_empty() {
+            return matvec_lines(m, first, nb, x, 0, out);
+        }
         let mut j = 0;
-        if rows16_serves(m, nb) {
+        if rows16_serves(nb) {
             assert!((first + out.len()) * nb <= m.scale.len() && x.q.len() >= nb * BLOCK);
             while j + 16 <= out.len() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(j), rows16(m, first + j, nb, x, 0));
+                let v = rows16_avx512(m, first + j, nb, x, 0);
+                _mm512_storeu_ps(out.as_mut_ptr().add(j), v);
                 j += 16;
             }
         }
@@ -292,12 +321,17 @@ pub(super) unsafe fn block_rows_avx512(
     // SAFETY: this function's contract: the caller checked the CPU features it is compiled for; the assert below keeps the weight row and the activation rows inside their buffers.
     unsafe {
         assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
+        assert!(
+            m.lines.is_empty(),
+            "the VNNI layout is read by groups of rows"
+        );
         by_fours!(dot_blocks_avx512(m, row, nb, x, x_first, out));
     }
 }
 
-/// All weight rows against `n` activation rows (x_first..): y [n, rows], in one call: groups of
-/// 16 rows through `rows16`, the rest one row at a time for four activation rows at once.
+/// All weight rows against `n` activation rows (x_first..): y [n, rows], in one call: in the
+/// VNNI layout through `tile`; packed, groups of 16 rows through `rows16_avx512`, the rest one
+/// row at a time for four activation rows at once.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn matmul_avx512(
     m: &Blocks,
@@ -314,12 +348,34 @@ pub(super) unsafe fn matmul_avx512(
         assert!(
             (x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows
         );
+        if !m.lines.is_empty() {
+            // Four activation rows at a time per group of weight rows, then the rest one by one.
+            let padded = m.scale_by_block.len() / nb;
+            assert!(rows <= padded && m.lines.len() >= padded * nb * BLOCK / 64);
+            let full = n / 4 * 4;
+            for g in 0..rows.div_ceil(GROUP) {
+                let mut i = 0;
+                while i < full {
+                    for (j, v) in tile::<1, 4>(m, g, nb, x, x_first + i)[0]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        store_group(&mut y[(i + j) * rows..(i + j + 1) * rows], g * GROUP, v);
+                    }
+                    i += 4;
+                }
+            }
+            for i in full..n {
+                matvec_lines(m, 0, nb, x, x_first + i, &mut y[i * rows..(i + 1) * rows]);
+            }
+            return;
+        }
         let mut r = 0;
-        if rows16_serves(m, nb) {
+        if rows16_serves(nb) {
             // Groups of 16 weight rows (in L1 while every activation row passes).
             while r + 16 <= rows {
                 for i in 0..n {
-                    let v = rows16(m, r, nb, x, x_first + i);
+                    let v = rows16_avx512(m, r, nb, x, x_first + i);
                     _mm512_storeu_ps(y.as_mut_ptr().add(i * rows + r), v);
                 }
                 r += 16;

@@ -109,8 +109,18 @@ const POOL_FROM: usize = 1 << 21;
 /// groups products to make fewer: `matmul_group`) costs about what the second core saves.
 const PAIR_FROM: usize = 1 << 14;
 
+/// `PAIR_FROM` for the block formats in the VNNI layout (`blocks::Blocks::interleave`), whose
+/// kernel is about twice as fast: a 512 x 128 Q4_0 decode product then takes ~1 us on one thread
+/// and ~1.3 us split (`matmul_pair/in_proj/q4_0`), and Q4_0 `tiny` decodes fastest with only the
+/// LM head split (Intel Xeon with VNNI, 2026-12-03: alternated `itera bench` runs with the
+/// threshold at 2^14, 2^17 and above the LM head; docs/performance.md).
+const PAIR_FROM_VNNI_LAYOUT: usize = 1 << 17;
+
 /// Activation rows from which a block or half matrix runs through the f32 micro-tiles, one
 /// decoded 32-row panel at a time (in L1; never the whole matrix), instead of integer dots.
+/// Not for the block formats in the VNNI layout, whose kernel (`blocks_avx512::tile`) beat the
+/// panels at every batch on the Intel Xeon of 2026-12-03: Q4_0 `tiny` prefill 1.24-1.60x f32
+/// instead of 0.93-1.05x, 64-stream decode 2.3x (alternated `itera bench` runs; performance.md).
 const DECODE_PANELS_FROM: usize = 32;
 
 /// The instruction set the block kernels use on this machine, for reports.
@@ -222,7 +232,8 @@ impl Matrix {
             Data::Half(v) => v.len() * 2,
             Data::Blocks(b) => {
                 let by_block = b.scale_by_block.len() + b.lift_by_block.len();
-                b.codes.len() + 4 * (b.high.len() + b.scale.len() + b.bias.len() + by_block)
+                let codes = b.codes.len() + 64 * b.lines.len();
+                codes + 4 * (b.high.len() + b.scale.len() + b.bias.len() + by_block)
             }
         }
     }
@@ -284,7 +295,7 @@ impl Matrix {
         match &self.data {
             Data::F32(w) if n == 1 => return panels::matvec(w, rows, cols, x, y, par),
             Data::F32(_) => return self.panel_matmul(x, y, par),
-            _ if n >= DECODE_PANELS_FROM => return self.panel_matmul(x, y, par),
+            _ if n >= self.panels_from() => return self.panel_matmul(x, y, par),
             _ => {}
         }
         if let Data::Blocks(b) = &self.data {
@@ -293,7 +304,7 @@ impl Matrix {
         let q = &*q;
         let work = n * rows * cols;
         match par {
-            Par::Pair if work >= PAIR_FROM && n == 1 && rows >= 32 => {
+            Par::Pair if work >= self.pair_from() && n == 1 && rows >= 32 => {
                 // The weight rows split between this thread and the pair helper.
                 let at = rows.div_ceil(32) * 16;
                 crate::exec::pair::both_parts(y, at, |half, ys| {
@@ -309,8 +320,9 @@ impl Matrix {
                 });
             }
             Par::Pool(threads) if work >= POOL_FROM && n == 1 => {
-                // One activation row: split the weight rows between threads.
-                let chunk = rows.div_ceil(threads * 2).max(32);
+                // One activation row: split the weight rows between threads (whole groups of
+                // the VNNI layout's 16 rows).
+                let chunk = rows.div_ceil(threads * 2).max(32).next_multiple_of(16);
                 y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
                     self.rows_range(x, i * chunk, ys, q);
                 });
@@ -335,10 +347,15 @@ impl Matrix {
     pub fn matmul_group(products: &[Product], qs: &mut Vec<QuantizedRows>, par: Par) {
         let single = products.iter().all(|p| p.x.len() == p.w.cols);
         let work: usize = products.iter().map(|p| p.w.rows * p.w.cols).sum();
+        let from = products
+            .iter()
+            .map(|p| p.w.pair_from())
+            .max()
+            .unwrap_or(PAIR_FROM);
         if qs.len() < products.len().max(1) {
             qs.resize_with(products.len().max(1), Default::default);
         }
-        if !(single && par == Par::Pair && work >= PAIR_FROM) {
+        if !(single && par == Par::Pair && work >= from) {
             for p in products {
                 // SAFETY: `Product`'s one part, its whole output, used by this thread alone.
                 let y = unsafe { p.y.part(0, p.y.len()) };
@@ -395,6 +412,23 @@ impl Matrix {
                 }
             }
         });
+    }
+
+    /// Activation rows from which a product of this matrix runs through the f32 panels: never
+    /// for the VNNI layout, whose integer kernel is faster at every batch (`DECODE_PANELS_FROM`).
+    fn panels_from(&self) -> usize {
+        match &self.data {
+            Data::Blocks(b) if !b.lines.is_empty() => usize::MAX,
+            _ => DECODE_PANELS_FROM,
+        }
+    }
+
+    /// Multiply-adds from which a product of this matrix splits with the pair helper.
+    fn pair_from(&self) -> usize {
+        match &self.data {
+            Data::Blocks(b) if !b.lines.is_empty() => PAIR_FROM_VNNI_LAYOUT,
+            _ => PAIR_FROM,
+        }
     }
 
     /// y[j] = row (first + j) · x for one activation row.
@@ -501,14 +535,14 @@ pub(super) mod tests {
     }
 
     /// Every format's matmul, on every path (one activation row: the decode matvec; 2-31 rows:
-    /// the integer / half kernels; 32+ rows: decoded panels), on one thread and split with the
-    /// pair helper, equals an f32 product over the weights as `format::dtype::dequantize` decodes
-    /// them (ggml's formulas, independent of the kernels' `block_codes`), within a bound derived
-    /// from what the kernel rounds:
-    /// - block formats under 32 rows quantize each block of 32 activations to int8 with step
-    ///   dx = amax / 127, so each product is off by at most dx / 2 * |w|: the bound is
-    ///   sum over blocks of dx / 2 * sum |w|, plus f32 rounding of the per-block terms (each at
-    ///   most ~2 amax_w * dx * 32 * 127, relative 2^-20);
+    /// the integer / half kernels; 32+ rows: decoded panels, or integers in the VNNI layout),
+    /// on one thread and split with the pair helper, equals an f32 product over the weights as
+    /// `format::dtype::dequantize` decodes them (ggml's formulas, independent of the kernels'
+    /// `block_codes`), within a bound derived from what the kernel rounds:
+    /// - block formats under 32 rows (any rows in the VNNI layout) quantize each block of 32
+    ///   activations to int8 with step dx = amax / 127, so each product is off by at most
+    ///   dx / 2 * |w|: the bound is sum over blocks of dx / 2 * sum |w|, plus f32 rounding of
+    ///   the per-block terms (each at most ~2 amax_w * dx * 32 * 127, relative 2^-20);
     /// - float formats and the panel path multiply exactly in f32 and sum `cols` products in
     ///   order: cols * 2^-24 * sum |w x| (plus 2^-20 for NF4, whose panels decode with one more
     ///   rounding).
@@ -528,7 +562,8 @@ pub(super) mod tests {
                     for par in [Par::Serial, Par::Pair] {
                         let mut y = vec![f32::NAN; n * rows];
                         m.matmul(&x, &mut y, &mut QuantizedRows::default(), par);
-                        check_against_decoded(dtype, &dec, &x, &y, rows, cols, n, par);
+                        let int8 = dtype.block_len() > 1 && n < m.panels_from();
+                        check_against_decoded(dtype, &dec, &x, &y, rows, cols, n, par, int8);
                     }
                 }
             }
@@ -588,8 +623,8 @@ pub(super) mod tests {
         cols: usize,
         n: usize,
         par: Par,
+        int8: bool,
     ) {
-        let int8 = dtype.block_len() > 1 && n < DECODE_PANELS_FROM;
         for i in 0..n {
             let xi = &x[i * cols..(i + 1) * cols];
             for r in 0..rows {

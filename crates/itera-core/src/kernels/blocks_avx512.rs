@@ -257,13 +257,20 @@ unsafe fn matvec_lines(
         let padded = m.scale_by_block.len() / nb;
         assert!((g0 + groups) * GROUP <= padded && m.lines.len() >= padded * nb * BLOCK / 64);
         let mut g = 0;
-        while g + 4 <= groups {
-            for (i, [v]) in tile::<4, 1>(m, g0 + g, nb, x, xr).into_iter().enumerate() {
-                store_group(out, (g + i) * GROUP, v);
-            }
-            g += 4;
+        macro_rules! by {
+            ($n:literal) => {
+                while g + $n <= groups {
+                    for (i, [v]) in tile::<$n, 1>(m, g0 + g, nb, x, xr).into_iter().enumerate() {
+                        store_group(out, (g + i) * GROUP, v);
+                    }
+                    g += $n;
+                }
+            };
         }
-        for g in g..groups {
+        by!(8);
+        by!(4);
+        by!(2);
+        if g < groups {
             let [[v]] = tile::<1, 1>(m, g0 + g, nb, x, xr);
             store_group(out, g * GROUP, v);
         }
@@ -349,20 +356,32 @@ pub(super) unsafe fn matmul_avx512(
             (x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows
         );
         if !m.lines.is_empty() {
-            // Four activation rows at a time per group of weight rows, then the rest one by one.
+            // Two groups of weight rows against four activation rows at a time (eight
+            // independent sums), then the rest of the activation rows one by one.
             let padded = m.scale_by_block.len() / nb;
             assert!(rows <= padded && m.lines.len() >= padded * nb * BLOCK / 64);
-            let full = n / 4 * 4;
-            for g in 0..rows.div_ceil(GROUP) {
-                let mut i = 0;
-                while i < full {
-                    for (j, v) in tile::<1, 4>(m, g, nb, x, x_first + i)[0]
-                        .into_iter()
-                        .enumerate()
-                    {
-                        store_group(&mut y[(i + j) * rows..(i + j + 1) * rows], g * GROUP, v);
+            let (full, groups) = (n / 4 * 4, rows.div_ceil(GROUP));
+            let mut store =
+                |g: usize, i: usize, v| store_group(&mut y[i * rows..(i + 1) * rows], g * GROUP, v);
+            // Groups outer: a pair of groups' codes stay in L1 while the activations pass.
+            let mut g = 0;
+            while g + 2 <= groups {
+                for i in (0..full).step_by(4) {
+                    let t = tile::<2, 4>(m, g, nb, x, x_first + i);
+                    for (dg, vs) in t.into_iter().enumerate() {
+                        vs.into_iter()
+                            .enumerate()
+                            .for_each(|(j, v)| store(g + dg, i + j, v));
                     }
-                    i += 4;
+                }
+                g += 2;
+            }
+            if g < groups {
+                for i in (0..full).step_by(4) {
+                    let [vs] = tile::<1, 4>(m, g, nb, x, x_first + i);
+                    vs.into_iter()
+                        .enumerate()
+                        .for_each(|(j, v)| store(g, i + j, v));
                 }
             }
             for i in full..n {

@@ -96,7 +96,9 @@ pub(super) struct Blocks {
     pub(super) scale: Vec<f32>,
     pub(super) bias: Vec<f32>,
     pub(super) table: Option<[u8; 16]>,
-    /// Two codes per byte; otherwise one per byte, in order (Q5_0's fifth bit included).
+    /// Two codes per byte; otherwise one per byte, in order (Q5_0's fifth bit included). In the
+    /// VNNI layout (Q4_0's), each line holds two quads of columns: 4k.. in the low nibbles and
+    /// 4(k + 4).. in the high ones.
     pub(super) nibbles: bool,
     /// The code every bias stands for (bias = -centre x scale: 128 for Q8_0 and NF4's table, 8
     /// for Q4_0, 16 for Q5_0), or 0 when the bias is free (Q4_1).
@@ -109,7 +111,8 @@ pub(super) struct Blocks {
     pub(super) scale_by_block: Vec<f32>,
     pub(super) lift_by_block: Vec<f32>,
     /// The VNNI layout (`interleave`), which then holds the codes (`codes` is empty): per group
-    /// of `GROUP` rows, per block, per 4 columns, one line of the group's rows' 4 codes each.
+    /// of `GROUP` rows, per block, per 4 columns (8 for Q4_0's nibbles), one line of the
+    /// group's rows' 4 codes each.
     pub(super) lines: Vec<Line>,
 }
 
@@ -123,6 +126,16 @@ pub(super) const GROUP: usize = 16;
 pub(super) struct Line(pub(super) [u8; 64]);
 
 impl Blocks {
+    /// Lines per block and group of rows in the VNNI layout: one per 4 columns, or per 8 where
+    /// they hold nibbles.
+    pub(super) fn lines_per_block(&self) -> usize {
+        if self.nibbles {
+            BLOCK / 8
+        } else {
+            BLOCK / 4
+        }
+    }
+
     /// Q8_0: one byte per code, centred on 128, no table.
     pub(super) fn q8_0(&self) -> bool {
         !self.nibbles && self.centre == 128 && self.table.is_none()
@@ -149,10 +162,16 @@ impl Blocks {
     pub(super) fn block(&self, row: usize, nb: usize, blk: usize) -> [u8; BLOCK] {
         let mut q = [0u8; BLOCK];
         if !self.lines.is_empty() {
-            let first = (row / GROUP * nb + blk) * (BLOCK / 4);
+            let per = self.lines_per_block();
+            let first = (row / GROUP * nb + blk) * per;
             let lane = row % GROUP * 4;
-            for (quad, line) in q.chunks_exact_mut(4).zip(&self.lines[first..]) {
-                quad.copy_from_slice(&line.0[lane..lane + 4]);
+            for (k, quad) in q.chunks_exact_mut(4).enumerate() {
+                let bytes = &self.lines[first + k % per].0[lane..lane + 4];
+                // Quads past the first `per` are the high nibbles (only when there are nibbles).
+                let shift = k / per * 4;
+                for (c, &b) in quad.iter_mut().zip(bytes) {
+                    *c = if self.nibbles { (b >> shift) & 0x0F } else { b };
+                }
             }
         } else if !self.nibbles {
             let o = (row * nb + blk) * BLOCK;
@@ -375,22 +394,37 @@ impl Blocks {
     /// them): per group of 16 rows, per block, per 4 columns, the 16 rows' 4 codes as one line
     /// (`lines`), so that one `vpdpbusd` against 4 broadcast activations adds 4 columns into
     /// every row's own lane, with no reduction across lanes and one conversion and scaling per
-    /// block and 16 rows. Rows are padded to whole groups (codes at the centre, scales 0), the
-    /// by-block scales likewise ([blocks][padded rows]); AVX2's lifts are dropped.
+    /// block and 16 rows. Q4_0 keeps two codes per byte (`nibbles`: a line holds columns 4k..
+    /// in its low nibbles and 4(k + 4).. in its high ones; `tiny`'s resident Q4_0 weights 2.87 ->
+    /// 1.88 MB, and decode faster, though the LM head alone was not: performance.md, 2026-12-03).
+    /// Rows are padded to whole groups (codes at the centre, scales 0), the by-block scales
+    /// likewise ([blocks][padded rows]); AVX2's lifts are dropped.
     pub(super) fn interleave(self, rows: usize, nb: usize) -> Blocks {
         let b = self.by_block(rows, nb);
         if b.scale_by_block.is_empty() {
             return b;
         }
         let padded = rows.next_multiple_of(GROUP);
-        let quads = BLOCK / 4;
-        let mut lines = vec![Line([b.centre; 64]); padded / GROUP * nb * quads];
+        // Q4_0 (the only format centred on 8: codes 0..15) keeps two codes per byte.
+        let nibbles = b.centre == 8;
+        let per = if nibbles { BLOCK / 8 } else { BLOCK / 4 };
+        let pad = if nibbles { 0x88 } else { b.centre };
+        let mut lines = vec![Line([pad; 64]); padded / GROUP * nb * per];
         for row in 0..rows {
             for blk in 0..nb {
-                let first = (row / GROUP * nb + blk) * quads;
+                let codes = b.block(row, nb, blk);
+                let first = (row / GROUP * nb + blk) * per;
                 let lane = row % GROUP * 4;
-                for (k, quad) in b.block(row, nb, blk).chunks_exact(4).enumerate() {
-                    lines[first + k].0[lane..lane + 4].copy_from_slice(quad);
+                for (k, quad) in codes.chunks_exact(4).enumerate() {
+                    let line = &mut lines[first + k % per].0[lane..lane + 4];
+                    if nibbles {
+                        let shift = k / per * 4;
+                        for (byte, &c) in line.iter_mut().zip(quad) {
+                            *byte = *byte & !(0x0F << shift) | c << shift;
+                        }
+                    } else {
+                        line.copy_from_slice(quad);
+                    }
                 }
             }
         }
@@ -404,6 +438,7 @@ impl Blocks {
         Blocks {
             codes: Vec::new(),
             lines,
+            nibbles,
             scale_by_block,
             lift_by_block: Vec::new(),
             ..b
@@ -546,7 +581,8 @@ mod tests {
                     }
                     if matches!(d, DType::Q8_0 | DType::Q4_0 | DType::Q5_0) {
                         // Two groups of 16 rows, the second padded; the same codes as `block`.
-                        assert_eq!(lines.lines.len() * 64, 32 * cols, "{d:?}");
+                        let bits = if d == DType::Q4_0 { 4 } else { 8 };
+                        assert_eq!(lines.lines.len() * 64 * 8, 32 * cols * bits, "{d:?}");
                         assert!(lines.codes.is_empty() && lines.lift_by_block.is_empty());
                         for r in 0..rows {
                             for blk in 0..nb {

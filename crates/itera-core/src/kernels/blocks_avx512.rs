@@ -169,14 +169,15 @@ unsafe fn rows16_avx512(
 
 /// G groups of 16 weight rows in the VNNI layout (`Blocks::interleave`) from group `g0`, against
 /// activation rows xr..xr + X: [group][activation row] vectors of the 16 rows' dot products.
-/// Per block and 4 columns, one line of a group's codes feeds X `vpdpbusd`s, each against one
-/// activation row's 4 codes broadcast, into the rows' own lanes (codes unsigned, activations
-/// signed); per block the integer sums are converted once and scaled for the 16 rows together:
-/// (sum x d - centre x d x the activations' sum) x the rows' scales. G x X independent sums
-/// keep `vpdpbusd`'s latency hidden (one activation row: four groups at a time). Only call it
-/// from the `target_feature` entry points below, into which it is inlined.
+/// Per block and 4 columns, the group's 16 x 4 codes (one line, or half a line's nibbles for
+/// Q4_0: `NIB`) feed X `vpdpbusd`s, each against one activation row's 4 codes broadcast, into the
+/// rows' own lanes (codes unsigned, activations signed); per block the integer sums are
+/// converted once and scaled for the 16 rows together: (sum x d - centre x d x the activations'
+/// sum) x the rows' scales. G x X independent sums keep `vpdpbusd`'s latency hidden (one
+/// activation row: eight groups at a time). Only call it from the `target_feature` entry points
+/// below, into which it is inlined.
 #[inline(always)]
-unsafe fn tile<const G: usize, const X: usize>(
+unsafe fn tile<const G: usize, const X: usize, const NIB: bool>(
     m: &Blocks,
     g0: usize,
     nb: usize,
@@ -189,20 +190,21 @@ unsafe fn tile<const G: usize, const X: usize>(
         use std::arch::x86_64::*;
         let padded = m.scale_by_block.len() / nb;
         let centre = m.centre as f32;
-        let quads = BLOCK / 4;
+        let per = m.lines_per_block();
+        let low = _mm512_set1_epi8(0x0F);
         let mut acc = [[_mm512_setzero_ps(); X]; G];
         for b in 0..nb {
             let mut sums = [[_mm512_setzero_si512(); X]; G];
-            for k in 0..quads {
-                let xs: [__m512i; X] = std::array::from_fn(|j| {
-                    let at = ((xr + j) * nb + b) * BLOCK + 4 * k;
-                    _mm512_set1_epi32((x.q.as_ptr().add(at) as *const i32).read_unaligned())
-                });
+            for l in 0..per {
                 for (g, row) in sums.iter_mut().enumerate() {
-                    let line = m.lines.as_ptr().add(((g0 + g) * nb + b) * quads + k);
-                    let w = _mm512_load_si512(line as *const _);
-                    for (sum, &xv) in row.iter_mut().zip(&xs) {
-                        *sum = _mm512_dpbusd_epi32(*sum, w, xv);
+                    let line = m.lines.as_ptr().add(((g0 + g) * nb + b) * per + l);
+                    let v = _mm512_load_si512(line as *const _);
+                    if NIB {
+                        quad(row, _mm512_and_si512(v, low), x, nb, b, xr, l);
+                        let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                        quad(row, high, x, nb, b, xr, l + per);
+                    } else {
+                        quad(row, v, x, nb, b, xr, l);
                     }
                 }
             }
@@ -225,6 +227,30 @@ unsafe fn tile<const G: usize, const X: usize>(
     }
 }
 
+/// Adds 16 rows' codes `w` for columns 4k..4k + 4 of block `b` times each activation row's
+/// (xr..xr + X) four codes there, broadcast, into `sums`.
+#[inline(always)]
+unsafe fn quad<const X: usize>(
+    sums: &mut [std::arch::x86_64::__m512i; X],
+    w: std::arch::x86_64::__m512i,
+    x: &QuantizedRows,
+    nb: usize,
+    b: usize,
+    xr: usize,
+    k: usize,
+) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for
+    // and keeps the activation rows and block inside `x`.
+    unsafe {
+        use std::arch::x86_64::*;
+        for (j, sum) in sums.iter_mut().enumerate() {
+            let at = ((xr + j) * nb + b) * BLOCK + 4 * k;
+            let xv = _mm512_set1_epi32((x.q.as_ptr().add(at) as *const i32).read_unaligned());
+            *sum = _mm512_dpbusd_epi32(*sum, w, xv);
+        }
+    }
+}
+
 /// Stores the 16 dot products of one group at `out[at..]`, as many as fit.
 #[inline(always)]
 unsafe fn store_group(out: &mut [f32], at: usize, v: std::arch::x86_64::__m512) {
@@ -241,7 +267,7 @@ unsafe fn store_group(out: &mut [f32], at: usize, v: std::arch::x86_64::__m512) 
 /// One activation row (`xr`) against weight rows first..first + out.len() in the VNNI layout
 /// (`first` a whole group): four groups at a time, then one.
 #[inline(always)]
-unsafe fn matvec_lines(
+unsafe fn matvec_lines<const NIB: bool>(
     m: &Blocks,
     first: usize,
     nb: usize,
@@ -255,12 +281,16 @@ unsafe fn matvec_lines(
         assert!(first.is_multiple_of(GROUP) && (xr + 1) * nb <= x.d.len());
         let (g0, groups) = (first / GROUP, out.len().div_ceil(GROUP));
         let padded = m.scale_by_block.len() / nb;
-        assert!((g0 + groups) * GROUP <= padded && m.lines.len() >= padded * nb * BLOCK / 64);
+        assert!(
+            (g0 + groups) * GROUP <= padded
+                && m.lines.len() >= padded / GROUP * nb * m.lines_per_block()
+        );
         let mut g = 0;
         macro_rules! by {
             ($n:literal) => {
                 while g + $n <= groups {
-                    for (i, [v]) in tile::<$n, 1>(m, g0 + g, nb, x, xr).into_iter().enumerate() {
+                    let t = tile::<$n, 1, NIB>(m, g0 + g, nb, x, xr);
+                    for (i, [v]) in t.into_iter().enumerate() {
                         store_group(out, (g + i) * GROUP, v);
                     }
                     g += $n;
@@ -271,8 +301,58 @@ unsafe fn matvec_lines(
         by!(4);
         by!(2);
         if g < groups {
-            let [[v]] = tile::<1, 1>(m, g0 + g, nb, x, xr);
+            let [[v]] = tile::<1, 1, NIB>(m, g0 + g, nb, x, xr);
             store_group(out, g * GROUP, v);
+        }
+    }
+}
+
+/// All weight rows in the VNNI layout against `n` activation rows (x_first..), as
+/// `matmul_avx512`: two groups of weight rows against four activation rows at a time (eight
+/// independent sums), then the rest of the activation rows one by one.
+#[inline(always)]
+unsafe fn matmul_lines<const NIB: bool>(
+    m: &Blocks,
+    rows: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    n: usize,
+    y: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for
+    // and that the activation rows and outputs exist; the assert keeps the groups inside the layout.
+    unsafe {
+        let padded = m.scale_by_block.len() / nb;
+        assert!(rows <= padded && m.lines.len() >= padded / GROUP * nb * m.lines_per_block());
+        let (full, groups) = (n / 4 * 4, rows.div_ceil(GROUP));
+        // Groups outer: a pair of groups' codes stay in L1 while the activations pass.
+        let mut g = 0;
+        while g + 2 <= groups {
+            for i in (0..full).step_by(4) {
+                let t = tile::<2, 4, NIB>(m, g, nb, x, x_first + i);
+                for (dg, vs) in t.into_iter().enumerate() {
+                    for (j, v) in vs.into_iter().enumerate() {
+                        store_group(
+                            &mut y[(i + j) * rows..(i + j + 1) * rows],
+                            (g + dg) * GROUP,
+                            v,
+                        );
+                    }
+                }
+            }
+            g += 2;
+        }
+        if g < groups {
+            for i in (0..full).step_by(4) {
+                let [vs] = tile::<1, 4, NIB>(m, g, nb, x, x_first + i);
+                for (j, v) in vs.into_iter().enumerate() {
+                    store_group(&mut y[(i + j) * rows..(i + j + 1) * rows], g * GROUP, v);
+                }
+            }
+        }
+        for i in full..n {
+            matvec_lines::<NIB>(m, 0, nb, x, x_first + i, &mut y[i * rows..(i + 1) * rows]);
         }
     }
 }
@@ -297,7 +377,11 @@ pub(super) unsafe fn matvec_avx512(
     unsafe {
         use std::arch::x86_64::_mm512_storeu_ps;
         if !m.lines.is_empty() {
-            return matvec_lines(m, first, nb, x, 0, out);
+            return if m.nibbles {
+                matvec_lines::<true>(m, first, nb, x, 0, out)
+            } else {
+                matvec_lines::<false>(m, first, nb, x, 0, out)
+            };
         }
         let mut j = 0;
         if rows16_serves(nb) {
@@ -356,38 +440,11 @@ pub(super) unsafe fn matmul_avx512(
             (x_first + n) * nb <= x.d.len() && rows * nb <= m.scale.len() && y.len() >= n * rows
         );
         if !m.lines.is_empty() {
-            // Two groups of weight rows against four activation rows at a time (eight
-            // independent sums), then the rest of the activation rows one by one.
-            let padded = m.scale_by_block.len() / nb;
-            assert!(rows <= padded && m.lines.len() >= padded * nb * BLOCK / 64);
-            let (full, groups) = (n / 4 * 4, rows.div_ceil(GROUP));
-            let mut store =
-                |g: usize, i: usize, v| store_group(&mut y[i * rows..(i + 1) * rows], g * GROUP, v);
-            // Groups outer: a pair of groups' codes stay in L1 while the activations pass.
-            let mut g = 0;
-            while g + 2 <= groups {
-                for i in (0..full).step_by(4) {
-                    let t = tile::<2, 4>(m, g, nb, x, x_first + i);
-                    for (dg, vs) in t.into_iter().enumerate() {
-                        vs.into_iter()
-                            .enumerate()
-                            .for_each(|(j, v)| store(g + dg, i + j, v));
-                    }
-                }
-                g += 2;
-            }
-            if g < groups {
-                for i in (0..full).step_by(4) {
-                    let [vs] = tile::<1, 4>(m, g, nb, x, x_first + i);
-                    vs.into_iter()
-                        .enumerate()
-                        .for_each(|(j, v)| store(g, i + j, v));
-                }
-            }
-            for i in full..n {
-                matvec_lines(m, 0, nb, x, x_first + i, &mut y[i * rows..(i + 1) * rows]);
-            }
-            return;
+            return if m.nibbles {
+                matmul_lines::<true>(m, rows, nb, x, x_first, n, y)
+            } else {
+                matmul_lines::<false>(m, rows, nb, x, x_first, n, y)
+            };
         }
         let mut r = 0;
         if rows16_serves(nb) {

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::rng::Rng;
-use crate::runtime::{Runtime, State};
+use crate::runtime::{Phases, Runtime, State};
 
 /// Median of a non-empty sample.
 pub fn median(v: &[f64]) -> f64 {
@@ -106,6 +106,28 @@ pub fn decode(rt: &Runtime, tokens: usize, repeats: usize) -> Result<DecodeRepor
         latency_p50_us: percentile(&latencies, 0.5),
         latency_p99_us: percentile(&latencies, 0.99),
     })
+}
+
+/// Greedy decode of `tokens` tokens after a 16-token prompt and as many untimed ones, timed
+/// phase by phase (`runtime::Phases`): mean nanoseconds per token of each phase, in the model's
+/// order. The clock reads add ~20 ns a phase, so the sum runs above `decode`'s latency. (Without
+/// the warm-up, a fresh process's LM head ran 2x slower: the pair helper had just started.)
+pub fn decode_phases(rt: &Runtime, tokens: usize) -> Result<Vec<(&'static str, f64)>> {
+    let prompt = random_tokens(rt, 16, 3);
+    let (mut st, mut scratch) = (rt.new_state(), rt.new_scratch());
+    rt.prefill(&prompt, &mut st, &mut scratch)?;
+    for i in 0..2 * tokens {
+        if i == tokens {
+            scratch.phases = Some(Phases::default());
+        }
+        let next = argmax(&scratch.logits);
+        rt.step(next, &mut st, &mut scratch)?;
+    }
+    Ok(scratch
+        .phases
+        .take()
+        .map(|p| p.per_call())
+        .unwrap_or_default())
 }
 
 /// Batched greedy decode: `streams` streams advanced together for `steps` steps; total tokens/s.

@@ -22,7 +22,7 @@ pub struct BenchArgs {
     pub quick: bool,
     /// Only these measurements (comma-separated; an unknown name is an error, not an empty run)
     #[arg(long, value_delimiter = ',',
-          value_parser = ["peak", "prefill", "eval", "decode", "batched", "startup"])]
+          value_parser = ["peak", "prefill", "eval", "decode", "phases", "batched", "startup"])]
     pub only: Vec<String>,
     /// Also time decode and prefill against this model, alternating runs, and report the ratios
     #[arg(long)]
@@ -107,6 +107,15 @@ pub fn run(opts: BenchArgs) -> Result<()> {
     } else {
         (f64::NAN, 0)
     };
+    note("phases", "one decode step phase by phase");
+    let phases: serde_json::Map<String, Value> = if want("phases") {
+        bench::decode_phases(rt, if opts.quick { 32 } else { 1024 })?
+            .into_iter()
+            .map(|(name, ns)| (name.to_string(), json!(ns)))
+            .collect()
+    } else {
+        Default::default()
+    };
     let versus = match &opts.baseline {
         Some(p) => {
             if !opts.json {
@@ -156,6 +165,7 @@ pub fn run(opts: BenchArgs) -> Result<()> {
                    "weight_bytes_per_token": bytes_per_token, "read_bandwidth_bytes_per_s": bandwidth,
                    "read_bandwidth_cores": bandwidth_cores,
                    "fraction_of_bandwidth": decode.tokens_per_s * bytes_per_token as f64 / bandwidth},
+        "decode_phases_ns": phases,
         "batched_decode": batched,
         "versus_baseline": versus,
         "start_to_first_token_ms": first_token_ms,
@@ -288,6 +298,22 @@ fn print_report(r: &Value) {
         r["decode"]["read_bandwidth_cores"],
         f(&r["decode"]["read_bandwidth_bytes_per_s"]) / 1e9
     );
+    if let Some(phases) = r["decode_phases_ns"].as_object().filter(|p| !p.is_empty()) {
+        let total: f64 = phases.values().filter_map(Value::as_f64).sum();
+        // In the model's order (the JSON object's keys are sorted).
+        let parts: Vec<String> = itera_core::runtime::Phase::ALL
+            .iter()
+            .map(|p| {
+                let ns = phases.get(p.name()).and_then(Value::as_f64).unwrap_or(0.0);
+                format!("{} {:.2}", p.name(), ns / 1e3)
+            })
+            .collect();
+        println!(
+            "  phases (us/token)   {} (sum {:.1}, timed separately)",
+            parts.join(", "),
+            total / 1e3
+        );
+    }
     for s in ["1", "8", "64"] {
         let b = &r["batched_decode"][s];
         println!(

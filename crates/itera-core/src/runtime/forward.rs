@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::moe::{ffn_rows, moe_rows};
+use super::phases::{mark, Phase};
 use super::state::{grow, Scratch, State};
 use super::{mixer::mixer_rows, Runtime};
 use crate::error::{Error, Result};
@@ -194,17 +195,23 @@ impl Runtime {
     ) {
         let c = &self.cfg;
         let (d, rows) = (c.d_model, tokens.len());
+        if let (1, Some(p)) = (rows, &mut s.phases) {
+            p.start();
+        }
         let x = grow(&mut s.x, rows * d);
         for (xr, &t) in x.chunks_exact_mut(d).zip(tokens) {
             self.embed.row_into(t as usize, xr);
         }
+        mark(&mut s.phases, Phase::Embed);
         for (li, layer) in self.layers.iter().enumerate() {
             let h = grow(&mut s.h, rows * d);
             rms_norm_rows(&s.x, &layer.norm, c.norm_eps, h);
+            mark(&mut s.phases, Phase::Norm);
             mixer_rows(layer, li, c, streams, states, s, par);
             for (a, b) in s.x.iter_mut().zip(s.out.iter()) {
                 *a += b;
             }
+            mark(&mut s.phases, Phase::Residual);
             if let Some(moe) = &layer.moe {
                 moe_rows(moe, li, c, rows, s, par);
             } else if let Some(ffn) = &layer.ffn {
@@ -217,6 +224,9 @@ impl Runtime {
         let out = match head {
             Head::Hidden => {
                 rms_norm_rows(&s.x, &self.norm_f, c.norm_eps, grow(&mut s.h, rows * d));
+                if let Some(p) = &mut s.phases {
+                    p.finish();
+                }
                 return;
             }
             Head::Logits(out) => out,
@@ -225,11 +235,16 @@ impl Runtime {
         for (hr, &i) in h.chunks_exact_mut(d).zip(logit_rows) {
             rms_norm(&s.x[i * d..(i + 1) * d], &self.norm_f, c.norm_eps, hr);
         }
+        mark(&mut s.phases, Phase::FinalNorm);
         let logits = match out {
             Some(o) => o,
             None => s.logits.grow(logit_rows.len() * c.vocab_size),
         };
         self.embed.matmul(h, logits, &mut s.q, par);
+        if let Some(p) = &mut s.phases {
+            p.mark(Phase::LmHead);
+            p.finish();
+        }
     }
 
     /// Several streams: each thread runs whole streams (a contiguous range of stream indices

@@ -3,6 +3,7 @@
 //! order and updating each stream's state in place. Conv and scan work per channel range, so a
 //! call can split them by channels; the scan has an AVX-512 version beside the portable one.
 
+use super::phases::{mark, Phase};
 use super::state::{grow, note_inputs, Scratch, State};
 use super::Layer;
 use crate::config::ModelConfig;
@@ -314,6 +315,7 @@ pub(super) fn mixer_rows(
     let xz = grow(&mut s.xz, rows * 2 * di);
     note_inputs(&mut s.inputs, &layer.in_proj, &s.h);
     layer.in_proj.matmul(&s.h, xz, &mut s.q, par);
+    mark(&mut s.phases, Phase::InProj);
     s.conv_ptrs.clear();
     s.ssm_ptrs.clear();
     for st in states.iter_mut() {
@@ -341,14 +343,17 @@ pub(super) fn mixer_rows(
         k,
     };
     mixer_split(io, conv_range, par);
+    mark(&mut s.phases, Phase::Conv);
     note_inputs(&mut s.inputs, &layer.x_proj, xc);
     layer.x_proj.matmul(xc, dbc, &mut s.q, par);
+    mark(&mut s.phases, Phase::XProj);
     let dt_low = grow(&mut s.dt_low, rows * r);
     for (lo, row) in dt_low.chunks_exact_mut(r).zip(dbc.chunks_exact(r + 2 * n)) {
         lo.copy_from_slice(&row[..r]);
     }
     note_inputs(&mut s.inputs, &layer.dt_proj, dt_low);
     layer.dt_proj.matmul(dt_low, dt, &mut s.q, par);
+    mark(&mut s.phases, Phase::DtProj);
     match &layer.shared {
         None => {
             // Fresh parts: the matmuls above wrote through the slices themselves.
@@ -379,9 +384,11 @@ pub(super) fn mixer_rows(
             }
         }
     }
+    mark(&mut s.phases, Phase::Scan);
     let out = grow(&mut s.out, rows * cfg.d_model);
     note_inputs(&mut s.inputs, &layer.out_proj, y);
     layer.out_proj.matmul(y, out, &mut s.q, par);
+    mark(&mut s.phases, Phase::OutProj);
 }
 
 #[cfg(test)]

@@ -17,9 +17,11 @@
 mod forward;
 mod mixer;
 mod moe;
+mod phases;
 mod state;
 
 pub use moe::{route, LayerRouting, RoutingStats};
+pub use phases::{Phase, Phases};
 pub use state::{AlignedBuf, InputHook, LayerState, Scratch, State};
 
 use crate::config::{Mixer, ModelConfig};

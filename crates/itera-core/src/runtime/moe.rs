@@ -4,12 +4,13 @@
 //! token's weaker experts (`moe_skip_beta`) and records routing statistics (`RoutingStats`) and,
 //! when asked, each matrix's inputs (`Scratch::inputs`).
 
+use super::phases::{mark, Phase, Phases};
 use super::state::{grow, note_inputs, InputHook, Scratch};
 use super::{Ffn, Moe, Swiglu};
 use crate::config::ModelConfig;
 use crate::exec::Par;
 use crate::kernels::{Matrix, Product, QuantizedRows};
-use crate::math::{rms_norm_rows, silu, top_k_into};
+use crate::math::{rms_norm_rows, swiglu_gate, top_k_into};
 
 /// What the routers did over the calls made with a scratch that collects them: per MoE layer
 /// and expert, how often it was chosen, its summed (renormalised) gate, and its summed
@@ -88,6 +89,7 @@ fn swiglu_jobs<'a>(
     eo: &'a mut Vec<f32>,
     qs: &mut Vec<QuantizedRows>,
     inputs: &mut Option<InputHook>,
+    phases: &mut Option<Phases>,
     par: Par,
 ) -> &'a [f32] {
     let rows_of = |x: &[f32]| x.len() / d;
@@ -111,9 +113,9 @@ fn swiglu_jobs<'a>(
         }
         Matrix::matmul_group(&products, qs, par);
     }
-    for (g, u) in eg.iter_mut().zip(eu.iter()) {
-        *g = silu(*g) * u;
-    }
+    mark(phases, Phase::GateUp);
+    swiglu_gate(eg, eu);
+    mark(phases, Phase::Swiglu);
     let (mut hs, mut os) = (&eg[..], &mut eo[..]);
     let mut products = Vec::with_capacity(jobs.len());
     for &(mlp, x) in jobs {
@@ -126,6 +128,7 @@ fn swiglu_jobs<'a>(
     }
     Matrix::matmul_group(&products, qs, par);
     drop(products);
+    mark(phases, Phase::Down);
     eo
 }
 
@@ -145,9 +148,11 @@ pub(super) fn moe_rows(
     let beta = cfg.moe_skip_beta as f32;
     let h = grow(&mut s.h, rows * d);
     rms_norm_rows(&s.x, &moe.norm, cfg.norm_eps, h);
+    mark(&mut s.phases, Phase::MoeNorm);
     let router = grow(&mut s.router, rows * e);
     note_inputs(&mut s.inputs, &moe.router, h);
     moe.router.matmul(h, router, &mut s.q, par);
+    mark(&mut s.phases, Phase::Router);
     s.expert_rows.resize_with(e, Vec::new);
     s.expert_rows.iter_mut().for_each(|v| v.clear());
     let mut stats = s.routing.as_mut().map(|r| &mut r.layers[layer]);
@@ -202,8 +207,9 @@ pub(super) fn moe_rows(
             rest = tail;
         }
     }
+    mark(&mut s.phases, Phase::Routing);
     let (eg, eu, eo, qs) = (&mut s.eg, &mut s.eu, &mut s.eo, &mut s.qs);
-    let eo = swiglu_jobs(&jobs, d, eg, eu, eo, qs, &mut s.inputs, par);
+    let eo = swiglu_jobs(&jobs, d, eg, eu, eo, qs, &mut s.inputs, &mut s.phases, par);
     let mut outs = eo.chunks_exact(d);
     for (j, assigned) in s.expert_rows.iter().enumerate() {
         for &(i, gate) in assigned {
@@ -221,16 +227,29 @@ pub(super) fn moe_rows(
             st.count[j] += assigned.len() as u64;
         }
     }
+    mark(&mut s.phases, Phase::Combine);
 }
 
 /// x += swiglu(rmsnorm(x)), for all rows (a dense feed-forward on a layer without MoE).
 pub(super) fn ffn_rows(ffn: &Ffn, cfg: &ModelConfig, rows: usize, s: &mut Scratch, par: Par) {
     let h = grow(&mut s.h, rows * cfg.d_model);
     rms_norm_rows(&s.x, &ffn.norm, cfg.norm_eps, h);
+    mark(&mut s.phases, Phase::MoeNorm);
     let (eg, eu, eo) = (&mut s.eg, &mut s.eu, &mut s.eo);
-    let (qs, inputs) = (&mut s.qs, &mut s.inputs);
-    let out = swiglu_jobs(&[(&ffn.mlp, &*h)], cfg.d_model, eg, eu, eo, qs, inputs, par);
+    let (qs, inputs, phases) = (&mut s.qs, &mut s.inputs, &mut s.phases);
+    let out = swiglu_jobs(
+        &[(&ffn.mlp, &*h)],
+        cfg.d_model,
+        eg,
+        eu,
+        eo,
+        qs,
+        inputs,
+        phases,
+        par,
+    );
     for (a, b) in s.x.iter_mut().zip(out.iter()) {
         *a += b;
     }
+    mark(&mut s.phases, Phase::Combine);
 }

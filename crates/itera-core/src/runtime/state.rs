@@ -68,6 +68,8 @@ pub struct Scratch {
     /// multiplies them by (what `itera quantize --gptq` sums its Gram matrices from, and what
     /// `itera prune --refit` fits the kept experts on: the rows its router reads).
     pub inputs: Option<InputHook>,
+    /// When set, one-row calls (decode steps) add their time per phase to it (`Phases`).
+    pub phases: Option<super::Phases>,
 }
 
 /// See `Scratch::inputs`: a matrix of the runtime (`Runtime::matrices` names them) and its input

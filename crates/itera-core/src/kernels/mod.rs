@@ -128,7 +128,11 @@ pub fn level() -> &'static str {
     if vnni_blocks() {
         "avx512-vnni"
     } else if has_avx512_vnni() {
-        "avx2+fma (faster than avx512-vnni here, measured)"
+        if std::env::var("ITERA_BLOCK_KERNEL").as_deref() == Ok("avx2") {
+            "avx2+fma (ITERA_BLOCK_KERNEL=avx2)"
+        } else {
+            "avx2+fma (faster than avx512-vnni here, measured)"
+        }
     } else {
         crate::simd::level_name()
     }

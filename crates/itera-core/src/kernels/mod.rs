@@ -347,7 +347,10 @@ impl Matrix {
     /// `par` is the pair, one hand-off serves them all, each thread taking its half of every
     /// product's weight rows: decode's MoE layer then costs two hand-offs (the chosen experts'
     /// gate and up products, then their down products) instead of one per matmul, six. Otherwise
-    /// they run one after another, as `matmul` runs each. `qs` are reusable buffers.
+    /// they run one after another on this thread, one-row products still sharing quantized
+    /// inputs (`tiny`'s experts in the VNNI layout, below the split threshold: gate and up
+    /// quantize their input once, not four times); a pool or several rows run each product as
+    /// `matmul` does. `qs` are reusable buffers.
     pub fn matmul_group(products: &[Product], qs: &mut Vec<QuantizedRows>, par: Par) {
         let single = products.iter().all(|p| p.x.len() == p.w.cols);
         let work: usize = products.iter().map(|p| p.w.rows * p.w.cols).sum();
@@ -359,7 +362,8 @@ impl Matrix {
         if qs.len() < products.len().max(1) {
             qs.resize_with(products.len().max(1), Default::default);
         }
-        if !(single && par == Par::Pair && work >= from) {
+        let split = single && par == Par::Pair && work >= from;
+        if !single || matches!(par, Par::Pool(_)) {
             for p in products {
                 // SAFETY: `Product`'s one part, its whole output, used by this thread alone.
                 let y = unsafe { p.y.part(0, p.y.len()) };
@@ -390,19 +394,26 @@ impl Matrix {
             }
         }
         let qs = &*qs;
-        crate::exec::pair::both(|half| {
+        // The same rows of each product as `both` below would give one half, for `f(0)` and
+        // `f(1)` alike: all rows when the group is not split.
+        let rows_of = |p: &Product, i: usize, half: usize| {
+            let rows = p.w.rows;
+            if !split {
+                Some((0, rows))
+            } else if rows >= 2 * PANEL {
+                let at = rows.div_ceil(2 * PANEL) * PANEL;
+                Some([(0, at), (at, rows)][half])
+            } else {
+                (i % 2 == half).then_some((0, rows))
+            }
+        };
+        let run = |half: usize| {
             let mut slot = 0;
             for (i, p) in products.iter().enumerate() {
                 if !shares(i) {
                     slot = i;
                 }
-                let rows = p.w.rows;
-                let (r0, r1) = if rows >= 2 * PANEL {
-                    let at = rows.div_ceil(2 * PANEL) * PANEL;
-                    [(0, at), (at, rows)][half]
-                } else if i % 2 == half {
-                    (0, rows)
-                } else {
+                let Some((r0, r1)) = rows_of(p, i, half) else {
                     continue;
                 };
                 // SAFETY: `Product`'s contract: its output is used by this group only, and the
@@ -410,12 +421,16 @@ impl Matrix {
                 let y = unsafe { p.y.part(r0, r1 - r0) };
                 match &p.w.data {
                     Data::F32(w) => {
-                        panels::panel_rows(w, rows, p.w.cols, p.x, 1, y, 0, r0, r1, false)
+                        panels::panel_rows(w, p.w.rows, p.w.cols, p.x, 1, y, 0, r0, r1, false)
                     }
                     _ => p.w.rows_range(p.x, r0, y, &qs[slot]),
                 }
             }
-        });
+        };
+        if !split {
+            return run(0);
+        }
+        crate::exec::pair::both(run);
     }
 
     /// Activation rows from which a product of this matrix runs through the f32 panels: never

@@ -16,14 +16,17 @@ use super::{blocks_avx2::block_rows_avx2, blocks_avx512::block_rows_avx512};
 pub(super) fn vnni_blocks() -> bool {
     use std::sync::OnceLock;
     static USE: OnceLock<bool> = OnceLock::new();
-    *USE.get_or_init(|| {
-        has_avx512_vnni()
-            && match std::env::var("ITERA_BLOCK_KERNEL").as_deref() {
-                Ok("avx2") => false,
-                Ok("avx512") => true,
-                _ => vnni_is_faster(),
-            }
-    })
+    *USE.get_or_init(|| has_avx512_vnni() && forced_kernel().unwrap_or_else(vnni_is_faster))
+}
+
+/// What `ITERA_BLOCK_KERNEL` fixes, if anything: `Some(true)` for the VNNI kernels (`avx512`),
+/// `Some(false)` for the AVX2 ones (`avx2`).
+pub(super) fn forced_kernel() -> Option<bool> {
+    match std::env::var("ITERA_BLOCK_KERNEL").as_deref() {
+        Ok("avx2") => Some(false),
+        Ok("avx512") => Some(true),
+        _ => None,
+    }
 }
 
 /// Times the two decode matvecs (one activation row against a 512 x 256 Q8_0 and Q4_0 matrix,

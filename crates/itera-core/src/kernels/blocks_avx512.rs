@@ -265,7 +265,7 @@ unsafe fn store_group(out: &mut [f32], at: usize, v: std::arch::x86_64::__m512) 
 }
 
 /// One activation row (`xr`) against weight rows first..first + out.len() in the VNNI layout
-/// (`first` a whole group): four groups at a time, then one.
+/// (`first` a whole group): eight groups at a time, then four, two, one.
 #[inline(always)]
 unsafe fn matvec_lines<const NIB: bool>(
     m: &Blocks,
@@ -288,7 +288,7 @@ unsafe fn matvec_lines<const NIB: bool>(
         let mut g = 0;
         macro_rules! by {
             ($n:literal) => {
-                while g + $n <= groups {
+                while groups - g >= $n {
                     let t = tile::<$n, 1, NIB>(m, g0 + g, nb, x, xr);
                     for (i, [v]) in t.into_iter().enumerate() {
                         store_group(out, (g + i) * GROUP, v);
@@ -300,10 +300,7 @@ unsafe fn matvec_lines<const NIB: bool>(
         by!(8);
         by!(4);
         by!(2);
-        if g < groups {
-            let [[v]] = tile::<1, 1, NIB>(m, g0 + g, nb, x, xr);
-            store_group(out, g * GROUP, v);
-        }
+        by!(1);
     }
 }
 
@@ -328,29 +325,24 @@ unsafe fn matmul_lines<const NIB: bool>(
         let (full, groups) = (n / 4 * 4, rows.div_ceil(GROUP));
         // Groups outer: a pair of groups' codes stay in L1 while the activations pass.
         let mut g = 0;
-        while g + 2 <= groups {
-            for i in (0..full).step_by(4) {
-                let t = tile::<2, 4, NIB>(m, g, nb, x, x_first + i);
-                for (dg, vs) in t.into_iter().enumerate() {
-                    for (j, v) in vs.into_iter().enumerate() {
-                        store_group(
-                            &mut y[(i + j) * rows..(i + j + 1) * rows],
-                            (g + dg) * GROUP,
-                            v,
-                        );
+        macro_rules! by {
+            ($n:literal) => {
+                while groups - g >= $n {
+                    for i in (0..full).step_by(4) {
+                        let t = tile::<$n, 4, NIB>(m, g, nb, x, x_first + i);
+                        for (dg, vs) in t.into_iter().enumerate() {
+                            for (j, v) in vs.into_iter().enumerate() {
+                                let row = &mut y[(i + j) * rows..(i + j + 1) * rows];
+                                store_group(row, (g + dg) * GROUP, v);
+                            }
+                        }
                     }
+                    g += $n;
                 }
-            }
-            g += 2;
+            };
         }
-        if g < groups {
-            for i in (0..full).step_by(4) {
-                let [vs] = tile::<1, 4, NIB>(m, g, nb, x, x_first + i);
-                for (j, v) in vs.into_iter().enumerate() {
-                    store_group(&mut y[(i + j) * rows..(i + j + 1) * rows], g * GROUP, v);
-                }
-            }
-        }
+        by!(2);
+        by!(1);
         for i in full..n {
             matvec_lines::<NIB>(m, 0, nb, x, x_first + i, &mut y[i * rows..(i + 1) * rows]);
         }

@@ -128,10 +128,9 @@ pub fn level() -> &'static str {
     if vnni_blocks() {
         "avx512-vnni"
     } else if has_avx512_vnni() {
-        if std::env::var("ITERA_BLOCK_KERNEL").as_deref() == Ok("avx2") {
-            "avx2+fma (ITERA_BLOCK_KERNEL=avx2)"
-        } else {
-            "avx2+fma (faster than avx512-vnni here, measured)"
+        match blocks::forced_kernel() {
+            Some(false) => "avx2+fma (ITERA_BLOCK_KERNEL=avx2)",
+            _ => "avx2+fma (faster than avx512-vnni here, measured)",
         }
     } else {
         crate::simd::level_name()
@@ -568,7 +567,7 @@ pub(super) mod tests {
     #[test]
     fn matmul_matches_decoded_weights_for_every_format() {
         // 96 columns = 3 blocks: exercises a full pair and the odd trailing block; 1,024 = 32
-        // blocks, more than the packed 16-row kernel takes (the by-block one takes any even count).
+        // blocks, more than the packed 16-row kernel takes (the VNNI layout takes any count).
         for &(rows, cols) in &[(40usize, 96usize), (300, 128), (48, 512), (32, 1024)] {
             let w = random(rows * cols, 1);
             for &n in &[1usize, 2, 3, 9, 16, 31, 32, 40] {

@@ -1,8 +1,11 @@
-//! The AVX2 kernels of the block formats (`blocks.rs`), for CPUs without AVX-512 VNNI: one
-//! block of 32 codes per step in `maddubs` integer products, eight weight rows per activation
-//! load in decode, four activation rows per unpacked weight row for batches.
+//! The AVX2 kernels of the block formats (`blocks.rs`), for CPUs without AVX-512 VNNI, in
+//! `maddubs` integer products: for Q8_0, Q4_0 and Q5_0 in the lines layout, 8 weight rows per
+//! half line, one pair of 16-bit lanes per row (`lines_tile`, batches up to
+//! `LINES_AVX2_PANELS_FROM`); for the packed formats (Q4_1, NF4) one block of 32 codes per step,
+//! eight weight rows per activation load in decode, four activation rows per unpacked weight
+//! row for batches.
 
-use super::blocks::{Blocks, QuantizedRows, NARROW};
+use super::blocks::{Blocks, QuantizedRows, GROUP};
 use crate::format::dtype::BLOCK;
 
 /// The AVX2 block kernels' unpacking (CPUs without AVX-512 VNNI): one block of 32 codes per
@@ -30,18 +33,13 @@ mod kind {
     pub(super) const Q5_0: u8 = 2;
     pub(super) const Q4_1: u8 = 3;
     pub(super) const NF4: u8 = 4;
-    /// Q4_0 or Q5_0 with one byte per code (`blocks::wide_codes`).
-    pub(super) const WIDE: u8 = 5;
 }
 
 /// Runs `$body` with `$k` bound to `m`'s format as a constant (`kind`).
 macro_rules! with_kind {
     ($m:expr, $k:ident => $body:expr) => {{
         let m: &Blocks = $m;
-        if !m.nibbles && m.centre < 32 {
-            const $k: u8 = kind::WIDE;
-            $body
-        } else if !m.nibbles {
+        if !m.nibbles {
             const $k: u8 = kind::Q8_0;
             $body
         } else if !m.high.is_empty() {
@@ -63,9 +61,9 @@ macro_rules! with_kind {
 impl<const K: u8> Unpack2<K> {
     const CENTRED: bool = K != kind::Q4_1;
     /// Codes under 32: `products_offset` applies.
-    const SMALL: bool = K == kind::Q4_0 || K == kind::Q5_0 || K == kind::WIDE;
+    const SMALL: bool = K == kind::Q4_0 || K == kind::Q5_0;
     /// One byte per code: a block is one 32-byte load.
-    const BYTES: bool = K == kind::Q8_0 || K == kind::WIDE;
+    const BYTES: bool = K == kind::Q8_0;
 
     #[inline(always)]
     unsafe fn new(m: &Blocks) -> Self {
@@ -344,10 +342,6 @@ unsafe fn rows8_avx2<const K: u8>(
     // row0..row0 + 8 and activation row 0 are inside the matrix and `x`, and `out` holds 8.
     unsafe {
         use std::arch::x86_64::*;
-        if !m.scale_by_block.is_empty() && (K == kind::WIDE || K == kind::Q8_0 && x.limit <= NARROW)
-        {
-            return rows8_by_block::<K>(m, row0, nb, x, out);
-        }
         let u = Unpack2::<K>::new(m);
         let mut acc = [_mm256_setzero_ps(); 8];
         // Block `blk` of the activations: its codes, `offset` (small-code formats) and scale.
@@ -402,75 +396,6 @@ unsafe fn rows8_avx2<const K: u8>(
                 }
             }
         }
-    }
-}
-
-/// `rows8_avx2` from the by-block scales (`Blocks::scale_by_block`), for wide codes and for
-/// Q8_0 with `NARROW` activations. A row's block then costs a load, `maddubs`, `madd`, a
-/// conversion, a lane permute and an FMA: what the codes' centre (and for wide codes the lift)
-/// adds is summed for 8 rows at once and taken off at the end, and each row's scale product
-/// comes out of one 8-row product by the permute.
-/// - Wide codes (Q4_0, Q5_0; measured on AMD EPYC Zen 3, AVX2: Q4_0 decode / f32 medians 1.35x
-///   -> 1.42x and 1.23x -> 1.29x in two alternated series, Q5_0 1.29x -> 1.39x,
-///   docs/performance.md): the activations lifted by 128 to unsigned bytes multiply the codes
-///   (under 32) as they are; the lift adds scale x 128 x the codes' sum x the activations' step
-///   (`lift_by_block`), the centre scale x centre x the activations' sum.
-/// - Q8_0 (codes 0..=255, centre 128; 2026-12-02, docs/performance.md): the codes multiply the
-///   signed activations as they are, which `NARROW` keeps from saturating; the centre adds
-///   scale x 128 x the activations' sum. Before, each row's block took the sign trick's three
-///   extra operations and a scalar scale product.
-#[inline(always)]
-unsafe fn rows8_by_block<const K: u8>(
-    m: &Blocks,
-    row0: usize,
-    nb: usize,
-    x: &QuantizedRows,
-    out: &mut [f32],
-) {
-    // SAFETY: this function's contract (`rows8_avx2`'s): AVX2 + FMA checked, rows
-    // row0..row0 + 8 and activation row 0 inside the matrix and `x`, `out` holds 8; the
-    // by-block arrays hold every row of every block.
-    unsafe {
-        use std::arch::x86_64::*;
-        let signed_x = K == kind::Q8_0;
-        let rows = m.scale_by_block.len() / nb;
-        let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
-        let lane = |r: i32| _mm256_set1_epi32(r);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut lift = _mm256_setzero_ps();
-        for blk in 0..nb {
-            let xv = _mm256_loadu_si256(x.q.as_ptr().add(blk * BLOCK) as *const __m256i);
-            let xv = if signed_x {
-                xv
-            } else {
-                _mm256_xor_si256(xv, flip)
-            };
-            let xd = _mm256_set1_ps(*x.d.get_unchecked(blk));
-            let at = blk * rows + row0;
-            let scales = _mm256_loadu_ps(m.scale_by_block.as_ptr().add(at));
-            let sd = _mm256_mul_ps(scales, xd);
-            if !signed_x {
-                let lifted = _mm256_loadu_ps(m.lift_by_block.as_ptr().add(at));
-                lift = _mm256_fmadd_ps(lifted, xd, lift);
-            }
-            let centred = m.centre as f32 * *x.s.get_unchecked(blk);
-            lift = _mm256_fmadd_ps(scales, _mm256_set1_ps(centred), lift);
-            for (r, a) in acc.iter_mut().enumerate() {
-                let c = _mm256_loadu_si256(
-                    m.codes.as_ptr().add(((row0 + r) * nb + blk) * BLOCK) as *const __m256i
-                );
-                // `maddubs` multiplies unsigned bytes (its first operand) by signed ones.
-                let pairs = if signed_x {
-                    _mm256_maddubs_epi16(c, xv)
-                } else {
-                    _mm256_maddubs_epi16(xv, c)
-                };
-                let p = _mm256_madd_epi16(pairs, ones);
-                let s = _mm256_permutevar8x32_ps(sd, lane(r as i32));
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, *a);
-            }
-        }
-        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(sum8(&acc), lift));
     }
 }
 
@@ -576,5 +501,209 @@ pub(super) unsafe fn quantize_avx2(x: &[f32], out: &mut QuantizedRows, limit: f3
             out.d[b] = d;
             out.s[b] = d * sum as f32;
         }
+    }
+}
+
+/// G groups of 16 weight rows in the lines layout with one byte per code (`Blocks::interleave`
+/// without nibbles) against activation rows xr..xr + X: [group][half][activation row] vectors of
+/// 8 rows' dot products (half 0: the group's rows 0..8, half 1: 8..16). AVX2's `tile`: each
+/// 32-byte half line holds 8 rows' 4 codes, and one `maddubs` against 4 broadcast activations
+/// adds them into each row's own pair of 16-bit lanes (codes unsigned, activations signed), with
+/// no reduction across rows. The 16-bit sums run over `RUN` quads before one `madd` widens them:
+/// what the codes allow without saturating (`run_of`). Per block, one conversion and scaling per
+/// 8 rows, as in the VNNI `tile`. Only call it from the `target_feature` entry points below.
+#[inline(always)]
+unsafe fn lines_tile<const G: usize, const X: usize, const RUN: usize>(
+    m: &Blocks,
+    g0: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    xr: usize,
+) -> [[[std::arch::x86_64::__m256; X]; 2]; G] {
+    // SAFETY: this function's contract: the caller checked AVX2 + FMA and keeps groups
+    // g0..g0 + G inside the layout and activation rows xr..xr + X inside `x`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let padded = m.scale_by_block.len() / nb;
+        let centre = m.centre as f32;
+        let per = BLOCK / 4;
+        let ones = _mm256_set1_epi16(1);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[[_mm256_setzero_ps(); X]; 2]; G];
+        for b in 0..nb {
+            let mut sums = [[[zero; X]; 2]; G];
+            for l0 in (0..per).step_by(RUN) {
+                let mut pairs = [[[zero; X]; 2]; G];
+                for l in l0..l0 + RUN {
+                    let xq: [__m256i; X] = std::array::from_fn(|j| {
+                        let at = ((xr + j) * nb + b) * BLOCK + 4 * l;
+                        _mm256_set1_epi32((x.q.as_ptr().add(at) as *const i32).read_unaligned())
+                    });
+                    for (g, halves) in pairs.iter_mut().enumerate() {
+                        let line = m.lines.as_ptr().add(((g0 + g) * nb + b) * per + l) as *const u8;
+                        for (h, row) in halves.iter_mut().enumerate() {
+                            let w = _mm256_load_si256(line.add(32 * h) as *const __m256i);
+                            for (p, &xv) in row.iter_mut().zip(&xq) {
+                                *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(w, xv));
+                            }
+                        }
+                    }
+                }
+                for (g, halves) in sums.iter_mut().enumerate() {
+                    for (h, row) in halves.iter_mut().enumerate() {
+                        for (s, &p) in row.iter_mut().zip(&pairs[g][h]) {
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                }
+            }
+            for (g, halves) in acc.iter_mut().enumerate() {
+                for (h, row) in halves.iter_mut().enumerate() {
+                    let at = b * padded + (g0 + g) * GROUP + 8 * h;
+                    let scale = _mm256_loadu_ps(m.scale_by_block.as_ptr().add(at));
+                    for (j, (a, &isum)) in row.iter_mut().zip(&sums[g][h]).enumerate() {
+                        let xb = (xr + j) * nb + b;
+                        let (d, s) = (*x.d.get_unchecked(xb), *x.s.get_unchecked(xb));
+                        let t = _mm256_fmsub_ps(
+                            _mm256_cvtepi32_ps(isum),
+                            _mm256_set1_ps(d),
+                            _mm256_set1_ps(centre * s),
+                        );
+                        *a = _mm256_fmadd_ps(t, scale, *a);
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Quads of a block whose `maddubs` pair sums add up in 16 bits without saturating, for codes
+/// under `centre` x 2 against activations up to `limit`: 8 (a whole block) for Q4_0's codes
+/// (2 x 15 x 127 x 8 = 30,480), 4 for Q5_0's (2 x 31 x 127 x 4 = 31,496), 1 for Q8_0's, which
+/// need `NARROW` activations even for one (2 x 255 x 63 = 32,130).
+fn run_of(m: &Blocks, limit: u8) -> usize {
+    let top = 2 * (2 * m.centre as u32 - 1) * limit as u32;
+    let quads = (32_767 / top) as usize;
+    assert!(quads >= 1, "codes up to {} saturate against activations up to {limit}", 2 * m.centre - 1);
+    [8, 4, 2, 1].into_iter().find(|&r| r <= quads).unwrap_or(1)
+}
+
+/// Stores what fits of 8 rows' dot products at `out[at..]`.
+#[inline(always)]
+unsafe fn store8(out: &mut [f32], at: usize, v: std::arch::x86_64::__m256) {
+    // SAFETY: this function's contract: the caller checked AVX.
+    unsafe {
+        let mut lanes = [0.0f32; 8];
+        std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        if at < out.len() {
+            let n = (out.len() - at).min(8);
+            out[at..at + n].copy_from_slice(&lanes[..n]);
+        }
+    }
+}
+
+/// Runs `$body` with `$run` bound to `run_of`'s answer as a constant.
+macro_rules! with_run {
+    ($m:expr, $x:expr, $run:ident => $body:expr) => {
+        match run_of($m, $x.limit) {
+            8 => {
+                const $run: usize = 8;
+                $body
+            }
+            4 => {
+                const $run: usize = 4;
+                $body
+            }
+            2 => {
+                const $run: usize = 2;
+                $body
+            }
+            _ => {
+                const $run: usize = 1;
+                $body
+            }
+        }
+    };
+}
+
+/// One activation row (`xr` = 0) against weight rows first..first + out.len() in the lines layout
+/// with bytes (`first` a whole group): two groups at a time, then one.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn matvec_lines_avx2(
+    m: &Blocks,
+    first: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    out: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked AVX2 + FMA; the asserts keep the
+    // groups read inside the layout and the activation row inside `x`.
+    unsafe {
+        assert!(!m.nibbles && first.is_multiple_of(GROUP) && nb <= x.d.len());
+        let (g0, groups) = (first / GROUP, out.len().div_ceil(GROUP));
+        let padded = m.scale_by_block.len() / nb;
+        assert!((g0 + groups) * GROUP <= padded && m.lines.len() >= padded / GROUP * nb * 8);
+        with_run!(m, x, RUN => {
+            let mut g = 0;
+            while g < groups {
+                let take = (groups - g).min(2);
+                let mut put = |t: &[[[std::arch::x86_64::__m256; 1]; 2]]| {
+                    for (i, [[lo], [hi]]) in t.iter().enumerate() {
+                        store8(out, (g + i) * GROUP, *lo);
+                        store8(out, (g + i) * GROUP + 8, *hi);
+                    }
+                };
+                if take == 2 {
+                    put(&lines_tile::<2, 1, RUN>(m, g0 + g, nb, x, 0));
+                } else {
+                    put(&lines_tile::<1, 1, RUN>(m, g0 + g, nb, x, 0));
+                }
+                g += take;
+            }
+        })
+    }
+}
+
+/// All weight rows in the lines layout with bytes against `n` activation rows (x_first..), y as
+/// [n][rows]: one group against two activation rows at a time, then the last row alone.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn matmul_lines_avx2(
+    m: &Blocks,
+    rows: usize,
+    nb: usize,
+    x: &QuantizedRows,
+    x_first: usize,
+    n: usize,
+    y: &mut [f32],
+) {
+    // SAFETY: this function's contract: the caller checked AVX2 + FMA; the asserts keep the
+    // groups inside the layout and the activation rows and outputs inside their buffers.
+    unsafe {
+        let padded = m.scale_by_block.len() / nb;
+        assert!(!m.nibbles && rows <= padded && m.lines.len() >= padded / GROUP * nb * 8);
+        assert!((x_first + n) * nb <= x.d.len() && y.len() >= n * rows);
+        with_run!(m, x, RUN => {
+            for g in 0..rows.div_ceil(GROUP) {
+                let mut i = 0;
+                while i < n {
+                    let put = |y: &mut [f32], i: usize, j: usize, [lo, hi]: [std::arch::x86_64::__m256; 2]| {
+                        let row = &mut y[(i + j) * rows..(i + j + 1) * rows];
+                        store8(row, g * GROUP, lo);
+                        store8(row, g * GROUP + 8, hi);
+                    };
+                    if n - i >= 2 {
+                        let [[lo, hi]] = lines_tile::<1, 2, RUN>(m, g, nb, x, x_first + i);
+                        put(y, i, 0, [lo[0], hi[0]]);
+                        put(y, i, 1, [lo[1], hi[1]]);
+                        i += 2;
+                    } else {
+                        let [[[lo], [hi]]] = lines_tile::<1, 1, RUN>(m, g, nb, x, x_first + i);
+                        put(y, i, 0, [lo, hi]);
+                        i += 1;
+                    }
+                }
+            }
+        })
     }
 }

@@ -123,6 +123,13 @@ const PAIR_FROM_VNNI_LAYOUT: usize = 1 << 17;
 /// instead of 0.93-1.05x, 64-stream decode 2.3x (alternated `itera bench` runs; performance.md).
 const DECODE_PANELS_FROM: usize = 32;
 
+/// `DECODE_PANELS_FROM` for the lines layout on the AVX2 kernel (`blocks_avx2::lines_tile`):
+/// 64 batched streams of Q4_0 `tiny` decoded 1.8-2.1x faster on it than through the panels,
+/// while prefill (128-row calls) ran 0.74-0.84x f32 on it against 0.88-0.99x through the panels
+/// (Intel Xeon with the AVX2 kernels forced by `ITERA_SIMD=avx2`, alternated `itera bench`
+/// runs, 2026-12-03; not yet measured on an AVX2-only CPU).
+const LINES_AVX2_PANELS_FROM: usize = 128;
+
 /// The instruction set the block kernels use on this machine, for reports.
 pub fn level() -> &'static str {
     if vnni_blocks() {
@@ -234,7 +241,7 @@ impl Matrix {
             Data::F32(v) => v.len() * 4,
             Data::Half(v) => v.len() * 2,
             Data::Blocks(b) => {
-                let by_block = b.scale_by_block.len() + b.lift_by_block.len();
+                let by_block = b.scale_by_block.len();
                 let codes = b.codes.len() + 64 * b.lines.len();
                 codes + 4 * (b.high.len() + b.scale.len() + b.bias.len() + by_block)
             }
@@ -302,7 +309,7 @@ impl Matrix {
             _ => {}
         }
         if let Data::Blocks(b) = &self.data {
-            quantize_rows(x, cols, q, b.activation_limit(n));
+            quantize_rows(x, cols, q, b.activation_limit());
         }
         let q = &*q;
         let work = n * rows * cols;
@@ -373,7 +380,7 @@ impl Matrix {
         // Products that read the same input as the one before, quantized to the same range,
         // share its quantized copy.
         let limit = |p: &Product| match &p.w.data {
-            Data::Blocks(b) => Some(b.activation_limit(1)),
+            Data::Blocks(b) => Some(b.activation_limit()),
             _ => None,
         };
         let shares = |i: usize| {
@@ -388,7 +395,7 @@ impl Matrix {
                 (slot, quantized) = (i, false);
             }
             if let (Data::Blocks(b), false) = (&p.w.data, quantized) {
-                quantize_rows(p.x, p.w.cols, &mut qs[slot], b.activation_limit(1));
+                quantize_rows(p.x, p.w.cols, &mut qs[slot], b.activation_limit());
                 quantized = true;
             }
         }
@@ -433,10 +440,12 @@ impl Matrix {
     }
 
     /// Activation rows from which a product of this matrix runs through the f32 panels: never
-    /// for the VNNI layout, whose integer kernel is faster at every batch (`DECODE_PANELS_FROM`).
+    /// for the VNNI layout on the VNNI kernel, which is faster at every batch
+    /// (`DECODE_PANELS_FROM`); from `LINES_AVX2_PANELS_FROM` on its AVX2 kernel.
     fn panels_from(&self) -> usize {
         match &self.data {
-            Data::Blocks(b) if !b.lines.is_empty() => usize::MAX,
+            Data::Blocks(b) if !b.lines.is_empty() && vnni_blocks() => usize::MAX,
+            Data::Blocks(b) if !b.lines.is_empty() => LINES_AVX2_PANELS_FROM,
             _ => DECODE_PANELS_FROM,
         }
     }
@@ -479,6 +488,11 @@ impl Matrix {
                     return unsafe { blocks_avx512::matvec_avx512(b, first, nb, q, y) };
                 }
                 #[cfg(target_arch = "x86_64")]
+                if crate::simd::has_avx2() && !b.lines.is_empty() {
+                    // SAFETY: AVX2 + FMA present; bounds asserted above and inside.
+                    return unsafe { blocks_avx2::matvec_lines_avx2(b, first, nb, q, y) };
+                }
+                #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() {
                     // SAFETY: AVX2 + FMA present; bounds asserted above.
                     return unsafe { blocks_avx2::matvec_avx2(b, first, nb, q, y) };
@@ -500,6 +514,13 @@ impl Matrix {
         if let (Data::Blocks(b), true) = (&self.data, vnni_blocks()) {
             // SAFETY: AVX-512 F/BW/VNNI present; bounds are asserted inside.
             return unsafe { blocks_avx512::matmul_avx512(b, rows, c / BLOCK, q, x_first, n, y) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Data::Blocks(b) = &self.data {
+            if crate::simd::has_avx2() && !b.lines.is_empty() {
+                // SAFETY: AVX2 + FMA present; bounds are asserted inside.
+                return unsafe { blocks_avx2::matmul_lines_avx2(b, rows, c / BLOCK, q, x_first, n, y) };
+            }
         }
         #[cfg(target_arch = "x86_64")]
         if let (Data::Half(w), true) = (&self.data, has_avx512() && c.is_multiple_of(16)) {

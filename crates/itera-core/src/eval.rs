@@ -155,7 +155,7 @@ pub fn evaluate(
 /// `evaluate` reading `rows` tokens per forward pass. With 1 every token goes through the
 /// kernels of a decode step (`Runtime::step`), which for block formats are not always the ones
 /// a prefill of many rows uses (int8 activations against the codes, where a prefill of 32 rows
-/// or more decodes the weights, except in the VNNI layout): the score of the model as `itera
+/// or more decodes the weights, except in the lines layout): the score of the model as `itera
 /// generate` runs it.
 pub fn evaluate_in(
     runtime: &Runtime,

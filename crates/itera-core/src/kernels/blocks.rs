@@ -53,7 +53,10 @@ fn vnni_is_faster() -> bool {
         .filter_map(|&d| {
             let bytes = dtype::quantize(d, &w).ok()?;
             let packed = || repack_packed(d, rows, cols, &bytes);
-            Some([packed().interleave(rows, nb, false), packed().interleave(rows, nb, true)])
+            Some([
+                packed().interleave(rows, nb, false),
+                packed().interleave(rows, nb, true),
+            ])
         })
         .collect();
     let mut y = vec![0.0; rows];
@@ -100,7 +103,7 @@ pub(super) struct Blocks {
     pub(super) bias: Vec<f32>,
     pub(super) table: Option<[u8; 16]>,
     /// Two codes per byte; otherwise one per byte, in order (Q5_0's fifth bit included). In the
-    /// VNNI layout (Q4_0's), each line holds two quads of columns: 4k.. in the low nibbles and
+    /// lines layout (Q4_0's), each line holds two quads of columns: 4k.. in the low nibbles and
     /// 4(k + 4).. in the high ones.
     pub(super) nibbles: bool,
     /// The code every bias stands for (bias = -centre x scale: 128 for Q8_0 and NF4's table, 8
@@ -116,7 +119,7 @@ pub(super) struct Blocks {
     pub(super) lines: Vec<Line>,
 }
 
-/// Rows per group of the VNNI layout: one `vpdpbusd` lane (4 codes) per row.
+/// Rows per group of the lines layout: one `vpdpbusd` lane (4 codes) per row.
 pub(super) const GROUP: usize = 16;
 
 /// 64 bytes on a cache line of their own (a load of one never straddles two lines): the VNNI
@@ -126,7 +129,7 @@ pub(super) const GROUP: usize = 16;
 pub(super) struct Line(pub(super) [u8; 64]);
 
 impl Blocks {
-    /// Lines per block and group of rows in the VNNI layout: one per 4 columns, or per 8 where
+    /// Lines per block and group of rows in the lines layout: one per 4 columns, or per 8 where
     /// they hold nibbles.
     pub(super) fn lines_per_block(&self) -> usize {
         if self.nibbles {
@@ -299,7 +302,7 @@ pub(super) fn dot(
     x_first: usize,
     out: &mut [f32],
 ) {
-    // The row kernels read a row's codes in order; the VNNI layout (whose matrices go through
+    // The row kernels read a row's codes in order; the lines layout (whose matrices go through
     // `matvec_avx512` and `matmul_avx512`) reaches here only from tests.
     #[cfg(target_arch = "x86_64")]
     if vnni_blocks() && m.lines.is_empty() {
@@ -566,7 +569,8 @@ mod tests {
                     let packed = repack_packed(d, rows, cols, &bytes);
                     let wide = repack_packed(d, rows, cols, &bytes).by_block(rows, nb);
                     let lines = repack_packed(d, rows, cols, &bytes).interleave(rows, nb, true);
-                    let byte_lines = repack_packed(d, rows, cols, &bytes).interleave(rows, nb, false);
+                    let byte_lines =
+                        repack_packed(d, rows, cols, &bytes).interleave(rows, nb, false);
                     if matches!(d, DType::Q4_0 | DType::Q5_0) {
                         assert!(
                             packed.nibbles && !wide.nibbles && wide.high.is_empty(),
@@ -632,7 +636,11 @@ mod tests {
                     // `NARROW`): five activation rows (two at a time, then one) against all
                     // rows; one row against a group of 16 and a rest of 5, and against the
                     // second group alone.
-                    let ranges = if b.q8_0() { vec![&narrow] } else { vec![&q, &narrow] };
+                    let ranges = if b.q8_0() {
+                        vec![&narrow]
+                    } else {
+                        vec![&q, &narrow]
+                    };
                     for x in ranges {
                         let mut y = vec![0.0; 5 * rows];
                         // SAFETY: AVX2 + FMA checked; all rows and five activation rows exist.

@@ -585,7 +585,11 @@ unsafe fn lines_tile<const G: usize, const X: usize, const RUN: usize>(
 fn run_of(m: &Blocks, limit: u8) -> usize {
     let top = 2 * (2 * m.centre as u32 - 1) * limit as u32;
     let quads = (32_767 / top) as usize;
-    assert!(quads >= 1, "codes up to {} saturate against activations up to {limit}", 2 * m.centre - 1);
+    assert!(
+        quads >= 1,
+        "codes up to {} saturate against activations up to {limit}",
+        2 * m.centre - 1
+    );
     [8, 4, 2, 1].into_iter().find(|&r| r <= quads).unwrap_or(1)
 }
 

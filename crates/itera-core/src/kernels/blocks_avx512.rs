@@ -1,5 +1,5 @@
 //! The AVX-512 VNNI kernels of the block formats (`blocks.rs`), all in `vpdpbusd` integer dot
-//! products: for Q8_0, Q4_0 and Q5_0 in the VNNI layout, groups of 16 weight rows, one lane per
+//! products: for Q8_0, Q4_0 and Q5_0 in the lines layout, groups of 16 weight rows, one lane per
 //! row (`tile`, every batch size); for the packed formats (Q4_1, NF4), 16 weight rows at a time
 //! for decode and four activation rows per unpacked weight row for batches.
 
@@ -167,7 +167,7 @@ unsafe fn rows16_avx512(
     }
 }
 
-/// G groups of 16 weight rows in the VNNI layout (`Blocks::interleave`) from group `g0`, against
+/// G groups of 16 weight rows in the lines layout (`Blocks::interleave`) from group `g0`, against
 /// activation rows xr..xr + X: [group][activation row] vectors of the 16 rows' dot products.
 /// Per block and 4 columns, the group's 16 x 4 codes (one line, or half a line's nibbles for
 /// Q4_0: `NIB`) feed X `vpdpbusd`s, each against one activation row's 4 codes broadcast, into the
@@ -264,7 +264,7 @@ unsafe fn store_group(out: &mut [f32], at: usize, v: std::arch::x86_64::__m512) 
     }
 }
 
-/// One activation row (`xr`) against weight rows first..first + out.len() in the VNNI layout
+/// One activation row (`xr`) against weight rows first..first + out.len() in the lines layout
 /// (`first` a whole group): eight groups at a time, then four, two, one.
 #[inline(always)]
 unsafe fn matvec_lines<const NIB: bool>(
@@ -304,7 +304,7 @@ unsafe fn matvec_lines<const NIB: bool>(
     }
 }
 
-/// All weight rows in the VNNI layout against `n` activation rows (x_first..), as
+/// All weight rows in the lines layout against `n` activation rows (x_first..), as
 /// `matmul_avx512`: two groups of weight rows against four activation rows at a time (eight
 /// independent sums), then the rest of the activation rows one by one.
 #[inline(always)]
@@ -406,7 +406,7 @@ pub(super) unsafe fn block_rows_avx512(
         assert!((x_first + out.len()) * nb <= x.d.len() && (row + 1) * nb <= m.scale.len());
         assert!(
             m.lines.is_empty(),
-            "the VNNI layout is read by groups of rows"
+            "the lines layout is read by groups of rows"
         );
         by_fours!(dot_blocks_avx512(m, row, nb, x, x_first, out));
     }

@@ -109,17 +109,19 @@ const POOL_FROM: usize = 1 << 21;
 /// groups products to make fewer: `matmul_group`) costs about what the second core saves.
 const PAIR_FROM: usize = 1 << 14;
 
-/// `PAIR_FROM` for the block formats in the VNNI layout (`blocks::Blocks::interleave`), whose
-/// kernel is about twice as fast: a 512 x 128 Q4_0 decode product then takes ~1 us on one thread
-/// and ~1.3 us split (`matmul_pair/in_proj/q4_0`), and Q4_0 `tiny` decodes fastest with only the
-/// LM head split (Intel Xeon with VNNI, 2026-12-03: alternated `itera bench` runs with the
-/// threshold at 2^14, 2^17 and above the LM head; docs/performance.md).
-const PAIR_FROM_VNNI_LAYOUT: usize = 1 << 17;
+/// `PAIR_FROM` for the block formats in the lines layout (`blocks::Blocks::interleave`), whose
+/// kernels are about twice as fast: a 512 x 128 Q4_0 decode product then takes ~1 us on one
+/// thread and ~1.3 us split (`matmul_pair/in_proj/q4_0`), and Q4_0 `tiny` decodes fastest with
+/// only the LM head split (Intel Xeon with VNNI, 2026-12-03: alternated `itera bench` runs with
+/// the threshold at 2^14, 2^17 and above the LM head; docs/performance.md). On its AVX2 kernel
+/// too (the same Xeon with `ITERA_SIMD=avx2`: 2^14 decoded at 0.93x of 2^17 by median, ten
+/// alternated rounds); not yet measured on an AVX2-only CPU.
+const PAIR_FROM_LINES: usize = 1 << 17;
 
 /// Activation rows from which a block or half matrix runs through the f32 micro-tiles, one
 /// decoded 32-row panel at a time (in L1; never the whole matrix), instead of integer dots.
-/// Not for the block formats in the VNNI layout, whose kernel (`blocks_avx512::tile`) beat the
-/// panels at every batch on the Intel Xeon of 2026-12-03: Q4_0 `tiny` prefill 1.24-1.60x f32
+/// Not for the block formats in the lines layout on VNNI, whose kernel (`blocks_avx512::tile`)
+/// beat the panels at every batch on the Intel Xeon of 2026-12-03: Q4_0 `tiny` prefill 1.24-1.60x f32
 /// instead of 0.93-1.05x, 64-stream decode 2.3x (alternated `itera bench` runs; performance.md).
 const DECODE_PANELS_FROM: usize = 32;
 
@@ -331,7 +333,7 @@ impl Matrix {
             }
             Par::Pool(threads) if work >= POOL_FROM && n == 1 => {
                 // One activation row: split the weight rows between threads (whole groups of
-                // the VNNI layout's 16 rows).
+                // the lines layout's 16 rows).
                 let chunk = rows.div_ceil(threads * 2).max(32).next_multiple_of(16);
                 y.par_chunks_mut(chunk).enumerate().for_each(|(i, ys)| {
                     self.rows_range(x, i * chunk, ys, q);
@@ -354,7 +356,7 @@ impl Matrix {
     /// product's weight rows: decode's MoE layer then costs two hand-offs (the chosen experts'
     /// gate and up products, then their down products) instead of one per matmul, six. Otherwise
     /// they run one after another on this thread, one-row products still sharing quantized
-    /// inputs (`tiny`'s experts in the VNNI layout, below the split threshold: gate and up
+    /// inputs (`tiny`'s experts in the lines layout, below the split threshold: gate and up
     /// quantize their input once, not four times); a pool or several rows run each product as
     /// `matmul` does. `qs` are reusable buffers.
     pub fn matmul_group(products: &[Product], qs: &mut Vec<QuantizedRows>, par: Par) {
@@ -440,7 +442,7 @@ impl Matrix {
     }
 
     /// Activation rows from which a product of this matrix runs through the f32 panels: never
-    /// for the VNNI layout on the VNNI kernel, which is faster at every batch
+    /// for the lines layout on the VNNI kernel, which is faster at every batch
     /// (`DECODE_PANELS_FROM`); from `LINES_AVX2_PANELS_FROM` on its AVX2 kernel.
     fn panels_from(&self) -> usize {
         match &self.data {
@@ -453,7 +455,7 @@ impl Matrix {
     /// Multiply-adds from which a product of this matrix splits with the pair helper.
     fn pair_from(&self) -> usize {
         match &self.data {
-            Data::Blocks(b) if !b.lines.is_empty() => PAIR_FROM_VNNI_LAYOUT,
+            Data::Blocks(b) if !b.lines.is_empty() => PAIR_FROM_LINES,
             _ => PAIR_FROM,
         }
     }
@@ -519,7 +521,9 @@ impl Matrix {
         if let Data::Blocks(b) = &self.data {
             if crate::simd::has_avx2() && !b.lines.is_empty() {
                 // SAFETY: AVX2 + FMA present; bounds are asserted inside.
-                return unsafe { blocks_avx2::matmul_lines_avx2(b, rows, c / BLOCK, q, x_first, n, y) };
+                return unsafe {
+                    blocks_avx2::matmul_lines_avx2(b, rows, c / BLOCK, q, x_first, n, y)
+                };
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -574,21 +578,22 @@ pub(super) mod tests {
     }
 
     /// Every format's matmul, on every path (one activation row: the decode matvec; 2-31 rows:
-    /// the integer / half kernels; 32+ rows: decoded panels, or integers in the VNNI layout),
+    /// the integer / half kernels; 32+ rows: decoded panels, or integers in the lines layout up
+    /// to `Matrix::panels_from`),
     /// on one thread and split with the pair helper, equals an f32 product over the weights as
     /// `format::dtype::dequantize` decodes them (ggml's formulas, independent of the kernels'
     /// `block_codes`), within a bound derived from what the kernel rounds:
-    /// - block formats under 32 rows (any rows in the VNNI layout) quantize each block of 32
-    ///   activations to int8 with step dx = amax / 127, so each product is off by at most
+    /// - block formats below the panels quantize each block of 32 activations to int8 with
+    ///   step dx = amax / limit (127, or `NARROW`'s 63), so each product is off by at most
     ///   dx / 2 * |w|: the bound is sum over blocks of dx / 2 * sum |w|, plus f32 rounding of
-    ///   the per-block terms (each at most ~2 amax_w * dx * 32 * 127, relative 2^-20);
+    ///   the per-block terms (each at most ~2 amax_w * dx * 32 * limit, relative 2^-20);
     /// - float formats and the panel path multiply exactly in f32 and sum `cols` products in
     ///   order: cols * 2^-24 * sum |w x| (plus 2^-20 for NF4, whose panels decode with one more
     ///   rounding).
     #[test]
     fn matmul_matches_decoded_weights_for_every_format() {
         // 96 columns = 3 blocks: exercises a full pair and the odd trailing block; 1,024 = 32
-        // blocks, more than the packed 16-row kernel takes (the VNNI layout takes any count).
+        // blocks, more than the packed 16-row kernel takes (the lines layout takes any count).
         for &(rows, cols) in &[(40usize, 96usize), (300, 128), (48, 512), (32, 1024)] {
             let w = random(rows * cols, 1);
             for &n in &[1usize, 2, 3, 9, 16, 31, 32, 40] {
@@ -601,7 +606,11 @@ pub(super) mod tests {
                     for par in [Par::Serial, Par::Pair] {
                         let mut y = vec![f32::NAN; n * rows];
                         m.matmul(&x, &mut y, &mut QuantizedRows::default(), par);
-                        let int8 = dtype.block_len() > 1 && n < m.panels_from();
+                        // The activations' int8 range, where they are quantized.
+                        let int8 = match &m.data {
+                            Data::Blocks(b) if n < m.panels_from() => Some(b.activation_limit()),
+                            _ => None,
+                        };
                         check_against_decoded(dtype, &dec, &x, &y, rows, cols, n, par, int8);
                     }
                 }
@@ -662,7 +671,7 @@ pub(super) mod tests {
         cols: usize,
         n: usize,
         par: Par,
-        int8: bool,
+        int8: Option<u8>,
     ) {
         for i in 0..n {
             let xi = &x[i * cols..(i + 1) * cols];
@@ -674,15 +683,16 @@ pub(super) mod tests {
                     .zip(xi)
                     .map(|(a, b)| (*a as f64 * *b as f64).abs())
                     .sum();
-                let bound = if int8 {
+                let bound = if let Some(limit) = int8 {
+                    let limit = limit as f64;
                     let mut b = 0.0f64;
                     for (wb, xb) in wr.chunks(BLOCK).zip(xi.chunks(BLOCK)) {
                         let amax_x = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
                         let amax_w = wb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-                        let dx = amax_x / 127.0;
+                        let dx = amax_x / limit;
                         let sum_w: f64 = wb.iter().map(|v| v.abs() as f64).sum();
                         b += dx / 2.0 * sum_w * 1.0001;
-                        b += 2.0 * amax_w * dx * 32.0 * 127.0 * 2f64.powi(-20);
+                        b += 2.0 * amax_w * dx * 32.0 * limit * 2f64.powi(-20);
                     }
                     b
                 } else {

@@ -14,6 +14,7 @@ pub mod exec;
 pub mod format;
 pub mod generate;
 pub mod kernels;
+mod lanes16;
 pub mod math;
 pub mod rng;
 pub mod runtime;

@@ -116,9 +116,28 @@ crate::multiversion! {
     /// The SwiGLU gate in place: g = silu(g) * u, element by element. Vectorised: as a plain
     /// loop it compiled to SSE2 and took 1.55 us of Q4_0 `tiny`'s ~31 us decode step (four
     /// layers of 256 values), 0.55 us now (`itera bench --only phases`; performance.md).
+    /// (`lanes16`'s division-free SiLU did not make it faster: twenty-eighth session.)
     pub fn swiglu_gate<M>(g: &mut [f32], u: &[f32]) {
         for (g, u) in g.iter_mut().zip(u) {
             *g = silu_with::<M>(*g) * u;
+        }
+    }
+}
+
+/// v = silu(v) in place (the conv's activation): `lanes16` on AVX-512, else `silu`.
+pub fn silu_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512() {
+        // SAFETY: AVX-512 checked.
+        return unsafe { crate::lanes16::silu_in_place(v) };
+    }
+    silu_in_place_portable(v)
+}
+
+crate::multiversion! {
+    fn silu_in_place_portable(v: &mut [f32]) {
+        for x in v.iter_mut() {
+            *x = silu(*x);
         }
     }
 }

@@ -49,8 +49,9 @@ crate::multiversion! {
             }
             let wl = &layer.conv_t[(k - 1) * di + c0..(k - 1) * di + c1];
             for ch in 0..w {
-                out[ch] = silu(out[ch] + wl[ch] * xs[ch]);
+                out[ch] += wl[ch] * xs[ch];
             }
+            crate::math::silu_in_place(out);
             for j in 0..k.saturating_sub(2) {
                 // SAFETY: channels c0..c1 of every row and state are this call's own (`mixer_split`).
                 let next = unsafe { io.conv[st].part((j + 1) * di + c0, w) };
@@ -141,30 +142,6 @@ fn scan_pass(io: MixerIo, c0: usize, c1: usize) {
     scan_range(io, c0, c1)
 }
 
-/// e^x for 16 lanes: 2^k * P(r), the polynomial of `math::exp`, 2^k applied by `vscalefps`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for.
-    unsafe {
-        use std::arch::x86_64::*;
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-            _mm512_set1_ps(88.0),
-        );
-        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), x);
-        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm512_set1_ps(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        _mm512_scalef_ps(p, k)
-    }
-}
-
 /// `scan_range` for 16-channel vectors: per vector of channels, the N state rows are updated with
 /// y kept in a register (one load and store of y, dt and x per row instead of N).
 #[cfg(target_arch = "x86_64")]
@@ -172,6 +149,7 @@ unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 unsafe fn scan_range_avx512(io: MixerIo, c0: usize, c1: usize) {
     // SAFETY: this function's contract: the caller checked the CPU features it is compiled for, and the range c0..c1 is whole 16-channel vectors of this call's own channels, so every load and store stays inside the rows and states it owns (see `mixer_split`).
     unsafe {
+        use crate::lanes16::{exp16, silu16, softplus16};
         use std::arch::x86_64::*;
         let (di, n, r, w) = (io.di, io.n, io.r, c1 - c0);
         let layer = io.layer;
@@ -219,49 +197,10 @@ unsafe fn scan_range_avx512(io: MixerIo, c0: usize, c1: usize) {
                     _mm512_loadu_ps(x.as_ptr().add(v)),
                     _mm512_loadu_ps(y.as_ptr().add(v)),
                 );
-                let zv = _mm512_loadu_ps(z.add(v));
-                let gate = _mm512_mul_ps(
-                    zv,
-                    recip16(_mm512_add_ps(
-                        _mm512_set1_ps(1.0),
-                        exp16(_mm512_sub_ps(_mm512_setzero_ps(), zv)),
-                    )),
-                );
+                let gate = silu16(_mm512_loadu_ps(z.add(v)));
                 _mm512_storeu_ps(y.as_mut_ptr().add(v), _mm512_mul_ps(yv, gate));
             }
         }
-    }
-}
-
-/// 1 / d for 16 lanes without a division: `vrcp14ps` and one Newton step (~2^-28 relative).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn recip16(d: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for.
-    unsafe {
-        use std::arch::x86_64::*;
-        let r = _mm512_rcp14_ps(d);
-        _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)))
-    }
-}
-
-/// softplus for 16 lanes: max(v, 0) + ln(1 + t), t = e^-|v| in (0, 1], as 2 atanh(t / (2 + t))
-/// (a series in s^2 with s <= 1/3, to ~1e-7), with no division.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn softplus16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    // SAFETY: this function's contract: the caller checked the CPU features it is compiled for.
-    unsafe {
-        use std::arch::x86_64::*;
-        let t = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
-        let sv = _mm512_mul_ps(t, recip16(_mm512_add_ps(t, _mm512_set1_ps(2.0))));
-        let s2 = _mm512_mul_ps(sv, sv);
-        let mut p = _mm512_set1_ps(1.0 / 11.0);
-        for c in [1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
-            p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(c));
-        }
-        let log1p = _mm512_mul_ps(_mm512_add_ps(sv, sv), p);
-        _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), log1p)
     }
 }
 
@@ -389,44 +328,4 @@ pub(super) fn mixer_rows(
     note_inputs(&mut s.inputs, &layer.out_proj, y);
     layer.out_proj.matmul(y, out, &mut s.q, par);
     mark(&mut s.phases, Phase::OutProj);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The division-free AVX-512 softplus and reciprocal agree with f64 math.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_softplus_and_reciprocal_are_accurate() {
-        use std::arch::x86_64::*;
-        if !crate::simd::has_avx512() {
-            return;
-        }
-        let xs: Vec<f32> = (0..1600).map(|i| -40.0 + i as f32 * 0.05).collect();
-        for chunk in xs.chunks_exact(16) {
-            let (mut sp, mut rc) = ([0f32; 16], [0f32; 16]);
-            // SAFETY: AVX-512F is present (checked above); arrays of 16 lanes.
-            unsafe {
-                let v = _mm512_loadu_ps(chunk.as_ptr());
-                _mm512_storeu_ps(sp.as_mut_ptr(), softplus16(v));
-                let d = _mm512_add_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.5));
-                _mm512_storeu_ps(rc.as_mut_ptr(), recip16(d));
-            }
-            for (i, &x) in chunk.iter().enumerate() {
-                let x = x as f64;
-                let want = x.max(0.0) + (-x.abs()).exp().ln_1p();
-                assert!(
-                    (sp[i] as f64 - want).abs() <= 2e-7 * want.max(1.0),
-                    "softplus({x})"
-                );
-                let want = 1.0 / (x.abs() + 0.5);
-                assert!(
-                    (rc[i] as f64 - want).abs() <= 2e-7 * want,
-                    "1/{}",
-                    x.abs() + 0.5
-                );
-            }
-        }
-    }
 }

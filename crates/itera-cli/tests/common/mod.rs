@@ -9,14 +9,25 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn itera(args: &[&str]) -> Output {
+    itera_with(&[], args)
+}
+
+/// The binary with these environment variables set.
+pub fn itera_with(env: &[(&str, &str)], args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_itera"))
+        .envs(env.iter().copied())
         .args(args)
         .output()
         .expect("binary runs")
 }
 
 pub fn ok(args: &[&str]) -> String {
-    let out = itera(args);
+    ok_with(&[], args)
+}
+
+/// `ok` with these environment variables set.
+pub fn ok_with(env: &[(&str, &str)], args: &[&str]) -> String {
+    let out = itera_with(env, args);
     assert!(
         out.status.success(),
         "itera {args:?} failed: {}",

@@ -34,7 +34,7 @@ pub(super) fn forced_kernel() -> Option<bool> {
 /// the layout it would get (`Blocks::interleave`: Q4_0 in nibbles for VNNI, bytes for AVX2).
 #[cfg(target_arch = "x86_64")]
 fn vnni_is_faster() -> bool {
-    use super::blocks_avx2::matvec_lines_avx2;
+    use super::blocks_avx2::matvec_avx2;
     use super::blocks_avx512::matvec_avx512;
     let (rows, cols) = (512, 256);
     let nb = cols / BLOCK;
@@ -74,7 +74,7 @@ fn vnni_is_faster() -> bool {
                             matvec_avx512(b, 0, nb, &q, &mut y)
                         } else {
                             let x = if b.narrow_on_avx2() { &narrow } else { &q };
-                            matvec_lines_avx2(b, 0, nb, x, &mut y)
+                            matvec_avx2(b, 0, nb, x, &mut y)
                         }
                     }
                 }
@@ -631,7 +631,7 @@ mod tests {
                 }
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() && !b.lines.is_empty() && !b.nibbles {
-                    use super::super::blocks_avx2::{matmul_lines_avx2, matvec_lines_avx2};
+                    use super::super::blocks_avx2::{matmul_lines_avx2, matvec_avx2};
                     // The activation ranges the AVX2 kernel takes for these codes (Q8_0's need
                     // `NARROW`): five activation rows (two at a time, then one) against all
                     // rows; one row against a group of 16 and a rest of 5, and against the
@@ -653,8 +653,8 @@ mod tests {
                         let mut y = [0.0; 24];
                         // SAFETY: as above; 21 of the 24 rows, then rows 16..24.
                         unsafe {
-                            matvec_lines_avx2(b, 0, nb, x, &mut y[..21]);
-                            matvec_lines_avx2(b, 16, nb, x, &mut y[21..]);
+                            matvec_avx2(b, 0, nb, x, &mut y[..21]);
+                            matvec_avx2(b, 16, nb, x, &mut y[21..]);
                         }
                         let want = (0..21).chain(16..19).map(|r| slow_of(x, b, r, 0));
                         for (r, (&f, want)) in y.iter().zip(want).enumerate() {

@@ -418,7 +418,8 @@ pub(super) unsafe fn block_rows_avx2(
 }
 
 /// One activation row against weight rows first..first + out.len(): the AVX2 decode matvec,
-/// in one call so the loop over rows carries no call per row.
+/// in one call so the loop over rows carries no call per row (the lines layout through
+/// `matvec_lines`).
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn matvec_avx2(
     m: &Blocks,
@@ -427,9 +428,12 @@ pub(super) unsafe fn matvec_avx2(
     x: &QuantizedRows,
     out: &mut [f32],
 ) {
-    // SAFETY: this function's contract: the caller checked AVX2 + FMA; the assert below keeps the
-    // weight rows and the activation row inside their buffers.
+    // SAFETY: this function's contract: the caller checked AVX2 + FMA; the assert below (or
+    // `matvec_lines`') keeps the weight rows and the activation row inside their buffers.
     unsafe {
+        if !m.lines.is_empty() {
+            return matvec_lines(m, first, nb, x, out);
+        }
         assert!((first + out.len()) * nb <= m.scale.len() && x.d.len() >= nb);
         with_kind!(m, K => {
             let mut k = 0;
@@ -593,16 +597,22 @@ fn run_of(m: &Blocks, limit: u8) -> usize {
     [8, 4, 2, 1].into_iter().find(|&r| r <= quads).unwrap_or(1)
 }
 
-/// Stores what fits of 8 rows' dot products at `out[at..]`.
+/// Stores what fits of 8 rows' dot products at `out[at..]` (a last, partial group through a
+/// copy).
 #[inline(always)]
 unsafe fn store8(out: &mut [f32], at: usize, v: std::arch::x86_64::__m256) {
-    // SAFETY: this function's contract: the caller checked AVX.
+    // SAFETY: this function's contract: the caller checked AVX; the whole store is taken only
+    // when all 8 lanes lie inside `out`.
     unsafe {
+        use std::arch::x86_64::_mm256_storeu_ps;
+        if at + 8 <= out.len() {
+            return _mm256_storeu_ps(out.as_mut_ptr().add(at), v);
+        }
         let mut lanes = [0.0f32; 8];
-        std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
         if at < out.len() {
-            let n = (out.len() - at).min(8);
-            out[at..at + n].copy_from_slice(&lanes[..n]);
+            let n = out.len() - at;
+            out[at..].copy_from_slice(&lanes[..n]);
         }
     }
 }
@@ -632,17 +642,12 @@ macro_rules! with_run {
 }
 
 /// One activation row (`xr` = 0) against weight rows first..first + out.len() in the lines layout
-/// with bytes (`first` a whole group): two groups at a time, then one.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn matvec_lines_avx2(
-    m: &Blocks,
-    first: usize,
-    nb: usize,
-    x: &QuantizedRows,
-    out: &mut [f32],
-) {
-    // SAFETY: this function's contract: the caller checked AVX2 + FMA; the asserts keep the
-    // groups read inside the layout and the activation row inside `x`.
+/// with bytes (`first` a whole group): two groups at a time, then one. `matvec_avx2`'s branch
+/// for that layout, inlined into it.
+#[inline(always)]
+unsafe fn matvec_lines(m: &Blocks, first: usize, nb: usize, x: &QuantizedRows, out: &mut [f32]) {
+    // SAFETY: this function's contract: the caller (`matvec_avx2`) checked AVX2 + FMA; the
+    // asserts keep the groups read inside the layout and the activation row inside `x`.
     unsafe {
         assert!(!m.nibbles && first.is_multiple_of(GROUP) && nb <= x.d.len());
         let (g0, groups) = (first / GROUP, out.len().div_ceil(GROUP));

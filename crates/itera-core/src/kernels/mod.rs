@@ -490,11 +490,6 @@ impl Matrix {
                     return unsafe { blocks_avx512::matvec_avx512(b, first, nb, q, y) };
                 }
                 #[cfg(target_arch = "x86_64")]
-                if crate::simd::has_avx2() && !b.lines.is_empty() {
-                    // SAFETY: AVX2 + FMA present; bounds asserted above and inside.
-                    return unsafe { blocks_avx2::matvec_lines_avx2(b, first, nb, q, y) };
-                }
-                #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() {
                     // SAFETY: AVX2 + FMA present; bounds asserted above.
                     return unsafe { blocks_avx2::matvec_avx2(b, first, nb, q, y) };

@@ -80,5 +80,28 @@ fn pair(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matmul, pair);
+/// One decode row through the small products of `tiny`'s step, on one thread: the router and
+/// dt_proj (f32 in every format's file) and x_proj, whose time is latency (short or few FMA
+/// chains), not arithmetic.
+fn small(c: &mut Criterion) {
+    let mut group = c.benchmark_group("matmul_small");
+    for &(name, rows, cols, dtype) in &[
+        ("router", 4usize, 128usize, DType::F32),
+        ("dt_proj", 256, 8, DType::F32),
+        ("x_proj", 24, 256, DType::F32),
+        ("x_proj", 24, 256, DType::Q4_0),
+    ] {
+        let m = Matrix::quantize(dtype, rows, cols, &values(rows * cols, 1)).unwrap();
+        let x = values(cols, 2);
+        let mut y = vec![0.0; rows];
+        let mut q = QuantizedRows::default();
+        group.throughput(Throughput::Elements((rows * cols) as u64));
+        group.bench_function(format!("{name}/{}", dtype.name()), |b| {
+            b.iter(|| m.matmul(&x, &mut y, &mut q, Par::Serial))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matmul, pair, small);
 criterion_main!(benches);

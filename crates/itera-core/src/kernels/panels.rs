@@ -130,6 +130,29 @@ unsafe fn panel_rows_raw(
 ) {
     assert!(x.len() >= n * cols);
     #[cfg(target_arch = "x86_64")]
+    if has_avx512() && n == 1 && !stream {
+        let (y, ylen) = y.raw();
+        let (first, end) = (r0 / PANEL, r1.div_ceil(PANEL));
+        assert!(end * PANEL * cols <= w.len() && cols <= x.len());
+        let mut p = first;
+        macro_rules! by {
+            ($($g:literal)*) => {$(
+                while end - p >= $g {
+                    let width = (rows - (p + $g - 1) * PANEL).min(PANEL);
+                    let ypos = base + p * PANEL - r0;
+                    assert!(ypos + ($g - 1) * PANEL + width <= ylen);
+                    // SAFETY: AVX-512F is present; the panels p..p + $g lie inside `w` and the
+                    // activation row inside `x` (asserted above), and the outputs written,
+                    // $g - 1 whole panels and `width` more from `ypos`, inside `y` (asserted).
+                    unsafe { row_avx512::<$g>(w.as_ptr().add(p * PANEL * cols), cols, x.as_ptr(), y.add(ypos), width) };
+                    p += $g;
+                }
+            )*};
+        }
+        by!(8 4 2 1);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         let (y, ylen) = y.raw();
         for (p, panel, width) in panels_of(w, rows, cols, r0, r1) {
@@ -359,6 +382,43 @@ unsafe fn tile_avx512<const R: usize>(
     }
 }
 
+/// One activation row against G consecutive panels from `wp`: 2G independent sums per k where
+/// a panel alone has two chains of `cols` dependent FMAs (`dt_proj`'s eight panels of 8 columns
+/// ran one after another). Each output is the same chain of FMAs over k in order as in
+/// `tile_avx512`, so a row's result does not change. The last panel writes `width` outputs, the
+/// others all 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_avx512<const G: usize>(
+    wp: *const f32,
+    cols: usize,
+    x: *const f32,
+    y: *mut f32,
+    width: usize,
+) {
+    // SAFETY: this function's contract: the caller checked AVX-512F and that the G panels, the
+    // activation row and the outputs lie inside their buffers.
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); 2]; G];
+        for k in 0..cols {
+            let v = _mm512_set1_ps(*x.add(k));
+            for (g, a) in acc.iter_mut().enumerate() {
+                let b = wp.add(g * PANEL * cols + k * PANEL);
+                a[0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(b), a[0]);
+                a[1] = _mm512_fmadd_ps(v, _mm512_loadu_ps(b.add(16)), a[1]);
+            }
+        }
+        for (g, a) in acc.iter().enumerate() {
+            let w = if g + 1 == G { width } else { PANEL };
+            let m0 = ((1u32 << w.min(16)) - 1) as u16;
+            let m1 = ((1u32 << w.saturating_sub(16)) - 1) as u16;
+            _mm512_mask_storeu_ps(y.add(g * PANEL), m0, a[0]);
+            _mm512_mask_storeu_ps(y.add(g * PANEL + 16), m1, a[1]);
+        }
+    }
+}
+
 impl Matrix {
     /// Several activation rows through the f32 micro-tiles: threads split the activation rows
     /// and walk the weight panels outermost (f32 panels are read in place; other formats decode
@@ -494,6 +554,27 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// One activation row gives bit for bit the outputs it gets inside a batch (what makes a
+    /// model's f32 decode equal its prefill), through the one-row kernel's groups of 8, 4, 2 and
+    /// 1 panels (15 panels, the last partial) and from the second panel on, as a split does.
+    #[test]
+    fn one_row_equals_its_row_in_a_batch() {
+        let (rows, cols, n) = (15 * PANEL - 5, 24, 3);
+        let w = pack_panels(rows, cols, &random(rows * cols, 7));
+        let x = random(n * cols, 8);
+        for r0 in [0, PANEL] {
+            let width = rows - r0;
+            let mut batch = vec![0.0; n * width];
+            panel_rows(&w, rows, cols, &x, n, &mut batch, width, r0, rows, false);
+            for i in 0..n {
+                let mut one = vec![f32::NAN; width];
+                let xi = &x[i * cols..(i + 1) * cols];
+                panel_rows(&w, rows, cols, xi, 1, &mut one, 0, r0, rows, false);
+                assert_eq!(one, batch[i * width..(i + 1) * width], "row {i} from {r0}");
             }
         }
     }

@@ -132,24 +132,30 @@ unsafe fn panel_rows_raw(
     #[cfg(target_arch = "x86_64")]
     if has_avx512() && n == 1 && !stream {
         let (y, ylen) = y.raw();
-        let (first, end) = (r0 / PANEL, r1.div_ceil(PANEL));
-        assert!(end * PANEL * cols <= w.len() && cols <= x.len());
-        let mut p = first;
-        macro_rules! by {
-            ($($g:literal)*) => {$(
-                while end - p >= $g {
-                    let width = (rows - (p + $g - 1) * PANEL).min(PANEL);
-                    let ypos = base + p * PANEL - r0;
-                    assert!(ypos + ($g - 1) * PANEL + width <= ylen);
-                    // SAFETY: AVX-512F is present; the panels p..p + $g lie inside `w` and the
-                    // activation row inside `x` (asserted above), and the outputs written,
-                    // $g - 1 whole panels and `width` more from `ypos`, inside `y` (asserted).
-                    unsafe { row_avx512::<$g>(w.as_ptr().add(p * PANEL * cols), cols, x.as_ptr(), y.add(ypos), width) };
-                    p += $g;
+        assert!(cols <= x.len());
+        one_row_groups(
+            w,
+            rows,
+            cols,
+            base,
+            r0,
+            r1,
+            ylen,
+            &[8, 4, 2, 1],
+            |g, at, ypos, width| {
+                // SAFETY: AVX-512F is present; `one_row_groups` checked that the group's panels lie
+                // inside `w` and its outputs inside `y`; the activation row is inside `x` (above).
+                unsafe {
+                    let (wp, xp, yp) = (w.as_ptr().add(at), x.as_ptr(), y.add(ypos));
+                    match g {
+                        8 => row_avx512::<8>(wp, cols, xp, yp, width),
+                        4 => row_avx512::<4>(wp, cols, xp, yp, width),
+                        2 => row_avx512::<2>(wp, cols, xp, yp, width),
+                        _ => row_avx512::<1>(wp, cols, xp, yp, width),
+                    }
                 }
-            )*};
-        }
-        by!(8 4 2 1);
+            },
+        );
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -192,8 +198,37 @@ unsafe fn panel_rows_raw(
     panel_rows_portable(w, rows, cols, x, n, y, base, ystride, r0, r1);
 }
 
+/// Walks the panels that hold weight rows [r0, r1) of a one-row product in groups of `sizes`
+/// panels (largest first, ending with 1), calling `run(panels, offset of the first in w, output
+/// offset in y, outputs of the group's last panel)` once it has checked that the group's panels lie
+/// inside `w` and its outputs inside the `ylen` outputs of y.
+#[allow(clippy::too_many_arguments)]
+fn one_row_groups(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    base: usize,
+    r0: usize,
+    r1: usize,
+    ylen: usize,
+    sizes: &[usize],
+    mut run: impl FnMut(usize, usize, usize, usize),
+) {
+    let (mut p, end) = (r0 / PANEL, r1.div_ceil(PANEL));
+    assert!(end * PANEL * cols <= w.len());
+    for &g in sizes {
+        while end - p >= g {
+            let width = (rows - (p + g - 1) * PANEL).min(PANEL);
+            let ypos = base + p * PANEL - r0;
+            assert!(ypos + (g - 1) * PANEL + width <= ylen);
+            run(g, p * PANEL * cols, ypos, width);
+            p += g;
+        }
+    }
+}
+
 /// `panel_rows_raw` on AVX2 + FMA: per panel (in L1), tiles of up to `MR_AVX2` activation rows
-/// x 16 weight rows (one row: x 32).
+/// x 16 weight rows; one row through `row_avx2`, three panels at a time.
 ///
 /// # Safety
 /// AVX2 and FMA are present, and `panel_rows_raw`'s contract for the outputs.
@@ -214,6 +249,31 @@ unsafe fn panel_rows_avx2(
 ) {
     assert!(x.len() >= n * cols);
     let (y, ylen) = y.raw();
+    if n == 1 {
+        one_row_groups(
+            w,
+            rows,
+            cols,
+            base,
+            r0,
+            r1,
+            ylen,
+            &[3, 2, 1],
+            |g, at, ypos, width| {
+                // SAFETY: AVX2 + FMA (this function's contract); `one_row_groups` checked that the
+                // group's panels lie inside `w` and its outputs inside `y`; the row is inside `x`.
+                unsafe {
+                    let (wp, xp, yp) = (w.as_ptr().add(at), x.as_ptr(), y.add(ypos));
+                    match g {
+                        3 => row_avx2::<3>(wp, cols, xp, yp, width),
+                        2 => row_avx2::<2>(wp, cols, xp, yp, width),
+                        _ => row_avx2::<1>(wp, cols, xp, yp, width),
+                    }
+                }
+            },
+        );
+        return;
+    }
     for (p, panel, width) in panels_of(w, rows, cols, r0, r1) {
         // Both halves of the panel per tile of rows: the tile's activations come from memory
         // once per panel, as in the AVX-512 tiles (half panels outermost read them twice: the
@@ -251,6 +311,43 @@ unsafe fn panel_rows_avx2(
                     tile!(2 3 4 5 6);
                 }
             }
+        }
+    }
+}
+
+/// One activation row against G consecutive panels from `wp` on AVX2: 4G independent sums per k
+/// (AVX2's 16 registers hold three panels' 12 and a broadcast), each output the same chain of
+/// FMAs over k in order as in `tile_avx2`. The last panel writes `width` outputs, the others 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2<const G: usize>(
+    wp: *const f32,
+    cols: usize,
+    x: *const f32,
+    y: *mut f32,
+    width: usize,
+) {
+    // SAFETY: this function's contract: the caller checked AVX2 + FMA and that the G panels,
+    // the activation row and the outputs lie inside their buffers.
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm256_setzero_ps(); 4]; G];
+        for k in 0..cols {
+            let v = _mm256_broadcast_ss(&*x.add(k));
+            for (g, a) in acc.iter_mut().enumerate() {
+                let b = wp.add(g * PANEL * cols + k * PANEL);
+                for (j, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(v, _mm256_loadu_ps(b.add(8 * j)), *a);
+                }
+            }
+        }
+        for (g, a) in acc.iter().enumerate() {
+            let w = if g + 1 == G { width } else { PANEL };
+            let mut tmp = [0.0f32; PANEL];
+            for (j, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * j), *a);
+            }
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), y.add(g * PANEL), w);
         }
     }
 }
@@ -559,22 +656,52 @@ mod tests {
     }
 
     /// One activation row gives bit for bit the outputs it gets inside a batch (what makes a
-    /// model's f32 decode equal its prefill), through the one-row kernel's groups of 8, 4, 2 and
-    /// 1 panels (15 panels, the last partial) and from the second panel on, as a split does.
+    /// model's f32 decode equal its prefill), through the one-row kernels' groups of 8, 4, 3, 2
+    /// and 1 panels (15 panels, the last partial) and from the second panel on, as a split does;
+    /// the dispatched kernels, and the AVX2 ones, which an AVX-512 CPU would not otherwise run.
     #[test]
     fn one_row_equals_its_row_in_a_batch() {
+        type Kernel = fn(&[f32], usize, usize, &[f32], usize, &mut [f32], usize, usize);
         let (rows, cols, n) = (15 * PANEL - 5, 24, 3);
         let w = pack_panels(rows, cols, &random(rows * cols, 7));
         let x = random(n * cols, 8);
-        for r0 in [0, PANEL] {
-            let width = rows - r0;
-            let mut batch = vec![0.0; n * width];
-            panel_rows(&w, rows, cols, &x, n, &mut batch, width, r0, rows, false);
-            for i in 0..n {
-                let mut one = vec![f32::NAN; width];
-                let xi = &x[i * cols..(i + 1) * cols];
-                panel_rows(&w, rows, cols, xi, 1, &mut one, 0, r0, rows, false);
-                assert_eq!(one, batch[i * width..(i + 1) * width], "row {i} from {r0}");
+        let dispatched: Kernel = |w, rows, cols, x, n, y, ystride, r0| {
+            panel_rows(w, rows, cols, x, n, y, ystride, r0, rows, false)
+        };
+        let mut kernels = vec![("dispatched", dispatched)];
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::has_avx2() {
+            let avx2: Kernel = |w, rows, cols, x, n, y, ystride, r0| {
+                // SAFETY: AVX2 + FMA checked; `y` is this call's alone, [n, rows - r0].
+                unsafe {
+                    panel_rows_avx2(w, rows, cols, x, n, Disjoint::new(y), 0, ystride, r0, rows)
+                }
+            };
+            kernels.push(("avx2", avx2));
+        }
+        for (name, kernel) in kernels {
+            for r0 in [0, PANEL] {
+                let width = rows - r0;
+                let mut batch = vec![0.0; n * width];
+                kernel(&w, rows, cols, &x, n, &mut batch, width, r0);
+                for i in 0..n {
+                    let mut one = vec![f32::NAN; width];
+                    kernel(
+                        &w,
+                        rows,
+                        cols,
+                        &x[i * cols..(i + 1) * cols],
+                        1,
+                        &mut one,
+                        0,
+                        r0,
+                    );
+                    assert_eq!(
+                        one,
+                        batch[i * width..(i + 1) * width],
+                        "{name}: row {i} from {r0}"
+                    );
+                }
             }
         }
     }

@@ -47,12 +47,38 @@ impl<'a> View<'a> {
 
 /// c [a.rows, b.cols] (row-major) = a · b, or c += a · b when `accumulate`.
 pub fn matmul(c: &mut [f32], a: View, b: View, accumulate: bool) {
-    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
     assert_eq!(
         c.len(),
         a.rows * b.cols,
         "matmul: output has the wrong size"
     );
+    // SAFETY: `c` is a row-major [a.rows, b.cols] buffer of initialised values (asserted above).
+    unsafe { into(c.as_mut_ptr(), a, b, accumulate) }
+}
+
+/// a · b as a new row-major [a.rows, b.cols] matrix. `gemm` writes every output without reading
+/// it (zeros when the inner dimension is 0), so the buffer gets no zero fill first: the backward's
+/// outputs filled with zeros only to be overwritten were most of a training step's `memset`.
+pub fn product(a: View, b: View) -> Vec<f32> {
+    let len = a.rows * b.cols;
+    let mut c = Vec::with_capacity(len);
+    // SAFETY: the capacity holds a row-major [a.rows, b.cols] buffer; `into` without accumulating
+    // writes each of its `len` values (gemm with read_dst false overwrites, and for k = 0 writes
+    // zeros) and reads none, so all `len` are initialised before `set_len`.
+    unsafe {
+        into(c.as_mut_ptr(), a, b, false);
+        c.set_len(len);
+    }
+    c
+}
+
+/// c = a · b, or c += a · b when `accumulate`, through `gemm`.
+///
+/// # Safety
+/// `c` points to a row-major [a.rows, b.cols] buffer this call may write; when `accumulate`, its
+/// values are initialised (they are read).
+unsafe fn into(c: *mut f32, a: View, b: View, accumulate: bool) {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
     a.check("a");
     b.check("b");
     let (m, n, k) = (a.rows, b.cols, a.cols);
@@ -65,13 +91,13 @@ pub fn matmul(c: &mut [f32], a: View, b: View, accumulate: bool) {
         gemm::Parallelism::None
     };
     // SAFETY: every index gemm touches lies inside the slices: checked above for a and b, and c is
-    // a contiguous row-major [m, n] buffer of exactly m * n elements.
+    // a contiguous row-major [m, n] buffer of exactly m * n elements (this function's contract).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             n as isize,
             accumulate,
@@ -94,6 +120,19 @@ pub fn matmul(c: &mut [f32], a: View, b: View, accumulate: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `product` equals `matmul` into zeros, also for an empty inner dimension (all zeros).
+    #[test]
+    fn product_equals_matmul_into_zeros() {
+        for (m, k, n) in [(9, 13, 7), (4, 0, 3)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.3).cos()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.7).sin()).collect();
+            let (av, bv) = (View::rows(&a, m, k), View::rows(&b, k, n));
+            let mut want = vec![0.0f32; m * n];
+            matmul(&mut want, av, bv, false);
+            assert_eq!(product(av, bv), want);
+        }
+    }
 
     #[test]
     fn matches_naive_with_transposes_and_accumulation() {

@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::gemm::{matmul, View};
+use super::gemm::{product, View};
 use super::scan::{cpu_f32, f32_slice};
 
 struct Linear;
@@ -39,13 +39,7 @@ impl CustomOp2 for Linear {
             );
         }
         let (x, w) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "weight")?);
-        let mut y = vec![0.0f32; rows * n];
-        matmul(
-            &mut y,
-            View::rows(x, rows, k),
-            View::rows(w, n, k).t(),
-            false,
-        );
+        let y = product(View::rows(x, rows, k), View::rows(w, n, k).t());
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 
@@ -58,15 +52,11 @@ impl CustomOp2 for Linear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let ((rows, k), n) = (x.dims2()?, w.dim(0)?);
         let grad = grad.contiguous()?;
-        let (mut gx, mut gw) = (vec![0.0f32; rows * k], vec![0.0f32; n * k]);
-        with_data(&grad, "gradient", |g| {
+        let (gx, gw) = with_data(&grad, "gradient", |g| {
             let g = View::rows(g, rows, n);
-            with_data(w, "weight", |w| {
-                matmul(&mut gx, g, View::rows(w, n, k), false)
-            })?;
-            with_data(x, "x", |x| {
-                matmul(&mut gw, g.t(), View::rows(x, rows, k), false)
-            })
+            let gx = with_data(w, "weight", |w| product(g, View::rows(w, n, k)))?;
+            let gw = with_data(x, "x", |x| product(g.t(), View::rows(x, rows, k)))?;
+            candle_core::Result::Ok((gx, gw))
         })??;
         Ok((
             Some(Tensor::from_vec(gx, (rows, k), x.device())?),

@@ -128,7 +128,8 @@ fn head_dims(h: &Shape, w: &Shape, t: &Shape) -> candle_core::Result<(usize, usi
     Ok((n, d, v))
 }
 
-/// Fills `logits` [rows, V] for rows r0.. of h.
+/// Fills `logits` [rows, V] with the logits of rows r0.. of h; the first chunk allocates it
+/// (`product`: no zero fill of its 8 MB, which the products overwrite).
 fn head_chunk(
     h: &[f32],
     w: &[f32],
@@ -136,16 +137,16 @@ fn head_chunk(
     v: usize,
     r0: usize,
     rows: usize,
-    logits: &mut [f32],
+    logits: &mut Vec<f32>,
 ) {
-    use super::gemm::{matmul, View};
-    let hc = &h[r0 * d..(r0 + rows) * d];
-    matmul(
-        &mut logits[..rows * v],
-        View::rows(hc, rows, d),
-        View::rows(w, v, d).t(),
-        false,
-    );
+    use super::gemm::{matmul, product, View};
+    let hc = View::rows(&h[r0 * d..(r0 + rows) * d], rows, d);
+    let wt = View::rows(w, v, d).t();
+    if logits.is_empty() {
+        *logits = product(hc, wt);
+    } else {
+        matmul(&mut logits[..rows * v], hc, wt, false);
+    }
 }
 
 impl CustomOp3 for LmHeadLoss {
@@ -175,7 +176,7 @@ impl CustomOp3 for LmHeadLoss {
         }
         let mut grads = self.grads.as_ref().map(|_| HeadGrads::new((n, d, v)));
         let scale = 1.0 / n as f32;
-        let mut logits = vec![0.0f32; HEAD_CHUNK.min(n) * v];
+        let mut logits = Vec::new();
         let mut total = 0.0f64;
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let rows = HEAD_CHUNK.min(n - r0);

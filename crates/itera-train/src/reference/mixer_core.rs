@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_sequence};
-use super::gemm::{matmul, View};
+use super::gemm::{matmul, product, View};
 use super::scan::{
     core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, sum_parts, Dims,
     InputGrads, Inputs, Trace,
@@ -122,19 +122,12 @@ impl MixerCore {
             .zip(xs.par_chunks(t * di))
             .for_each(|(ob, xb)| conv_forward_sequence(xb, tw, t, di, k, ob));
         let wdbc = r + 2 * n;
-        let mut dbc = vec![0.0f32; rows * wdbc];
-        matmul(
-            &mut dbc,
-            View::rows(&xc, rows, di),
-            View::rows(wx, wdbc, di).t(),
-            false,
-        );
-        let mut raw = vec![0.0f32; rows * di];
+        let dbc = product(View::rows(&xc, rows, di), View::rows(wx, wdbc, di).t());
         let low = View {
             cols: r,
             ..View::rows(&dbc, rows, wdbc)
         };
-        matmul(&mut raw, low, View::rows(wdt, di, r).t(), false);
+        let raw = product(low, View::rows(wdt, di, r).t());
         let mut bc = Vec::with_capacity(rows * 2 * n);
         for row in dbc.chunks_exact(wdbc) {
             bc.extend_from_slice(&row[r..]);
@@ -262,10 +255,8 @@ impl CustomOp2 for MixerCore {
             cols: r,
             ..View::rows(&saved.dbc, rows, wdbc)
         };
-        let mut g_wdt = vec![0.0f32; di * r];
-        matmul(&mut g_wdt, g_raw.t(), low, false);
-        let mut g_low = vec![0.0f32; rows * r];
-        matmul(&mut g_low, g_raw, View::rows(wdt, di, r), false);
+        let g_wdt = product(g_raw.t(), low);
+        let g_low = product(g_raw, View::rows(wdt, di, r));
         let mut g_dbc = Vec::with_capacity(rows * wdbc);
         for (l, bcr) in g_low.chunks_exact(r).zip(g_bc.chunks_exact(2 * n)) {
             g_dbc.extend_from_slice(l);
@@ -273,9 +264,8 @@ impl CustomOp2 for MixerCore {
         }
 
         // dbc = xc · x_proj^T; xc also feeds the scan directly (g_xc holds that part).
-        let mut g_wx = vec![0.0f32; wdbc * di];
         let g_dbc = View::rows(&g_dbc, rows, wdbc);
-        matmul(&mut g_wx, g_dbc.t(), View::rows(&saved.xc, rows, di), false);
+        let g_wx = product(g_dbc.t(), View::rows(&saved.xc, rows, di));
         matmul(&mut g_xc, g_dbc, View::rows(wx, wdbc, di), true);
 
         // The conv, then dL/dxz = (dL/dxs, dL/dz).

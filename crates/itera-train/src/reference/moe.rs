@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use itera_core::math::{dot, top_k_into};
 
-use super::gemm::{matmul, View};
+use super::gemm::{matmul, product, View};
 use super::scan::{cpu_f32, f32_slice};
 use super::swiglu::{backward_par, forward_par, swiglu_mlp};
 use crate::error::Result;
@@ -154,18 +154,11 @@ impl MoeExperts {
             let [wg, wu, wd] = self.expert(w, ex, d);
             let x = gather(h, idx, d);
             let xe = View::rows(&x, ne, d);
-            let (mut g, mut u, mut a) =
-                (vec![0.0; ne * hd], vec![0.0; ne * hd], vec![0.0; ne * hd]);
-            matmul(&mut g, xe, View::rows(wg, hd, d).t(), false);
-            matmul(&mut u, xe, View::rows(wu, hd, d).t(), false);
+            let g = product(xe, View::rows(wg, hd, d).t());
+            let u = product(xe, View::rows(wu, hd, d).t());
+            let mut a = vec![0.0; ne * hd];
             forward_par(&g, &u, &mut a);
-            let mut y = vec![0.0f32; ne * d];
-            matmul(
-                &mut y,
-                View::rows(&a, ne, hd),
-                View::rows(wd, d, hd).t(),
-                false,
-            );
+            let y = product(View::rows(&a, ne, hd), View::rows(wd, d, hd).t());
             for (yj, &i) in y.chunks_exact(d).zip(idx) {
                 let i = i as usize;
                 let gate = gates[i * e + ex];
@@ -205,8 +198,7 @@ impl MoeExperts {
             let dy = View::rows(&dy, ne, d);
             // y = a · downᵀ.
             matmul(dwd, dy.t(), View::rows(&s.a, ne, hd), false);
-            let mut da = vec![0.0f32; ne * hd];
-            matmul(&mut da, dy, View::rows(wd, d, hd), false);
+            let da = product(dy, View::rows(wd, d, hd));
             let (mut dg, mut du) = (vec![0.0f32; ne * hd], vec![0.0f32; ne * hd]);
             backward_par(&s.g, &s.u, &da, &mut dg, &mut du);
             // g = x · gateᵀ, u = x · upᵀ.
@@ -214,8 +206,7 @@ impl MoeExperts {
             let (dg, du) = (View::rows(&dg, ne, hd), View::rows(&du, ne, hd));
             matmul(dwg, dg.t(), xe, false);
             matmul(dwu, du.t(), xe, false);
-            let mut dx = vec![0.0f32; ne * d];
-            matmul(&mut dx, dg, View::rows(wg, hd, d), false);
+            let mut dx = product(dg, View::rows(wg, hd, d));
             matmul(&mut dx, du, View::rows(wu, hd, d), true);
             for (dxj, &i) in dx.chunks_exact(d).zip(idx) {
                 let i = i as usize;

@@ -238,6 +238,11 @@ pub(super) fn quantize_rows(x: &[f32], cols: usize, out: &mut QuantizedRows, lim
     out.limit = limit;
     debug_assert_eq!(cols % BLOCK, 0);
     #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512() {
+        // SAFETY: AVX-512F present; the outputs were sized for `x` above.
+        return unsafe { super::blocks_avx512::quantize_avx512(x, out, limit as f32) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
         // SAFETY: AVX2 + FMA present; the outputs were sized for `x` above.
         return unsafe { super::blocks_avx2::quantize_avx2(x, out, limit as f32) };
@@ -504,7 +509,8 @@ mod tests {
     use crate::kernels::tests::random;
 
     /// The activation quantization is the plain formula (step amax / 127, `f32::round`), ties
-    /// included: blocks whose amax is 127 have step 1, so x.5 values are exact ties.
+    /// included: blocks whose amax is 127 have step 1, so x.5 values are exact ties; the
+    /// dispatched quantizer (AVX-512, AVX2 or portable) and the AVX2 one give the same bytes.
     #[test]
     fn activation_quantization_is_the_plain_formula() {
         let mut x = random(8 * BLOCK, 7);
@@ -525,6 +531,18 @@ mod tests {
             quantize_portable(&x, &mut portable, limit as f32);
             assert_eq!((&q.q, &q.d, &q.s), (&portable.q, &portable.d, &portable.s));
             assert_eq!(q.limit, limit);
+            // The AVX2 quantizer too, which an AVX-512 CPU would not otherwise run.
+            #[cfg(target_arch = "x86_64")]
+            if crate::simd::has_avx2() {
+                let mut avx2 = QuantizedRows::default();
+                avx2.size_for(x.len());
+                // SAFETY: AVX2 + FMA checked; the outputs were sized for `x`.
+                unsafe { super::super::blocks_avx2::quantize_avx2(&x, &mut avx2, limit as f32) };
+                assert_eq!(
+                    (&avx2.q, &avx2.d, &avx2.s),
+                    (&portable.q, &portable.d, &portable.s)
+                );
+            }
             for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
                 let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 let d = amax / limit as f32;

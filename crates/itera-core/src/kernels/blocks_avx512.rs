@@ -355,6 +355,58 @@ fn rows16_serves(nb: usize) -> bool {
     nb.is_multiple_of(2) && nb <= 16
 }
 
+/// `blocks::quantize_rows` with AVX-512: the same bytes, scales and sums as `quantize_avx2`, each
+/// step the same operation on 16 lanes (a block of 32 activations is two vectors, its codes two
+/// saturating narrowings straight to bytes), in about two thirds of the instructions.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn quantize_avx512(x: &[f32], out: &mut QuantizedRows, limit: f32) {
+    // SAFETY: this function's contract: the caller checked AVX-512F; every load and store is
+    // inside a whole block of `x` or `out.q` (chunks of 32), and `out.d` / `out.s` hold one
+    // value per block (asserted).
+    unsafe {
+        use std::arch::x86_64::*;
+        assert!(
+            out.q.len() >= x.len() && out.d.len() * BLOCK >= x.len() && out.s.len() == out.d.len()
+        );
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let (half, one) = (
+            _mm512_set1_ps(0.5),
+            _mm512_set1_epi32(1.0f32.to_bits() as i32),
+        );
+        for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+            let v = [
+                _mm512_loadu_ps(xb.as_ptr()),
+                _mm512_loadu_ps(xb.as_ptr().add(16)),
+            ];
+            let amax =
+                _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            let d = amax / limit;
+            let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            // Rounded half away from zero: truncated, plus one step outwards (the sign of t)
+            // where the exact remainder is at least a half.
+            let r = v.map(|v| {
+                let t = _mm512_mul_ps(v, id);
+                let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
+                let outwards =
+                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(t, whole)), half);
+                let step = _mm512_or_si512(one, _mm512_and_si512(sign, _mm512_castps_si512(t)));
+                _mm512_cvttps_epi32(_mm512_mask_add_ps(
+                    whole,
+                    outwards,
+                    whole,
+                    _mm512_castsi512_ps(step),
+                ))
+            });
+            let qb = out.q.as_mut_ptr().add(b * BLOCK);
+            _mm_storeu_si128(qb as *mut __m128i, _mm512_cvtsepi32_epi8(r[0]));
+            _mm_storeu_si128(qb.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(r[1]));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(r[0], r[1]));
+            out.d[b] = d;
+            out.s[b] = d * sum as f32;
+        }
+    }
+}
+
 /// One activation row against weight rows first..first + out.len(): the decode matvec, in one
 /// call so the set-up is paid once per matrix, not per row (the row kernels are inlined here).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]

@@ -343,11 +343,19 @@ unsafe fn row_avx2<const G: usize>(
         }
         for (g, a) in acc.iter().enumerate() {
             let w = if g + 1 == G { width } else { PANEL };
+            // Whole panels straight to y; a partial last one through a copy.
             let mut tmp = [0.0f32; PANEL];
+            let dst = if w == PANEL {
+                y.add(g * PANEL)
+            } else {
+                tmp.as_mut_ptr()
+            };
             for (j, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * j), *a);
+                _mm256_storeu_ps(dst.add(8 * j), *a);
             }
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), y.add(g * PANEL), w);
+            if w < PANEL {
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), y.add(g * PANEL), w);
+            }
         }
     }
 }

@@ -57,14 +57,17 @@ pub fn matmul(c: &mut [f32], a: View, b: View, accumulate: bool) {
 }
 
 /// a · b as a new row-major [a.rows, b.cols] matrix. `gemm` writes every output without reading
-/// it (zeros when the inner dimension is 0), so the buffer gets no zero fill first: the backward's
-/// outputs filled with zeros only to be overwritten were most of a training step's `memset`.
+/// it, so the buffer gets no zero fill first: the backward's outputs filled with zeros only to be
+/// overwritten were most of a training step's `memset`.
 pub fn product(a: View, b: View) -> Vec<f32> {
     let len = a.rows * b.cols;
+    if a.cols == 0 {
+        return vec![0.0; len];
+    }
     let mut c = Vec::with_capacity(len);
-    // SAFETY: the capacity holds a row-major [a.rows, b.cols] buffer; `into` without accumulating
-    // writes each of its `len` values (gemm with read_dst false overwrites, and for k = 0 writes
-    // zeros) and reads none, so all `len` are initialised before `set_len`.
+    // SAFETY: the capacity holds a row-major [a.rows, b.cols] buffer; with an inner dimension of
+    // at least 1, `into` without accumulating (gemm with read_dst false) writes each of its `len`
+    // values and reads none, so all `len` are initialised before `set_len`.
     unsafe {
         into(c.as_mut_ptr(), a, b, false);
         c.set_len(len);

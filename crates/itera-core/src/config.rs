@@ -104,6 +104,11 @@ pub struct Dropout {
     pub output: f64,
     /// Dropout on the hidden units of every expert / feed-forward SwiGLU.
     pub expert: f64,
+    /// Per step, shard and MoE layer: the probability that one expert, drawn at random, is left
+    /// out of routing (its tokens go to their next-best experts, the gates renormalised over
+    /// the chosen ones), so the model learns to do without any one expert, as after
+    /// `itera prune` removes it.
+    pub routing: f64,
 }
 
 impl Dropout {
@@ -118,6 +123,7 @@ impl Dropout {
             ("residual", self.residual),
             ("output", self.output),
             ("expert", self.expert),
+            ("routing", self.routing),
         ] {
             if !(0.0..0.95).contains(&p) {
                 return Err(Error::Config(format!(

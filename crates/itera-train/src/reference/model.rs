@@ -103,6 +103,15 @@ impl<'a> Model<'a> {
         Ok(x.broadcast_mul(&Tensor::from_vec(mask, (n, 1), x.device())?)?)
     }
 
+    /// The expert one MoE layer goes without in this training step (`dropout.routing`), if any;
+    /// never the last one left.
+    fn dropped_expert(&self, experts: usize) -> Option<usize> {
+        let p = self.cfg.dropout.routing;
+        let rng = self.noise.as_ref().filter(|_| p > 0.0 && experts > 1)?;
+        let mut rng = rng.borrow_mut();
+        (rng.uniform() < p).then(|| rng.below(experts))
+    }
+
     fn w(&self, spec: &itera_core::tensors::Spec) -> Result<&Tensor> {
         self.params.get(&spec.name)
     }
@@ -311,7 +320,21 @@ impl<'a> Model<'a> {
         let k = self.cfg.top_k.min(e_count);
         let router = self.w(&moe.router)?;
         let probs = candle_nn::ops::softmax(&linear(h, router)?, D::Minus1)?; // [N, E]
-        let routing = Routing::new(&probs.flatten_all()?.to_vec1()?, e_count, k);
+        let mut values = probs.flatten_all()?.to_vec1()?;
+        let k = match self.dropped_expert(e_count) {
+            Some(out) => {
+                // Below every probability: top-k never picks it, and the gates renormalise
+                // over the experts chosen, as the router of a pruned model does.
+                values
+                    .iter_mut()
+                    .skip(out)
+                    .step_by(e_count)
+                    .for_each(|p| *p = -1.0);
+                k.min(e_count - 1)
+            }
+            None => k,
+        };
+        let routing = Routing::new(&values, e_count, k);
         let experts = moe
             .experts
             .iter()
@@ -378,6 +401,77 @@ mod tests {
         assert!(err.contains("context"), "{err}");
     }
 
+    /// Routing dropout: in a step where a MoE layer goes without an expert, that expert gets no
+    /// tokens (no gradient reaches its weights, which it does without the dropout), the loss
+    /// differs from the plain one, and the same seed repeats it.
+    #[test]
+    fn routing_dropout_leaves_one_expert_out_of_a_step() {
+        use candle_core::Var;
+        use std::collections::BTreeMap;
+        let mut cfg = ModelConfig::preset("micro").unwrap();
+        cfg.vocab_size = 60;
+        let spec = ModelSpec::new(&cfg);
+        let layer = cfg.moe_layers[0];
+        let experts = spec.layers[layer].moe.as_ref().unwrap().experts.clone();
+        let weights = itera_core::Weights::init(&cfg, 2).unwrap();
+        let vars: BTreeMap<String, Var> = Params::from_weights(&weights)
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|(k, t)| (k, Var::from_tensor(&t).unwrap()))
+            .collect();
+        let w = Params {
+            tensors: vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect(),
+        };
+        let toks: Vec<u32> = (0..48).map(|i| (i * 7 % 60) as u32).collect();
+        let x = Tensor::from_vec(toks.clone(), (2, 24), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(
+            toks.iter().map(|t| (t + 1) % 60).collect::<Vec<_>>(),
+            (2, 24),
+            &Device::Cpu,
+        )
+        .unwrap();
+        // The gradient's size on each expert's gate weight of the first MoE layer.
+        let step = |cfg: &ModelConfig, seed: Option<u64>| {
+            let m = match seed {
+                Some(s) => Model::training(cfg, &w, s),
+                None => Model::new(cfg, &w),
+            };
+            let loss = m.loss(&x, &y).unwrap().0;
+            let grads = loss.backward().unwrap();
+            let sizes: Vec<f32> = experts
+                .iter()
+                .map(|e| match grads.get(vars[&e.gate.name].as_tensor()) {
+                    Some(g) => g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap(),
+                    None => 0.0,
+                })
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), sizes)
+        };
+        let (plain, all) = step(&cfg, None);
+        assert!(all.iter().all(|&g| g > 0.0), "every expert trains: {all:?}");
+        cfg.dropout.routing = 0.9;
+        // The draws `dropped_expert` makes, the first MoE layer's first: a seed that drops one.
+        let (seed, out) = (0..100u64)
+            .find_map(|s| {
+                let mut rng = Rng::new(s);
+                (rng.uniform() < 0.9).then(|| (s, rng.below(experts.len())))
+            })
+            .unwrap();
+        let (loss, sizes) = step(&cfg, Some(seed));
+        assert_eq!(sizes[out], 0.0, "expert {out} was left out: {sizes:?}");
+        assert_eq!(
+            sizes.iter().filter(|&&g| g > 0.0).count(),
+            experts.len() - 1
+        );
+        assert_ne!(loss, plain);
+        assert_eq!(loss, step(&cfg, Some(seed)).0);
+        assert_eq!(plain, step(&cfg, None).0, "evaluation ignores it");
+    }
+
     /// Dropout: off for `Model::new` (exactly the evaluation forward), on for `training`, where
     /// the same seed gives the same masks, locked masks repeat across time, and the loss is the
     /// evaluation loss in expectation only (it differs per draw).
@@ -408,6 +502,7 @@ mod tests {
             residual: 0.2,
             output: 0.3,
             expert: 0.2,
+            routing: 0.3,
         };
         assert_eq!(
             plain,

@@ -401,6 +401,17 @@ mod tests {
         assert!(err.contains("context"), "{err}");
     }
 
+    /// Inputs [b, t] of tokens below `vocab` and their targets (each token's successor).
+    fn next_token_batch(b: usize, t: usize, vocab: u32) -> (Tensor, Tensor) {
+        let toks: Vec<u32> = (0..(b * t) as u32).map(|i| i * 7 % vocab).collect();
+        let next = toks.iter().map(|t| (t + 1) % vocab).collect::<Vec<_>>();
+        let dev = &Device::Cpu;
+        (
+            Tensor::from_vec(toks, (b, t), dev).unwrap(),
+            Tensor::from_vec(next, (b, t), dev).unwrap(),
+        )
+    }
+
     /// Routing dropout: in a step where a MoE layer goes without an expert, that expert gets no
     /// tokens (no gradient reaches its weights, which it does without the dropout), the loss
     /// differs from the plain one, and the same seed repeats it.
@@ -426,14 +437,7 @@ mod tests {
                 .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
                 .collect(),
         };
-        let toks: Vec<u32> = (0..48).map(|i| (i * 7 % 60) as u32).collect();
-        let x = Tensor::from_vec(toks.clone(), (2, 24), &Device::Cpu).unwrap();
-        let y = Tensor::from_vec(
-            toks.iter().map(|t| (t + 1) % 60).collect::<Vec<_>>(),
-            (2, 24),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (x, y) = next_token_batch(2, 24, 60);
         // The gradient's size on each expert's gate weight of the first MoE layer.
         let step = |cfg: &ModelConfig, seed: Option<u64>| {
             let m = match seed {
@@ -481,14 +485,7 @@ mod tests {
         let mut cfg = ModelConfig::preset("micro").unwrap();
         cfg.vocab_size = 60;
         let w = Params::from_weights(&itera_core::Weights::init(&cfg, 2).unwrap()).unwrap();
-        let toks: Vec<u32> = (0..24).map(|i| (i * 7 % 60) as u32).collect();
-        let x = Tensor::from_vec(toks.clone(), (2, 12), &Device::Cpu).unwrap();
-        let y = Tensor::from_vec(
-            toks.iter().map(|t| (t + 1) % 60).collect::<Vec<_>>(),
-            (2, 12),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (x, y) = next_token_batch(2, 12, 60);
         let loss = |m: &Model| m.loss(&x, &y).unwrap().0.to_scalar::<f32>().unwrap();
         let plain = loss(&Model::new(&cfg, &w));
         assert_eq!(

@@ -1,6 +1,6 @@
 //! The training side of the model, on candle: the reference model (`model`) and the fused ops
 //! it is built from, each with a hand-written backward checked against finite differences or
-//! candle's own autograd (`linear`: every projection, x · Wᵀ; `scan`: the SSM core, with `scan_blocks` its backward's blocked inner loop; `mixer_core`: the whole mixer between its
+//! candle's own autograd (`linear`: every projection, x · Wᵀ; `scan`: the SSM core; `mixer_core`: the whole mixer between its
 //! projections, over the scan's and the conv's kernels; `conv_norm`: causal conv + SiLU and RMSNorm;
 //! `swiglu`: the experts' gate silu(g) * u; `moe`: the MoE layer's routed experts; `lm_head_loss`: the tied LM head fused with
 //! cross-entropy, over `gemm`; `distill_loss`: the
@@ -17,7 +17,6 @@ pub mod mixer_core;
 pub mod model;
 pub mod moe;
 pub mod scan;
-mod scan_blocks;
 pub mod swiglu;
 pub mod windowed;
 

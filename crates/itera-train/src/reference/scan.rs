@@ -12,8 +12,6 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use itera_core::math::{exp_with, sigmoid_with, silu_with, softplus_with, MulAdd};
 use rayon::prelude::*;
 
-use super::scan_blocks::{states_step_backward, Carried, StepDots, StepRows};
-
 pub(crate) fn f32_slice<'a>(
     s: &'a CpuStorage,
     l: &Layout,
@@ -311,8 +309,7 @@ fn core_backward<M: MulAdd>(
     let (mut hs, mut decays) = (vec![0.0f32; CHUNK * di * n], vec![0.0f32; CHUNK * di * n]);
     // Per-channel work vectors of one step.
     let (mut gy, mut dx) = (vec![0.0f32; di], vec![0.0f32; di]);
-    let (mut g_dt, mut g_x) = (vec![0.0f32; di], vec![0.0f32; di]);
-    let mut dots = StepDots::new(n, di);
+    let (mut g_dt, mut g_x, mut g) = (vec![0.0f32; di], vec![0.0f32; di], vec![0.0f32; di]);
     for c in (0..t_len.div_ceil(CHUNK)).rev() {
         let (t0, t1) = (c * CHUNK, ((c + 1) * CHUNK).min(t_len));
         let start = &trace.starts[c * di * n..(c + 1) * di * n];
@@ -354,25 +351,26 @@ fn core_backward<M: MulAdd>(
                     *dx = dt * x;
                 },
             );
-            let step = StepRows {
-                gy: &gy,
-                x,
-                dt,
-                dx: &dx,
-                h_t,
-                h_prev,
-                decay_t,
-                a,
-                bt,
-                ct,
-            };
-            let mut carried = Carried {
-                gh: &mut gh,
-                g_a: &mut g_a,
-                g_dt: &mut g_dt,
-                g_x: &mut g_x,
-            };
-            states_step_backward::<M>(&step, &mut carried, &mut dots, gc_t, gb_t);
+            g_dt.fill(0.0);
+            g_x.fill(0.0);
+            for j in 0..n {
+                let rows = j * di..(j + 1) * di;
+                let (h_now, h_old) = (&h_t[rows.clone()], &h_prev[rows.clone()]);
+                let (decay_j, a_j) = (&decay_t[rows.clone()], &a[rows.clone()]);
+                let (gh_j, ga_j) = (&mut gh[rows.clone()], &mut g_a[rows]);
+                let (bj, cj) = (bt[j], ct[j]);
+                gc_t[j] += itera_core::math::dot(&gy, h_now);
+                for i in 0..di {
+                    g[i] = M::mul_add(gy[i], cj, gh_j[i]);
+                    let decay = decay_j[i];
+                    let g_decay = g[i] * h_old[i] * decay; // dL/d(dt*A)
+                    g_dt[i] = M::mul_add(g_decay, a_j[i], M::mul_add(g[i] * bj, x[i], g_dt[i]));
+                    ga_j[i] = M::mul_add(g_decay, dt[i], ga_j[i]);
+                    g_x[i] = M::mul_add(g[i], bj, g_x[i]);
+                    gh_j[i] = g[i] * decay;
+                }
+                gb_t[j] += itera_core::math::dot(&g, &dx);
+            }
             for i in 0..di {
                 g_xt[i] = gy[i] * d_skip[i] + dt[i] * g_x[i];
             }

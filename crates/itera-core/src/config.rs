@@ -109,6 +109,11 @@ pub struct Dropout {
     /// the chosen ones), so the model learns to do without any one expert, as after
     /// `itera prune` removes it.
     pub routing: f64,
+    /// Per step, shard and MoE layer: the probability that the layer's last expert, its
+    /// designated spare, is left out of routing the same way, so that the model learns to do
+    /// without that one expert in particular and `itera prune --drop 1` finds it cheapest to
+    /// remove (the others are never left out for it).
+    pub spare: f64,
 }
 
 impl Dropout {
@@ -124,6 +129,7 @@ impl Dropout {
             ("output", self.output),
             ("expert", self.expert),
             ("routing", self.routing),
+            ("spare", self.spare),
         ] {
             if !(0.0..0.95).contains(&p) {
                 return Err(Error::Config(format!(

@@ -146,9 +146,10 @@ pub fn parse_dropout(spec: &str) -> Result<Dropout> {
             "output" => &mut d.output,
             "expert" => &mut d.expert,
             "routing" => &mut d.routing,
+            "spare" => &mut d.spare,
             other => {
                 return Err(Error::Train(format!(
-                    "--dropout: unknown part `{other}` (embed, input, residual, output, expert, routing)"
+                    "--dropout: unknown part `{other}` (embed, input, residual, output, expert, routing, spare)"
                 )))
             }
         };
@@ -163,9 +164,9 @@ mod tests {
 
     #[test]
     fn dropout_specs_parse_and_bad_ones_are_named() {
-        let d = parse_dropout("embed=0.1, residual=0.25,routing=0.5").unwrap();
+        let d = parse_dropout("embed=0.1, residual=0.25,routing=0.5,spare=0.3").unwrap();
         assert_eq!((d.embed, d.residual, d.output), (0.1, 0.25, 0.0));
-        assert_eq!((d.expert, d.routing), (0.0, 0.5));
+        assert_eq!((d.expert, d.routing, d.spare), (0.0, 0.5, 0.3));
         assert!(parse_dropout("resid=0.1")
             .unwrap_err()
             .to_string()

@@ -90,7 +90,8 @@ pub struct TrainFlags {
     pub aux_weight: f64,
     /// Training-time dropout, e.g. `embed=0.1,input=0.2,residual=0.2,output=0.3,expert=0.1`
     /// (locked masks per sequence for input/residual/output; off at inference); `routing=P`
-    /// leaves one random expert per MoE layer out of routing with probability P per step
+    /// leaves one random expert per MoE layer out of routing with probability P per step;
+    /// `spare=P` leaves out each MoE layer's last expert, the one to prune later
     #[arg(long)]
     pub dropout: Option<String>,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.999) and

@@ -103,13 +103,16 @@ impl<'a> Model<'a> {
         Ok(x.broadcast_mul(&Tensor::from_vec(mask, (n, 1), x.device())?)?)
     }
 
-    /// The expert one MoE layer goes without in this training step (`dropout.routing`), if any;
-    /// never the last one left.
+    /// The expert one MoE layer goes without in this training step, if any: one drawn at random
+    /// (`dropout.routing`), else its spare, the last one (`dropout.spare`); never the only one.
     fn dropped_expert(&self, experts: usize) -> Option<usize> {
-        let p = self.cfg.dropout.routing;
-        let rng = self.noise.as_ref().filter(|_| p > 0.0 && experts > 1)?;
+        let d = self.cfg.dropout;
+        let rng = self.noise.as_ref().filter(|_| experts > 1)?;
         let mut rng = rng.borrow_mut();
-        (rng.uniform() < p).then(|| rng.below(experts))
+        if d.routing > 0.0 && rng.uniform() < d.routing {
+            return Some(rng.below(experts));
+        }
+        (d.spare > 0.0 && rng.uniform() < d.spare).then_some(experts - 1)
     }
 
     fn w(&self, spec: &itera_core::tensors::Spec) -> Result<&Tensor> {
@@ -474,6 +477,16 @@ mod tests {
         assert_ne!(loss, plain);
         assert_eq!(loss, step(&cfg, Some(seed)).0);
         assert_eq!(plain, step(&cfg, None).0, "evaluation ignores it");
+        // The spare: always the last expert, drawn with its own probability.
+        cfg.dropout.routing = 0.0;
+        cfg.dropout.spare = 0.9;
+        let seed = (0..100u64).find(|&s| Rng::new(s).uniform() < 0.9).unwrap();
+        let sizes = step(&cfg, Some(seed)).1;
+        let last = experts.len() - 1;
+        assert_eq!(sizes[last], 0.0, "the spare was left out: {sizes:?}");
+        assert!(sizes[..last].iter().all(|&g| g > 0.0), "{sizes:?}");
+        let kept = (0..100u64).find(|&s| Rng::new(s).uniform() >= 0.9).unwrap();
+        assert!(step(&cfg, Some(kept)).1.iter().all(|&g| g > 0.0));
     }
 
     /// Dropout: off for `Model::new` (exactly the evaluation forward), on for `training`, where
@@ -500,6 +513,7 @@ mod tests {
             output: 0.3,
             expert: 0.2,
             routing: 0.3,
+            spare: 0.2,
         };
         assert_eq!(
             plain,

@@ -279,6 +279,8 @@ pub(super) fn check_kept(cfg: &ModelConfig, kept: &[Vec<usize>]) -> Result<Vec<u
 /// their tensors renumbered from 0, the router's rows of the others removed (the softmax over
 /// the remaining rows renormalises the kept experts' weights), `top_k` lowered to the fewest
 /// experts left if needed (compare the returned config's `top_k` with the old one to report it).
+/// When experts go, `dropout.spare` goes to 0: the spare is the expert pruning is meant to take,
+/// and left on, a heal or fine-tune would leave out a kept expert (the new last one) instead.
 pub fn prune(
     cfg: &ModelConfig,
     weights: &Weights,
@@ -291,6 +293,13 @@ pub fn prune(
         *counts.iter().min().expect("non-empty"),
         *counts.iter().max().expect("non-empty"),
     );
+    if layers
+        .iter()
+        .zip(&counts)
+        .any(|(&l, &c)| c < cfg.experts_in_layer(l))
+    {
+        new.dropout.spare = 0.0;
+    }
     new.n_experts = most;
     new.expert_counts = if fewest == most { Vec::new() } else { counts };
     new.top_k = cfg.top_k.min(fewest);
@@ -385,9 +394,21 @@ mod tests {
         let (cfg, w) = tiny();
         let layers = moe_layers(&cfg).unwrap();
         let kept: Vec<Vec<usize>> = layers.iter().map(|_| vec![1, 3]).collect();
-        let (c, p) = prune(&cfg, &w, &kept).unwrap();
+        let mut spared = cfg.clone();
+        spared.dropout.spare = 0.1;
+        let (c, p) = prune(&spared, &w, &kept).unwrap();
         assert_eq!(c.n_experts, 2);
         assert_eq!(c.top_k, 2);
+        assert_eq!(
+            c.dropout.spare, 0.0,
+            "the spare goes with the pruned experts"
+        );
+        let all: Vec<Vec<usize>> = layers.iter().map(|_| (0..4).collect()).collect();
+        let (kept_all, _) = prune(&spared, &w, &all).unwrap();
+        assert_eq!(
+            kept_all.dropout.spare, 0.1,
+            "nothing removed, the spare stays"
+        );
         let per_expert = 3 * cfg.expert_hidden * cfg.d_model + cfg.d_model;
         assert_eq!(
             w.parameter_count() - p.parameter_count(),

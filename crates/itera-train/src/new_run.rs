@@ -1,12 +1,14 @@
-//! The rules that turn what a user asks for (a preset or config file, the shared-state switch, a
-//! tokenizer or none, a training window) into a consistent new run: the tokenizer is the
-//! teacher's for a distillation run and trained when none is given, the model's vocabulary shrinks to the tokenizer's, and an attention model's
-//! training window may not exceed its learned positions. The CLI only passes the flags on.
+//! The rules that turn what a user asks for (a preset, a config file or a trained model to start
+//! from, the shared-state switch, a tokenizer or none, a training window) into a consistent new
+//! run: the tokenizer is the teacher's for a distillation run, the starting model's with --init,
+//! and trained when none is given; the model's vocabulary shrinks to the tokenizer's (a fresh
+//! model only), and an attention model's training window may not exceed its learned positions.
+//! The CLI only passes the flags on.
 
 use std::path::{Path, PathBuf};
 
 use itera_core::config::{Dropout, Mixer, ModelConfig};
-use itera_core::Tokenizer;
+use itera_core::{ModelDir, Tokenizer};
 
 use crate::data::{expand_inputs, heldout_cut, read_text};
 use crate::error::{Error, Result};
@@ -19,6 +21,9 @@ pub struct NewRun {
     pub preset: String,
     /// A config.json overriding the preset.
     pub config: Option<PathBuf>,
+    /// A trained model directory to start from instead of fresh weights (a fine-tune; with its
+    /// own model as the teacher, self-distillation): its config, tokenizer and weights.
+    pub init: Option<PathBuf>,
     /// Use the original's shared-state SSM instead of per-channel states.
     pub shared_state: bool,
     /// tokenizer.json; None takes the teacher's (distillation) or trains a BPE of the model's
@@ -35,12 +40,27 @@ pub struct NewRun {
 impl NewRun {
     /// The model config this run trains.
     pub fn config(&self) -> Result<ModelConfig> {
-        let mut config = match &self.config {
-            Some(p) => {
+        let mut config = match (&self.init, &self.config) {
+            (Some(m), None) if !self.shared_state => {
+                if !m.is_dir() {
+                    return Err(Error::file(
+                        m,
+                        "--init takes a model directory (f32 weights to train), not a file",
+                    ));
+                }
+                itera_core::format::model_dir::read_config(m)?
+            }
+            (Some(_), _) => {
+                return Err(Error::Train(
+                    "--init starts from the model's own config; --config and --shared-state do not apply"
+                        .into(),
+                ))
+            }
+            (None, Some(p)) => {
                 let text = itera_core::format::read_text_file(p)?;
                 ModelConfig::from_json(&text, &p.display().to_string())?
             }
-            None => ModelConfig::preset(&self.preset)?,
+            (None, None) => ModelConfig::preset(&self.preset)?,
         };
         if self.shared_state {
             if !config.mixer.is_recurrent() {
@@ -87,11 +107,21 @@ impl NewRun {
             ));
         }
         let mut config = self.config()?;
-        let tokenizer = match (&self.tokenizer, &self.options.distill) {
-            (Some(p), _) => Tokenizer::from_file(p)?,
+        // config() checked that it is a directory.
+        let init = self.init.as_deref().map(ModelDir::load).transpose()?;
+        let tokenizer = match (&self.tokenizer, &self.options.distill, &init) {
+            (Some(_), _, Some(_)) => {
+                return Err(Error::Train(
+                    "--init brings the model's own tokenizer; --tokenizer does not apply".into(),
+                ))
+            }
+            (None, _, Some(m)) => m.tokenizer.clone(),
+            (Some(p), _, None) => Tokenizer::from_file(p)?,
             // A student reads with its teacher's tokenizer.
-            (None, Some(d)) => itera_core::format::model_dir::read_model_tokenizer(&d.teacher)?,
-            (None, None) => {
+            (None, Some(d), None) => {
+                itera_core::format::model_dir::read_model_tokenizer(&d.teacher)?
+            }
+            (None, None, None) => {
                 note(format!(
                     "training a {}-token BPE on the training data...",
                     config.vocab_size
@@ -102,7 +132,8 @@ impl NewRun {
         if tokenizer.vocab_size() == 0 {
             return Err(Error::Train("the tokenizer has an empty vocabulary".into()));
         }
-        if tokenizer.vocab_size() < config.vocab_size {
+        // A trained model keeps its embedding rows (its own tokenizer fits them).
+        if init.is_none() && tokenizer.vocab_size() < config.vocab_size {
             note(format!(
                 "note: the tokenizer has {} tokens; the model's vocab shrinks to match",
                 tokenizer.vocab_size()
@@ -122,7 +153,10 @@ impl NewRun {
                 "--burn-in warms a recurrent state; an attention model has none".into(),
             ));
         }
-        Run::create(dir, config, tokenizer, options)
+        match init {
+            Some(m) => Run::create_from(dir, config, tokenizer, options, &m.weights),
+            None => Run::create(dir, config, tokenizer, options),
+        }
     }
 }
 
@@ -189,6 +223,7 @@ mod tests {
         let mut run = NewRun {
             preset: "micro".into(),
             config: None,
+            init: None,
             shared_state: false,
             tokenizer: None,
             seq_len: None,
@@ -205,6 +240,52 @@ mod tests {
         assert_eq!(tokens(&run), 7);
         run.options.valid_files = vec![valid];
         assert!(tokens(&run) < 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `--init` starts from the saved model: its weights to the bit, its config (with this run's
+    /// dropout), its tokenizer; and refuses a config or tokenizer of its own.
+    #[test]
+    fn a_run_from_init_starts_with_the_models_weights() {
+        let dir = std::env::temp_dir().join(format!("itera-init-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let train = dir.join("train.txt");
+        let text = "the cat sat on the mat. ".repeat(200);
+        std::fs::write(&train, &text).unwrap();
+        let tok = Tokenizer::train_on_texts(&[text.as_str()], 270).unwrap();
+        let mut cfg = ModelConfig::preset("micro").unwrap();
+        cfg.vocab_size = tok.vocab_size() + 5; // the model keeps rows its tokenizer does not use
+        let w = itera_core::tensors::Weights::init(&cfg, 7).unwrap();
+        ModelDir::save(&dir.join("m"), &cfg, &w, &tok).unwrap();
+        let new = |init: Option<PathBuf>, config: Option<PathBuf>| NewRun {
+            preset: "tiny".into(),
+            config,
+            init,
+            shared_state: false,
+            tokenizer: None,
+            seq_len: None,
+            dropout: Some("embed=0.1".into()),
+            options: TrainOptions::new(vec![train.clone()], 1),
+        };
+        let run = new(Some(dir.join("m")), None)
+            .create(&dir.join("run"), &mut |_| {})
+            .unwrap();
+        assert_eq!(run.weights().unwrap(), w);
+        assert_eq!(run.config.vocab_size, cfg.vocab_size);
+        assert_eq!(run.config.d_model, cfg.d_model);
+        assert_eq!(run.config.dropout.embed, 0.1);
+        assert_eq!(run.tokenizer.vocab_size(), tok.vocab_size());
+        let err = new(Some(dir.join("m")), Some(dir.join("m/config.json")))
+            .create(&dir.join("run2"), &mut |_| {})
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--init"), "{err}");
+        let err = new(Some(dir.join("m/model.safetensors")), None)
+            .create(&dir.join("run3"), &mut |_| {})
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("model directory"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -40,7 +40,7 @@ pub struct DistillArgs {
     #[arg(long, value_enum, default_value = "forward")]
     pub kl: KlArg,
     /// Continue the distillation run in this directory from its last checkpoint
-    #[arg(long, conflicts_with_all = ["teacher", "student_preset", "student_config", "tokenizer", "epochs"])]
+    #[arg(long, conflicts_with_all = ["teacher", "student_preset", "student_config", "init", "tokenizer", "epochs"])]
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub flags: TrainFlags,

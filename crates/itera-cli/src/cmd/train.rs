@@ -23,7 +23,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub shared_state: bool,
     /// Continue the run in this directory from its last checkpoint
-    #[arg(long, conflicts_with_all = ["preset", "config", "tokenizer", "epochs"])]
+    #[arg(long, conflicts_with_all = ["preset", "config", "init", "tokenizer", "epochs"])]
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub flags: TrainFlags,
@@ -47,6 +47,11 @@ pub struct TrainFlags {
     /// Fraction of each training file's end held out for validation when --valid is not given
     #[arg(long, default_value_t = 0.02)]
     pub holdout: f64,
+    /// Start from this trained model directory (its config, tokenizer and weights) instead of
+    /// fresh weights: a fine-tune, or with `itera distill --teacher` the same model,
+    /// self-distillation
+    #[arg(long, conflicts_with_all = ["tokenizer"])]
+    pub init: Option<PathBuf>,
     /// tokenizer.json to use; without it a BPE of the model's vocab size is trained on --data
     /// (a distillation student uses its teacher's)
     #[arg(long)]
@@ -143,6 +148,7 @@ impl TrainFlags {
         NewRun {
             preset: preset.into(),
             config,
+            init: self.init.clone(),
             shared_state,
             tokenizer: self.tokenizer.clone(),
             seq_len: self.seq_len,

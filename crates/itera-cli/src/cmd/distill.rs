@@ -25,7 +25,7 @@ pub struct DistillArgs {
     #[arg(long, required_unless_present = "resume")]
     pub teacher: Option<PathBuf>,
     /// The student's architecture preset
-    #[arg(long, default_value = "micro")]
+    #[arg(long, default_value = "micro", conflicts_with = "init")]
     pub student_preset: String,
     /// A config.json for the student instead of a preset
     #[arg(long)]

@@ -13,7 +13,7 @@ use super::progress::{bar, say};
 #[derive(Args)]
 pub struct TrainArgs {
     /// Architecture preset: tiny, micro, small, medium, or the baseline transformer-tiny
-    #[arg(long, default_value = "tiny")]
+    #[arg(long, default_value = "tiny", conflicts_with = "init")]
     pub preset: String,
     /// A config.json overriding the preset
     #[arg(long)]

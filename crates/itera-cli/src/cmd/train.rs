@@ -50,7 +50,7 @@ pub struct TrainFlags {
     /// Start from this trained model directory (its config, tokenizer and weights) instead of
     /// fresh weights: a fine-tune, or with `itera distill --teacher` the same model,
     /// self-distillation
-    #[arg(long, conflicts_with_all = ["tokenizer"])]
+    #[arg(long, conflicts_with = "tokenizer")]
     pub init: Option<PathBuf>,
     /// tokenizer.json to use; without it a BPE of the model's vocab size is trained on --data
     /// (a distillation student uses its teacher's)

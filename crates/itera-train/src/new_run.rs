@@ -119,7 +119,7 @@ impl NewRun {
             (Some(p), _, None) => Tokenizer::from_file(p)?,
             // A student reads with its teacher's tokenizer.
             (None, Some(d), None) => {
-                itera_core::format::model_dir::read_model_tokenizer(&d.teacher)?
+                itera_core::format::model_dir::read_model_tokenizer(&d.teachers[0])?
             }
             (None, None, None) => {
                 note(format!(

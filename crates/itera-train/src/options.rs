@@ -203,7 +203,7 @@ mod tests {
         assert!(e.contains("at most 16x seq_len"), "{e}");
         o.burn_in = 64;
         o.distill = Some(crate::distill::DistillOptions {
-            teacher: "teacher".into(),
+            teachers: vec!["teacher".into()],
             loss: crate::reference::distill_loss::DistillLossSpec {
                 temperature: 1.0,
                 alpha: 0.5,

@@ -821,7 +821,7 @@ mod tests {
         let mut d = o.clone();
         let teacher = tmp.join("teacher").join(BEST_DIR);
         d.distill = Some(DistillOptions {
-            teacher: teacher.clone(),
+            teachers: vec![teacher.clone()],
             loss: crate::reference::distill_loss::DistillLossSpec {
                 temperature: 2.0,
                 alpha: 0.5,

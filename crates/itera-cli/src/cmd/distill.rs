@@ -21,9 +21,10 @@ pub enum KlArg {
 
 #[derive(Args)]
 pub struct DistillArgs {
-    /// The teacher: a model directory or .gguf file (the student uses its tokenizer)
-    #[arg(long, required_unless_present = "resume")]
-    pub teacher: Option<PathBuf>,
+    /// The teacher: a model directory or .gguf file (the student uses its tokenizer). Several
+    /// (`--teacher A B`, one tokenizer) are one teacher, the mean of their distributions
+    #[arg(long, num_args = 1.., required_unless_present = "resume")]
+    pub teacher: Vec<PathBuf>,
     /// The student's architecture preset
     #[arg(long, default_value = "micro", conflicts_with = "init")]
     pub student_preset: String,
@@ -47,7 +48,7 @@ pub struct DistillArgs {
 }
 
 pub fn run(a: DistillArgs) -> Result<()> {
-    let run = match (&a.resume, &a.teacher) {
+    let run = match (&a.resume, a.teacher.is_empty()) {
         (Some(dir), _) => {
             let run = resume(dir, a.flags.steps)?;
             if run.options.distill.is_none() {
@@ -58,12 +59,12 @@ pub fn run(a: DistillArgs) -> Result<()> {
             }
             run
         }
-        (None, Some(teacher)) => {
+        (None, false) => {
             let mut new = a
                 .flags
                 .new_run(&a.student_preset, a.student_config.clone(), false);
             new.options.distill = Some(DistillOptions {
-                teacher: teacher.clone(),
+                teachers: a.teacher.clone(),
                 loss: DistillLossSpec {
                     temperature: a.temperature,
                     alpha: a.alpha,
@@ -77,7 +78,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
             new.options.validate()?;
             a.flags.create(new)?
         }
-        (None, None) => bail!("--teacher MODEL is required (or --resume RUN)"),
+        (None, true) => bail!("--teacher MODEL is required (or --resume RUN)"),
     };
     drive(run, a.flags.epochs, a.flags.json)
 }

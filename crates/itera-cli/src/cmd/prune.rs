@@ -201,7 +201,7 @@ fn heal(a: &PruneArgs, cfg: &ModelConfig, w: &Weights, model: &ModelDir) -> Resu
     o.seed = a.seed;
     if a.heal_kl > 0.0 {
         o.distill = Some(DistillOptions {
-            teacher: a.model.clone(),
+            teachers: vec![a.model.clone()],
             loss: DistillLossSpec {
                 temperature: 1.0,
                 alpha: a.heal_kl,

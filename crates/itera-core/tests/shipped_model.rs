@@ -8,7 +8,7 @@ use itera_core::{ModelDir, Runtime};
 
 /// Measured with `itera eval --data tests/fixtures/heldout-english.txt` when the model shipped
 /// (MEASURED_BPB), plus a small margin for floating-point differences across machines.
-const MEASURED_BPB: f64 = 1.5882;
+const MEASURED_BPB: f64 = 1.5638;
 const MARGIN: f64 = 0.01;
 
 #[test]

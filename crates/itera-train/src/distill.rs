@@ -189,11 +189,10 @@ itera_core::multiversion! {
 }
 
 itera_core::multiversion! {
-    /// acc = log(e^acc + e^next), element by element, finite wherever either is.
+    /// acc = log(e^acc + e^next) = next + softplus(acc - next), element by element.
     fn log_add_exp_row<M>(acc: &mut [f32], next: &[f32]) {
         for (a, &b) in acc.iter_mut().zip(next) {
-            let (hi, lo) = (a.max(b), a.min(b));
-            *a = hi + itera_core::math::ln_1p(itera_core::math::exp_with::<M>(lo - hi));
+            *a = b + itera_core::math::softplus_with::<M>(*a - b);
         }
     }
 }

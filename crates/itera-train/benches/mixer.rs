@@ -1,6 +1,6 @@
-//! The mixer between its projections, forward + backward at `tiny`'s sizes (d_inner 256, state
-//! 8, dt rank 8, 4 taps) for one training shard of 8 x 128 tokens: the fused op (`mixer_core`)
-//! against the composite of candle matmuls and the smaller fused ops it replaced.
+//! The mixer with its projections, forward + backward at `tiny`'s sizes (width 128, d_inner 256,
+//! state 8, dt rank 8, 4 taps) for one training shard of 8 x 128 tokens: the fused op
+//! (`mixer_core`) against the composite of candle matmuls and the smaller fused ops it replaced.
 //! Run with `cargo bench -p itera-train`.
 
 mod common;
@@ -11,6 +11,7 @@ use criterion::{criterion_group, Criterion};
 use itera_train::reference::mixer_core::{mixer_composite, mixer_core, MixerWeights};
 
 const B: usize = 8;
+const D: usize = 128;
 const T: usize = 128;
 const DI: usize = 256;
 const N: usize = 8;
@@ -19,7 +20,8 @@ const K: usize = 4;
 
 fn mixer(c: &mut Criterion) {
     let vars = [
-        var(&[B * T, 2 * DI], 1),
+        var(&[B * T, D], 1),
+        var(&[2 * DI, D], 9),
         var(&[DI, K], 2),
         var(&[DI], 3),
         var(&[R + 2 * N, DI], 4),
@@ -27,13 +29,14 @@ fn mixer(c: &mut Criterion) {
         var(&[DI, N], 6),
         var(&[DI], 7),
         var(&[DI], 8),
+        var(&[D, DI], 10),
     ];
     let v: Vec<&Tensor> = vars.iter().map(|x| x.as_tensor()).collect();
     let mut group = c.benchmark_group("mixer_forward_backward");
     group.sample_size(20);
     type Mixer = fn(&Tensor, &MixerWeights) -> candle_core::Result<Tensor>;
-    let fused: Mixer = |xz, w| mixer_core(xz, T, w);
-    let composite: Mixer = |xz, w| mixer_composite(&xz.reshape((B, T, 2 * DI))?, w);
+    let fused: Mixer = |h, w| mixer_core(h, T, w);
+    let composite: Mixer = |h, w| mixer_composite(&h.reshape((B, T, D))?, w);
     for (name, mixer) in [("fused", fused), ("composite", composite)] {
         group.bench_function(name, |bench| {
             bench.iter(|| {

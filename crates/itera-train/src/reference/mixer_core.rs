@@ -1,11 +1,13 @@
-//! The Mamba-1 mixer between its two projections as one training op: causal conv + SiLU, x_proj,
-//! dt_proj and the gated selective scan, forward and backward over slices.
+//! The Mamba-1 mixer with its two projections as one training op: in_proj, causal conv + SiLU,
+//! x_proj, dt_proj, the gated selective scan and out_proj, forward and backward over slices.
 //!
 //! Built from candle ops (`conv_norm`, two matmuls, `scan`) the same arithmetic was about twelve
 //! graph nodes per layer over [B*T, d_inner] tensors, and candle's backward gives every node's
 //! gradient a zero-filled tensor plus an add (`GradStore::or_insert`): a 2026-12-01 profile of the
 //! training steps had those fills, adds and copies at 26% of the step time. As one op the mixer
-//! takes one gradient in and gives one out. The composite stays as the test's reference.
+//! takes one gradient in and gives one out. The projections joined it in the thirty-sixth
+//! session: as `linear` nodes of their own, in_proj's [B*T, 2 Di] output and out_proj's
+//! [B*T, Di] input each still paid a fill and an add. The composite stays as the test's reference.
 
 use std::sync::Mutex;
 
@@ -14,14 +16,16 @@ use rayon::prelude::*;
 
 use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_sequence};
 use super::gemm::{matmul, product, View};
+use super::linear::{linear, with_data};
 use super::scan::{
     core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, sum_parts, Dims,
     InputGrads, Inputs, Trace,
 };
 
-/// Sizes of the mixer: d_inner, the SSM state, dt's rank and the conv's taps.
+/// Sizes of the mixer: the model's width, d_inner, the SSM state, dt's rank and the conv's taps.
 #[derive(Clone, Copy, Debug)]
 pub struct MixerDims {
+    pub d: usize,
     pub di: usize,
     pub n: usize,
     pub r: usize,
@@ -31,16 +35,24 @@ pub struct MixerDims {
 impl MixerDims {
     /// Lengths of the packed parameter vector's parts, in order: the conv's taps and bias
     /// tap-major [K + 1, Di], x_proj [R + 2N, Di], dt_proj [Di, R], and the scan's (A_log, D,
-    /// dt_bias) channel-major [Di, N + 2].
-    fn parts(&self) -> [usize; 4] {
-        let (di, n, r, k) = (self.di, self.n, self.r, self.k);
-        [(k + 1) * di, (r + 2 * n) * di, di * r, di * (n + 2)]
+    /// dt_bias) channel-major [Di, N + 2], in_proj [2 Di, D] (the x rows, then z's) and out_proj
+    /// [D, Di].
+    fn parts(&self) -> [usize; 6] {
+        let (d, di, n, r, k) = (self.d, self.di, self.n, self.r, self.k);
+        [
+            (k + 1) * di,
+            (r + 2 * n) * di,
+            di * r,
+            di * (n + 2),
+            2 * di * d,
+            d * di,
+        ]
     }
 }
 
 /// What the forward computes for the whole batch and the backward needs again.
 struct Saved {
-    /// The conv's input x and the gate z [B*T, Di] each, copied out of xz.
+    /// The conv's input x and the gate z [B*T, Di] each: in_proj's two halves.
     xs: Vec<f32>,
     z: Vec<f32>,
     /// The conv's output, the scan's x [B*T, Di].
@@ -54,6 +66,8 @@ struct Saved {
     /// Each sequence's scan trace, recorded by a forward that autograd will differentiate (so
     /// the backward does not run the scan forward again); empty otherwise.
     traces: Vec<Trace>,
+    /// The gated scan's output, out_proj's input [B*T, Di] (empty until the scan has run).
+    y: Vec<f32>,
 }
 
 impl Saved {
@@ -69,10 +83,10 @@ impl Saved {
     }
 }
 
-/// Inputs: xz [B*T, 2 Di] (in_proj's output rows: x, then the gate z), and the packed parameters
-/// (`MixerDims::parts`). Output y [B*T, Di], before out_proj. Rows rather than [B, T, ...]
-/// tensors, so that the model needs no reshape around the op: candle's backward gives each
-/// reshape a zero-filled gradient and an add, here [B*T, 2 Di] and [B*T, Di] per layer.
+/// Inputs: h [B*T, D] (the normed residual stream), and the packed parameters
+/// (`MixerDims::parts`). Output [B*T, D], after out_proj. Rows rather than [B, T, ...] tensors, so
+/// that the model needs no reshape around the op: candle's backward gives each reshape a
+/// zero-filled gradient and an add.
 struct MixerCore {
     dims: MixerDims,
     /// Sequence length T: the rows are B sequences of T.
@@ -92,13 +106,13 @@ impl MixerCore {
         }
     }
 
-    fn check(&self, xz: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
-        let (rows, di2) = xz.dims2()?;
+    fn check(&self, h: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
+        let (rows, d) = h.dims2()?;
         let len = w.dims1()?;
         let want: usize = self.dims.parts().iter().sum();
-        if di2 != 2 * self.dims.di || len != want || self.t == 0 || rows % self.t != 0 {
+        if d != self.dims.d || len != want || self.t == 0 || rows % self.t != 0 {
             candle_core::bail!(
-                "mixer_core: xz {xz:?} ({} tokens per sequence) and {len} packed parameters \
+                "mixer_core: h {h:?} ({} tokens per sequence) and {len} packed parameters \
                  disagree with {:?}",
                 self.t,
                 self.dims
@@ -107,16 +121,15 @@ impl MixerCore {
         Ok((rows / self.t, self.t))
     }
 
-    /// Everything up to the scan: x and z out of xz, the conv, x_proj and dt_proj.
-    fn prepare(&self, xz: &[f32], w: &[f32], b: usize, t: usize) -> Saved {
-        let MixerDims { di, n, r, k } = self.dims;
+    /// Everything up to the scan: in_proj's x and z halves, the conv, x_proj and dt_proj.
+    fn prepare(&self, h: &[f32], w: &[f32], b: usize, t: usize) -> Saved {
+        let MixerDims { d, di, n, r, k } = self.dims;
         let rows = b * t;
-        let [tw, wx, wdt, _] = split(w, self.dims);
-        let (mut xs, mut z) = (Vec::with_capacity(rows * di), Vec::with_capacity(rows * di));
-        for row in xz.chunks_exact(2 * di) {
-            xs.extend_from_slice(&row[..di]);
-            z.extend_from_slice(&row[di..]);
-        }
+        let [tw, wx, wdt, _, win, _] = split(w, self.dims);
+        let h = View::rows(h, rows, d);
+        let (win_x, win_z) = win.split_at(di * d);
+        let xs = product(h, View::rows(win_x, di, d).t());
+        let z = product(h, View::rows(win_z, di, d).t());
         let mut xc = vec![0.0f32; rows * di];
         xc.par_chunks_mut(t * di)
             .zip(xs.par_chunks(t * di))
@@ -140,17 +153,19 @@ impl MixerCore {
             raw,
             bc,
             traces: Vec::new(),
+            y: Vec::new(),
         }
     }
 }
 
-/// The packed parameters' four parts (`MixerDims::parts`).
-fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 4] {
-    let [a, b, c, _] = dims.parts();
-    let (tw, rest) = w.split_at(a);
-    let (wx, rest) = rest.split_at(b);
-    let (wdt, p) = rest.split_at(c);
-    [tw, wx, wdt, p]
+/// The packed parameters' six parts (`MixerDims::parts`).
+fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 6] {
+    let mut rest = w;
+    dims.parts().map(|len| {
+        let (part, tail) = rest.split_at(len);
+        rest = tail;
+        part
+    })
 }
 
 impl CustomOp2 for MixerCore {
@@ -166,14 +181,15 @@ impl CustomOp2 for MixerCore {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, t) = self.check(l1.shape(), l2.shape())?;
-        let (xz, w) = (
-            f32_slice(s1, l1, "xz")?,
+        let (h, w) = (
+            f32_slice(s1, l1, "h")?,
             f32_slice(s2, l2, "mixer parameters")?,
         );
-        let mut saved = self.prepare(xz, w, b, t);
+        let mut saved = self.prepare(h, w, b, t);
         let d = self.scan_dims(b, t);
-        let (a, d_skip, bias) = params(split(w, self.dims)[3], &d);
-        let di = self.dims.di;
+        let [.., p, _, wout] = split(w, self.dims);
+        let (a, d_skip, bias) = params(p, &d);
+        let (dm, di) = (self.dims.d, self.dims.di);
         let record = self.saved.is_some();
         let mut out = vec![0.0f32; b * t * di];
         let traces: Vec<Option<Trace>> = out
@@ -188,21 +204,23 @@ impl CustomOp2 for MixerCore {
             })
             .collect();
         saved.traces = traces.into_iter().flatten().collect();
+        let y = product(View::rows(&out, b * t, di), View::rows(wout, dm, di).t());
         if let Some(slot) = &self.saved {
+            saved.y = out;
             *slot.lock().expect("not poisoned") = Some(saved);
         }
-        Ok((CpuStorage::F32(out), Shape::from((b * t, di))))
+        Ok((CpuStorage::F32(y), Shape::from((b * t, dm))))
     }
 
     fn bwd(
         &self,
-        xz: &Tensor,
+        h: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, t) = self.check(xz.shape(), w.shape())?;
-        let MixerDims { di, n, r, k } = self.dims;
+        let (b, t) = self.check(h.shape(), w.shape())?;
+        let MixerDims { d: dm, di, n, r, k } = self.dims;
         let w_v = w.to_vec1::<f32>()?;
         let saved = self
             .saved
@@ -211,11 +229,18 @@ impl CustomOp2 for MixerCore {
         let Some(saved) = saved else {
             candle_core::bail!("mixer_core: backward without its forward's intermediates");
         };
-        let g_out = grad.flatten_all()?.to_vec1::<f32>()?;
         let d = self.scan_dims(b, t);
-        let [tw, wx, wdt, p] = split(&w_v, self.dims);
+        let [tw, wx, wdt, p, win, wout] = split(&w_v, self.dims);
         let (a, d_skip, bias) = params(p, &d);
         let (rows, wdbc, seq) = (b * t, r + 2 * n, t * di);
+
+        // out = y · out_proj^T.
+        let grad = grad.contiguous()?;
+        let (g_out, g_wout) = with_data(&grad, "gradient", |g| {
+            let g = View::rows(g, rows, dm);
+            let g_y = product(g, View::rows(wout, dm, di));
+            (g_y, product(g.t(), View::rows(&saved.y, rows, di)))
+        })?;
 
         // The scan: dL/d(xc, dt_raw, z) and dL/d(B, C).
         let mut g_xc = vec![0.0f32; rows * di];
@@ -277,15 +302,21 @@ impl CustomOp2 for MixerCore {
             .map(|((gxb, xb), gb)| conv_backward_sequence(xb, gb, tw, t, di, k, gxb))
             .collect();
         let g_tw = sum_parts(tw_parts, tw.len());
-        let mut g_xz = Vec::with_capacity(rows * 2 * di);
-        for (gx, gz) in g_xs.chunks_exact(di).zip(g_z.chunks_exact(di)) {
-            g_xz.extend_from_slice(gx);
-            g_xz.extend_from_slice(gz);
-        }
-        let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p].concat();
-        let dev = xz.device();
+
+        // (xs, z) = h · in_proj^T, by halves.
+        let (g_xs, g_z) = (View::rows(&g_xs, rows, di), View::rows(&g_z, rows, di));
+        let (win_x, win_z) = win.split_at(di * dm);
+        let (g_h, g_win) = with_data(h, "h", |hv| {
+            let hv = View::rows(hv, rows, dm);
+            let mut g_h = product(g_xs, View::rows(win_x, di, dm));
+            matmul(&mut g_h, g_z, View::rows(win_z, di, dm), true);
+            let g_win = [product(g_xs.t(), hv), product(g_z.t(), hv)].concat();
+            (g_h, g_win)
+        })?;
+        let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p, g_win, g_wout].concat();
+        let dev = h.device();
         Ok((
-            Some(Tensor::from_vec(g_xz, xz.shape(), dev)?),
+            Some(Tensor::from_vec(g_h, h.shape(), dev)?),
             Some(Tensor::from_vec(g_w, w.shape(), dev)?),
         ))
     }
@@ -293,6 +324,8 @@ impl CustomOp2 for MixerCore {
 
 /// The mixer's weights by role, as the model names them.
 pub struct MixerWeights<'a> {
+    /// [2 Di, D]: the x rows, then the gate's.
+    pub in_proj: &'a Tensor,
     /// [Di, K] and [Di].
     pub conv: &'a Tensor,
     pub conv_bias: &'a Tensor,
@@ -304,32 +337,37 @@ pub struct MixerWeights<'a> {
     pub a_log: &'a Tensor,
     pub d: &'a Tensor,
     pub dt_bias: &'a Tensor,
+    /// [D, Di].
+    pub out_proj: &'a Tensor,
 }
 
 impl<'a> MixerWeights<'a> {
-    /// From the seven tensors in the field order (conv, conv_bias, x_proj, dt_proj, a_log, d,
-    /// dt_bias).
+    /// From the nine tensors in the field order (in_proj, conv, conv_bias, x_proj, dt_proj,
+    /// a_log, d, dt_bias, out_proj).
     pub fn from_slice(w: &[&'a Tensor]) -> Self {
         Self {
-            conv: w[0],
-            conv_bias: w[1],
-            x_proj: w[2],
-            dt_proj: w[3],
-            a_log: w[4],
-            d: w[5],
-            dt_bias: w[6],
+            in_proj: w[0],
+            conv: w[1],
+            conv_bias: w[2],
+            x_proj: w[3],
+            dt_proj: w[4],
+            a_log: w[5],
+            d: w[6],
+            dt_bias: w[7],
+            out_proj: w[8],
         }
     }
 }
 
-/// y [B*T, Di] = the gated selective scan of the conv'd x half of xz [B*T, 2 Di] (B sequences of
-/// `seq_len` rows), with dt, B and C projected from it, gated by silu of the z half (Mamba-1,
-/// between in_proj and out_proj).
-pub fn mixer_core(xz: &Tensor, seq_len: usize, m: &MixerWeights) -> candle_core::Result<Tensor> {
+/// The Mamba-1 mixer on h [B*T, D] (B sequences of `seq_len` rows) -> [B*T, D]: in_proj to x and
+/// the gate z, the gated selective scan of the conv'd x with dt, B and C projected from it, and
+/// out_proj.
+pub fn mixer_core(h: &Tensor, seq_len: usize, m: &MixerWeights) -> candle_core::Result<Tensor> {
     let (di, k) = m.conv.dims2()?;
+    let d = m.in_proj.dim(1)?;
     let n = m.a_log.dim(1)?;
     let r = m.dt_proj.dim(1)?;
-    let dims = MixerDims { di, n, r, k };
+    let dims = MixerDims { d, di, n, r, k };
     let tw = Tensor::cat(&[m.conv, &m.conv_bias.unsqueeze(1)?], 1)?.t()?;
     let p = Tensor::cat(&[m.a_log, &m.d.unsqueeze(1)?, &m.dt_bias.unsqueeze(1)?], 1)?;
     let w = Tensor::cat(
@@ -338,23 +376,27 @@ pub fn mixer_core(xz: &Tensor, seq_len: usize, m: &MixerWeights) -> candle_core:
             m.x_proj.flatten_all()?,
             m.dt_proj.flatten_all()?,
             p.flatten_all()?,
+            m.in_proj.flatten_all()?,
+            m.out_proj.flatten_all()?,
         ],
         0,
     )?;
-    let tracked = xz.track_op() || w.track_op();
+    let tracked = h.track_op() || w.track_op();
     let op = MixerCore {
         dims,
         t: seq_len,
         saved: tracked.then(|| Mutex::new(None)),
     };
-    xz.contiguous()?.apply_op2(&w, op)
+    h.contiguous()?.apply_op2(&w, op)
 }
 
 /// The same computation as `mixer_core` from the smaller fused ops and candle matmuls, as the
 /// trainer ran it before: the reference the fused op is tested and benchmarked against.
-pub fn mixer_composite(xz: &Tensor, m: &MixerWeights) -> candle_core::Result<Tensor> {
-    let (b, t, di2) = xz.dims3()?;
-    let (di, n, r) = (di2 / 2, m.a_log.dim(1)?, m.dt_proj.dim(1)?);
+/// h is [B, T, D].
+pub fn mixer_composite(h: &Tensor, m: &MixerWeights) -> candle_core::Result<Tensor> {
+    let (b, t, d) = h.dims3()?;
+    let (di, n, r) = (m.conv.dim(0)?, m.a_log.dim(1)?, m.dt_proj.dim(1)?);
+    let xz = linear(&h.reshape((b * t, d))?, m.in_proj)?.reshape((b, t, 2 * di))?;
     let xs = xz.narrow(2, 0, di)?;
     let z = xz.narrow(2, di, di)?;
     let xc = causal_conv_silu(&xs, m.conv, m.conv_bias)?;
@@ -362,7 +404,8 @@ pub fn mixer_composite(xz: &Tensor, m: &MixerWeights) -> candle_core::Result<Ten
     let raw = dbc.narrow(1, 0, r)?.matmul(&m.dt_proj.t()?)?;
     let bc = dbc.narrow(1, r, 2 * n)?.reshape((b, t, 2 * n))?;
     let raw = raw.reshape((b, t, di))?;
-    ssm_core(&xc, &raw, &z, &bc, m.a_log, m.d, m.dt_bias)
+    let y = ssm_core(&xc, &raw, &z, &bc, m.a_log, m.d, m.dt_bias)?;
+    linear(&y.reshape((b * t, di))?, m.out_proj)?.reshape((b, t, d))
 }
 
 #[cfg(test)]
@@ -374,9 +417,10 @@ mod tests {
     /// d_inner 18: one full 16-lane chunk of the scan's lane-wise loops and a tail.
     #[test]
     fn matches_the_composite_mixer() {
-        let (b, t, di, n, r, k) = (2, 9, 18, 3, 2, 4);
+        let (b, t, dm, di, n, r, k) = (2, 9, 5, 18, 3, 2, 4);
         let inputs = [
-            var(&[b * t, 2 * di], 1),
+            var(&[b * t, dm], 1),
+            var(&[2 * di, dm], 9),
             var(&[di, k], 2),
             var(&[di], 3),
             var(&[r + 2 * n, di], 4),
@@ -384,14 +428,15 @@ mod tests {
             var(&[di, n], 6),
             var(&[di], 7),
             var(&[di], 8),
+            var(&[dm, di], 10),
         ];
         compare(
             &inputs,
             |v| mixer_core(v[0], t, &MixerWeights::from_slice(&v[1..])).unwrap(),
             |v| {
-                let xz = v[0].reshape((b, t, 2 * di)).unwrap();
-                let y = mixer_composite(&xz, &MixerWeights::from_slice(&v[1..])).unwrap();
-                y.reshape((b * t, di)).unwrap()
+                let h = v[0].reshape((b, t, dm)).unwrap();
+                let y = mixer_composite(&h, &MixerWeights::from_slice(&v[1..])).unwrap();
+                y.reshape((b * t, dm)).unwrap()
             },
         );
     }

@@ -236,8 +236,8 @@ impl<'a> Model<'a> {
 
     /// Mamba-1 mixer on h [B*T, d] -> [B*T, d]: the two projections here, the rest fused.
     fn mixer(&self, h: &Tensor, t: usize, m: &SsmSpec) -> Result<Tensor> {
-        let xz = linear(h, self.w(&m.in_proj)?)?;
         let weights = MixerWeights {
+            in_proj: self.w(&m.in_proj)?,
             conv: self.w(&m.conv)?,
             conv_bias: self.w(&m.conv_bias)?,
             x_proj: self.w(&m.x_proj)?,
@@ -245,9 +245,9 @@ impl<'a> Model<'a> {
             a_log: self.w(&m.a_log)?,
             d: self.w(&m.d)?,
             dt_bias: self.w(&m.dt_bias)?,
+            out_proj: self.w(&m.out_proj)?,
         };
-        let y = mixer_core(&xz, t, &weights)?;
-        Ok(linear(&y, self.w(&m.out_proj)?)?)
+        Ok(mixer_core(h, t, &weights)?)
     }
 
     /// The shared-state SSM on h [B*T, d] -> [B*T, d]: as `mixer`, except that one N-dimensional

@@ -1,6 +1,7 @@
-//! The mixer with its projections, forward + backward at `tiny`'s sizes (width 128, d_inner 256,
-//! state 8, dt rank 8, 4 taps) for one training shard of 8 x 128 tokens: the fused op
-//! (`mixer_core`) against the composite of candle matmuls and the smaller fused ops it replaced.
+//! A residual mixer block (norm, projections, mixer, residual add), forward + backward at
+//! `tiny`'s sizes (width 128, d_inner 256, state 8, dt rank 8, 4 taps) for one training shard of
+//! 8 x 128 tokens: the fused op (`mixer_block`) against the composite of candle matmuls and the
+//! smaller fused ops it replaced.
 //! Run with `cargo bench -p itera-train`.
 
 mod common;
@@ -8,7 +9,7 @@ mod common;
 use candle_core::Tensor;
 use common::var;
 use criterion::{criterion_group, Criterion};
-use itera_train::reference::mixer_core::{mixer_composite, mixer_core, MixerWeights};
+use itera_train::reference::mixer_block::{mixer_block, mixer_composite, MixerWeights};
 
 const B: usize = 8;
 const D: usize = 128;
@@ -21,6 +22,7 @@ const K: usize = 4;
 fn mixer(c: &mut Criterion) {
     let vars = [
         var(&[B * T, D], 1),
+        var(&[D], 11),
         var(&[2 * DI, D], 9),
         var(&[DI, K], 2),
         var(&[DI], 3),
@@ -35,8 +37,8 @@ fn mixer(c: &mut Criterion) {
     let mut group = c.benchmark_group("mixer_forward_backward");
     group.sample_size(20);
     type Mixer = fn(&Tensor, &MixerWeights) -> candle_core::Result<Tensor>;
-    let fused: Mixer = |h, w| mixer_core(h, T, w);
-    let composite: Mixer = |h, w| mixer_composite(&h.reshape((B, T, D))?, w);
+    let fused: Mixer = |x, w| mixer_block(x, T, w, 1e-5, None);
+    let composite: Mixer = |x, w| mixer_composite(&x.reshape((B, T, D))?, w, 1e-5, None);
     for (name, mixer) in [("fused", fused), ("composite", composite)] {
         group.bench_function(name, |bench| {
             bench.iter(|| {

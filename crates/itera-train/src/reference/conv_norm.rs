@@ -168,6 +168,32 @@ itera_core::multiversion! {
     }
 }
 
+/// RMSNorm of the rows of x [R, d] by w [d], rows in parallel.
+pub(super) fn norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(NORM_ROWS * d)
+        .zip(x.par_chunks(NORM_ROWS * d))
+        .for_each(|(o, rows)| rms_norm_rows(rows, w, eps as f64, o));
+    out
+}
+
+/// The backward of `norm_forward` with incoming gradient g [R, d]: (dL/dx, dL/dw).
+pub(super) fn norm_backward(x: &[f32], g: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let mut gx = vec![0.0f32; x.len()];
+    let parts: Vec<Vec<f32>> = gx
+        .par_chunks_mut(NORM_ROWS * d)
+        .zip(x.par_chunks(NORM_ROWS * d).zip(g.par_chunks(NORM_ROWS * d)))
+        .map(|(gxc, (xc, gc))| {
+            let mut gw = vec![0.0f32; d];
+            norm_backward_rows(xc, gc, w, eps, gxc, &mut gw);
+            gw
+        })
+        .collect();
+    (gx, sum_parts(parts, d))
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms_norm"
@@ -189,11 +215,10 @@ impl CustomOp2 for RmsNorm {
             );
         }
         let (x, w) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "norm weight")?);
-        let mut out = vec![0.0f32; x.len()];
-        out.par_chunks_mut(NORM_ROWS * d)
-            .zip(x.par_chunks(NORM_ROWS * d))
-            .for_each(|(o, rows)| rms_norm_rows(rows, w, self.eps as f64, o));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(norm_forward(x, w, self.eps)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -213,22 +238,10 @@ impl CustomOp2 for RmsNorm {
         let xv = cpu_f32(&sx, lx, "x")?;
         let wv = cpu_f32(&sw, lw, "weight")?;
         let gv = cpu_f32(&sg, lg, "gradient")?;
-        let mut gx = vec![0.0f32; xv.len()];
-        let parts: Vec<Vec<f32>> = gx
-            .par_chunks_mut(NORM_ROWS * d)
-            .zip(
-                xv.par_chunks(NORM_ROWS * d)
-                    .zip(gv.par_chunks(NORM_ROWS * d)),
-            )
-            .map(|(gxc, (xc, gc))| {
-                let mut gw = vec![0.0f32; d];
-                norm_backward_rows(xc, gc, wv, self.eps, gxc, &mut gw);
-                gw
-            })
-            .collect();
+        let (gx, gw) = norm_backward(xv, gv, wv, self.eps);
         Ok((
             Some(Tensor::from_vec(gx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(sum_parts(parts, d), d, w.device())?),
+            Some(Tensor::from_vec(gw, d, w.device())?),
         ))
     }
 }

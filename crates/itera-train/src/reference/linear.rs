@@ -13,7 +13,11 @@ use super::scan::{cpu_f32, f32_slice};
 struct Linear;
 
 /// The f32 data of a contiguous CPU tensor, lent to `f` without a copy.
-pub(super) fn with_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(super) fn with_data<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     Ok(f(cpu_f32(&storage, layout, what)?))
 }

@@ -1,7 +1,7 @@
 //! The training side of the model, on candle: the reference model (`model`) and the fused ops
 //! it is built from, each with a hand-written backward checked against finite differences or
-//! candle's own autograd (`linear`: x · Wᵀ; `scan`: the SSM core; `mixer_core`: the whole mixer with
-//! its projections, over the scan's and the conv's kernels; `conv_norm`: causal conv + SiLU and RMSNorm;
+//! candle's own autograd (`linear`: x · Wᵀ; `scan`: the SSM core; `mixer_block`: a whole residual
+//! mixer block, norm and projections included, over the scan's and the conv's kernels; `conv_norm`: causal conv + SiLU and RMSNorm;
 //! `swiglu`: the experts' gate silu(g) * u; `moe`: the MoE layer's routed experts; `lm_head_loss`: the tied LM head fused with
 //! cross-entropy, over `gemm`; `distill_loss`: the
 //! same head fused with the distillation loss against a teacher), plus the windowed
@@ -13,7 +13,7 @@ pub mod distill_loss;
 pub mod gemm;
 pub mod linear;
 pub mod lm_head_loss;
-pub mod mixer_core;
+pub mod mixer_block;
 pub mod model;
 pub mod moe;
 pub mod scan;

@@ -13,7 +13,7 @@ use super::conv_norm::{causal_conv_silu, rms_norm};
 use super::distill_loss::{distill_loss, DistillLossSpec, Parts, TeacherLogits};
 use super::linear::linear;
 use super::lm_head_loss::lm_head_loss;
-use super::mixer_core::{mixer_core, MixerWeights};
+use super::mixer_block::{mixer_block, MixerWeights};
 use super::moe::{moe_composite, moe_experts, Routing};
 use super::scan::ssm_core_ungated;
 use super::swiglu::swiglu_mlp;
@@ -62,15 +62,21 @@ impl<'a> Model<'a> {
     /// `x` [B*T, d] times a mask drawn once per sequence and channel (`p` dropped, the rest
     /// scaled by 1 / (1 - p)).
     fn locked(&self, x: &Tensor, b: usize, t: usize, p: f64) -> Result<Tensor> {
-        let Some(rng) = self.noise.as_ref().filter(|_| p > 0.0) else {
+        let d = x.dim(1)?;
+        let Some(mask) = self.locked_mask(b, d, p) else {
             return Ok(x.clone());
         };
-        let d = x.dim(1)?;
-        let mask = bernoulli(&mut rng.borrow_mut(), b * d, p);
         let mask = Tensor::from_vec(mask, (b, 1, d), x.device())?;
         Ok(x.reshape((b, t, d))?
             .broadcast_mul(&mask)?
             .reshape((b * t, d))?)
+    }
+
+    /// A locked dropout mask [B, D] (one value per sequence and channel) when training with
+    /// dropout `p`.
+    fn locked_mask(&self, b: usize, d: usize, p: f64) -> Option<Vec<f32>> {
+        let rng = self.noise.as_ref().filter(|_| p > 0.0)?;
+        Some(bernoulli(&mut rng.borrow_mut(), b * d, p))
     }
 
     /// `x` times an independent mask per element.
@@ -143,13 +149,19 @@ impl<'a> Model<'a> {
         }
         let mut aux_total = Tensor::zeros((), DType::F32, embed.device())?;
         for layer in &self.spec.layers {
-            let h = rms_norm(&x, self.w(&layer.norm)?, cfg.norm_eps)?;
-            let mixed = match &layer.mixer {
-                MixerSpec::Ssm(m) if m.shared.is_some() => self.shared_mixer(&h, b, t, m)?,
-                MixerSpec::Ssm(m) => self.mixer(&h, t, m)?,
-                MixerSpec::Attention(a) => self.attention(&h, b, t, a)?,
+            x = match &layer.mixer {
+                MixerSpec::Ssm(m) if m.shared.is_none() => {
+                    self.mixer_block(&x, b, t, &layer.norm, m, drop.residual)?
+                }
+                mixer => {
+                    let h = rms_norm(&x, self.w(&layer.norm)?, cfg.norm_eps)?;
+                    let mixed = match mixer {
+                        MixerSpec::Ssm(m) => self.shared_mixer(&h, b, t, m)?,
+                        MixerSpec::Attention(a) => self.attention(&h, b, t, a)?,
+                    };
+                    (x + self.locked(&mixed, b, t, drop.residual)?)?
+                }
             };
-            x = (x + self.locked(&mixed, b, t, drop.residual)?)?;
             if let Some(moe) = &layer.moe {
                 let h = rms_norm(&x, self.w(&moe.norm)?, cfg.norm_eps)?;
                 let (out, aux) = self.moe(&h, moe)?;
@@ -234,9 +246,18 @@ impl<'a> Model<'a> {
         Ok((loss, out.aux_loss))
     }
 
-    /// Mamba-1 mixer on h [B*T, d] -> [B*T, d]: the two projections here, the rest fused.
-    fn mixer(&self, h: &Tensor, t: usize, m: &SsmSpec) -> Result<Tensor> {
+    /// A residual Mamba-1 block on x [B*T, d]: x + dropout(mixer(norm(x))), one fused op.
+    fn mixer_block(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        norm: &itera_core::tensors::Spec,
+        m: &SsmSpec,
+        dropout: f64,
+    ) -> Result<Tensor> {
         let weights = MixerWeights {
+            norm: self.w(norm)?,
             in_proj: self.w(&m.in_proj)?,
             conv: self.w(&m.conv)?,
             conv_bias: self.w(&m.conv_bias)?,
@@ -247,7 +268,8 @@ impl<'a> Model<'a> {
             dt_bias: self.w(&m.dt_bias)?,
             out_proj: self.w(&m.out_proj)?,
         };
-        Ok(mixer_core(h, t, &weights)?)
+        let mask = self.locked_mask(b, self.cfg.d_model, dropout);
+        Ok(mixer_block(x, t, &weights, self.cfg.norm_eps, mask)?)
     }
 
     /// The shared-state SSM on h [B*T, d] -> [B*T, d]: as `mixer`, except that one N-dimensional

@@ -94,7 +94,7 @@ pub(super) fn params(p: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 }
 
 /// One sequence's scan inputs: x, dt_raw and z, each a [T, Di] matrix whose row t starts at
-/// t * stride (the same in all three: interleaved in `SsmCore`'s u, separate in `mixer_core`).
+/// t * stride (the same in all three: interleaved in `SsmCore`'s u, separate in `mixer_block`).
 #[derive(Clone, Copy)]
 pub(super) struct Inputs<'a> {
     pub x: &'a [f32],

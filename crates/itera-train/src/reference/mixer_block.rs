@@ -1,13 +1,15 @@
-//! The Mamba-1 mixer with its two projections as one training op: in_proj, causal conv + SiLU,
-//! x_proj, dt_proj, the gated selective scan and out_proj, forward and backward over slices.
+//! A whole residual mixer block as one training op, x + mixer(rms_norm(x)): the norm, in_proj,
+//! causal conv + SiLU, x_proj, dt_proj, the gated selective scan, out_proj and the residual add
+//! (with the branch's locked dropout), forward and backward over slices.
 //!
 //! Built from candle ops (`conv_norm`, two matmuls, `scan`) the same arithmetic was about twelve
 //! graph nodes per layer over [B*T, d_inner] tensors, and candle's backward gives every node's
 //! gradient a zero-filled tensor plus an add (`GradStore::or_insert`): a 2026-12-01 profile of the
 //! training steps had those fills, adds and copies at 26% of the step time. As one op the mixer
-//! takes one gradient in and gives one out. The projections joined it in the thirty-sixth
-//! session: as `linear` nodes of their own, in_proj's [B*T, 2 Di] output and out_proj's
-//! [B*T, Di] input each still paid a fill and an add. The composite stays as the test's reference.
+//! takes one gradient in and gives one out. The projections, the norm and the residual add joined
+//! it in the thirty-sixth session: as nodes of their own, in_proj's [B*T, 2 Di] output, out_proj's
+//! [B*T, Di] input and three [B*T, D] tensors around the norm and the add each still paid a fill
+//! and an add. The composite stays as the test's reference.
 
 use std::sync::Mutex;
 
@@ -15,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_sequence};
+use super::conv_norm::{norm_backward, norm_forward, rms_norm};
 use super::gemm::{matmul, product, View};
 use super::linear::{linear, with_data};
 use super::scan::{
@@ -35,9 +38,9 @@ pub struct MixerDims {
 impl MixerDims {
     /// Lengths of the packed parameter vector's parts, in order: the conv's taps and bias
     /// tap-major [K + 1, Di], x_proj [R + 2N, Di], dt_proj [Di, R], and the scan's (A_log, D,
-    /// dt_bias) channel-major [Di, N + 2], in_proj [2 Di, D] (the x rows, then z's) and out_proj
-    /// [D, Di].
-    fn parts(&self) -> [usize; 6] {
+    /// dt_bias) channel-major [Di, N + 2], in_proj [2 Di, D] (the x rows, then z's), out_proj
+    /// [D, Di] and the norm's weight [D].
+    fn parts(&self) -> [usize; 7] {
         let (d, di, n, r, k) = (self.d, self.di, self.n, self.r, self.k);
         [
             (k + 1) * di,
@@ -46,12 +49,15 @@ impl MixerDims {
             di * (n + 2),
             2 * di * d,
             d * di,
+            d,
         ]
     }
 }
 
 /// What the forward computes for the whole batch and the backward needs again.
 struct Saved {
+    /// The normed input, in_proj's input [B*T, D].
+    hn: Vec<f32>,
     /// The conv's input x and the gate z [B*T, Di] each: in_proj's two halves.
     xs: Vec<f32>,
     z: Vec<f32>,
@@ -83,19 +89,23 @@ impl Saved {
     }
 }
 
-/// Inputs: h [B*T, D] (the normed residual stream), and the packed parameters
-/// (`MixerDims::parts`). Output [B*T, D], after out_proj. Rows rather than [B, T, ...] tensors, so
-/// that the model needs no reshape around the op: candle's backward gives each reshape a
-/// zero-filled gradient and an add.
-struct MixerCore {
+/// Inputs: x [B*T, D] (the residual stream), and the packed parameters (`MixerDims::parts`).
+/// Output [B*T, D], x plus the branch. Rows rather than [B, T, ...] tensors, so that the model
+/// needs no reshape around the op: candle's backward gives each reshape a zero-filled gradient
+/// and an add.
+struct MixerBlock {
     dims: MixerDims,
     /// Sequence length T: the rows are B sequences of T.
     t: usize,
+    /// The norm's epsilon.
+    eps: f32,
+    /// The branch's locked dropout, [B, D] (one value per sequence and channel), if any.
+    mask: Option<Vec<f32>>,
     /// The forward's intermediates, kept for the backward when autograd will ask for it.
     saved: Option<Mutex<Option<Saved>>>,
 }
 
-impl MixerCore {
+impl MixerBlock {
     fn scan_dims(&self, b: usize, t: usize) -> Dims {
         Dims {
             b,
@@ -106,27 +116,50 @@ impl MixerCore {
         }
     }
 
-    fn check(&self, h: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
-        let (rows, d) = h.dims2()?;
+    /// Multiplies each row of a [B*T, D] branch by its sequence's dropout mask, if any.
+    fn mask_rows(&self, branch: &mut [f32]) {
+        let (Some(mask), d) = (&self.mask, self.dims.d) else {
+            return;
+        };
+        for (seq, m) in branch.chunks_mut(self.t * d).zip(mask.chunks_exact(d)) {
+            for row in seq.chunks_exact_mut(d) {
+                row.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
+            }
+        }
+    }
+
+    /// branch = x + mask * branch, in place.
+    fn add_residual(&self, branch: &mut [f32], x: &[f32]) {
+        self.mask_rows(branch);
+        branch.iter_mut().zip(x).for_each(|(v, x)| *v += x);
+    }
+
+    fn check(&self, x: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
+        let (rows, d) = x.dims2()?;
         let len = w.dims1()?;
         let want: usize = self.dims.parts().iter().sum();
+        let masked = self.mask.as_ref().map_or(0, Vec::len);
         if d != self.dims.d || len != want || self.t == 0 || rows % self.t != 0 {
             candle_core::bail!(
-                "mixer_core: h {h:?} ({} tokens per sequence) and {len} packed parameters \
+                "mixer_block: x {x:?} ({} tokens per sequence) and {len} packed parameters \
                  disagree with {:?}",
                 self.t,
                 self.dims
             );
         }
+        if self.mask.is_some() && masked != rows / self.t * d {
+            candle_core::bail!("mixer_block: a dropout mask of {masked} for {x:?}");
+        }
         Ok((rows / self.t, self.t))
     }
 
-    /// Everything up to the scan: in_proj's x and z halves, the conv, x_proj and dt_proj.
-    fn prepare(&self, h: &[f32], w: &[f32], b: usize, t: usize) -> Saved {
+    /// Everything up to the scan: the norm, in_proj's x and z halves, the conv, x_proj and dt_proj.
+    fn prepare(&self, x: &[f32], w: &[f32], b: usize, t: usize) -> Saved {
         let MixerDims { d, di, n, r, k } = self.dims;
         let rows = b * t;
-        let [tw, wx, wdt, _, win, _] = split(w, self.dims);
-        let h = View::rows(h, rows, d);
+        let [tw, wx, wdt, _, win, _, nw] = split(w, self.dims);
+        let hn = norm_forward(x, nw, self.eps);
+        let h = View::rows(&hn, rows, d);
         let (win_x, win_z) = win.split_at(di * d);
         let xs = product(h, View::rows(win_x, di, d).t());
         let z = product(h, View::rows(win_z, di, d).t());
@@ -146,6 +179,7 @@ impl MixerCore {
             bc.extend_from_slice(&row[r..]);
         }
         Saved {
+            hn,
             xs,
             z,
             xc,
@@ -158,8 +192,8 @@ impl MixerCore {
     }
 }
 
-/// The packed parameters' six parts (`MixerDims::parts`).
-fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 6] {
+/// The packed parameters' seven parts (`MixerDims::parts`).
+fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 7] {
     let mut rest = w;
     dims.parts().map(|len| {
         let (part, tail) = rest.split_at(len);
@@ -168,9 +202,9 @@ fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 6] {
     })
 }
 
-impl CustomOp2 for MixerCore {
+impl CustomOp2 for MixerBlock {
     fn name(&self) -> &'static str {
-        "mixer_core"
+        "mixer_block"
     }
 
     fn cpu_fwd(
@@ -181,13 +215,13 @@ impl CustomOp2 for MixerCore {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, t) = self.check(l1.shape(), l2.shape())?;
-        let (h, w) = (
-            f32_slice(s1, l1, "h")?,
+        let (x, w) = (
+            f32_slice(s1, l1, "x")?,
             f32_slice(s2, l2, "mixer parameters")?,
         );
-        let mut saved = self.prepare(h, w, b, t);
+        let mut saved = self.prepare(x, w, b, t);
         let d = self.scan_dims(b, t);
-        let [.., p, _, wout] = split(w, self.dims);
+        let [.., p, _, wout, _] = split(w, self.dims);
         let (a, d_skip, bias) = params(p, &d);
         let (dm, di) = (self.dims.d, self.dims.di);
         let record = self.saved.is_some();
@@ -204,7 +238,8 @@ impl CustomOp2 for MixerCore {
             })
             .collect();
         saved.traces = traces.into_iter().flatten().collect();
-        let y = product(View::rows(&out, b * t, di), View::rows(wout, dm, di).t());
+        let mut y = product(View::rows(&out, b * t, di), View::rows(wout, dm, di).t());
+        self.add_residual(&mut y, x);
         if let Some(slot) = &self.saved {
             saved.y = out;
             *slot.lock().expect("not poisoned") = Some(saved);
@@ -214,12 +249,12 @@ impl CustomOp2 for MixerCore {
 
     fn bwd(
         &self,
-        h: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, t) = self.check(h.shape(), w.shape())?;
+        let (b, t) = self.check(x.shape(), w.shape())?;
         let MixerDims { d: dm, di, n, r, k } = self.dims;
         let w_v = w.to_vec1::<f32>()?;
         let saved = self
@@ -227,20 +262,20 @@ impl CustomOp2 for MixerCore {
             .as_ref()
             .and_then(|s| s.lock().expect("not poisoned").take());
         let Some(saved) = saved else {
-            candle_core::bail!("mixer_core: backward without its forward's intermediates");
+            candle_core::bail!("mixer_block: backward without its forward's intermediates");
         };
         let d = self.scan_dims(b, t);
-        let [tw, wx, wdt, p, win, wout] = split(&w_v, self.dims);
+        let [tw, wx, wdt, p, win, wout, nw] = split(&w_v, self.dims);
         let (a, d_skip, bias) = params(p, &d);
         let (rows, wdbc, seq) = (b * t, r + 2 * n, t * di);
 
-        // out = y · out_proj^T.
-        let grad = grad.contiguous()?;
-        let (g_out, g_wout) = with_data(&grad, "gradient", |g| {
-            let g = View::rows(g, rows, dm);
-            let g_y = product(g, View::rows(wout, dm, di));
-            (g_y, product(g.t(), View::rows(&saved.y, rows, di)))
-        })?;
+        // out = x + mask * (y · out_proj^T).
+        let grad = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut g_branch = grad.clone();
+        self.mask_rows(&mut g_branch);
+        let g_branch = View::rows(&g_branch, rows, dm);
+        let g_out = product(g_branch, View::rows(wout, dm, di));
+        let g_wout = product(g_branch.t(), View::rows(&saved.y, rows, di));
 
         // The scan: dL/d(xc, dt_raw, z) and dL/d(B, C).
         let mut g_xc = vec![0.0f32; rows * di];
@@ -303,27 +338,32 @@ impl CustomOp2 for MixerCore {
             .collect();
         let g_tw = sum_parts(tw_parts, tw.len());
 
-        // (xs, z) = h · in_proj^T, by halves.
+        // (xs, z) = hn · in_proj^T, by halves.
         let (g_xs, g_z) = (View::rows(&g_xs, rows, di), View::rows(&g_z, rows, di));
         let (win_x, win_z) = win.split_at(di * dm);
-        let (g_h, g_win) = with_data(h, "h", |hv| {
-            let hv = View::rows(hv, rows, dm);
-            let mut g_h = product(g_xs, View::rows(win_x, di, dm));
-            matmul(&mut g_h, g_z, View::rows(win_z, di, dm), true);
-            let g_win = [product(g_xs.t(), hv), product(g_z.t(), hv)].concat();
-            (g_h, g_win)
-        })?;
-        let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p, g_win, g_wout].concat();
-        let dev = h.device();
+        let hn = View::rows(&saved.hn, rows, dm);
+        let mut g_hn = product(g_xs, View::rows(win_x, di, dm));
+        matmul(&mut g_hn, g_z, View::rows(win_z, di, dm), true);
+        let g_win = [product(g_xs.t(), hn), product(g_z.t(), hn)].concat();
+
+        // hn = rms_norm(x); the residual passes the gradient through.
+        let (mut g_x, g_nw) = with_data(x, "x", |xv| norm_backward(xv, &g_hn, nw, self.eps))?;
+        for (a, g) in g_x.iter_mut().zip(&grad) {
+            *a += g;
+        }
+        let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p, g_win, g_wout, g_nw].concat();
+        let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(g_h, h.shape(), dev)?),
+            Some(Tensor::from_vec(g_x, x.shape(), dev)?),
             Some(Tensor::from_vec(g_w, w.shape(), dev)?),
         ))
     }
 }
 
-/// The mixer's weights by role, as the model names them.
+/// The block's weights by role, as the model names them.
 pub struct MixerWeights<'a> {
+    /// [D]: the norm before the mixer.
+    pub norm: &'a Tensor,
     /// [2 Di, D]: the x rows, then the gate's.
     pub in_proj: &'a Tensor,
     /// [Di, K] and [Di].
@@ -342,27 +382,35 @@ pub struct MixerWeights<'a> {
 }
 
 impl<'a> MixerWeights<'a> {
-    /// From the nine tensors in the field order (in_proj, conv, conv_bias, x_proj, dt_proj,
+    /// From the ten tensors in the field order (norm, in_proj, conv, conv_bias, x_proj, dt_proj,
     /// a_log, d, dt_bias, out_proj).
     pub fn from_slice(w: &[&'a Tensor]) -> Self {
         Self {
-            in_proj: w[0],
-            conv: w[1],
-            conv_bias: w[2],
-            x_proj: w[3],
-            dt_proj: w[4],
-            a_log: w[5],
-            d: w[6],
-            dt_bias: w[7],
-            out_proj: w[8],
+            norm: w[0],
+            in_proj: w[1],
+            conv: w[2],
+            conv_bias: w[3],
+            x_proj: w[4],
+            dt_proj: w[5],
+            a_log: w[6],
+            d: w[7],
+            dt_bias: w[8],
+            out_proj: w[9],
         }
     }
 }
 
-/// The Mamba-1 mixer on h [B*T, D] (B sequences of `seq_len` rows) -> [B*T, D]: in_proj to x and
-/// the gate z, the gated selective scan of the conv'd x with dt, B and C projected from it, and
-/// out_proj.
-pub fn mixer_core(h: &Tensor, seq_len: usize, m: &MixerWeights) -> candle_core::Result<Tensor> {
+/// A residual Mamba-1 block on x [B*T, D] (B sequences of `seq_len` rows) -> [B*T, D]:
+/// x + mask * mixer(rms_norm(x)), where the mixer is in_proj to x and the gate z, the gated
+/// selective scan of the conv'd x with dt, B and C projected from it, and out_proj. `mask` [B, D]
+/// is the branch's locked dropout (one value per sequence and channel).
+pub fn mixer_block(
+    x: &Tensor,
+    seq_len: usize,
+    m: &MixerWeights,
+    eps: f64,
+    mask: Option<Vec<f32>>,
+) -> candle_core::Result<Tensor> {
     let (di, k) = m.conv.dims2()?;
     let d = m.in_proj.dim(1)?;
     let n = m.a_log.dim(1)?;
@@ -378,25 +426,34 @@ pub fn mixer_core(h: &Tensor, seq_len: usize, m: &MixerWeights) -> candle_core::
             p.flatten_all()?,
             m.in_proj.flatten_all()?,
             m.out_proj.flatten_all()?,
+            m.norm.flatten_all()?,
         ],
         0,
     )?;
-    let tracked = h.track_op() || w.track_op();
-    let op = MixerCore {
+    let tracked = x.track_op() || w.track_op();
+    let op = MixerBlock {
         dims,
         t: seq_len,
+        eps: eps as f32,
+        mask,
         saved: tracked.then(|| Mutex::new(None)),
     };
-    h.contiguous()?.apply_op2(&w, op)
+    x.contiguous()?.apply_op2(&w, op)
 }
 
-/// The same computation as `mixer_core` from the smaller fused ops and candle matmuls, as the
+/// The same computation as `mixer_block` from the smaller fused ops and candle matmuls, as the
 /// trainer ran it before: the reference the fused op is tested and benchmarked against.
-/// h is [B, T, D].
-pub fn mixer_composite(h: &Tensor, m: &MixerWeights) -> candle_core::Result<Tensor> {
-    let (b, t, d) = h.dims3()?;
+/// x is [B, T, D], `mask` [B, 1, D].
+pub fn mixer_composite(
+    x: &Tensor,
+    m: &MixerWeights,
+    eps: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
     let (di, n, r) = (m.conv.dim(0)?, m.a_log.dim(1)?, m.dt_proj.dim(1)?);
-    let xz = linear(&h.reshape((b * t, d))?, m.in_proj)?.reshape((b, t, 2 * di))?;
+    let h = rms_norm(&x.reshape((b * t, d))?, m.norm, eps)?;
+    let xz = linear(&h, m.in_proj)?.reshape((b, t, 2 * di))?;
     let xs = xz.narrow(2, 0, di)?;
     let z = xz.narrow(2, di, di)?;
     let xc = causal_conv_silu(&xs, m.conv, m.conv_bias)?;
@@ -405,7 +462,12 @@ pub fn mixer_composite(h: &Tensor, m: &MixerWeights) -> candle_core::Result<Tens
     let bc = dbc.narrow(1, r, 2 * n)?.reshape((b, t, 2 * n))?;
     let raw = raw.reshape((b, t, di))?;
     let y = ssm_core(&xc, &raw, &z, &bc, m.a_log, m.d, m.dt_bias)?;
-    linear(&y.reshape((b * t, di))?, m.out_proj)?.reshape((b, t, d))
+    let branch = linear(&y.reshape((b * t, di))?, m.out_proj)?.reshape((b, t, d))?;
+    let branch = match mask {
+        Some(mask) => branch.broadcast_mul(mask)?,
+        None => branch,
+    };
+    x + branch
 }
 
 #[cfg(test)]
@@ -413,13 +475,15 @@ mod tests {
     use super::super::testing::{compare, var};
     use super::*;
 
-    /// The fused op against the composite it replaces, values and every input's gradient.
-    /// d_inner 18: one full 16-lane chunk of the scan's lane-wise loops and a tail.
+    /// The fused op against the composite it replaces, values and every input's gradient,
+    /// without and with a dropout mask. d_inner 18: one full 16-lane chunk of the scan's
+    /// lane-wise loops and a tail.
     #[test]
     fn matches_the_composite_mixer() {
         let (b, t, dm, di, n, r, k) = (2, 9, 5, 18, 3, 2, 4);
         let inputs = [
             var(&[b * t, dm], 1),
+            var(&[dm], 11),
             var(&[2 * di, dm], 9),
             var(&[di, k], 2),
             var(&[di], 3),
@@ -430,14 +494,25 @@ mod tests {
             var(&[di], 8),
             var(&[dm, di], 10),
         ];
-        compare(
-            &inputs,
-            |v| mixer_core(v[0], t, &MixerWeights::from_slice(&v[1..])).unwrap(),
-            |v| {
-                let h = v[0].reshape((b, t, dm)).unwrap();
-                let y = mixer_composite(&h, &MixerWeights::from_slice(&v[1..])).unwrap();
-                y.reshape((b * t, dm)).unwrap()
-            },
-        );
+        let mask: Vec<f32> = (0..b * dm).map(|i| [0.0, 1.25][i * 7 % 3 % 2]).collect();
+        assert!(mask.contains(&0.0) && mask.contains(&1.25));
+        for mask in [None, Some(mask)] {
+            compare(
+                &inputs,
+                |v| {
+                    let w = MixerWeights::from_slice(&v[1..]);
+                    mixer_block(v[0], t, &w, 1e-5, mask.clone()).unwrap()
+                },
+                |v| {
+                    let x = v[0].reshape((b, t, dm)).unwrap();
+                    let m = mask.as_ref().map(|m| {
+                        Tensor::from_vec(m.clone(), (b, 1, dm), &candle_core::Device::Cpu).unwrap()
+                    });
+                    let w = MixerWeights::from_slice(&v[1..]);
+                    let y = mixer_composite(&x, &w, 1e-5, m.as_ref()).unwrap();
+                    y.reshape((b * t, dm)).unwrap()
+                },
+            );
+        }
     }
 }

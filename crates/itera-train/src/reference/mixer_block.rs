@@ -17,9 +17,10 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_sequence};
-use super::conv_norm::{norm_backward, norm_forward, rms_norm};
+use super::conv_norm::rms_norm;
 use super::gemm::{matmul, product, View};
 use super::linear::{linear, with_data};
+use super::residual::Residual;
 use super::scan::{
     core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, sum_parts, Dims,
     InputGrads, Inputs, Trace,
@@ -95,12 +96,8 @@ impl Saved {
 /// and an add.
 struct MixerBlock {
     dims: MixerDims,
-    /// Sequence length T: the rows are B sequences of T.
-    t: usize,
-    /// The norm's epsilon.
-    eps: f32,
-    /// The branch's locked dropout, [B, D] (one value per sequence and channel), if any.
-    mask: Option<Vec<f32>>,
+    /// The norm before the mixer and the residual add after it; its T is the sequence length.
+    residual: Residual,
     /// The forward's intermediates, kept for the backward when autograd will ask for it.
     saved: Option<Mutex<Option<Saved>>>,
 }
@@ -116,41 +113,19 @@ impl MixerBlock {
         }
     }
 
-    /// Multiplies each row of a [B*T, D] branch by its sequence's dropout mask, if any.
-    fn mask_rows(&self, branch: &mut [f32]) {
-        let (Some(mask), d) = (&self.mask, self.dims.d) else {
-            return;
-        };
-        for (seq, m) in branch.chunks_mut(self.t * d).zip(mask.chunks_exact(d)) {
-            for row in seq.chunks_exact_mut(d) {
-                row.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
-            }
-        }
-    }
-
-    /// branch = x + mask * branch, in place.
-    fn add_residual(&self, branch: &mut [f32], x: &[f32]) {
-        self.mask_rows(branch);
-        branch.iter_mut().zip(x).for_each(|(v, x)| *v += x);
-    }
-
     fn check(&self, x: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
         let (rows, d) = x.dims2()?;
         let len = w.dims1()?;
         let want: usize = self.dims.parts().iter().sum();
-        let masked = self.mask.as_ref().map_or(0, Vec::len);
-        if d != self.dims.d || len != want || self.t == 0 || rows % self.t != 0 {
+        if d != self.dims.d || len != want {
             candle_core::bail!(
-                "mixer_block: x {x:?} ({} tokens per sequence) and {len} packed parameters \
-                 disagree with {:?}",
-                self.t,
+                "mixer_block: x {x:?} and {len} packed parameters disagree with {:?}",
                 self.dims
             );
         }
-        if self.mask.is_some() && masked != rows / self.t * d {
-            candle_core::bail!("mixer_block: a dropout mask of {masked} for {x:?}");
-        }
-        Ok((rows / self.t, self.t))
+        self.residual.check(rows, d, "mixer_block")?;
+        let t = self.residual.t;
+        Ok((rows / t, t))
     }
 
     /// Everything up to the scan: the norm, in_proj's x and z halves, the conv, x_proj and dt_proj.
@@ -158,7 +133,7 @@ impl MixerBlock {
         let MixerDims { d, di, n, r, k } = self.dims;
         let rows = b * t;
         let [tw, wx, wdt, _, win, _, nw] = split(w, self.dims);
-        let hn = norm_forward(x, nw, self.eps);
+        let hn = self.residual.norm(x, nw);
         let h = View::rows(&hn, rows, d);
         let (win_x, win_z) = win.split_at(di * d);
         let xs = product(h, View::rows(win_x, di, d).t());
@@ -239,7 +214,7 @@ impl CustomOp2 for MixerBlock {
             .collect();
         saved.traces = traces.into_iter().flatten().collect();
         let mut y = product(View::rows(&out, b * t, di), View::rows(wout, dm, di).t());
-        self.add_residual(&mut y, x);
+        self.residual.add(&mut y, x, dm);
         if let Some(slot) = &self.saved {
             saved.y = out;
             *slot.lock().expect("not poisoned") = Some(saved);
@@ -271,8 +246,7 @@ impl CustomOp2 for MixerBlock {
 
         // out = x + mask * (y · out_proj^T).
         let grad = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut g_branch = grad.clone();
-        self.mask_rows(&mut g_branch);
+        let g_branch = self.residual.branch_grad(&grad, dm);
         let g_branch = View::rows(&g_branch, rows, dm);
         let g_out = product(g_branch, View::rows(wout, dm, di));
         let g_wout = product(g_branch.t(), View::rows(&saved.y, rows, di));
@@ -347,10 +321,7 @@ impl CustomOp2 for MixerBlock {
         let g_win = [product(g_xs.t(), hn), product(g_z.t(), hn)].concat();
 
         // hn = rms_norm(x); the residual passes the gradient through.
-        let (mut g_x, g_nw) = with_data(x, "x", |xv| norm_backward(xv, &g_hn, nw, self.eps))?;
-        for (a, g) in g_x.iter_mut().zip(&grad) {
-            *a += g;
-        }
+        let (g_x, g_nw) = with_data(x, "x", |xv| self.residual.backward(xv, nw, &grad, &g_hn))?;
         let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p, g_win, g_wout, g_nw].concat();
         let dev = x.device();
         Ok((
@@ -433,9 +404,11 @@ pub fn mixer_block(
     let tracked = x.track_op() || w.track_op();
     let op = MixerBlock {
         dims,
-        t: seq_len,
-        eps: eps as f32,
-        mask,
+        residual: Residual {
+            t: seq_len,
+            eps: eps as f32,
+            mask,
+        },
         saved: tracked.then(|| Mutex::new(None)),
     };
     x.contiguous()?.apply_op2(&w, op)

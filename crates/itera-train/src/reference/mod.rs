@@ -16,6 +16,7 @@ pub mod lm_head_loss;
 pub mod mixer_block;
 pub mod model;
 pub mod moe;
+mod residual;
 pub mod scan;
 pub mod swiglu;
 pub mod windowed;

@@ -11,10 +11,10 @@ use itera_core::tensors::{AttentionSpec, MixerSpec, ModelSpec, MoeSpec, SsmSpec,
 
 use super::conv_norm::{causal_conv_silu, rms_norm};
 use super::distill_loss::{distill_loss, DistillLossSpec, Parts, TeacherLogits};
-use super::linear::linear;
+use super::linear::{linear, normed_linear};
 use super::lm_head_loss::lm_head_loss;
 use super::mixer_block::{mixer_block, MixerWeights};
-use super::moe::{moe_composite, moe_experts, Routing};
+use super::moe::{moe_block, moe_composite, Routing};
 use super::scan::ssm_core_ungated;
 use super::swiglu::swiglu_mlp;
 use super::Params;
@@ -163,9 +163,8 @@ impl<'a> Model<'a> {
                 }
             };
             if let Some(moe) = &layer.moe {
-                let h = rms_norm(&x, self.w(&moe.norm)?, cfg.norm_eps)?;
-                let (out, aux) = self.moe(&h, moe)?;
-                x = (x + self.locked(&out, b, t, drop.residual)?)?;
+                let aux;
+                (x, aux) = self.moe(&x, b, t, moe)?;
                 aux_total = (aux_total + aux)?;
             } else if let Some(ffn) = &layer.ffn {
                 let h = rms_norm(&x, self.w(&ffn.norm)?, cfg.norm_eps)?;
@@ -338,13 +337,15 @@ impl<'a> Model<'a> {
         swiglu_mlp(h, w, &|a| self.elementwise(&a, self.cfg.dropout.expert))
     }
 
-    /// Top-k MoE of SwiGLU experts on h [N, d]; returns (output [N, d], load-balancing loss).
-    /// The experts run as one fused op unless dropout inside them is on for this step.
-    fn moe(&self, h: &Tensor, moe: &MoeSpec) -> Result<(Tensor, Tensor)> {
-        let e_count = moe.experts.len();
-        let k = self.cfg.top_k.min(e_count);
-        let router = self.w(&moe.router)?;
-        let probs = candle_nn::ops::softmax(&linear(h, router)?, D::Minus1)?; // [N, E]
+    /// A residual block of top-k MoE of SwiGLU experts on x [N, d]: returns
+    /// (x + dropout(moe(norm(x))) [N, d], load-balancing loss). The block runs as one fused op
+    /// unless dropout inside the experts is on for this step.
+    fn moe(&self, x: &Tensor, b: usize, t: usize, moe: &MoeSpec) -> Result<(Tensor, Tensor)> {
+        let (cfg, e_count) = (self.cfg, moe.experts.len());
+        let k = cfg.top_k.min(e_count);
+        let (norm, router) = (self.w(&moe.norm)?, self.w(&moe.router)?);
+        let logits = normed_linear(x, norm, router, cfg.norm_eps)?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?; // [N, E]
         let mut values = probs.flatten_all()?.to_vec1()?;
         let k = match self.dropped_expert(e_count) {
             Some(out) => {
@@ -365,12 +366,16 @@ impl<'a> Model<'a> {
             .iter()
             .map(|x| Ok([self.w(&x.gate)?, self.w(&x.up)?, self.w(&x.down)?]))
             .collect::<Result<Vec<_>>>()?;
-        let p = self.cfg.dropout.expert;
-        let load = Tensor::from_vec(routing.load(), e_count, h.device())?;
+        let (p, residual) = (cfg.dropout.expert, cfg.dropout.residual);
+        let load = Tensor::from_vec(routing.load(), e_count, x.device())?;
         let out = if self.noise.is_some() && p > 0.0 {
-            moe_composite(h, &probs, &experts, &routing, &|a| self.elementwise(&a, p))?
+            let h = rms_norm(x, norm, cfg.norm_eps)?;
+            let out = moe_composite(&h, &probs, &experts, &routing, &|a| self.elementwise(&a, p))?;
+            (x + self.locked(&out, b, t, residual)?)?
         } else {
-            moe_experts(h, &probs, &experts, std::sync::Arc::new(routing))?
+            let mask = self.locked_mask(b, cfg.d_model, residual);
+            let routing = std::sync::Arc::new(routing);
+            moe_block(x, &probs, &experts, routing, (norm, cfg.norm_eps), t, mask)?
         };
         // Switch load balancing: E * sum_e f_e * P_e, f_e = share of routed slots, P_e = mean prob.
         let aux = ((probs.mean(0)? * load)?.sum_all()? * e_count as f64)?;

@@ -1,13 +1,17 @@
-//! The MoE layer's experts as one training op: the router's probabilities of each token's top-k
-//! experts renormalised to gates, each expert's SwiGLU on the tokens routed to it, and the gated
-//! sum, forward and backward over slices.
+//! A residual MoE block's experts as one training op, x + mask * experts(rms_norm(x)): the norm,
+//! the router's probabilities of each token's top-k experts renormalised to gates, each expert's
+//! SwiGLU on the tokens routed to it, the gated sum, the branch's locked dropout and the residual
+//! add, forward and backward over slices. (The router itself is `linear::normed_linear`, before
+//! the op: its softmax feeds the load-balancing loss too.)
 //!
 //! Built from candle ops the same arithmetic was about ten graph nodes per expert and layer (a
 //! gather, three projections, the gate, a product, a scatter-add, and the gates' normalisation),
 //! each with a zero-filled gradient and an add in the backward. As one op the layer takes one
-//! gradient in and gives out those of its input, the routing probabilities and the experts'
-//! weights. The composite stays as the test's reference and as the path for dropout inside the
-//! experts, which the op does not draw.
+//! gradient in and gives out those of its input, the routing probabilities and the weights. The
+//! norm and the residual add joined it in the thirty-sixth session (the normed input, the
+//! branch's output and the block's input had each paid a fill and adds). The composite stays as
+//! the test's reference and as the path for dropout inside the experts, which the op does not
+//! draw.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use itera_core::math::{dot, top_k_into};
 
 use super::gemm::{matmul, product, View};
+use super::residual::Residual;
 use super::scan::{cpu_f32, f32_slice};
 use super::swiglu::{backward_par, forward_par, swiglu_mlp};
 use crate::error::Result;
@@ -94,11 +99,14 @@ struct ExpertSaved {
     y: Vec<f32>,
 }
 
-/// Inputs: h [N, d] (the normed residual), probs [N, E] (the router's softmax) and the experts'
-/// weights packed expert by expert as gate [H, d], up [H, d], down [d, H]. Output [N, d].
-struct MoeExperts {
+/// Inputs: x [N, d] (the residual stream), probs [N, E] (the router's softmax) and the weights
+/// packed expert by expert as gate [H, d], up [H, d], down [d, H], then the norm's [d]. Output
+/// [N, d], x plus the branch.
+struct MoeBlock {
     routing: Arc<Routing>,
     hidden: usize,
+    /// The norm before the experts and the residual add after them.
+    residual: Residual,
     /// The forward's activations, kept when autograd will ask for the backward.
     saved: Option<Mutex<Option<Vec<ExpertSaved>>>>,
 }
@@ -113,22 +121,28 @@ fn gather(src: &[f32], idx: &[u32], width: usize) -> Vec<f32> {
     out
 }
 
-impl MoeExperts {
+impl MoeBlock {
     /// (N, d) after checking the three inputs against each other and the routing.
-    fn check(&self, h: &Shape, probs: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
-        let ((n, d), (n_p, e)) = (h.dims2()?, probs.dims2()?);
+    fn check(&self, x: &Shape, probs: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
+        let ((n, d), (n_p, e)) = (x.dims2()?, probs.dims2()?);
         let len = w.dims1()?;
         let r = &self.routing;
-        if n != n_p || e != r.experts || r.chosen.len() != n * r.k || len != e * 3 * self.hidden * d
-        {
+        let want = e * 3 * self.hidden * d + d;
+        if n != n_p || e != r.experts || r.chosen.len() != n * r.k || len != want {
             candle_core::bail!(
-                "moe_experts: h {h:?}, probs {probs:?}, {len} packed expert weights (hidden {}) \
-                 and a routing of {} experts disagree",
+                "moe_block: x {x:?}, probs {probs:?}, {len} packed weights (hidden {}) and a \
+                 routing of {} experts disagree",
                 self.hidden,
                 r.experts
             );
         }
+        self.residual.check(n, d, "moe_block")?;
         Ok((n, d))
+    }
+
+    /// The norm's weight: the last d of the packed weights.
+    fn norm<'w>(&self, w: &'w [f32], d: usize) -> &'w [f32] {
+        &w[w.len() - d..]
     }
 
     /// Expert `e`'s (gate, up, down) out of the packed weights.
@@ -231,9 +245,9 @@ impl MoeExperts {
     }
 }
 
-impl CustomOp3 for MoeExperts {
+impl CustomOp3 for MoeBlock {
     fn name(&self) -> &'static str {
-        "moe_experts"
+        "moe_block"
     }
 
     fn cpu_fwd(
@@ -246,12 +260,10 @@ impl CustomOp3 for MoeExperts {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = self.check(l1.shape(), l2.shape(), l3.shape())?;
-        let (out, saved) = self.forward(
-            f32_slice(s1, l1, "h")?,
-            f32_slice(s2, l2, "probs")?,
-            f32_slice(s3, l3, "expert weights")?,
-            d,
-        );
+        let (x, w) = (f32_slice(s1, l1, "x")?, f32_slice(s3, l3, "weights")?);
+        let hn = self.residual.norm(x, self.norm(w, d));
+        let (mut out, saved) = self.forward(&hn, f32_slice(s2, l2, "probs")?, w, d);
+        self.residual.add(&mut out, x, d);
         if let Some(slot) = &self.saved {
             *slot.lock().expect("not poisoned") = Some(saved);
         }
@@ -260,53 +272,61 @@ impl CustomOp3 for MoeExperts {
 
     fn bwd(
         &self,
-        h: &Tensor,
+        x: &Tensor,
         probs: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, d) = self.check(h.shape(), probs.shape(), w.shape())?;
+        let (_, d) = self.check(x.shape(), probs.shape(), w.shape())?;
         let saved = self
             .saved
             .as_ref()
             .and_then(|s| s.lock().expect("not poisoned").take());
         let Some(saved) = saved else {
-            candle_core::bail!("moe_experts: backward without its forward's activations");
+            candle_core::bail!("moe_block: backward without its forward's activations");
         };
         let grad = grad.contiguous()?;
+        let (sx, lx) = x.storage_and_layout();
         let (sp, lp) = probs.storage_and_layout();
         let (sw, lw) = w.storage_and_layout();
         let (sg, lg) = grad.storage_and_layout();
-        let slices = (
-            cpu_f32(&sp, lp, "probs")?,
-            cpu_f32(&sw, lw, "expert weights")?,
-            cpu_f32(&sg, lg, "gradient")?,
-        );
-        let [dh, dp, dw] = self.backward(slices, &saved, d);
-        let dev = h.device();
+        let (xv, grad) = (cpu_f32(&sx, lx, "x")?, cpu_f32(&sg, lg, "gradient")?);
+        let (pv, wv) = (cpu_f32(&sp, lp, "probs")?, cpu_f32(&sw, lw, "weights")?);
+        let g_branch = self.residual.branch_grad(grad, d);
+        let [dh, dp, mut dw] = self.backward((pv, wv, &g_branch), &saved, d);
+        let nw = self.norm(wv, d);
+        let (dx, dnw) = self.residual.backward(xv, nw, grad, &dh);
+        let tail = dw.len() - d;
+        dw[tail..].copy_from_slice(&dnw);
+        let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dh, h.shape(), dev)?),
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dp, probs.shape(), dev)?),
             Some(Tensor::from_vec(dw, w.shape(), dev)?),
         ))
     }
 }
 
-/// The MoE output [N, d] of h [N, d]: `probs` [N, E] is the router's softmax and `routing` its top
-/// k; `experts` holds each expert's (gate [H, d], up [H, d], down [d, H]).
-pub fn moe_experts(
-    h: &Tensor,
+/// A residual MoE block on x [N, d] (sequences of `seq_len` rows): x + mask * experts(rms_norm(x))
+/// with `norm` = (the norm's weight [d], its epsilon). `probs` [N, E] is the router's softmax
+/// and `routing` its top k; `experts` holds each expert's (gate [H, d], up [H, d], down [d, H]);
+/// `mask` [B, d] is the branch's locked dropout.
+pub fn moe_block(
+    x: &Tensor,
     probs: &Tensor,
     experts: &[[&Tensor; 3]],
     routing: Arc<Routing>,
+    norm: (&Tensor, f64),
+    seq_len: usize,
+    mask: Option<Vec<f32>>,
 ) -> candle_core::Result<Tensor> {
-    let d = h.dim(1)?;
+    let d = x.dim(1)?;
     let hidden = experts.first().map_or(Ok(0), |x| x[0].dim(0))?;
     for x in experts {
         if x[0].dims() != [hidden, d] || x[1].dims() != [hidden, d] || x[2].dims() != [d, hidden] {
             candle_core::bail!(
-                "moe_experts: expert weights {:?} {:?} {:?} are not [H, d], [H, d], [d, H] with d {d}",
+                "moe_block: expert weights {:?} {:?} {:?} are not [H, d], [H, d], [d, H] with d {d}",
                 x[0].shape(),
                 x[1].shape(),
                 x[2].shape()
@@ -316,16 +336,23 @@ pub fn moe_experts(
     let flat = experts
         .iter()
         .flatten()
+        .copied()
+        .chain([norm.0])
         .map(|t| t.flatten_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
     let w = Tensor::cat(&flat, 0)?;
-    let tracked = h.track_op() || probs.track_op() || w.track_op();
-    let op = MoeExperts {
+    let tracked = x.track_op() || probs.track_op() || w.track_op();
+    let op = MoeBlock {
         routing,
         hidden,
+        residual: Residual {
+            t: seq_len,
+            eps: norm.1 as f32,
+            mask,
+        },
         saved: tracked.then(|| Mutex::new(None)),
     };
-    h.contiguous()?.apply_op3(&probs.contiguous()?, &w, op)
+    x.contiguous()?.apply_op3(&probs.contiguous()?, &w, op)
 }
 
 /// The same layer from candle ops, `hidden` applied to each expert's silu(g) * u (the model's
@@ -363,26 +390,30 @@ pub fn moe_composite(
 
 #[cfg(test)]
 mod tests {
-    use super::super::linear::linear;
+    use super::super::conv_norm::rms_norm;
+    use super::super::linear::normed_linear;
     use super::super::testing::{compare, var};
     use super::*;
     use candle_core::D;
 
-    /// The fused op against the composite, values and the gradients of h, the router and every
-    /// expert weight, with top 2 of 3 experts and with top 3 of 3 (three chosen gates to
-    /// renormalise). 37 tokens, d 10, hidden 6: gemm's edge tiles and uneven expert loads.
+    /// The fused block against the composite, values and the gradients of x, the norm, the
+    /// router and every expert weight, with top 2 of 3 experts and with top 3 of 3 (three chosen
+    /// gates to renormalise), without and with a dropout mask. 37 tokens (one sequence), d 10,
+    /// hidden 6: gemm's edge tiles and uneven expert loads.
     #[test]
     fn matches_the_composite_layer() {
         let (n, d, hd, e) = (37, 10, 6, 3);
-        for k in [2, 3] {
-            let mut inputs = vec![var(&[n, d], 1), var(&[e, d], 2)];
+        let mask: Vec<f32> = (0..d).map(|i| [0.0, 2.0][i % 3 % 2]).collect();
+        for (k, mask) in [(2, None), (3, None), (2, Some(mask))] {
+            let mut inputs = vec![var(&[n, d], 1), var(&[d], 4), var(&[e, d], 2)];
             for x in 0..e as u64 {
                 inputs.push(var(&[hd, d], 10 + 3 * x));
                 inputs.push(var(&[hd, d], 11 + 3 * x));
                 inputs.push(var(&[d, hd], 12 + 3 * x));
             }
             let probs = |v: &[&Tensor]| {
-                let p = candle_nn::ops::softmax(&linear(v[0], v[1]).unwrap(), D::Minus1).unwrap();
+                let logits = normed_linear(v[0], v[1], v[2], 1e-5).unwrap();
+                let p = candle_nn::ops::softmax(&logits, D::Minus1).unwrap();
                 let r = Routing::new(&p.flatten_all().unwrap().to_vec1().unwrap(), e, k);
                 (p, r)
             };
@@ -392,25 +423,36 @@ mod tests {
                     let (p, r) = probs(v);
                     let load = r.tokens().iter().map(Vec::len).collect::<Vec<_>>();
                     assert!(load.iter().all(|&l| l > 0 && (k == e || l < n)), "{load:?}");
-                    moe_experts(v[0], &p, &experts(v), Arc::new(r)).unwrap()
+                    let norm = (v[1], 1e-5);
+                    moe_block(v[0], &p, &experts(v), Arc::new(r), norm, n, mask.clone()).unwrap()
                 },
                 |v| {
                     let (p, r) = probs(v);
-                    moe_composite(v[0], &p, &experts(v), &r, &Ok).unwrap()
+                    let h = rms_norm(v[0], v[1], 1e-5).unwrap();
+                    let out = moe_composite(&h, &p, &experts(v), &r, &Ok).unwrap();
+                    let out = match &mask {
+                        Some(m) => {
+                            let m = Tensor::from_vec(m.clone(), (1, d), v[0].device()).unwrap();
+                            out.broadcast_mul(&m).unwrap()
+                        }
+                        None => out,
+                    };
+                    (v[0] + out).unwrap()
                 },
             );
         }
     }
 
-    /// Each expert's (gate, up, down) from the inputs after h and the router.
+    /// Each expert's (gate, up, down) from the inputs after x, the norm and the router.
     fn experts<'a>(v: &[&'a Tensor]) -> Vec<[&'a Tensor; 3]> {
-        v[2..].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect()
+        v[3..].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect()
     }
 
     /// Shapes that disagree are an error, not a panic.
     #[test]
     fn refuses_mismatched_expert_weights() {
-        let h = var(&[4, 3], 1);
+        let x = var(&[4, 3], 1);
+        let norm = var(&[3], 5);
         let p = candle_nn::ops::softmax(&var(&[4, 2], 2).as_tensor().clone(), D::Minus1).unwrap();
         let r = Arc::new(Routing::new(
             &p.flatten_all().unwrap().to_vec1().unwrap(),
@@ -419,7 +461,8 @@ mod tests {
         ));
         let (a, b) = (var(&[5, 3], 3), var(&[3, 4], 4));
         let bad = [[a.as_tensor(), a.as_tensor(), b.as_tensor()]; 2];
-        let err = moe_experts(h.as_tensor(), &p, &bad, r).unwrap_err();
+        let norm = (norm.as_tensor(), 1e-5);
+        let err = moe_block(x.as_tensor(), &p, &bad, r, norm, 4, None).unwrap_err();
         assert!(err.to_string().contains("not [H, d]"), "{err}");
     }
 }

@@ -146,7 +146,12 @@ impl CustomOp3 for NormedLinear {
 }
 
 /// rms_norm(x) [rows, in] (weight `norm` [in], epsilon `eps`) · w [out, in]ᵀ -> [rows, out].
-pub fn normed_linear(x: &Tensor, norm: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+pub fn normed_linear(
+    x: &Tensor,
+    norm: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let op = NormedLinear { eps: eps as f32 };
     x.contiguous()?
         .apply_op3(&norm.contiguous()?, &w.contiguous()?, op)

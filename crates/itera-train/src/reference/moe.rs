@@ -21,7 +21,7 @@ use itera_core::math::{dot, top_k_into};
 use super::gemm::{matmul, product, View};
 use super::residual::Residual;
 use super::scan::{cpu_f32, f32_slice};
-use super::scratch::{overwritten, recycle};
+use super::scratch::recycle;
 use super::swiglu::{backward_par, forward_par, swiglu_mlp};
 use crate::error::Result;
 
@@ -171,7 +171,7 @@ impl MoeBlock {
             let xe = View::rows(&x, ne, d);
             let g = product(xe, View::rows(wg, hd, d).t());
             let u = product(xe, View::rows(wu, hd, d).t());
-            let mut a = overwritten(ne * hd);
+            let mut a = vec![0.0; ne * hd];
             forward_par(&g, &u, &mut a);
             let y = product(View::rows(&a, ne, hd), View::rows(wd, d, hd).t());
             for (yj, &i) in y.chunks_exact(d).zip(idx) {
@@ -214,7 +214,7 @@ impl MoeBlock {
             // y = a · downᵀ.
             matmul(dwd, dy_v.t(), View::rows(&s.a, ne, hd), false);
             let da = product(dy_v, View::rows(wd, d, hd));
-            let (mut dg, mut du) = (overwritten(ne * hd), overwritten(ne * hd));
+            let (mut dg, mut du) = (vec![0.0f32; ne * hd], vec![0.0f32; ne * hd]);
             backward_par(&s.g, &s.u, &da, &mut dg, &mut du);
             // g = x · gateᵀ, u = x · upᵀ.
             let xe = View::rows(&s.x, ne, d);
@@ -229,7 +229,6 @@ impl MoeBlock {
                     *o += v;
                 }
             }
-            recycle([dg, du, dx, da, dy]);
         }
         // gate_x = p_x / S over the chosen x: dL/dp_x = (dL/dgate_x - sum_c dL/dgate_c gate_c) / S.
         let mut dp = vec![0.0f32; probs.len()];
@@ -301,8 +300,7 @@ impl CustomOp3 for MoeBlock {
         let (dx, dnw) = self.residual.backward(xv, nw, grad, &dh);
         let tail = dw.len() - d;
         dw[tail..].copy_from_slice(&dnw);
-        recycle([dh, g_branch]);
-        recycle(saved.into_iter().flat_map(|s| [s.x, s.g, s.u, s.a, s.y]));
+        recycle([g_branch]);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),

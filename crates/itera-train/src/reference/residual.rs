@@ -19,7 +19,7 @@ pub(super) struct Residual {
 impl Residual {
     /// Checks that x [rows, d] has whole sequences and, with a mask, one mask row for each.
     pub fn check(&self, rows: usize, d: usize, op: &str) -> candle_core::Result<()> {
-        if self.t == 0 || rows % self.t != 0 {
+        if self.t == 0 || !rows.is_multiple_of(self.t) {
             candle_core::bail!("{op}: {rows} rows are not whole sequences of {}", self.t);
         }
         let masked = self.mask.as_ref().map_or(rows / self.t * d, Vec::len);

@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 use itera_core::config::ModelConfig;
 use itera_core::rng::Rng;
@@ -17,6 +18,7 @@ use super::mixer_block::{mixer_block, MixerWeights};
 use super::moe::{moe_block, moe_composite, Routing};
 use super::scan::ssm_core_ungated;
 use super::swiglu::swiglu_mlp;
+use super::weight_grads::WeightGrads;
 use super::Params;
 use crate::error::{Error, Result};
 
@@ -27,6 +29,8 @@ pub struct Model<'a> {
     spec: ModelSpec,
     /// Draws the dropout masks of a training step; None evaluates (no dropout).
     noise: Option<RefCell<Rng>>,
+    /// The gradients the fused blocks write for their own weights (`backward` adds them).
+    weight_grads: WeightGrads,
 }
 
 /// What a forward pass returns: the final hidden states and the MoE load-balancing loss (mean over
@@ -46,7 +50,16 @@ impl<'a> Model<'a> {
             params,
             spec: ModelSpec::new(cfg),
             noise: None,
+            weight_grads: WeightGrads::default(),
         }
+    }
+
+    /// The gradients of `loss` (computed by this model) with respect to every trained weight:
+    /// candle's backward, plus what the fused blocks wrote for their weights outside the graph.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        self.weight_grads.merge_into(&mut grads)?;
+        Ok(grads)
     }
 
     /// The model for one training step: the config's dropout, with masks drawn from `seed`
@@ -268,7 +281,8 @@ impl<'a> Model<'a> {
             out_proj: self.w(&m.out_proj)?,
         };
         let mask = self.locked_mask(b, self.cfg.d_model, dropout);
-        Ok(mixer_block(x, t, &weights, self.cfg.norm_eps, mask)?)
+        let (eps, grads) = (self.cfg.norm_eps, &self.weight_grads);
+        Ok(mixer_block(x, t, &weights, eps, mask, grads)?)
     }
 
     /// The shared-state SSM on h [B*T, d] -> [B*T, d]: as `mixer`, except that one N-dimensional
@@ -375,7 +389,17 @@ impl<'a> Model<'a> {
         } else {
             let mask = self.locked_mask(b, cfg.d_model, residual);
             let routing = std::sync::Arc::new(routing);
-            moe_block(x, &probs, &experts, routing, (norm, cfg.norm_eps), t, mask)?
+            let grads = &self.weight_grads;
+            moe_block(
+                x,
+                &probs,
+                &experts,
+                routing,
+                (norm, cfg.norm_eps),
+                t,
+                mask,
+                grads,
+            )?
         };
         // Switch load balancing: E * sum_e f_e * P_e, f_e = share of routed slots, P_e = mean prob.
         let aux = ((probs.mean(0)? * load)?.sum_all()? * e_count as f64)?;
@@ -475,7 +499,7 @@ mod tests {
                 None => Model::new(cfg, &w),
             };
             let loss = m.loss(&x, &y).unwrap().0;
-            let grads = loss.backward().unwrap();
+            let grads = m.backward(&loss).unwrap();
             let sizes: Vec<f32> = experts
                 .iter()
                 .map(|e| match grads.get(vars[&e.gate.name].as_tensor()) {

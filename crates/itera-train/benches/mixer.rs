@@ -10,7 +10,6 @@ use candle_core::Tensor;
 use common::var;
 use criterion::{criterion_group, Criterion};
 use itera_train::reference::mixer_block::{mixer_block, mixer_composite, MixerWeights};
-use itera_train::reference::weight_grads::WeightGrads;
 
 const B: usize = 8;
 const D: usize = 128;
@@ -38,7 +37,7 @@ fn mixer(c: &mut Criterion) {
     let mut group = c.benchmark_group("mixer_forward_backward");
     group.sample_size(20);
     type Mixer = fn(&Tensor, &MixerWeights) -> candle_core::Result<Tensor>;
-    let fused: Mixer = |x, w| mixer_block(x, T, w, 1e-5, None, &WeightGrads::default());
+    let fused: Mixer = |x, w| mixer_block(x, T, w, 1e-5, None);
     let composite: Mixer = |x, w| mixer_composite(&x.reshape((B, T, D))?, w, 1e-5, None);
     for (name, mixer) in [("fused", fused), ("composite", composite)] {
         group.bench_function(name, |bench| {

@@ -493,7 +493,7 @@ impl Run {
         let loss = (&main + (&aux * o.aux_weight)?)?;
         Ok(Shard {
             rows: offsets.len(),
-            grads: model.backward(&loss)?,
+            grads: loss.backward()?,
             loss: loss.to_scalar::<f32>()? as f64,
             ce,
             kl,

@@ -22,11 +22,10 @@ use super::gemm::{matmul, product, View};
 use super::linear::{linear, with_data};
 use super::residual::Residual;
 use super::scan::{
-    core_backward_fast, core_sequence_fast, cpu_f32, f32_slice, params, ssm_core, sum_parts, Dims,
+    core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, sum_parts, Dims,
     InputGrads, Inputs, Trace,
 };
 use super::scratch::{overwritten, recycle};
-use super::weight_grads::WeightGrads;
 
 /// Sizes of the mixer: the model's width, d_inner, the SSM state, dt's rank and the conv's taps.
 #[derive(Clone, Copy, Debug)]
@@ -39,13 +38,21 @@ pub struct MixerDims {
 }
 
 impl MixerDims {
-    /// Lengths of the packed small parameters' parts, in order: the conv's taps and bias
-    /// tap-major [K + 1, Di], x_proj [R + 2N, Di], dt_proj [Di, R], the scan's (A_log, D,
-    /// dt_bias) channel-major [Di, N + 2] and the norm's weight [D]. (The projections are read in
-    /// place: `MixerBlock::in_proj`.)
-    fn parts(&self) -> [usize; 5] {
+    /// Lengths of the packed parameter vector's parts, in order: the conv's taps and bias
+    /// tap-major [K + 1, Di], x_proj [R + 2N, Di], dt_proj [Di, R], and the scan's (A_log, D,
+    /// dt_bias) channel-major [Di, N + 2], in_proj [2 Di, D] (the x rows, then z's), out_proj
+    /// [D, Di] and the norm's weight [D].
+    fn parts(&self) -> [usize; 7] {
         let (d, di, n, r, k) = (self.d, self.di, self.n, self.r, self.k);
-        [(k + 1) * di, (r + 2 * n) * di, di * r, di * (n + 2), d]
+        [
+            (k + 1) * di,
+            (r + 2 * n) * di,
+            di * r,
+            di * (n + 2),
+            2 * di * d,
+            d * di,
+            d,
+        ]
     }
 }
 
@@ -84,17 +91,12 @@ impl Saved {
     }
 }
 
-/// Inputs: x [B*T, D] (the residual stream), and the packed small parameters
-/// (`MixerDims::parts`). Output [B*T, D], x plus the branch. Rows rather than [B, T, ...]
-/// tensors, so that the model needs no reshape around the op: candle's backward gives each
-/// reshape a zero-filled gradient and an add.
+/// Inputs: x [B*T, D] (the residual stream), and the packed parameters (`MixerDims::parts`).
+/// Output [B*T, D], x plus the branch. Rows rather than [B, T, ...] tensors, so that the model
+/// needs no reshape around the op: candle's backward gives each reshape a zero-filled gradient
+/// and an add.
 struct MixerBlock {
     dims: MixerDims,
-    /// in_proj [2 Di, D] (the x rows, then z's) and out_proj [D, Di]: read in place, their
-    /// gradients written to `grads` (not graph inputs: `weight_grads.rs`).
-    in_proj: Tensor,
-    out_proj: Tensor,
-    grads: WeightGrads,
     /// The norm before the mixer and the residual add after it; its T is the sequence length.
     residual: Residual,
     /// The forward's intermediates, kept for the backward when autograd will ask for it.
@@ -112,44 +114,6 @@ impl MixerBlock {
         }
     }
 
-    /// The forward over x [B*T, D] with the packed small parameters `w` and the projections.
-    fn forward(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        win: &[f32],
-        wout: &[f32],
-        b: usize,
-        t: usize,
-    ) -> (CpuStorage, Shape) {
-        let mut saved = self.prepare(x, w, win, b, t);
-        let d = self.scan_dims(b, t);
-        let [.., p, _] = split(w, self.dims);
-        let (a, d_skip, bias) = params(p, &d);
-        let (dm, di) = (self.dims.d, self.dims.di);
-        let record = self.saved.is_some();
-        let mut out = overwritten(b * t * di);
-        let traces: Vec<Option<Trace>> = out
-            .par_chunks_mut(t * di)
-            .zip(saved.bc.par_chunks(t * 2 * d.n))
-            .enumerate()
-            .map(|(bi, (ob, bcb))| {
-                let u = saved.inputs(bi, t, di);
-                let mut trace = record.then(Trace::default);
-                core_sequence_fast(&u, bcb, &a, &d_skip, &bias, &d, ob, trace.as_mut());
-                trace
-            })
-            .collect();
-        saved.traces = traces.into_iter().flatten().collect();
-        let mut y = product(View::rows(&out, b * t, di), View::rows(wout, dm, di).t());
-        self.residual.add(&mut y, x, dm);
-        if let Some(slot) = &self.saved {
-            saved.y = out;
-            *slot.lock().expect("not poisoned") = Some(saved);
-        }
-        (CpuStorage::F32(y), Shape::from((b * t, dm)))
-    }
-
     fn check(&self, x: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
         let (rows, d) = x.dims2()?;
         let len = w.dims1()?;
@@ -165,23 +129,11 @@ impl MixerBlock {
         Ok((rows / t, t))
     }
 
-    /// `f` of in_proj's and out_proj's values in place.
-    fn with_projections<R>(&self, f: impl FnOnce(&[f32], &[f32]) -> R) -> candle_core::Result<R> {
-        let ((si, li), (so, lo)) = (
-            self.in_proj.storage_and_layout(),
-            self.out_proj.storage_and_layout(),
-        );
-        Ok(f(
-            cpu_f32(&si, li, "in_proj")?,
-            cpu_f32(&so, lo, "out_proj")?,
-        ))
-    }
-
     /// Everything up to the scan: the norm, in_proj's x and z halves, the conv, x_proj and dt_proj.
-    fn prepare(&self, x: &[f32], w: &[f32], win: &[f32], b: usize, t: usize) -> Saved {
+    fn prepare(&self, x: &[f32], w: &[f32], b: usize, t: usize) -> Saved {
         let MixerDims { d, di, n, r, k } = self.dims;
         let rows = b * t;
-        let [tw, wx, wdt, _, nw] = split(w, self.dims);
+        let [tw, wx, wdt, _, win, _, nw] = split(w, self.dims);
         let hn = self.residual.norm(x, nw);
         let h = View::rows(&hn, rows, d);
         let (win_x, win_z) = win.split_at(di * d);
@@ -216,8 +168,8 @@ impl MixerBlock {
     }
 }
 
-/// The packed parameters' five parts (`MixerDims::parts`).
-fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 5] {
+/// The packed parameters' seven parts (`MixerDims::parts`).
+fn split(w: &[f32], dims: MixerDims) -> [&[f32]; 7] {
     let mut rest = w;
     dims.parts().map(|len| {
         let (part, tail) = rest.split_at(len);
@@ -243,7 +195,32 @@ impl CustomOp2 for MixerBlock {
             f32_slice(s1, l1, "x")?,
             f32_slice(s2, l2, "mixer parameters")?,
         );
-        self.with_projections(|win, wout| self.forward(x, w, win, wout, b, t))
+        let mut saved = self.prepare(x, w, b, t);
+        let d = self.scan_dims(b, t);
+        let [.., p, _, wout, _] = split(w, self.dims);
+        let (a, d_skip, bias) = params(p, &d);
+        let (dm, di) = (self.dims.d, self.dims.di);
+        let record = self.saved.is_some();
+        let mut out = overwritten(b * t * di);
+        let traces: Vec<Option<Trace>> = out
+            .par_chunks_mut(t * di)
+            .zip(saved.bc.par_chunks(t * 2 * d.n))
+            .enumerate()
+            .map(|(bi, (ob, bcb))| {
+                let u = saved.inputs(bi, t, di);
+                let mut trace = record.then(Trace::default);
+                core_sequence_fast(&u, bcb, &a, &d_skip, &bias, &d, ob, trace.as_mut());
+                trace
+            })
+            .collect();
+        saved.traces = traces.into_iter().flatten().collect();
+        let mut y = product(View::rows(&out, b * t, di), View::rows(wout, dm, di).t());
+        self.residual.add(&mut y, x, dm);
+        if let Some(slot) = &self.saved {
+            saved.y = out;
+            *slot.lock().expect("not poisoned") = Some(saved);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((b * t, dm))))
     }
 
     fn bwd(
@@ -264,12 +241,7 @@ impl CustomOp2 for MixerBlock {
             candle_core::bail!("mixer_block: backward without its forward's intermediates");
         };
         let d = self.scan_dims(b, t);
-        let [tw, wx, wdt, p, nw] = split(&w_v, self.dims);
-        let ((si, li), (so, lo)) = (
-            self.in_proj.storage_and_layout(),
-            self.out_proj.storage_and_layout(),
-        );
-        let (win, wout) = (cpu_f32(&si, li, "in_proj")?, cpu_f32(&so, lo, "out_proj")?);
+        let [tw, wx, wdt, p, win, wout, nw] = split(&w_v, self.dims);
         let (a, d_skip, bias) = params(p, &d);
         let (rows, wdbc, seq) = (b * t, r + 2 * n, t * di);
 
@@ -351,9 +323,7 @@ impl CustomOp2 for MixerBlock {
 
         // hn = rms_norm(x); the residual passes the gradient through.
         let (g_x, g_nw) = with_data(x, "x", |xv| self.residual.backward(xv, nw, &grad, &g_hn))?;
-        let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p, g_nw].concat();
-        self.grads.add(&self.in_proj, g_win);
-        self.grads.add(&self.out_proj, g_wout);
+        let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p, g_win, g_wout, g_nw].concat();
         let Saved {
             hn,
             xs,
@@ -427,25 +397,12 @@ pub fn mixer_block(
     m: &MixerWeights,
     eps: f64,
     mask: Option<Vec<f32>>,
-    grads: &WeightGrads,
 ) -> candle_core::Result<Tensor> {
     let (di, k) = m.conv.dims2()?;
     let d = m.in_proj.dim(1)?;
     let n = m.a_log.dim(1)?;
     let r = m.dt_proj.dim(1)?;
     let dims = MixerDims { d, di, n, r, k };
-    if m.in_proj.dims() != [2 * di, d] || m.out_proj.dims() != [d, di] {
-        candle_core::bail!(
-            "mixer_block: in_proj {:?} and out_proj {:?} are not [2 Di, D] and [D, Di] with Di {di}",
-            m.in_proj.shape(),
-            m.out_proj.shape()
-        );
-    }
-    let projections = [m.in_proj.contiguous()?, m.out_proj.contiguous()?];
-    if projections.iter().any(|w| w.track_op() && !w.is_variable()) {
-        candle_core::bail!("mixer_block: a projection computed in the graph (the op writes only variables' gradients)");
-    }
-    let [in_proj, out_proj] = projections;
     let tw = Tensor::cat(&[m.conv, &m.conv_bias.unsqueeze(1)?], 1)?.t()?;
     let p = Tensor::cat(&[m.a_log, &m.d.unsqueeze(1)?, &m.dt_bias.unsqueeze(1)?], 1)?;
     let w = Tensor::cat(
@@ -454,16 +411,15 @@ pub fn mixer_block(
             m.x_proj.flatten_all()?,
             m.dt_proj.flatten_all()?,
             p.flatten_all()?,
+            m.in_proj.flatten_all()?,
+            m.out_proj.flatten_all()?,
             m.norm.flatten_all()?,
         ],
         0,
     )?;
-    let tracked = x.track_op() || w.track_op() || in_proj.is_variable() || out_proj.is_variable();
+    let tracked = x.track_op() || w.track_op();
     let op = MixerBlock {
         dims,
-        in_proj,
-        out_proj,
-        grads: grads.clone(),
         residual: Residual {
             t: seq_len,
             eps: eps as f32,
@@ -505,7 +461,7 @@ pub fn mixer_composite(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{compare_with, var};
+    use super::super::testing::{compare, var};
     use super::*;
 
     /// The fused op against the composite it replaces, values and every input's gradient,
@@ -531,11 +487,11 @@ mod tests {
         let mask: Vec<f32> = (0..b * dm).map(|i| [0.0, 1.25][i * 7 % 3 % 2]).collect();
         assert!(mask.contains(&0.0) && mask.contains(&1.25));
         for mask in [None, None, Some(mask.clone()), Some(mask)] {
-            compare_with(
+            compare(
                 &inputs,
-                |v, grads| {
+                |v| {
                     let w = MixerWeights::from_slice(&v[1..]);
-                    mixer_block(v[0], t, &w, 1e-5, mask.clone(), grads).unwrap()
+                    mixer_block(v[0], t, &w, 1e-5, mask.clone()).unwrap()
                 },
                 |v| {
                     let x = v[0].reshape((b, t, dm)).unwrap();

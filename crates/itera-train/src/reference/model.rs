@@ -4,7 +4,6 @@
 
 use std::cell::RefCell;
 
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 use itera_core::config::ModelConfig;
 use itera_core::rng::Rng;
@@ -18,7 +17,6 @@ use super::mixer_block::{mixer_block, MixerWeights};
 use super::moe::{moe_block, moe_composite, Routing};
 use super::scan::ssm_core_ungated;
 use super::swiglu::swiglu_mlp;
-use super::weight_grads::WeightGrads;
 use super::Params;
 use crate::error::{Error, Result};
 
@@ -29,8 +27,6 @@ pub struct Model<'a> {
     spec: ModelSpec,
     /// Draws the dropout masks of a training step; None evaluates (no dropout).
     noise: Option<RefCell<Rng>>,
-    /// The gradients the fused blocks write for their own weights (`backward` adds them).
-    weight_grads: WeightGrads,
 }
 
 /// What a forward pass returns: the final hidden states and the MoE load-balancing loss (mean over
@@ -50,16 +46,7 @@ impl<'a> Model<'a> {
             params,
             spec: ModelSpec::new(cfg),
             noise: None,
-            weight_grads: WeightGrads::default(),
         }
-    }
-
-    /// The gradients of `loss` (computed by this model) with respect to every trained weight:
-    /// candle's backward, plus what the fused blocks wrote for their weights outside the graph.
-    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        let mut grads = loss.backward()?;
-        self.weight_grads.merge_into(&mut grads)?;
-        Ok(grads)
     }
 
     /// The model for one training step: the config's dropout, with masks drawn from `seed`
@@ -281,8 +268,7 @@ impl<'a> Model<'a> {
             out_proj: self.w(&m.out_proj)?,
         };
         let mask = self.locked_mask(b, self.cfg.d_model, dropout);
-        let (eps, grads) = (self.cfg.norm_eps, &self.weight_grads);
-        Ok(mixer_block(x, t, &weights, eps, mask, grads)?)
+        Ok(mixer_block(x, t, &weights, self.cfg.norm_eps, mask)?)
     }
 
     /// The shared-state SSM on h [B*T, d] -> [B*T, d]: as `mixer`, except that one N-dimensional
@@ -389,17 +375,7 @@ impl<'a> Model<'a> {
         } else {
             let mask = self.locked_mask(b, cfg.d_model, residual);
             let routing = std::sync::Arc::new(routing);
-            let grads = &self.weight_grads;
-            moe_block(
-                x,
-                &probs,
-                &experts,
-                routing,
-                (norm, cfg.norm_eps),
-                t,
-                mask,
-                grads,
-            )?
+            moe_block(x, &probs, &experts, routing, (norm, cfg.norm_eps), t, mask)?
         };
         // Switch load balancing: E * sum_e f_e * P_e, f_e = share of routed slots, P_e = mean prob.
         let aux = ((probs.mean(0)? * load)?.sum_all()? * e_count as f64)?;
@@ -499,7 +475,7 @@ mod tests {
                 None => Model::new(cfg, &w),
             };
             let loss = m.loss(&x, &y).unwrap().0;
-            let grads = m.backward(&loss).unwrap();
+            let grads = loss.backward().unwrap();
             let sizes: Vec<f32> = experts
                 .iter()
                 .map(|e| match grads.get(vars[&e.gate.name].as_tensor()) {

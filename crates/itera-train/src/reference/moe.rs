@@ -15,7 +15,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use itera_core::math::{dot, top_k_into};
 
 use super::gemm::{matmul, product, View};
@@ -23,7 +23,6 @@ use super::residual::Residual;
 use super::scan::{cpu_f32, f32_slice};
 use super::scratch::recycle;
 use super::swiglu::{backward_par, forward_par, swiglu_mlp};
-use super::weight_grads::WeightGrads;
 use crate::error::Result;
 
 /// Which experts each token goes to: the top k of its routing probabilities.
@@ -101,17 +100,14 @@ struct ExpertSaved {
     y: Vec<f32>,
 }
 
-/// Inputs: x [N, d] (the residual stream) and probs [N, E] (the router's softmax). Output [N, d],
-/// x plus the branch.
+/// Inputs: x [N, d] (the residual stream), probs [N, E] (the router's softmax) and the weights
+/// packed expert by expert as gate [H, d], up [H, d], down [d, H], then the norm's [d]. Output
+/// [N, d], x plus the branch.
 struct MoeBlock {
     routing: Arc<Routing>,
     hidden: usize,
     /// The norm before the experts and the residual add after them.
     residual: Residual,
-    /// Expert by expert gate [H, d], up [H, d], down [d, H], then the norm's [d]: read in place,
-    /// their gradients written to `grads` (not graph inputs: `weight_grads.rs`).
-    weights: Vec<Tensor>,
-    grads: WeightGrads,
     /// The forward's activations, kept when autograd will ask for the backward.
     saved: Option<Mutex<Option<Vec<ExpertSaved>>>>,
 }
@@ -127,19 +123,17 @@ fn gather(src: &[f32], idx: &[u32], width: usize) -> Vec<f32> {
 }
 
 impl MoeBlock {
-    /// (N, d) after checking the two inputs against each other and the routing.
-    fn check(&self, x: &Shape, probs: &Shape) -> candle_core::Result<(usize, usize)> {
+    /// (N, d) after checking the three inputs against each other and the routing.
+    fn check(&self, x: &Shape, probs: &Shape, w: &Shape) -> candle_core::Result<(usize, usize)> {
         let ((n, d), (n_p, e)) = (x.dims2()?, probs.dims2()?);
+        let len = w.dims1()?;
         let r = &self.routing;
-        if n != n_p
-            || e != r.experts
-            || r.chosen.len() != n * r.k
-            || self.weights.len() != 3 * e + 1
-        {
+        let want = e * 3 * self.hidden * d + d;
+        if n != n_p || e != r.experts || r.chosen.len() != n * r.k || len != want {
             candle_core::bail!(
-                "moe_block: x {x:?}, probs {probs:?}, {} weights and a routing of {} experts \
-                 disagree",
-                self.weights.len(),
+                "moe_block: x {x:?}, probs {probs:?}, {len} packed weights (hidden {}) and a \
+                 routing of {} experts disagree",
+                self.hidden,
                 r.experts
             );
         }
@@ -147,30 +141,23 @@ impl MoeBlock {
         Ok((n, d))
     }
 
-    /// `f` of the weights' values in place, in `weights`' order.
-    fn with_weights<R>(&self, f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
-        let guards: Vec<_> = self
-            .weights
-            .iter()
-            .map(|t| t.storage_and_layout())
-            .collect();
-        let slices = guards
-            .iter()
-            .map(|(s, l)| cpu_f32(s, l, "MoE weights"))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(f(&slices))
+    /// The norm's weight: the last d of the packed weights.
+    fn norm<'w>(&self, w: &'w [f32], d: usize) -> &'w [f32] {
+        &w[w.len() - d..]
     }
 
-    /// Expert `e`'s (gate, up, down) among the weights.
-    fn expert<'w>(&self, w: &[&'w [f32]], e: usize) -> [&'w [f32]; 3] {
-        [w[3 * e], w[3 * e + 1], w[3 * e + 2]]
+    /// Expert `e`'s (gate, up, down) out of the packed weights.
+    fn expert<'w>(&self, w: &'w [f32], e: usize, d: usize) -> [&'w [f32]; 3] {
+        let size = self.hidden * d;
+        let x = &w[e * 3 * size..(e + 1) * 3 * size];
+        [&x[..size], &x[size..2 * size], &x[2 * size..]]
     }
 
     fn forward(
         &self,
         h: &[f32],
         probs: &[f32],
-        w: &[&[f32]],
+        w: &[f32],
         d: usize,
     ) -> (Vec<f32>, Vec<ExpertSaved>) {
         let (e, hd) = (self.routing.experts, self.hidden);
@@ -179,7 +166,7 @@ impl MoeBlock {
         let mut saved = Vec::with_capacity(e);
         for (ex, idx) in self.routing.tokens.iter().enumerate() {
             let ne = idx.len();
-            let [wg, wu, wd] = self.expert(w, ex);
+            let [wg, wu, wd] = self.expert(w, ex, d);
             let x = gather(h, idx, d);
             let xe = View::rows(&x, ne, d);
             let g = product(xe, View::rows(wg, hd, d).t());
@@ -199,21 +186,23 @@ impl MoeBlock {
         (out, saved)
     }
 
-    /// dL/d(h, probs) and each expert's dL/d(gate, up, down) from dL/d(output) `go` [N, d].
+    /// dL/d(h, probs, packed weights) from dL/d(output) `go` [N, d].
     fn backward(
         &self,
-        (probs, w, go): (&[f32], &[&[f32]], &[f32]),
+        (probs, w, go): (&[f32], &[f32], &[f32]),
         saved: &[ExpertSaved],
         d: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+    ) -> [Vec<f32>; 3] {
         let (e, k, hd) = (self.routing.experts, self.routing.k, self.hidden);
         let (gates, sums) = self.routing.gates(probs);
-        let mut dh = vec![0.0f32; go.len()];
-        let mut dw = Vec::with_capacity(3 * e);
+        let (mut dh, mut dw) = (vec![0.0f32; go.len()], vec![0.0f32; w.len()]);
         let mut dgate = vec![0.0f32; probs.len()];
         for ((ex, idx), s) in self.routing.tokens.iter().enumerate().zip(saved) {
             let ne = idx.len();
-            let [wg, wu, wd] = self.expert(w, ex);
+            let [wg, wu, wd] = self.expert(w, ex, d);
+            let size = hd * d;
+            let (dwg, rest) = dw[ex * 3 * size..(ex + 1) * 3 * size].split_at_mut(size);
+            let (dwu, dwd) = rest.split_at_mut(size);
             // out[i] += gate * y: dL/dgate = go[i] · y, dL/dy = gate * go[i].
             let mut dy = gather(go, idx, d);
             for ((row, yj), &i) in dy.chunks_exact_mut(d).zip(s.y.chunks_exact(d)).zip(idx) {
@@ -223,14 +212,15 @@ impl MoeBlock {
             }
             let dy_v = View::rows(&dy, ne, d);
             // y = a · downᵀ.
-            let dwd = product(dy_v.t(), View::rows(&s.a, ne, hd));
+            matmul(dwd, dy_v.t(), View::rows(&s.a, ne, hd), false);
             let da = product(dy_v, View::rows(wd, d, hd));
             let (mut dg, mut du) = (vec![0.0f32; ne * hd], vec![0.0f32; ne * hd]);
             backward_par(&s.g, &s.u, &da, &mut dg, &mut du);
             // g = x · gateᵀ, u = x · upᵀ.
             let xe = View::rows(&s.x, ne, d);
             let (dg_v, du_v) = (View::rows(&dg, ne, hd), View::rows(&du, ne, hd));
-            dw.extend([product(dg_v.t(), xe), product(du_v.t(), xe), dwd]);
+            matmul(dwg, dg_v.t(), xe, false);
+            matmul(dwu, du_v.t(), xe, false);
             let mut dx = product(dg_v, View::rows(wg, hd, d));
             matmul(&mut dx, du_v, View::rows(wu, hd, d), true);
             for (dxj, &i) in dx.chunks_exact(d).zip(idx) {
@@ -252,11 +242,11 @@ impl MoeBlock {
                 dp[row + x] = (dgate[row + x] - c) / sums[i];
             }
         }
-        (dh, dp, dw)
+        [dh, dp, dw]
     }
 }
 
-impl CustomOp2 for MoeBlock {
+impl CustomOp3 for MoeBlock {
     fn name(&self) -> &'static str {
         "moe_block"
     }
@@ -267,13 +257,13 @@ impl CustomOp2 for MoeBlock {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = self.check(l1.shape(), l2.shape())?;
-        let (x, probs) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "probs")?);
-        let (mut out, saved) = self.with_weights(|w| {
-            let hn = self.residual.norm(x, w[w.len() - 1]);
-            self.forward(&hn, probs, w, d)
-        })?;
+        let (n, d) = self.check(l1.shape(), l2.shape(), l3.shape())?;
+        let (x, w) = (f32_slice(s1, l1, "x")?, f32_slice(s3, l3, "weights")?);
+        let hn = self.residual.norm(x, self.norm(w, d));
+        let (mut out, saved) = self.forward(&hn, f32_slice(s2, l2, "probs")?, w, d);
         self.residual.add(&mut out, x, d);
         if let Some(slot) = &self.saved {
             *slot.lock().expect("not poisoned") = Some(saved);
@@ -285,10 +275,11 @@ impl CustomOp2 for MoeBlock {
         &self,
         x: &Tensor,
         probs: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, d) = self.check(x.shape(), probs.shape())?;
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, d) = self.check(x.shape(), probs.shape(), w.shape())?;
         let saved = self
             .saved
             .as_ref()
@@ -299,23 +290,22 @@ impl CustomOp2 for MoeBlock {
         let grad = grad.contiguous()?;
         let (sx, lx) = x.storage_and_layout();
         let (sp, lp) = probs.storage_and_layout();
+        let (sw, lw) = w.storage_and_layout();
         let (sg, lg) = grad.storage_and_layout();
         let (xv, grad) = (cpu_f32(&sx, lx, "x")?, cpu_f32(&sg, lg, "gradient")?);
-        let pv = cpu_f32(&sp, lp, "probs")?;
+        let (pv, wv) = (cpu_f32(&sp, lp, "probs")?, cpu_f32(&sw, lw, "weights")?);
         let g_branch = self.residual.branch_grad(grad, d);
-        let (dx, dp, mut dw) = self.with_weights(|w| {
-            let (dh, dp, dw) = self.backward((pv, w, &g_branch), &saved, d);
-            let (dx, dnw) = self.residual.backward(xv, w[w.len() - 1], grad, &dh);
-            (dx, dp, [dw, vec![dnw]].concat())
-        })?;
-        for (t, g) in self.weights.iter().zip(dw.drain(..)) {
-            self.grads.add(t, g);
-        }
+        let [dh, dp, mut dw] = self.backward((pv, wv, &g_branch), &saved, d);
+        let nw = self.norm(wv, d);
+        let (dx, dnw) = self.residual.backward(xv, nw, grad, &dh);
+        let tail = dw.len() - d;
+        dw[tail..].copy_from_slice(&dnw);
         recycle([g_branch]);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dp, probs.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
         ))
     }
 }
@@ -323,8 +313,7 @@ impl CustomOp2 for MoeBlock {
 /// A residual MoE block on x [N, d] (sequences of `seq_len` rows): x + mask * experts(rms_norm(x))
 /// with `norm` = (the norm's weight [d], its epsilon). `probs` [N, E] is the router's softmax
 /// and `routing` its top k; `experts` holds each expert's (gate [H, d], up [H, d], down [d, H]);
-/// `mask` [B, d] is the branch's locked dropout. The weights' gradients go to `grads`.
-#[allow(clippy::too_many_arguments)]
+/// `mask` [B, d] is the branch's locked dropout.
 pub fn moe_block(
     x: &Tensor,
     probs: &Tensor,
@@ -333,7 +322,6 @@ pub fn moe_block(
     norm: (&Tensor, f64),
     seq_len: usize,
     mask: Option<Vec<f32>>,
-    grads: &WeightGrads,
 ) -> candle_core::Result<Tensor> {
     let d = x.dim(1)?;
     let hidden = experts.first().map_or(Ok(0), |x| x[0].dim(0))?;
@@ -347,22 +335,15 @@ pub fn moe_block(
             );
         }
     }
-    if norm.0.dims() != [d] {
-        candle_core::bail!("moe_block: norm weight {:?} for width {d}", norm.0.shape());
-    }
-    let weights = experts
+    let flat = experts
         .iter()
         .flatten()
         .copied()
         .chain([norm.0])
-        .map(|t| t.contiguous())
+        .map(|t| t.flatten_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    if weights.iter().any(|w| w.track_op() && !w.is_variable()) {
-        candle_core::bail!(
-            "moe_block: a weight computed in the graph (the op writes only variables' gradients)"
-        );
-    }
-    let tracked = x.track_op() || probs.track_op() || WeightGrads::wanted(&weights);
+    let w = Tensor::cat(&flat, 0)?;
+    let tracked = x.track_op() || probs.track_op() || w.track_op();
     let op = MoeBlock {
         routing,
         hidden,
@@ -371,11 +352,9 @@ pub fn moe_block(
             eps: norm.1 as f32,
             mask,
         },
-        weights,
-        grads: grads.clone(),
         saved: tracked.then(|| Mutex::new(None)),
     };
-    x.contiguous()?.apply_op2(&probs.contiguous()?, op)
+    x.contiguous()?.apply_op3(&probs.contiguous()?, &w, op)
 }
 
 /// The same layer from candle ops, `hidden` applied to each expert's silu(g) * u (the model's
@@ -415,7 +394,7 @@ pub fn moe_composite(
 mod tests {
     use super::super::conv_norm::rms_norm;
     use super::super::linear::normed_linear;
-    use super::super::testing::{compare_with, var};
+    use super::super::testing::{compare, var};
     use super::*;
     use candle_core::D;
 
@@ -441,14 +420,14 @@ mod tests {
                 let r = Routing::new(&p.flatten_all().unwrap().to_vec1().unwrap(), e, k);
                 (p, r)
             };
-            compare_with(
+            compare(
                 &inputs,
-                |v, grads| {
+                |v| {
                     let (p, r) = probs(v);
                     let load = r.tokens().iter().map(Vec::len).collect::<Vec<_>>();
                     assert!(load.iter().all(|&l| l > 0 && (k == e || l < n)), "{load:?}");
-                    let (norm, r) = ((v[1], 1e-5), Arc::new(r));
-                    moe_block(v[0], &p, &experts(v), r, norm, n, mask.clone(), grads).unwrap()
+                    let norm = (v[1], 1e-5);
+                    moe_block(v[0], &p, &experts(v), Arc::new(r), norm, n, mask.clone()).unwrap()
                 },
                 |v| {
                     let (p, r) = probs(v);
@@ -486,8 +465,7 @@ mod tests {
         let (a, b) = (var(&[5, 3], 3), var(&[3, 4], 4));
         let bad = [[a.as_tensor(), a.as_tensor(), b.as_tensor()]; 2];
         let norm = (norm.as_tensor(), 1e-5);
-        let grads = WeightGrads::default();
-        let err = moe_block(x.as_tensor(), &p, &bad, r, norm, 4, None, &grads).unwrap_err();
+        let err = moe_block(x.as_tensor(), &p, &bad, r, norm, 4, None).unwrap_err();
         assert!(err.to_string().contains("not [H, d]"), "{err}");
     }
 }

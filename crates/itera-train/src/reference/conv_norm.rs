@@ -5,7 +5,6 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::scan::{cpu_f32, f32_slice, sum_parts};
-use super::scratch::overwritten;
 use itera_core::math::{dot, rms_norm_rows, sigmoid};
 
 /// out[b, t, d] = silu(bias[d] + sum_j w[d, j] * x[b, t - (K-1) + j, d]), zero before t = 0.
@@ -172,7 +171,7 @@ itera_core::multiversion! {
 /// RMSNorm of the rows of x [R, d] by w [d], rows in parallel.
 pub(super) fn norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
-    let mut out = overwritten(x.len());
+    let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(NORM_ROWS * d)
         .zip(x.par_chunks(NORM_ROWS * d))
         .for_each(|(o, rows)| rms_norm_rows(rows, w, eps as f64, o));
@@ -182,7 +181,7 @@ pub(super) fn norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 /// The backward of `norm_forward` with incoming gradient g [R, d]: (dL/dx, dL/dw).
 pub(super) fn norm_backward(x: &[f32], g: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
-    let mut gx = overwritten(x.len());
+    let mut gx = vec![0.0f32; x.len()];
     let parts: Vec<Vec<f32>> = gx
         .par_chunks_mut(NORM_ROWS * d)
         .zip(x.par_chunks(NORM_ROWS * d).zip(g.par_chunks(NORM_ROWS * d)))

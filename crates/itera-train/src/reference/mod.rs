@@ -18,7 +18,6 @@ pub mod model;
 pub mod moe;
 mod residual;
 pub mod scan;
-mod scratch;
 pub mod swiglu;
 pub mod windowed;
 

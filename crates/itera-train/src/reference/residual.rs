@@ -3,7 +3,6 @@
 //! out = x + mask * branch(rms_norm(x)), and the backward of those parts.
 
 use super::conv_norm::{norm_backward, norm_forward};
-use super::scratch::overwritten;
 
 /// The parts of x + mask * branch(rms_norm(x)) outside the branch, for rows of B sequences of
 /// `t` tokens.
@@ -54,8 +53,7 @@ impl Residual {
 
     /// The gradient reaching the branch's output from the block's, `grad` [B*T, D].
     pub fn branch_grad(&self, grad: &[f32], d: usize) -> Vec<f32> {
-        let mut g = overwritten(grad.len());
-        g.copy_from_slice(grad);
+        let mut g = grad.to_vec();
         self.mask_rows(&mut g, d);
         g
     }

@@ -16,13 +16,12 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv_norm::rms_norm;
-use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_sequence};
+use super::conv_norm::{causal_conv_silu, conv_backward_sequence, conv_forward_sequence, rms_norm};
 use super::gemm::{matmul, product, View};
 use super::linear::{linear, with_data};
 use super::residual::Residual;
 use super::scan::{
-    core_backward_fast, core_sequence_fast, f32_slice, params, ssm_core, sum_parts, Dims,
+    core_backward_fast, core_sequence_fast, cpu_f32, f32_slice, params, ssm_core, sum_parts, Dims,
     InputGrads, Inputs, Trace,
 };
 
@@ -245,8 +244,10 @@ impl CustomOp2 for MixerBlock {
         let (rows, wdbc, seq) = (b * t, r + 2 * n, t * di);
 
         // out = x + mask * (y · out_proj^T).
-        let grad = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g_branch = self.residual.branch_grad(&grad, dm);
+        let grad = grad.contiguous()?;
+        let (sg, lg) = grad.storage_and_layout();
+        let grad = cpu_f32(&sg, lg, "gradient")?;
+        let g_branch = self.residual.branch_grad(grad, dm);
         let g_branch = View::rows(&g_branch, rows, dm);
         let g_out = product(g_branch, View::rows(wout, dm, di));
         let g_wout = product(g_branch.t(), View::rows(&saved.y, rows, di));
@@ -321,7 +322,7 @@ impl CustomOp2 for MixerBlock {
         let g_win = [product(g_xs.t(), hn), product(g_z.t(), hn)].concat();
 
         // hn = rms_norm(x); the residual passes the gradient through.
-        let (g_x, g_nw) = with_data(x, "x", |xv| self.residual.backward(xv, nw, &grad, &g_hn))?;
+        let (g_x, g_nw) = with_data(x, "x", |xv| self.residual.backward(xv, nw, grad, &g_hn))?;
         let g_w: Vec<f32> = [g_tw, g_wx, g_wdt, g_p, g_win, g_wout, g_nw].concat();
         let dev = x.device();
         Ok((

@@ -2,6 +2,8 @@
 //! norm of the block's input, the branch's locked dropout and the residual add,
 //! out = x + mask * branch(rms_norm(x)), and the backward of those parts.
 
+use std::borrow::Cow;
+
 use super::conv_norm::{norm_backward, norm_forward};
 
 /// The parts of x + mask * branch(rms_norm(x)) outside the branch, for rows of B sequences of
@@ -51,11 +53,15 @@ impl Residual {
         branch.iter_mut().zip(x).for_each(|(v, x)| *v += x);
     }
 
-    /// The gradient reaching the branch's output from the block's, `grad` [B*T, D].
-    pub fn branch_grad(&self, grad: &[f32], d: usize) -> Vec<f32> {
+    /// The gradient reaching the branch's output from the block's, `grad` [B*T, D]: `grad`
+    /// itself without a mask.
+    pub fn branch_grad<'g>(&self, grad: &'g [f32], d: usize) -> Cow<'g, [f32]> {
+        if self.mask.is_none() {
+            return Cow::Borrowed(grad);
+        }
         let mut g = grad.to_vec();
         self.mask_rows(&mut g, d);
-        g
+        Cow::Owned(g)
     }
 
     /// (dL/dx, dL/d norm weight) from the block's gradient `grad` and the branch's input
